@@ -1,0 +1,73 @@
+"""The one door to ComfyUI.
+
+Every node talks to its environment through these functions, so the same node runs inside
+ComfyUI and in a plain Python process. The implementation is picked once, at import:
+`comfyui` when ComfyUI is running this process (its `folder_paths` and `comfy.model_management`
+are already imported), `standalone` otherwise. SLIPSTREAM_HOST=comfyui|standalone overrides it.
+
+Interface (both implementations provide each name):
+  NAME                                  "comfyui" or "standalone"
+  register_model_folder(key, subdir, extensions)
+  model_folders(key) / list_models(key) / model_path(key, name)   ModelNotFoundError lists close matches
+  output_dir() / temp_dir() / input_dir()
+  ProgressBar(total)                    .update(n=1), .update_absolute(v, total=None); checks interrupt
+  check_interrupt() / request_interrupt() / interrupt_exception_types()
+  add_progress_hook(fn)                 observe (value, total) updates
+  compute_device() / offload_device() / text_encoder_device() / intermediate_device()
+  vram_info(device=None) -> (free, total) | None
+  soft_empty_cache()
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import paths
+from .paths import ModelNotFoundError, SaveTarget, publish, staged_file  # noqa: F401  (public API)
+
+
+def _running_inside_comfyui() -> bool:
+    choice = os.environ.get("SLIPSTREAM_HOST", "").strip().lower()
+    if choice in ("comfyui", "standalone"):
+        return choice == "comfyui"
+    return "folder_paths" in sys.modules and "comfy.model_management" in sys.modules
+
+
+if _running_inside_comfyui():
+    from . import comfyui as _impl
+else:
+    from . import standalone as _impl
+
+NAME: str = _impl.NAME
+register_model_folder = _impl.register_model_folder
+model_folders = _impl.model_folders
+list_models = _impl.list_models
+model_path = _impl.model_path
+output_dir = _impl.output_dir
+temp_dir = _impl.temp_dir
+input_dir = _impl.input_dir
+ProgressBar = _impl.ProgressBar
+check_interrupt = _impl.check_interrupt
+request_interrupt = _impl.request_interrupt
+interrupt_exception_types = _impl.interrupt_exception_types
+add_progress_hook = _impl.add_progress_hook
+compute_device = _impl.compute_device
+offload_device = _impl.offload_device
+text_encoder_device = _impl.text_encoder_device
+intermediate_device = _impl.intermediate_device
+vram_info = _impl.vram_info
+soft_empty_cache = _impl.soft_empty_cache
+
+
+def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0) -> SaveTarget:
+    """Resolve a node's filename_prefix under the output folder (or temp, for previews)."""
+    if temp:
+        return paths.save_target(temp_dir(), prefix, "temp", width, height)
+    return paths.save_target(output_dir(), prefix, "output", width, height)
+
+
+def ui_file(path: str, target: SaveTarget) -> dict[str, str]:
+    """The {filename, subfolder, type} entry ComfyUI's frontend uses to fetch a saved file via /view."""
+    return {"filename": os.path.basename(path), "subfolder": target.subfolder, "type": target.folder_type}

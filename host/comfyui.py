@@ -1,0 +1,128 @@
+"""The ComfyUI host: the same interface as standalone.py, mapped onto ComfyUI's own modules.
+
+Imported only when ComfyUI is running (host/__init__.py decides), so importing ComfyUI here at
+module level is safe. Anything that differs between ComfyUI versions is feature-detected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+
+from . import paths
+from .progress_hooks import add_progress_hook, notify  # noqa: F401  (re-exported)
+
+NAME = "comfyui"
+
+
+def register_model_folder(key: str, subdir: str, extensions: Iterable[str]) -> None:
+    """Add models/<subdir> under `key` with its own extension filter, keeping any user-configured paths."""
+    import os
+
+    default = os.path.join(folder_paths.models_dir, subdir)
+    exts = {e.lower() for e in extensions}
+    if key in folder_paths.folder_names_and_paths:
+        dirs, old_exts = folder_paths.folder_names_and_paths[key]
+        if default not in dirs:
+            dirs.append(default)
+        folder_paths.folder_names_and_paths[key] = (dirs, set(old_exts) | exts)
+    else:
+        folder_paths.folder_names_and_paths[key] = ([default], exts)
+
+
+def model_folders(key: str) -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(key))
+    except KeyError:
+        return []
+
+
+def list_models(key: str) -> list[str]:
+    try:
+        return list(folder_paths.get_filename_list(key))
+    except KeyError:
+        return []
+
+
+def model_path(key: str, name: str) -> str:
+    found = folder_paths.get_full_path(key, name) if key in folder_paths.folder_names_and_paths else None
+    if found is None:
+        raise paths.missing_model_error(key, name, list_models(key), model_folders(key))
+    return found
+
+
+def output_dir() -> str:
+    return folder_paths.get_output_directory()
+
+
+def temp_dir() -> str:
+    return folder_paths.get_temp_directory()
+
+
+def input_dir() -> str:
+    return folder_paths.get_input_directory()
+
+
+def request_interrupt() -> None:
+    mm.interrupt_current_processing(True)
+
+
+def check_interrupt() -> None:
+    mm.throw_exception_if_processing_interrupted()
+
+
+def interrupt_exception_types() -> tuple[type[BaseException], ...]:
+    return (mm.InterruptProcessingException,)
+
+
+class ProgressBar:
+    """ComfyUI's ProgressBar (websocket progress, per-node state) plus an explicit interrupt check."""
+
+    def __init__(self, total: int, desc: str | None = None):
+        self._bar = comfy.utils.ProgressBar(max(int(total), 1))
+        self.total = self._bar.total
+        self.current = 0
+
+    def update_absolute(self, value: int, total: int | None = None) -> None:
+        self._bar.update_absolute(int(value), total)
+        self.total = self._bar.total
+        self.current = self._bar.current
+        notify(self.current, self.total)
+        check_interrupt()
+
+    def update(self, n: int = 1) -> None:
+        self.update_absolute(self.current + n)
+
+    def close(self) -> None:
+        pass
+
+
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    return mm.unet_offload_device()
+
+
+def text_encoder_device() -> torch.device:
+    return mm.text_encoder_device()
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
+    device = device or mm.get_torch_device()
+    if device.type == "cpu":
+        return None
+    return int(mm.get_free_memory(device)), int(mm.get_total_memory(device))
+
+
+def soft_empty_cache() -> None:
+    mm.soft_empty_cache()

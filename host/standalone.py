@@ -1,0 +1,174 @@
+"""The plain-process host: what ComfyUI would provide, built on torch, tqdm and the file system.
+
+Used by the headless runner, the benchmarks and the tests. Folders come from environment
+variables read at call time (so a test can point them at a temporary directory):
+SLIPSTREAM_MODELS (models root, os.pathsep-separated list allowed; default ./models),
+SLIPSTREAM_OUTPUT (./output), SLIPSTREAM_TEMP (./temp), SLIPSTREAM_INPUT (./input),
+SLIPSTREAM_DEVICE (compute device; default cuda when available, else cpu).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterable
+
+import torch
+
+from . import paths
+from .progress_hooks import add_progress_hook, notify  # noqa: F401  (re-exported)
+
+NAME = "standalone"
+
+# Folder key -> sub-directories of each models root, as ComfyUI's folder_paths names them.
+_FOLDER_DIRS: dict[str, tuple[str, ...]] = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "clip_vision": ("clip_vision",),
+    "loras": ("loras",),
+    "checkpoints": ("checkpoints",),
+}
+_FOLDER_EXTS: dict[str, frozenset[str]] = {}
+
+
+class Interrupted(Exception):
+    """Raised by check_interrupt() after request_interrupt(); ComfyUI raises its own type."""
+
+
+def models_roots() -> list[str]:
+    raw = os.environ.get("SLIPSTREAM_MODELS") or os.path.join(os.getcwd(), "models")
+    return [os.path.abspath(p) for p in raw.split(os.pathsep) if p]
+
+
+def register_model_folder(key: str, subdir: str, extensions: Iterable[str]) -> None:
+    """Declare a folder key of our own (e.g. 'mia' -> models/mia) with the extensions it lists."""
+    _FOLDER_DIRS.setdefault(key, (subdir,))
+    _FOLDER_EXTS[key] = frozenset(e.lower() for e in extensions)
+
+
+def model_folders(key: str) -> list[str]:
+    subdirs = _FOLDER_DIRS.get(key, (key,))
+    return [os.path.join(root, sub) for root in models_roots() for sub in subdirs]
+
+
+def list_models(key: str) -> list[str]:
+    return paths.list_model_files(model_folders(key), _FOLDER_EXTS.get(key, paths.MODEL_EXTENSIONS))
+
+
+def model_path(key: str, name: str) -> str:
+    found = paths.find_model_file(model_folders(key), name)
+    if found is None:
+        raise paths.missing_model_error(key, name, list_models(key), model_folders(key))
+    return found
+
+
+def _dir_from_env(var: str, default: str) -> str:
+    path = os.path.abspath(os.environ.get(var) or os.path.join(os.getcwd(), default))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def output_dir() -> str:
+    return _dir_from_env("SLIPSTREAM_OUTPUT", "output")
+
+
+def temp_dir() -> str:
+    return _dir_from_env("SLIPSTREAM_TEMP", "temp")
+
+
+def input_dir() -> str:
+    return _dir_from_env("SLIPSTREAM_INPUT", "input")
+
+
+# ---------------------------------------------------------------- progress and interrupt
+
+_interrupt = threading.Event()
+
+
+def request_interrupt() -> None:
+    """Ask the running node to stop at its next check (the runner wires SIGINT here)."""
+    _interrupt.set()
+
+
+def check_interrupt() -> None:
+    """Raise Interrupted once per request, like ComfyUI's throw_exception_if_processing_interrupted."""
+    if _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("Processing interrupted")
+
+
+def interrupt_exception_types() -> tuple[type[BaseException], ...]:
+    return (Interrupted,)
+
+
+class ProgressBar:
+    """tqdm on a terminal, silent otherwise; every update checks for interruption."""
+
+    def __init__(self, total: int, desc: str | None = None):
+        self.total = max(int(total), 1)
+        self.current = 0
+        self._bar = None
+        if sys.stderr.isatty() and os.environ.get("SLIPSTREAM_PROGRESS", "1") != "0":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=desc, leave=False)
+
+    def update_absolute(self, value: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = max(int(total), 1)
+            if self._bar is not None:
+                self._bar.total = self.total
+        value = min(int(value), self.total)
+        if self._bar is not None:
+            self._bar.update(value - self.current)
+        self.current = value
+        notify(self.current, self.total)
+        check_interrupt()
+
+    def update(self, n: int = 1) -> None:
+        self.update_absolute(self.current + n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------- devices and memory
+
+
+def compute_device() -> torch.device:
+    name = os.environ.get("SLIPSTREAM_DEVICE")
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def text_encoder_device() -> torch.device:
+    return compute_device()
+
+
+def intermediate_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
+    """(free, total) bytes of an accelerator, or None on CPU."""
+    device = device or compute_device()
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    return None
+
+
+def soft_empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,16 @@
+"""The registration table: every node of the pack, its id, class and display name.
+
+Ids are stored in users' workflows: once released they never change (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+NODES: list[tuple[str, type, str]] = [
+    # (node id, class, display name)
+]
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {node_id: name for node_id, _, name in NODES}
+
+if len(NODE_CLASS_MAPPINGS) != len(NODES):
+    raise RuntimeError("duplicate node id in nodes/__init__.py")

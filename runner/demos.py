@@ -1,0 +1,28 @@
+"""The example workflows that run on a CPU with tiny random-weight models the pack builds itself.
+
+Each family adds one DemoCase. `prepare(models_root, input_root)` writes whatever the workflow
+needs (tiny checkpoints with the real key names, input images or meshes) and returns nothing;
+the workflow's API-format twin then names those files. `python -m slipstream demo` runs these
+in the standalone host, and tests/integration posts them to a real ComfyUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DemoCase:
+    name: str                                   # short id, e.g. "wan_t2v"
+    workflow: str                               # API-format file under workflows/, e.g. "wan_t2v_api.json"
+    prepare: Callable[[Path, Path], None]       # (models_root, input_root) -> writes tiny assets
+    description: str                            # one line shown by `demo`
+    needs_comfyui_nodes: bool = False           # True if the workflow also uses core ComfyUI nodes
+
+
+def demo_cases() -> list[DemoCase]:
+    """All CPU-runnable demos, imported lazily so `python -m slipstream nodes` stays fast."""
+    cases: list[DemoCase] = []
+    return cases

@@ -1,0 +1,46 @@
+"""Make the repository importable as the package `slipstream`, whatever the clone's folder is called.
+
+ComfyUI imports the repo root as a package from custom_nodes/<folder>/; the tests do the same
+thing under a fixed name, so every relative import inside the pack is exercised as ComfyUI
+exercises it. The standalone host is forced: a test never touches a real ComfyUI by accident.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SLIPSTREAM_HOST", "standalone")
+os.environ.setdefault("SLIPSTREAM_PROGRESS", "0")
+
+
+def _load_repo_as_package(name: str = "slipstream") -> None:
+    existing = sys.modules.get(name)
+    if existing is not None and Path(existing.__file__).resolve().parent == REPO_ROOT:
+        return
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_load_repo_as_package()
+
+
+@pytest.fixture
+def workdirs(tmp_path, monkeypatch):
+    """Point the standalone host's models/output/temp/input folders at a fresh temporary tree."""
+    dirs = {k: tmp_path / k for k in ("models", "output", "temp", "input")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("SLIPSTREAM_MODELS", str(dirs["models"]))
+    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(dirs["output"]))
+    monkeypatch.setenv("SLIPSTREAM_TEMP", str(dirs["temp"]))
+    monkeypatch.setenv("SLIPSTREAM_INPUT", str(dirs["input"]))
+    return dirs
