@@ -1,0 +1,157 @@
+"""Reading checkpoints: safetensors (preferred) and pickled .pth/.pt (weights only), with errors
+that say what is wrong with the file and what to do.
+
+A safetensors header is validated before any tensor is touched, so a truncated download or a
+file of another format fails with a message instead of a crash deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+
+import torch
+
+SAFETENSORS_EXTS = (".safetensors", ".sft")
+PICKLE_EXTS = (".pth", ".pt", ".ckpt", ".bin")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as what it claims to be, or lacks what a model needs."""
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """(tensor table, __metadata__) of a safetensors file, after checking it is whole."""
+    size = _file_size(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file. Re-download it.")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or n > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file). "
+                "If it is a pickled PyTorch checkpoint, give it a .pth/.pt extension; otherwise re-download it.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc}). The file is damaged.") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a table. The file is damaged.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    if end > data_len:
+        missing = end - data_len
+        raise CheckpointError(
+            f"{path}: truncated — the header describes {end} bytes of tensor data but the file holds {data_len} "
+            f"({missing} bytes missing). The download or copy did not finish; fetch the file again.")
+    return header, dict(metadata)
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The __metadata__ table of a safetensors file ({} for pickled checkpoints)."""
+    if path.lower().endswith(SAFETENSORS_EXTS):
+        return read_safetensors_header(path)[1]
+    return {}
+
+
+def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype string) without reading any tensor data."""
+    header, _ = read_safetensors_header(path)
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+
+
+def load_state_dict(path: str, device: str | torch.device = "cpu",
+                    keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors (or just `keys`) of a checkpoint, on `device`.
+
+    safetensors files are read through safe_open one tensor at a time (no second full copy in
+    RAM); pickled files are loaded with weights_only=True so a checkpoint can never run code.
+    """
+    lower = path.lower()
+    if lower.endswith(PICKLE_EXTS):
+        return _load_pickle(path, device, keys)
+    header, _ = read_safetensors_header(path)
+    from safetensors import safe_open
+
+    wanted = list(header) if keys is None else list(keys)
+    absent = [k for k in wanted if k not in header]
+    if absent:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(absent[:5])}" + (" …" if len(absent) > 5 else ""))
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for k in wanted:
+                out[k] = f.get_tensor(k)
+    except Exception as exc:  # safetensors raises its own error type for damaged data
+        raise CheckpointError(f"{path}: could not read tensors ({exc}). The file is damaged; fetch it again.") from exc
+    return out
+
+
+def _load_pickle(path: str, device, keys) -> dict[str, torch.Tensor]:
+    _file_size(path)
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: could not be read as a weights-only PyTorch checkpoint ({type(exc).__name__}: {exc}). "
+            "The file is damaged, or holds code rather than plain tensors; convert it to safetensors.") from exc
+    sd = unwrap_state_dict(obj, path)
+    if keys is not None:
+        sd = {k: sd[k] for k in keys}
+    return sd
+
+
+def unwrap_state_dict(obj, path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the tensor table inside common checkpoint wrappers ({'model': …}, {'state_dict': …})."""
+    for wrapper in ("state_dict", "model", "module", "ema"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no tensor table found in the checkpoint.")
+    return dict(obj)
+
+
+def _file_size(path: str) -> int:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file.")
+    return os.path.getsize(path)
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove the first prefix that every key of interest carries; returns (state dict, prefix used).
+
+    A prefix counts when at least half of the keys start with it (files sometimes carry a few
+    extra top-level tensors such as `spiece_model`); keys without it are kept as they are.
+    """
+    for prefix in prefixes:
+        hits = sum(1 for k in sd if k.startswith(prefix))
+        if prefix and hits and hits * 2 >= len(sd):
+            return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}, prefix
+    return dict(sd), ""
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor], what: str,
+                     allow_extra: bool = False) -> None:
+    """Raise CheckpointError naming missing, unexpected and wrongly shaped tensors."""
+    missing = [k for k in expected if k not in sd]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k])})"
+             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    extra = [] if allow_extra else [k for k in sd if k not in expected]
+    if not (missing or wrong or extra):
+        return
+    parts = [f"The checkpoint does not match {what}."]
+    if missing:
+        parts.append(f"Missing tensor(s): {', '.join(missing[:8])}" + (" …" if len(missing) > 8 else ""))
+    if wrong:
+        parts.append(f"Wrong shape: {'; '.join(wrong[:8])}" + (" …" if len(wrong) > 8 else ""))
+    if extra:
+        parts.append(f"Unexpected tensor(s): {', '.join(extra[:8])}" + (" …" if len(extra) > 8 else ""))
+    parts.append("Check that the file is the right model for this loader.")
+    raise CheckpointError("\n".join(parts))
