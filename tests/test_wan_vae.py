@@ -172,13 +172,15 @@ def test_progress_callback_and_interrupt(tiny_vae):
 # ---- latent statistics -------------------------------------------------------------------------
 
 def test_latent_normalisation_follows_its_formula():
-    z = torch.randn(2, 16, 3, 4, 5, dtype=torch.float64)
+    z = torch.randn(2, 16, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     n = V.normalize_latent(z)
     for c in range(16):
         assert torch.allclose(n[:, c], (z[:, c] - V.LATENT_MEAN[c]) / V.LATENT_STD[c])
     assert torch.allclose(V.denormalize_latent(n), z)
     assert V.LATENT_MEAN[0] == -0.7571 and V.LATENT_STD[15] == 1.9160
     assert V.normalize_latent(z.float()).dtype == torch.float32
+    half = V.normalize_latent(z.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.double(), n, atol=0.05)
     with pytest.raises(ValueError, match="16 channels"):
         V.normalize_latent(torch.zeros(1, 4, 1, 2, 2))
 

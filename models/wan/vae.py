@@ -54,21 +54,22 @@ def _channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if z.dim() < 2 or z.shape[1] != len(LATENT_MEAN):
         raise ValueError(f"expected a Wan 2.1 latent with {len(LATENT_MEAN)} channels in dim 1, got {tuple(z.shape)}")
     shape = (1, len(LATENT_MEAN)) + (1,) * (z.dim() - 2)
-    mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device=z.device).view(shape)
-    std = torch.tensor(LATENT_STD, dtype=torch.float32, device=z.device).view(shape)
+    dtype = torch.promote_types(z.dtype, torch.float32)  # half-precision latents are computed in fp32
+    mean = torch.tensor(LATENT_MEAN, dtype=dtype, device=z.device).view(shape)
+    std = torch.tensor(LATENT_STD, dtype=dtype, device=z.device).view(shape)
     return mean, std
 
 
 def normalize_latent(z: torch.Tensor) -> torch.Tensor:
     """Raw VAE latent -> the DiT's latent space: (z - mean) / std per channel."""
     mean, std = _channel_stats(z)
-    return ((z.float() - mean) / std).to(z.dtype)
+    return ((z.to(mean.dtype) - mean) / std).to(z.dtype)
 
 
 def denormalize_latent(z: torch.Tensor) -> torch.Tensor:
     """The DiT's latent space -> raw VAE latent: z * std + mean per channel."""
     mean, std = _channel_stats(z)
-    return (z.float() * std + mean).to(z.dtype)
+    return (z.to(mean.dtype) * std + mean).to(z.dtype)
 
 
 def latent_frames(pixel_frames: int) -> int:
