@@ -11,6 +11,15 @@ from slipstream.models.wan.tiling import Tiling, run_tiled, tile_starts
 from slipstream.models.wan.weights import build_on_meta
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions spend their time synchronising threads on this shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Tiny-config weights drawn so that every layer matters (gains around 1, non-zero biases)."""
     gen = torch.Generator().manual_seed(seed)
