@@ -14,9 +14,18 @@ from slipstream.models.wan.context import (
     ordered_halving,
     window_weights,
 )
-from slipstream.models.wan.feta import FetaArgs, FetaPatch, FetaState, enhance_score
+from slipstream.models.wan.feta import FetaArgs, enhance_score
 from slipstream.models.wan.sampling import SOLVERS, make_schedule, make_solver
-from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ---------------------------------------------------------------- schedules (official UniPC timesteps)
 
@@ -216,39 +225,7 @@ def test_enhance_score_hand_computed():
     assert batch.shape == (2,) and batch[1].item() == pytest.approx(max(1.0, 0.5 * 4.0))
 
 
-class _Attn(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.q, self.k, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.norm_q, self.norm_k = nn.LayerNorm(dim), nn.LayerNorm(dim)
-
-    def forward(self, x):
-        self.norm_q(self.q(x))
-        self.norm_k(self.k(x))
-        return self.o(x)
-
-
-class _Block(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.self_attn = _Attn(dim)
-
-    def forward(self, x):
-        return x + self.self_attn(x)
-
-
-def test_feta_patch_scales_self_attention_and_weight_zero_is_identity():
-    torch.manual_seed(0)
-    blocks = nn.Sequential(_Block(8), _Block(8))
-    x = torch.randn(1, 3 * 4, 8)   # 3 frames of 4 tokens
-    ref = blocks(x)
-    state = FetaState(weight=0.0)
-    with FetaPatch(blocks, num_heads=2, state=state):
-        state.enabled, state.num_frames = FetaArgs(weight=0.0).active_at(0, 10), 3
-        assert torch.equal(blocks(x), ref)
-        state.weight, state.enabled = 50.0, True
-        boosted = blocks(x)
-    assert not torch.equal(boosted, ref)
-    assert torch.equal(blocks(x), ref), "hooks removed"
+def test_feta_enable_window():
     args = FetaArgs(weight=2.0, start_percent=0.2, end_percent=0.5)
     assert [args.active_at(i, 10) for i in range(10)] == [False, False, True, True, True, True] + [False] * 4
+    assert not FetaArgs(weight=0.0).active_at(0, 10)

@@ -15,11 +15,9 @@ scale the output of `self_attn`. The pipeline sets the frame count and the enabl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -59,60 +57,3 @@ def enhance_score(q: torch.Tensor, k: torch.Tensor, num_frames: int, weight: flo
     mean_scores = off_diag / (num_frames * num_frames - num_frames)  # [B·S, N]
     per_item = mean_scores.reshape(b, spatial * heads).mean(dim=1)
     return (per_item * (num_frames + weight)).clamp(min=1.0)
-
-
-class FetaState:
-    """What the hooks read at run time: on/off, the frame count of the current forward, the weight."""
-
-    def __init__(self, weight: float):
-        self.weight = weight
-        self.enabled = False
-        self.num_frames = 1
-        self.frame_tokens = 0  # tokens per latent frame (h·w/4); 0 = all tokens belong to the frames
-        self.captured: dict[int, dict[str, torch.Tensor]] = {}
-
-
-class FetaPatch:
-    """Context manager installing FETA hooks on the `self_attn` of the given blocks (see module docstring)."""
-
-    def __init__(self, blocks: Iterable[nn.Module], num_heads: int, state: FetaState):
-        self.blocks = list(blocks)
-        self.num_heads = num_heads
-        self.state = state
-        self._handles: list = []
-
-    def _capture(self, index: int, key: str):
-        def hook(module, args, out):
-            if self.state.enabled and self.state.num_frames > 1:
-                self.state.captured.setdefault(index, {})[key] = out
-        return hook
-
-    def _scale(self, index: int):
-        def hook(module, args, out):
-            got = self.state.captured.pop(index, None)
-            if not (self.state.enabled and self.state.num_frames > 1) or not got or len(got) < 2:
-                return None
-            q, k = got["q"], got["k"]
-            if self.state.frame_tokens:  # drop padding tokens past the video, if any
-                q = q[:, :self.state.num_frames * self.state.frame_tokens]
-                k = k[:, :self.state.num_frames * self.state.frame_tokens]
-            b, tokens = q.shape[:2]
-            q = q.reshape(b, tokens, self.num_heads, -1)
-            k = k.reshape(b, tokens, self.num_heads, -1)
-            score = enhance_score(q, k, self.state.num_frames, self.state.weight)
-            return out * score.to(out.dtype).view(b, *([1] * (out.dim() - 1)))
-        return hook
-
-    def __enter__(self) -> FetaPatch:
-        for i, block in enumerate(self.blocks):
-            attn = block.self_attn
-            self._handles.append(attn.norm_q.register_forward_hook(self._capture(i, "q")))
-            self._handles.append(attn.norm_k.register_forward_hook(self._capture(i, "k")))
-            self._handles.append(attn.register_forward_hook(self._scale(i)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.state.captured.clear()
