@@ -77,3 +77,6 @@ model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
+
+# Wan family: make room on a device for weights the host's model manager does not track
+make_room = _impl.make_room                          # (nbytes, device) -> None

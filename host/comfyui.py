@@ -149,3 +149,14 @@ def loaded_models_summary():
 
 def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
+
+
+# ---------------------------------------------------------------- Wan family (models ComfyUI does not manage)
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload its own models until `nbytes` are free on `device` (our Wan DiT is not
+    one of its managed models, so it would not do this by itself before we move weights there)."""
+    if device.type == "cpu" or nbytes <= 0:
+        return
+    mm.free_memory(int(nbytes), device)

@@ -199,3 +199,10 @@ def loaded_models_summary():
 
 def memory_flags() -> dict[str, str]:
     return {"host": "standalone"}
+
+
+# ---------------------------------------------------------------- Wan family (models ComfyUI does not manage)
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """No model manager here: nothing else holds device memory on our behalf."""

@@ -5,13 +5,29 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory
+from . import memory, wan, wan_encoders
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    # wan family (Wan 2.1 video)
+    ("SlipstreamWanModelLoader", wan.WanModelLoader, "Wan Model Loader"),
+    ("SlipstreamWanBlockSwap", wan.WanBlockSwap, "Wan Block Swap"),
+    ("SlipstreamWanCompileSettings", wan.WanCompileSettings, "Wan Compile Settings"),
+    ("SlipstreamWanLoraSelect", wan.WanLoraSelect, "Wan LoRA Select"),
+    ("SlipstreamWanEnhanceVideo", wan.WanEnhanceVideo, "Wan Enhance-A-Video"),
+    ("SlipstreamWanContextOptions", wan.WanContextOptions, "Wan Context Options"),
+    ("SlipstreamWanSampler", wan.WanSampler, "Wan Sampler"),
+    ("SlipstreamWanTextEncoderLoader", wan_encoders.WanTextEncoderLoader, "Wan Text Encoder Loader"),
+    ("SlipstreamWanTextEncode", wan_encoders.WanTextEncode, "Wan Text Encode"),
+    ("SlipstreamWanClipVisionLoader", wan_encoders.WanClipVisionLoader, "Wan CLIP Vision Loader"),
+    ("SlipstreamWanClipVisionEncode", wan_encoders.WanClipVisionEncode, "Wan CLIP Vision Encode"),
+    ("SlipstreamWanVAELoader", wan_encoders.WanVAELoader, "Wan VAE Loader"),
+    ("SlipstreamWanEmptyEmbeds", wan_encoders.WanEmptyEmbeds, "Wan Empty Embeds"),
+    ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
+    ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}

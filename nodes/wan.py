@@ -1,0 +1,416 @@
+"""Wan 2.1 video nodes: model loader, its settings (block swap, compile, LoRA), the sampler and its
+options (context windows, Enhance-A-Video). Encoders, VAE and decode are in nodes/wan_encoders.py.
+
+Thin classes: every input has a tooltip, every value that travels is a frozen dataclass from
+models/wan, and the work happens in models/wan/pipeline.py. LATENT is ComfyUI's raw-latent
+convention, so core Wan nodes (WanImageToVideo, EmptyHunyuanLatentVideo, VAE Decode) mix with ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..host import (
+    ProgressBar,
+    check_interrupt,
+    compute_device,
+    list_models,
+    make_room,
+    model_path,
+    offload_device,
+    soft_empty_cache,
+    vram_info,
+)
+from ..kernels.attention import backend_choices, require_backend
+from ..kernels.blockswap import plan_block_swap, unit_bytes
+from ..kernels.precision import (
+    UnsupportedDtypeError,
+    device_capability,
+    fp8_dtype,
+    resolve_dtype,
+    supports_fp8_matmul,
+)
+from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
+from ..models.wan.dit import WanDiT
+from ..models.wan.feta import FetaArgs
+from ..models.wan.pipeline import (
+    CompileSettings,
+    SamplerSettings,
+    SwapSettings,
+    WanModelHandle,
+    apply_compile,
+    build_host_blocks,
+    sample_video,
+)
+from ..models.wan.sampling import SOLVERS
+
+log = logging.getLogger("slipstream.wan")
+
+CATEGORY = "Slipstream/Wan"
+QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "int8_w8a8")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOAD_DEVICES = ("main_device", "offload_device")
+
+
+@dataclass(frozen=True)
+class WanLora:
+    """One LoRA of a chain (SLIP_WAN_LORA is a tuple of these)."""
+
+    name: str
+    strength: float
+
+
+# ---------------------------------------------------------------------------------- settings nodes
+
+
+class WanBlockSwap:
+    DESCRIPTION = ("Keeps some transformer blocks in RAM and streams each to the GPU just before it runs, on a "
+                   "side stream, a few blocks ahead, never copying weights back. Swapped blocks are spread "
+                   "evenly through the model so each transfer hides behind the blocks that stay. Connect to "
+                   "the Wan Model Loader; the loader logs how much VRAM and RAM the plan uses.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_BLOCKSWAP_ARGS",)
+    RETURN_NAMES = ("block_swap_args",)
+    OUTPUT_TOOLTIPS = ("Block swap settings for the Wan Model Loader.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "blocks_to_swap": ("INT", {"default": 20, "min": 0, "max": 48, "step": 1,
+                                       "tooltip": "How many transformer blocks live in RAM (14B models have 40, "
+                                                  "1.3B have 30). More = less VRAM; with video-length jobs "
+                                                  "even all of them usually cost little speed."}),
+            "offload_img_emb": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Also stream the CLIP image projection (I2V models)."}),
+            "offload_txt_emb": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Also stream the text projection (about one block's size "
+                                                       "on 14B)."}),
+            "use_non_blocking": ("BOOLEAN", {"default": True,
+                                             "tooltip": "Page-lock the RAM copies so transfers overlap compute. "
+                                                        "Turn off if pinning memory fails on your system "
+                                                        "(slower, same RAM)."}),
+            "prefetch_blocks": ("INT", {"default": 1, "min": 0, "max": 40, "step": 1,
+                                        "tooltip": "How many swapped blocks are fetched ahead. 1 hides transfers "
+                                                   "behind compute in most cases; each extra one costs one "
+                                                   "block of VRAM."}),
+        }}
+
+    def make(self, blocks_to_swap, offload_img_emb, offload_txt_emb, use_non_blocking, prefetch_blocks):
+        return (SwapSettings(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking, prefetch_blocks),)
+
+
+class WanCompileSettings:
+    DESCRIPTION = ("torch.compile settings for the Wan Model Loader. Compiling the transformer blocks makes "
+                   "steps faster and lowers peak VRAM after a one-time compile (needs Triton for 'inductor' on "
+                   "GPU). The first run with a new size recompiles.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_COMPILE_ARGS",)
+    RETURN_NAMES = ("compile_args",)
+    OUTPUT_TOOLTIPS = ("Compile settings for the Wan Model Loader.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "backend": (["inductor", "cudagraphs", "eager"], {"default": "inductor",
+                                                             "tooltip": "inductor: generated kernels (fastest). "
+                                                                        "cudagraphs: replays captured graphs. eager: "
+                                                                        "trace only (for debugging)."}),
+            "fullgraph": ("BOOLEAN", {"default": False, "tooltip": "Fail instead of splitting the graph where "
+                                                                   "tracing breaks."}),
+            "mode": (["default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                     {"default": "default", "tooltip": "inductor mode; max-autotune compiles much longer."}),
+            "dynamic": ("BOOLEAN", {"default": False, "tooltip": "Compile for varying shapes (fewer recompiles, "
+                                                                 "slower kernels)."}),
+            "dynamo_cache_size_limit": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 1,
+                                                "tooltip": "Compiled variants kept per function."}),
+            "dynamo_recompile_limit": ("INT", {"default": 128, "min": 0, "max": 1024, "step": 1,
+                                               "tooltip": "Recompiles allowed before falling back to eager."}),
+            "compile_transformer_blocks_only": ("BOOLEAN", {"default": True,
+                                                            "tooltip": "Compile each block (quick, works with "
+                                                                       "block swap) instead of the whole model."}),
+        }}
+
+    def make(self, backend, fullgraph, mode, dynamic, dynamo_cache_size_limit, dynamo_recompile_limit,
+             compile_transformer_blocks_only):
+        return (CompileSettings(backend, mode, fullgraph, dynamic, dynamo_cache_size_limit, dynamo_recompile_limit,
+                                compile_transformer_blocks_only),)
+
+
+class WanLoraSelect:
+    DESCRIPTION = ("Picks a LoRA for the Wan Model Loader, which merges it into the weights at load. Chain "
+                   "several through 'prev_lora'.")
+    CATEGORY = CATEGORY
+    FUNCTION = "select"
+    RETURN_TYPES = ("SLIP_WAN_LORA",)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("This LoRA after the ones before it in the chain.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": (list_models("loras") or ["(no loras found)"],
+                     {"tooltip": "LoRA file from the loras folder (kohya, diffusion-pipe or PEFT naming)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "How strongly it is applied; 0 skips it."}),
+        }, "optional": {
+            "prev_lora": ("SLIP_WAN_LORA", {"tooltip": "LoRAs selected before this one."}),
+        }}
+
+    def select(self, lora, strength, prev_lora=None):
+        chain = tuple(prev_lora or ())
+        if strength != 0.0:
+            model_path("loras", lora)   # fail now, naming the folder, not at load
+            chain += (WanLora(lora, float(strength)),)
+        return (chain,)
+
+
+class WanEnhanceVideo:
+    DESCRIPTION = ("Enhance-A-Video (FETA): strengthens how much frames attend to each other, for smoother, "
+                   "more consistent motion at no speed cost. Weight 0 disables it. Lower the weight (or end "
+                   "it early) for short clips.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_FETA_ARGS",)
+    RETURN_NAMES = ("feta_args",)
+    OUTPUT_TOOLTIPS = ("Enhance-A-Video settings for the Wan Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "weight": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                                 "tooltip": "Enhancement temperature; 0 = off. 2 suits ~81 frames."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "First step (as a fraction of all steps) it applies to."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Last step (as a fraction of all steps) it applies to."}),
+        }}
+
+    def make(self, weight, start_percent, end_percent):
+        return (FetaArgs(weight, start_percent, end_percent),)
+
+
+class WanContextOptions:
+    DESCRIPTION = ("Context windows: generate videos longer than the model's window by denoising overlapping "
+                   "windows and blending them every step. Numbers are pixel frames (4 pixel frames = 1 latent "
+                   "frame). Cost grows with the number of windows.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_CONTEXT",)
+    RETURN_NAMES = ("context_options",)
+    OUTPUT_TOOLTIPS = ("Context-window settings for the Wan Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "context_schedule": (list(SCHEDULES), {"default": SCHEDULES[0],
+                                                   "tooltip": "uniform_standard: windows shift every step (seams "
+                                                              "move, fewer artefacts). uniform_looped: windows wrap "
+                                                              "around (for loops). static_standard: fixed windows."}),
+            "context_frames": ("INT", {"default": 81, "min": 5, "max": 1001, "step": 4,
+                                       "tooltip": "Window length in pixel frames (81 = the model's native 5 s)."}),
+            "context_stride": ("INT", {"default": 4, "min": 4, "max": 100, "step": 4,
+                                       "tooltip": "uniform schedules: above 4 adds dilated windows (every 2nd, 4th "
+                                                  "… frame) for long-range coherence, at extra cost."}),
+            "context_overlap": ("INT", {"default": 16, "min": 4, "max": 100, "step": 4,
+                                        "tooltip": "Pixel frames shared by neighbouring windows and blended."}),
+            "freenoise": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Start later windows from shuffled copies of earlier noise, so "
+                                                 "windows agree more."}),
+            "fuse_method": (list(FUSE_METHODS), {"default": "linear",
+                                                 "tooltip": "How overlaps blend: linear ramps across the overlap, "
+                                                            "or a pyramid over the whole window."}),
+        }}
+
+    def make(self, context_schedule, context_frames, context_stride, context_overlap, freenoise, fuse_method):
+        return (ContextOptions(context_schedule, context_frames, context_stride, context_overlap, freenoise,
+                               fuse_method),)
+
+
+# ---------------------------------------------------------------------------------- model loader
+
+
+def _weight_dtype(quantization: str, device: torch.device) -> torch.dtype | None:
+    if quantization == "disabled":
+        return None
+    if quantization == "int8_w8a8":
+        raise UnsupportedDtypeError("int8_w8a8 needs kernels/int8.py, which this build does not include yet; "
+                                    "choose fp8_e4m3fn or disabled.")
+    if quantization.endswith("_fast") and not supports_fp8_matmul(device_capability(device)):
+        raise UnsupportedDtypeError(
+            f"{quantization} needs fp8 matrix multiply, which only Ada (RTX 40xx, compute capability 8.9) and "
+            f"newer GPUs have; {device} does not. Choose {quantization.removesuffix('_fast')} (same memory).")
+    return fp8_dtype(quantization)
+
+
+class WanModelLoader:
+    DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V or I2V, 1.3B or 14B; official, ComfyUI or kijai file "
+                   "names and fp8 files) for the Wan Sampler. fp8 storage halves VRAM; block swap keeps blocks "
+                   "in RAM; LoRAs are merged at load.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("SLIP_WAN_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded Wan model, for the Wan Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (list_models("diffusion_models") or ["(no models found)"],
+                      {"tooltip": "Wan 2.1 DiT file from models/diffusion_models, e.g. "
+                                  "wan2.1_t2v_1.3B_fp16.safetensors."}),
+            "base_precision": (list(PRECISIONS), {"default": "bf16",
+                                                  "tooltip": "Compute precision. bf16 on RTX 30xx and newer, fp16 on "
+                                                             "older GPUs, fp32 on CPU."}),
+            "quantization": (list(QUANTIZATIONS), {"default": "disabled",
+                                                   "tooltip": "Storage of the big block weights: fp8 halves their "
+                                                              "memory (fp8 files are kept as fp8 automatically). "
+                                                              "'_fast' needs an RTX 40xx or newer."}),
+            "load_device": (list(LOAD_DEVICES), {"default": "main_device",
+                                                 "tooltip": "Where weights wait between runs: main_device (GPU, "
+                                                            "fast start) or offload_device (RAM, frees VRAM for "
+                                                            "other models)."}),
+        }, "optional": {
+            "attention_mode": (backend_choices(), {"default": "auto",
+                                                   "tooltip": "auto picks the fastest exact backend installed. "
+                                                              "flash_attn / sageattn need their packages."}),
+            "compile_args": ("SLIP_WAN_COMPILE_ARGS", {"tooltip": "From Wan Compile Settings (optional)."}),
+            "block_swap_args": ("SLIP_BLOCKSWAP_ARGS", {"tooltip": "From Wan Block Swap (optional)."}),
+            "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select (optional)."}),
+        }}
+
+    def load(self, model, base_precision, quantization, load_device, attention_mode="auto", compile_args=None,
+             block_swap_args=None, lora=None):
+        require_backend(attention_mode)
+        path = model_path("diffusion_models", model)
+        device = compute_device()
+        dtype = resolve_dtype(base_precision, device)
+        weight_dtype = _weight_dtype(quantization, device)
+        resident = device if load_device == "main_device" else offload_device()
+        swap = block_swap_args
+        swapping = swap is not None and (swap.blocks_to_swap > 0 or swap.offload_txt_emb or swap.offload_img_emb)
+        staging = offload_device() if (swapping or lora) else resident
+        dit = WanDiT.from_file(path, dtype=dtype, device=staging, weight_dtype=weight_dtype,
+                               attention_backend=attention_mode)
+        if lora:
+            _merge_loras(dit, lora)
+        host_blocks = None
+        if swapping:
+            _log_swap_plan(dit, swap, device)
+            host_blocks = build_host_blocks(dit, swap)
+            host_blocks.move_rest(dit, resident)
+        else:
+            dit.to(resident)
+        if compile_args is not None:
+            apply_compile(dit, compile_args)
+        name = model.rsplit("/", 1)[-1]
+        log.info("Wan: loaded %s (%s, %s, %s)", name, dit.config.name, base_precision, quantization)
+        return (WanModelHandle(dit, name, resident, swap if swapping else None, host_blocks, quantization,
+                               tuple(f"{entry.name}:{entry.strength:g}" for entry in (lora or ()))),)
+
+
+def _merge_loras(dit: WanDiT, chain) -> None:
+    try:
+        from ..models.wan.lora import merge_lora_files
+    except ImportError as exc:  # models/wan/lora.py arrives with the Wan model layer
+        raise RuntimeError("LoRA support needs models/wan/lora.py, which this build does not include yet.") from exc
+    merge_lora_files(dit, [(model_path("loras", e.name), e.strength) for e in chain])
+
+
+def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> None:
+    """Tell the user what the plan costs and what the planner would pick with the VRAM free now."""
+    sizes = [unit_bytes(block) for block in dit.blocks]
+    plan = plan_block_swap(sizes, blocks_to_swap=swap.blocks_to_swap, prefetch=swap.prefetch_blocks)
+    log.info("Wan: %s", plan.describe())
+    vram = vram_info(device)
+    if vram is not None:
+        rest = sum(p.numel() * p.element_size() for p in dit.parameters()) - sum(sizes)
+        try:
+            auto = plan_block_swap(sizes, prefetch=swap.prefetch_blocks, free_vram=vram[0], reserve_bytes=rest)
+            log.info("Wan: with %.1f GiB free now, swapping %d blocks would be enough for the weights "
+                     "(leave more for activations at high resolution)", vram[0] / 1024 ** 3, auto.count)
+        except ValueError as exc:
+            log.warning("Wan: %s", exc)
+
+
+# ---------------------------------------------------------------------------------- sampler
+
+
+class WanSampler:
+    DESCRIPTION = ("Generates a Wan 2.1 video latent from text (and a start image for I2V). Same seed, same "
+                   "video. Options: context windows for long videos, Enhance-A-Video, vid2vid from 'samples'. "
+                   "The output is a standard LATENT: decode it with Wan Decode or core VAE Decode.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("The video latent [B,16,1+(F-1)/4,H/8,W/8] in ComfyUI's raw-latent convention.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader."}),
+            "image_embeds": ("SLIP_WAN_IMAGE_EMBEDS", {"tooltip": "Size and frames (Wan Empty Embeds) or the I2V "
+                                                                  "conditioning (Wan Image to Video Encode)."}),
+            "text_embeds": ("SLIP_WAN_TEXT_EMBEDS", {"tooltip": "From Wan Text Encode."}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "step": 1,
+                              "tooltip": "Denoising steps (official: 50 T2V, 40 I2V; 30 is usually enough)."}),
+            "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.01,
+                              "tooltip": "Prompt guidance. 1.0 skips the negative prompt (twice as fast)."}),
+            "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 1000.0, "step": 0.01,
+                                "tooltip": "Noise schedule shift: 5 official, 3 for 480p I2V, 8-12 for 1.3B T2V."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "Noise seed (CPU generator: the same on every GPU)."}),
+            "scheduler": (list(SOLVERS), {"default": "unipc",
+                                          "tooltip": "Flow-matching solver: unipc (official, best at few steps), "
+                                                     "dpm++ (2M), euler."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Below 1 with 'samples': how much of the input latent to repaint."}),
+            "force_offload": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Move the model to RAM after sampling so the VAE has room."}),
+            "batched_cfg": (["auto", "on", "off"], {"default": "auto",
+                                                    "tooltip": "Run the positive and negative prompts as one batch "
+                                                               "(faster, streams swapped blocks once per step). "
+                                                               "auto: when the VRAM free allows it."}),
+        }, "optional": {
+            "samples": ("LATENT", {"tooltip": "Start from this latent (vid2vid) instead of pure noise; use with "
+                                              "denoise < 1. Core Wan latents work too."}),
+            "context_options": ("SLIP_WAN_CONTEXT", {"tooltip": "From Wan Context Options (long videos)."}),
+            "feta_args": ("SLIP_WAN_FETA_ARGS", {"tooltip": "From Wan Enhance-A-Video."}),
+        }}
+
+    def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
+               batched_cfg, samples=None, context_options=None, feta_args=None):
+        device = compute_device()
+        settings = SamplerSettings(steps, cfg, shift, seed, scheduler, denoise, batched_cfg)
+        start = None if samples is None else samples["samples"]
+        batch = 1 if start is None else start.shape[0]
+        vram = vram_info(device)
+        if vram is not None:  # ask the host to unload other models first (ComfyUI does not manage ours)
+            make_room(_resident_bytes(model), device)
+            vram = vram_info(device)
+        bar = ProgressBar(steps * batch)
+        try:
+            latent = sample_video(model, text_embeds, image_embeds, settings, device=device, samples=start,
+                                  context=context_options, feta=feta_args, force_offload=force_offload,
+                                  free_memory=None if vram is None else vram[0],
+                                  progress=bar.update_absolute, check_interrupt=check_interrupt)
+        finally:
+            bar.close()
+            if force_offload:
+                soft_empty_cache()
+        return ({"samples": latent},)
+
+
+def _resident_bytes(handle: WanModelHandle) -> int:
+    """Bytes the model occupies on the compute device while sampling (resident part + swap ring)."""
+    total = sum(p.numel() * p.element_size() for p in handle.dit.parameters())
+    host_blocks = handle.host_blocks
+    if host_blocks is None:
+        return total
+    ring = (handle.swap.prefetch_blocks + 1) * host_blocks.slot_bytes
+    return total - host_blocks.host_bytes + ring

@@ -1,0 +1,319 @@
+"""Wan 2.1 encoders and decode: umT5 text, CLIP vision, the VAE, I2V/T2V embeds and Wan Decode.
+
+Each loader returns a small handle (models/wan/encoders.py); each encode moves its model to the
+compute device for the call and, with force_offload, back to RAM afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..host import (
+    ProgressBar,
+    compute_device,
+    list_models,
+    model_path,
+    offload_device,
+    soft_empty_cache,
+)
+from ..kernels.precision import resolve_dtype
+from ..models.checkpoint import load_state_dict
+from ..models.wan.encoders import (
+    WanClipVisionHandle,
+    WanTextEncoderHandle,
+    WanVAEHandle,
+    decode_latent,
+    encode_clip,
+    encode_text,
+    image_to_video_embeds,
+)
+from ..models.wan.pipeline import WanImageEmbeds, round_video_size
+from ..models.wan.t5 import UMT5Encoder
+from ..models.wan.tiling import Tiling
+from ..models.wan.tokenizer import load_tokenizer
+from ..models.wan.vae import WanVAE
+from .wan import CATEGORY, LOAD_DEVICES, PRECISIONS
+
+log = logging.getLogger("slipstream.wan")
+
+OFFLOAD_FIRST = (LOAD_DEVICES[1], LOAD_DEVICES[0])
+
+
+def _device(load_device: str) -> torch.device:
+    return compute_device() if load_device == "main_device" else offload_device()
+
+
+def _size_inputs(width=832, height=480, frames=81) -> dict:
+    return {
+        "width": ("INT", {"default": width, "min": 16, "max": 8192, "step": 16,
+                          "tooltip": "Video width in pixels (multiple of 16; other values are rounded)."}),
+        "height": ("INT", {"default": height, "min": 16, "max": 8192, "step": 16,
+                           "tooltip": "Video height in pixels (multiple of 16; other values are rounded)."}),
+        "num_frames": ("INT", {"default": frames, "min": 1, "max": 10001, "step": 4,
+                               "tooltip": "Frames to generate: 1+4k (81 = 5 s at 16 fps; others are rounded)."}),
+    }
+
+
+def _valid_size(width: int, height: int, num_frames: int) -> tuple[int, int, int]:
+    width, height, num_frames, note = round_video_size(width, height, num_frames)
+    if note:
+        log.warning(note)
+    return width, height, num_frames
+
+
+def _tiling(enabled: bool, tile_size: int, tile_overlap: int) -> Tiling | None:
+    if not enabled:
+        return None
+    if tile_overlap >= tile_size:
+        raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size}).")
+    return Tiling.from_pixels(tile_size, tile_overlap)
+
+
+# ---------------------------------------------------------------------------------- text
+
+
+class WanTextEncoderLoader:
+    DESCRIPTION = ("Loads the umT5-XXL text encoder Wan 2.1 uses (ComfyUI's umt5_xxl_*.safetensors with its "
+                   "tokenizer inside, or the official .pth with spiece.model beside it).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("SLIP_WAN_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder, for Wan Text Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (list_models("text_encoders") or ["(no text encoders found)"],
+                           {"tooltip": "umT5-XXL file from models/text_encoders, e.g. umt5_xxl_fp8_e4m3fn_scaled."
+                                       "safetensors."}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Compute precision of the encoder."}),
+            "load_device": (list(OFFLOAD_FIRST), {"default": "offload_device",
+                                                  "tooltip": "Where it waits between uses (RAM keeps VRAM free "
+                                                             "for the video model)."}),
+        }}
+
+    def load(self, model_name, precision, load_device):
+        path = model_path("text_encoders", model_name)
+        resident = _device(load_device)
+        sd = load_state_dict(path)
+        tokenizer = load_tokenizer(path, sd)
+        encoder = UMT5Encoder.from_state_dict(sd, dtype=resolve_dtype(precision, compute_device()),
+                                              device=resident, consume=True)
+        return (WanTextEncoderHandle(encoder, tokenizer, model_name, resident),)
+
+
+class WanTextEncode:
+    DESCRIPTION = ("Turns the positive and negative prompts into umT5 embeddings. Separate prompts with '|' to "
+                   "give each part of a long (context-window) video its own prompt.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("SLIP_WAN_TEXT_EMBEDS",)
+    RETURN_NAMES = ("text_embeds",)
+    OUTPUT_TOOLTIPS = ("Prompt embeddings for the Wan Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("SLIP_WAN_TEXT_ENCODER", {"tooltip": "From Wan Text Encoder Loader."}),
+            "positive_prompt": ("STRING", {"default": "", "multiline": True,
+                                           "tooltip": "What the video shows. 'a | b' = prompt a for the first half, "
+                                                      "b for the second (with context windows)."}),
+            "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                           "tooltip": "What to avoid (used when cfg > 1)."}),
+            "device": (["gpu", "cpu"], {"default": "gpu",
+                                        "tooltip": "Run the encoder on the GPU (fast) or the CPU (no VRAM, slow)."}),
+            "force_offload": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Send the encoder back to its load device afterwards."}),
+        }}
+
+    def encode(self, text_encoder, positive_prompt, negative_prompt, device, force_offload):
+        target = compute_device() if device == "gpu" else torch.device("cpu")
+        embeds = encode_text(text_encoder, positive_prompt, negative_prompt, target, offload=force_offload)
+        if force_offload:
+            soft_empty_cache()
+        return (embeds,)
+
+
+# ---------------------------------------------------------------------------------- CLIP vision
+
+
+class WanClipVisionLoader:
+    DESCRIPTION = ("Loads the CLIP ViT-H/14 vision model Wan 2.1 I2V conditions on (clip_vision_h.safetensors, "
+                   "the official open-clip .pth, or an open_clip file).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("SLIP_WAN_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    OUTPUT_TOOLTIPS = ("The CLIP vision model, for Wan CLIP Vision Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (list_models("clip_vision") or ["(no clip vision models found)"],
+                           {"tooltip": "CLIP vision file from models/clip_vision, e.g. clip_vision_h.safetensors."}),
+            "precision": (list(PRECISIONS), {"default": "fp16", "tooltip": "Compute precision (official: fp16)."}),
+            "load_device": (list(OFFLOAD_FIRST), {"default": "offload_device",
+                                                  "tooltip": "Where it waits between uses."}),
+        }}
+
+    def load(self, model_name, precision, load_device):
+        from ..models.wan.clip_vision import WanClipVision
+
+        path = model_path("clip_vision", model_name)
+        resident = _device(load_device)
+        model = WanClipVision.from_file(path, dtype=resolve_dtype(precision, compute_device()), device=resident)
+        return (WanClipVisionHandle(model, model_name, resident),)
+
+
+class WanClipVisionEncode:
+    DESCRIPTION = "Encodes the start image with CLIP vision for image-to-video (the 257 tokens Wan I2V attends to)."
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("SLIP_WAN_CLIP_EMBEDS",)
+    RETURN_NAMES = ("clip_embeds",)
+    OUTPUT_TOOLTIPS = ("CLIP image tokens for Wan Image to Video Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_vision": ("SLIP_WAN_CLIP_VISION", {"tooltip": "From Wan CLIP Vision Loader."}),
+            "image": ("IMAGE", {"tooltip": "The start image (several images are averaged)."}),
+            "crop": (["disabled", "center"], {"default": "disabled",
+                                              "tooltip": "disabled squashes the whole image to a square, as Wan was "
+                                                         "trained; center keeps the aspect and cuts the sides."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "Scales the image tokens (how much the look follows the image)."}),
+            "force_offload": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Send the model back to its load device afterwards."}),
+        }}
+
+    def encode(self, clip_vision, image, crop, strength, force_offload):
+        feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
+                            offload=force_offload)
+        return (feats,)
+
+
+# ---------------------------------------------------------------------------------- VAE, embeds, decode
+
+
+class WanVAELoader:
+    DESCRIPTION = "Loads the Wan 2.1 video VAE (wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("SLIP_WAN_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The VAE, for Wan Image to Video Encode and Wan Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (list_models("vae") or ["(no vae found)"],
+                           {"tooltip": "Wan 2.1 VAE file from models/vae."}),
+            "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Compute precision of the VAE."}),
+        }}
+
+    def load(self, model_name, precision):
+        path = model_path("vae", model_name)
+        vae = WanVAE.from_file(path, dtype=resolve_dtype(precision, compute_device()),
+                               device=offload_device())
+        return (WanVAEHandle(vae, model_name, offload_device()),)
+
+
+class WanEmptyEmbeds:
+    DESCRIPTION = "The size and length of a text-to-video generation, for the Wan Sampler."
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_IMAGE_EMBEDS",)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("Video size for the Wan Sampler (no start image).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": _size_inputs()}
+
+    def make(self, width, height, num_frames):
+        return (WanImageEmbeds(*_valid_size(width, height, num_frames)),)
+
+
+class WanImageToVideoEncode:
+    DESCRIPTION = ("Prepares image-to-video: the start image is resized to the video size, VAE-encoded as the "
+                   "first frame of an otherwise grey clip and marked as known, with its CLIP tokens.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("SLIP_WAN_IMAGE_EMBEDS",)
+    RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("I2V conditioning for the Wan Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
+            "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
+            "clip_embeds": ("SLIP_WAN_CLIP_EMBEDS", {"tooltip": "From Wan CLIP Vision Encode (the same image)."}),
+            **_size_inputs(),
+            "noise_aug_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001,
+                                             "tooltip": "Noise added to the start image: more motion, less "
+                                                        "faithful first frame."}),
+            "force_offload": ("BOOLEAN", {"default": True, "tooltip": "Send the VAE back to RAM afterwards."}),
+            "tiled_vae": ("BOOLEAN", {"default": False, "tooltip": "Encode in tiles (for very large frames)."}),
+        }}
+
+    def encode(self, vae, start_image, clip_embeds, width, height, num_frames, noise_aug_strength, force_offload,
+               tiled_vae):
+        width, height, num_frames = _valid_size(width, height, num_frames)
+        bar = ProgressBar((num_frames - 1) // 4 + 1)
+        embeds = image_to_video_embeds(vae, start_image, width, height, num_frames, compute_device(),
+                                       noise_aug_strength, clip=clip_embeds, offload=force_offload,
+                                       tiling=_tiling(tiled_vae, 512, 64),
+                                       progress=lambda done, total: bar.update_absolute(done, total))
+        bar.close()
+        return (embeds,)
+
+
+class WanDecode:
+    DESCRIPTION = ("Decodes a Wan video latent to frames, one latent frame at a time (memory does not grow with "
+                   "length). Works on latents from core Wan nodes too.")
+    CATEGORY = CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The video frames [F,H,W,3] in 0..1 (batch items one after another).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
+            "samples": ("LATENT", {"tooltip": "A Wan video latent (Wan Sampler or core Wan nodes)."}),
+            "enable_vae_tiling": ("BOOLEAN", {"default": False,
+                                              "tooltip": "Decode in overlapping tiles: less VRAM at high "
+                                                         "resolution, seams blended."}),
+            "tile_size": ("INT", {"default": 272, "min": 64, "max": 2048, "step": 8,
+                                  "tooltip": "Tile side in pixels (when tiling)."}),
+            "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 8,
+                                     "tooltip": "Pixels shared by neighbouring tiles (when tiling)."}),
+            "force_offload": ("BOOLEAN", {"default": True, "tooltip": "Send the VAE back to RAM afterwards."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size, tile_overlap):
+        if tile_overlap >= tile_size:
+            return f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})."
+        return True
+
+    def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload):
+        latent = samples["samples"]
+        steps = latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1
+        bar = ProgressBar(steps)
+        done = {"n": 0}
+
+        def progress(i, total):
+            done["n"] += 1
+            bar.update_absolute(done["n"], steps)
+
+        images = decode_latent(vae, latent, compute_device(), offload=force_offload,
+                               tiling=_tiling(enable_vae_tiling, tile_size, tile_overlap), progress=progress)
+        bar.close()
+        return (images,)
