@@ -140,9 +140,12 @@ class RunStats:
 
 def round_video_size(width: int, height: int, num_frames: int) -> tuple[int, int, int, str | None]:
     """Round to what Wan can make (sides multiples of 16, 1+4k frames); the note says what changed."""
-    w = max(SIZE_MULTIPLE, int(round(width / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    h = max(SIZE_MULTIPLE, int(round(height / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    f = 1 + 4 * max(0, int(round((num_frames - 1) / 4)))
+    def nearest(value: float) -> int:  # halves round up (Python's round() would go to even)
+        return int(math.floor(value + 0.5))
+
+    w = max(SIZE_MULTIPLE, nearest(width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    h = max(SIZE_MULTIPLE, nearest(height / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    f = 1 + 4 * max(0, nearest((num_frames - 1) / 4))
     changes = []
     if (w, h) != (width, height):
         changes.append(f"size {width}x{height} -> {w}x{h} (multiples of {SIZE_MULTIPLE})")

@@ -1,0 +1,129 @@
+"""Tiny random-weight Wan 2.1 files with the real key layouts, for the demos, the example workflows'
+API twins and the end-to-end tests (no download, a few MB in all, seconds on a CPU).
+
+Each file is written the way the released ones are laid out: the DiT with official bare keys, the
+VAE with official keys, the umT5 encoder under ComfyUI's HF names with its SentencePiece model
+embedded as the `spiece_model` uint8 tensor, and CLIP vision in the official open-clip layout
+(`visual.*` + `log_scale`). Only the widths are small: the same loaders read them as the real files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import config as wan_config
+from .dit import random_state_dict
+from .t5 import TINY_UMT5, UMT5Encoder
+from .vae import TINY_VAE, WanVAE
+from .weights import build_on_meta
+
+DIT_T2V = "wan_tiny_t2v.safetensors"
+DIT_I2V = "wan_tiny_i2v.safetensors"
+TEXT_ENCODER = "umt5_tiny_spiece.safetensors"
+VAE = "wan_tiny_vae.safetensors"
+CLIP_VISION = "clip_vision_tiny.safetensors"
+START_IMAGE = "wan_demo_start.png"
+
+_CORPUS = ["a red fox runs through fresh snow", "waves roll onto a quiet beach at sunset",
+           "a paper boat drifts down a rain gutter", "the camera slowly circles a lighthouse at night",
+           "a cat jumps onto a sunny windowsill", "city lights blur past a train window"]
+
+
+def _seeded_state_dict(module_factory, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor of a module: norms near 1, the rest scaled by 1/sqrt(fan-in)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in build_on_meta(module_factory).state_dict().items():
+        noise = torch.randn(t.shape, generator=gen)
+        if name.endswith(("gamma", "norm.weight", "norm1.weight", "norm2.weight")) or ".norm" in name and \
+                name.endswith("weight"):
+            out[name] = 1.0 + 0.1 * noise
+        elif t.dim() >= 2:
+            out[name] = noise / math.sqrt(t[0].numel())
+        else:
+            out[name] = 0.02 * noise
+    return out
+
+
+def tiny_spiece_model() -> bytes:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS * 10), model_writer=buf, vocab_size=96,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, hard_vocab_limit=False, minloglevel=2)
+    return buf.getvalue()
+
+
+def _umt5_hf_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official umT5 names -> the HF/ComfyUI names (wan.md §2.3 table, inverted)."""
+    per_block = {"attn.q.weight": "layer.0.SelfAttention.q.weight", "attn.k.weight": "layer.0.SelfAttention.k.weight",
+                 "attn.v.weight": "layer.0.SelfAttention.v.weight", "attn.o.weight": "layer.0.SelfAttention.o.weight",
+                 "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+                 "norm1.weight": "layer.0.layer_norm.weight", "norm2.weight": "layer.1.layer_norm.weight",
+                 "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+                 "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+                 "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight"}
+    out = {}
+    for key, t in sd.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = t
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = t
+        else:
+            _, index, rest = key.split(".", 2)
+            out[f"encoder.block.{index}.{per_block[rest]}"] = t
+    return out
+
+
+def tiny_clip_config():
+    from .clip_vision import TINY_VIT
+
+    return TINY_VIT
+
+
+def write_start_image(path: Path, width: int = 80, height: int = 56) -> None:
+    from PIL import Image
+
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    rgb = torch.stack([xs, ys, 1 - 0.5 * (xs + ys)], dim=-1)
+    Image.fromarray((rgb * 255).round().to(torch.uint8).numpy()).save(path)
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_tiny_wan_models(models_root: Path, input_root: Path | None = None, image_to_video: bool = True) -> None:
+    """Write every tiny file the Wan demos need under `models_root` (ComfyUI folder names)."""
+    models_root = Path(models_root)
+    text_dim = TINY_UMT5.dim
+    clip_cfg = tiny_clip_config() if image_to_video else None
+    clip_dim = clip_cfg.dim if clip_cfg is not None else 1280
+    t2v = wan_config.tiny("t2v", text_dim=text_dim, clip_dim=clip_dim)
+    _save(random_state_dict(t2v, seed=11), models_root / "diffusion_models" / DIT_T2V)
+
+    umt5 = _umt5_hf_names(_seeded_state_dict(lambda: UMT5Encoder(TINY_UMT5), seed=12))
+    umt5["spiece_model"] = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)
+    _save(umt5, models_root / "text_encoders" / TEXT_ENCODER)
+    _save(_seeded_state_dict(lambda: WanVAE(TINY_VAE), seed=13), models_root / "vae" / VAE)
+
+    if image_to_video:
+        from .clip_vision import WanClipVision
+
+        i2v = wan_config.tiny("i2v", text_dim=text_dim, clip_dim=clip_dim)
+        _save(random_state_dict(i2v, seed=14), models_root / "diffusion_models" / DIT_I2V)
+        clip = {f"visual.{k}": v for k, v in _seeded_state_dict(lambda: WanClipVision(clip_cfg), seed=15).items()}
+        clip["log_scale"] = torch.tensor(math.log(1 / 0.07))
+        _save(clip, models_root / "clip_vision" / CLIP_VISION)
+        if input_root is not None:
+            Path(input_root).mkdir(parents=True, exist_ok=True)
+            write_start_image(Path(input_root) / START_IMAGE)

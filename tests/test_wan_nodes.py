@@ -1,0 +1,151 @@
+"""The Wan nodes end to end on tiny files with the real key layouts: T2V and I2V through every node,
+reproducible seeds, interrupts, core-latent interop, settings nodes and the errors users see."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from slipstream import NODE_CLASS_MAPPINGS as N
+from slipstream import host
+from slipstream.models.wan import demo_assets as assets
+
+HAS_CLIP = importlib.util.find_spec("slipstream.models.wan.clip_vision") is not None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    assets.write_tiny_wan_models(root / "models", root / "input", image_to_video=HAS_CLIP)
+    return root
+
+
+@pytest.fixture
+def wan_dirs(tiny_models, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
+    monkeypatch.setenv("SLIPSTREAM_INPUT", str(tiny_models / "input"))
+    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
+    monkeypatch.setenv("SLIPSTREAM_TEMP", str(tmp_path / "temp"))
+    return tiny_models
+
+
+def _node(node_id):
+    cls = N[node_id]
+    return getattr(cls(), cls.FUNCTION)
+
+
+def _text_embeds(prompt="a red fox runs through fresh snow | waves roll onto a quiet beach"):
+    (encoder,) = _node("SlipstreamWanTextEncoderLoader")(assets.TEXT_ENCODER, "fp32", "offload_device")
+    (embeds,) = _node("SlipstreamWanTextEncode")(encoder, prompt, "blurry", "gpu", True)
+    return embeds
+
+
+def _t2v(seed=3, swap=None, **sampler):
+    (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "disabled", "main_device",
+                                                 block_swap_args=swap)
+    (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 9)
+    kwargs = dict(steps=2, cfg=5.0, shift=5.0, seed=seed, scheduler="unipc", denoise=1.0, force_offload=True,
+                  batched_cfg="auto")
+    kwargs.update(sampler)
+    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), **kwargs)
+    return latent
+
+
+def test_text_to_video_through_every_node(wan_dirs):
+    latent = _t2v()
+    assert latent["samples"].shape == (1, 16, 3, 6, 8)
+    (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
+    (images,) = _node("SlipstreamWanDecode")(vae, latent, False, 272, 64, True)
+    assert images.shape == (9, 48, 64, 3) and images.min() >= 0 and images.max() <= 1
+    (tiled,) = _node("SlipstreamWanDecode")(vae, latent, True, 32, 16, True)
+    assert tiled.shape == images.shape
+    assert torch.equal(_t2v()["samples"], latent["samples"]), "same seed, same video"
+    assert not torch.equal(_t2v(seed=4)["samples"], latent["samples"])
+
+
+def test_text_embeds_split_prompts_on_bars(wan_dirs):
+    embeds = _text_embeds()
+    assert len(embeds.positive) == 2 and embeds.negative is not None
+    assert all(p.shape[-1] == 32 and p.shape[0] >= 2 for p in embeds.positive)
+
+
+def test_block_swap_node_changes_nothing_in_the_result(wan_dirs):
+    (swap,) = _node("SlipstreamWanBlockSwap")(1, False, True, True, 1)
+    assert torch.equal(_t2v(swap=swap)["samples"], _t2v()["samples"])
+
+
+def test_interrupt_is_honoured(wan_dirs):
+    host.request_interrupt()
+    with pytest.raises(host.interrupt_exception_types()):
+        _t2v()
+    assert _t2v()["samples"].shape[0] == 1, "the next run works"
+
+
+def test_core_latent_and_settings_nodes(wan_dirs):
+    start = {"samples": torch.randn(1, 16, 3, 6, 8)}      # what core Wan nodes hand over: raw latent
+    (ctx,) = _node("SlipstreamWanContextOptions")("static_standard", 5, 4, 4, True, "linear")
+    (feta,) = _node("SlipstreamWanEnhanceVideo")(2.0, 0.0, 1.0)
+    latent = _t2v(denoise=0.6, samples=start, context_options=ctx, feta_args=feta, scheduler="dpm++")
+    assert latent["samples"].shape == start["samples"].shape and torch.isfinite(latent["samples"]).all()
+    (compile_args,) = _node("SlipstreamWanCompileSettings")("eager", False, "default", False, 64, 128, True)
+    assert compile_args.backend == "eager" and compile_args.blocks_only
+
+
+def test_sizes_are_rounded_with_a_note(wan_dirs, caplog):
+    (embeds,) = _node("SlipstreamWanEmptyEmbeds")(70, 40, 10)
+    assert (embeds.width, embeds.height, embeds.num_frames) == (64, 48, 9)
+    assert "rounded" in caplog.text
+
+
+def test_clear_errors(wan_dirs):
+    with pytest.raises(FileNotFoundError, match="not found in folder 'diffusion_models'"):
+        _node("SlipstreamWanModelLoader")("missing.safetensors", "fp32", "disabled", "main_device")
+    with pytest.raises(ValueError, match="8.9|RTX 40"):
+        _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "fp8_e4m3fn_fast", "main_device")
+    with pytest.raises(Exception, match="sageattention"):
+        _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "disabled", "main_device", attention_mode="sageattn")
+    assert N["SlipstreamWanDecode"].VALIDATE_INPUTS(64, 64) != True  # noqa: E712
+    (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
+    with pytest.raises(ValueError, match="video latent"):
+        _node("SlipstreamWanDecode")(vae, {"samples": torch.zeros(1, 4, 8, 8)}, False, 272, 64, True)
+
+
+def test_fp8_storage_loads_and_samples(wan_dirs):
+    (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "fp8_e4m3fn", "offload_device")
+    assert model.dit.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
+    (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 5)
+    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
+                                              True, "auto")
+    assert torch.isfinite(latent["samples"]).all()
+
+
+@pytest.mark.skipif(not HAS_CLIP, reason="models/wan/clip_vision.py is not in this build yet")
+def test_image_to_video_through_every_node(wan_dirs):
+    from PIL import Image
+
+    image = torch.from_numpy(
+        __import__("numpy").asarray(Image.open(wan_dirs / "input" / assets.START_IMAGE), dtype="float32") / 255)[None]
+    (clip_vision,) = _node("SlipstreamWanClipVisionLoader")(assets.CLIP_VISION, "fp32", "offload_device")
+    (clip,) = _node("SlipstreamWanClipVisionEncode")(clip_vision, image, "disabled", 1.0, True)
+    (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
+    (embeds,) = _node("SlipstreamWanImageToVideoEncode")(vae, image, clip, 64, 48, 9, 0.0, True, False)
+    assert embeds.y.shape == (20, 3, 6, 8) and torch.equal(embeds.y[:4, 0], torch.ones(4, 6, 8))
+    assert embeds.y[:4, 1:].abs().sum() == 0
+    (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_I2V, "fp32", "disabled", "main_device")
+    (latent,) = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), 2, 5.0, 3.0, 1, "unipc", 1.0, True,
+                                              "auto")
+    again = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), 2, 5.0, 3.0, 1, "unipc", 1.0, True,
+                                          "auto")[0]
+    assert torch.equal(latent["samples"], again["samples"])
+    (images,) = _node("SlipstreamWanDecode")(vae, latent, False, 272, 64, True)
+    assert images.shape == (9, 48, 64, 3)
