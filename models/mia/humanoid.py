@@ -58,3 +58,36 @@ def make_humanoid(scale: float = 1.0, offset: tuple[float, float, float] = (0.0,
         pixels[..., 2] = 128
         mesh.visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(pixels))
     return mesh
+
+
+def write_demo_assets(models_dir: str, mesh_path: str, seed: int = 0) -> None:
+    """Miniature random-weight networks in the cache layout, and the humanoid as a GLB.
+
+    The networks have the real architecture at a tiny size (their config rides in the safetensors
+    metadata), so the demo workflow exercises download-free loading and the whole pipeline on a CPU
+    in seconds. The rig they produce is random: this demonstrates plumbing, not quality.
+    """
+    import os
+
+    import torch
+
+    from .networks import NETWORK_NAMES, build_network
+    from .weights import save_network_file
+
+    os.makedirs(models_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(mesh_path), exist_ok=True)
+    torch.manual_seed(seed)
+    for name in NETWORK_NAMES:
+        net = build_network(name, DEMO_CONFIG)
+        save_network_file(net.state_dict(), name, DEMO_CONFIG, os.path.join(models_dir, f"{name}.safetensors"))
+    make_humanoid().export(mesh_path)
+
+
+def _demo_config():
+    from .networks import PCAEConfig
+
+    return PCAEConfig(dim=64, depth=2, heads=2, dim_head=32, num_latents=64, num_points=2048, head_depth=2,
+                      head_heads=2, head_ff=128)
+
+
+DEMO_CONFIG = _demo_config()

@@ -142,12 +142,16 @@ def hub_file(name: str) -> HubFile:
 
 
 def ensure_networks(directory: str, names: tuple[str, ...] = NETWORK_NAMES, progress: Progress | None = None,
-                    check_interrupt: Callable[[], None] | None = None) -> dict[str, str]:
-    """{name: safetensors path} for the networks, downloading and converting what is missing."""
+                    check_interrupt: Callable[[], None] | None = None,
+                    config: PCAEConfig | None = None) -> dict[str, str]:
+    """{name: safetensors path} for the networks, downloading and converting what is missing.
+
+    `config` is the architecture the .pth files must match (the published one unless given).
+    """
     files = [hub_file(n) for n in names]
 
     def convert(src: str, dst: str, item: HubFile) -> None:
-        convert_pth(src, dst, os.path.basename(dst).removesuffix(".safetensors"))
+        convert_pth(src, dst, os.path.basename(dst).removesuffix(".safetensors"), config)
 
     paths = ensure_files(directory, SOURCE, files, convert, progress, check_interrupt)
     return {n: paths[hub_file(n).cached_name] for n in names}
