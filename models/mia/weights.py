@@ -44,8 +44,9 @@ def read_pth(path: str) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise CheckpointError(
-            f"Cannot read '{path}' as a PyTorch checkpoint ({exc}). The file is truncated, corrupt or not a "
+            f"Cannot read '{path}' as a PyTorch checkpoint ({reason}). The file is truncated, corrupt or not a "
             "checkpoint: delete it and download it again.") from exc
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
         data = data["model"]
