@@ -164,8 +164,9 @@ def test_preprocessing_squashes_or_center_crops(tower):
     assert cropped.shape == (1, 3, 56, 56) and torch.allclose(cropped, torch.ones_like(cropped), atol=1e-5)
     squashed = tower.preprocess(wide) * std + mean
     assert squashed[..., :, 5].max() < 0.05 and squashed[..., :, 28].min() > 0.95
-    feats = tower.encode_image(wide, crop=True)
-    assert feats.shape == (1, C.TINY_VIT.tokens, 64)
+    seen = []
+    feats = tower.encode_image(wide, crop=True, callback=lambda d, t: seen.append((d, t)))
+    assert feats.shape == (1, C.TINY_VIT.tokens, 64) and seen == [(1, 2), (2, 2)]
     with pytest.raises(ValueError, match="\\[B,3,56,56\\]"):
         tower(torch.zeros(1, 3, 32, 32))
 

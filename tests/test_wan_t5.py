@@ -204,7 +204,9 @@ def test_encoder_on_tokenized_text(encoder, tokenizer):
     assert torch.isfinite(out).all()
     for row, n in enumerate(batch.lengths):
         assert (out[row, n:] == 0).all() and out[row, :n].abs().sum() > 0
-    assert torch.equal(encoder.encode(batch), out)  # deterministic
+    seen = []
+    assert torch.equal(encoder.encode(batch, callback=lambda d, t: seen.append((d, t))), out)  # deterministic
+    assert seen == [(1, 2), (2, 2)]
 
 
 def test_padding_does_not_change_real_tokens(encoder, tokenizer, spiece_proto):

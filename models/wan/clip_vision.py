@@ -11,7 +11,7 @@ official layout without its `visual.` prefix.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,8 @@ from .weights import (
     storage_dtype,
     take_prefixed,
 )
+
+Progress = Callable[[int, int], None]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -119,7 +121,8 @@ class WanClipVision(nn.Module):
         return module_device(self)
 
     @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, callback: Progress | None = None) -> torch.Tensor:
+        """`callback(done, total)` runs after every block; raising from it stops the encode."""
         size = self.config.image_size
         if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"CLIP vision expects pixels [B,3,{size},{size}], got {tuple(pixels.shape)}; "
@@ -127,8 +130,11 @@ class WanClipVision(nn.Module):
         x = self.patch_embedding(pixels.to(device=self.device, dtype=self.dtype)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
         x = self.pre_norm(x)
-        for block in self.transformer[: self.config.feature_layers]:
+        used = self.transformer[: self.config.feature_layers]
+        for i, block in enumerate(used):
             x = block(x)
+            if callback is not None:
+                callback(i + 1, len(used))
         return x.float()
 
     def preprocess(self, images: torch.Tensor, crop: bool = False) -> torch.Tensor:
@@ -155,9 +161,10 @@ class WanClipVision(nn.Module):
         std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std
 
-    def encode_image(self, images: torch.Tensor, crop: bool = False) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, crop: bool = False,
+                     callback: Progress | None = None) -> torch.Tensor:
         """[B,3,H,W] in 0..1 -> Wan image tokens [B,257,1280] (float32)."""
-        return self(self.preprocess(images, crop=crop))
+        return self(self.preprocess(images, crop=crop), callback=callback)
 
     # ---- loading -------------------------------------------------------------------------------
 

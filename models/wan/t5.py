@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,8 @@ from .weights import (
     storage_dtype,
     take_prefixed,
 )
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,10 @@ class UMT5Encoder(nn.Module):
         return module_device(self)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                callback: Progress | None = None) -> torch.Tensor:
+        """`callback(done, total)` runs after every layer (XXL on a CPU takes a while); raising
+        from it (an interrupt) stops the encode."""
         if ids.dim() != 2:
             raise ValueError(f"token ids must be [B,L], got {tuple(ids.shape)}")
         if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
@@ -220,16 +225,18 @@ class UMT5Encoder(nn.Module):
         key_mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
         x = self.token_embedding(ids)
         buckets = self.blocks[0].pos_embedding.buckets(ids.shape[1])
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, buckets, key_mask)
+            if callback is not None:
+                callback(i + 1, len(self.blocks))
         x = self.norm(x).float()
         if key_mask is not None:
             x = x * key_mask[..., None]
         return x
 
-    def encode(self, tokens: TokenBatch) -> torch.Tensor:
+    def encode(self, tokens: TokenBatch, callback: Progress | None = None) -> torch.Tensor:
         """Hidden states [B, context, dim] (float32) of a tokenizer batch; padded rows are zero."""
-        return self(tokens.ids, tokens.mask)
+        return self(tokens.ids, tokens.mask, callback=callback)
 
     # ---- loading -------------------------------------------------------------------------------
 
