@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import clip_vision as C
-from slipstream.models.wan.weights import build_on_meta
+from slipstream.models.wan.encoder_loading import build_on_meta
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,9 +116,9 @@ def test_full_hf_layout_maps_onto_the_model():
     meta = build_on_meta(lambda: C.WanClipVision()).state_dict()
     hf = _to_hf(meta)
     assert "vision_model.encoder.layers.30.layer_norm1.weight" in hf  # ComfyUI's ViT-H detection key
-    converted = C._from_hf(dict(hf))
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in meta.items()}
-    assert C.WanClipVision.config_from_state_dict(converted) == C.VIT_H_14
+    tower = C.WanClipVision.from_state_dict(hf)  # meta tensors in, meta model out: no memory used
+    assert tower.config == C.VIT_H_14
+    assert {k: tuple(v.shape) for k, v in tower.state_dict().items()} == {k: tuple(v.shape) for k, v in meta.items()}
 
 
 # ---- features ----------------------------------------------------------------------------------
@@ -189,6 +189,26 @@ def test_official_comfy_and_open_clip_files_load_the_same(tiny_sd, tower, tmp_pa
     assert half.dtype == torch.float16
 
 
+def test_scaled_fp8_hf_file_fuses_dequantized_qkv(tiny_sd, tower, tmp_path):
+    hf = _to_hf(tiny_sd)
+    quant = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in hf.items():
+        if key.endswith(("_proj.weight", "fc1.weight", "fc2.weight")):
+            scale = value.abs().max() / 448
+            quant[key] = (value / scale).to(torch.float8_e4m3fn)
+            quant[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            quant[key] = value
+    save_file(quant, str(tmp_path / "clip_vision_h_fp8_scaled.safetensors"))
+    loaded = C.WanClipVision.from_file(str(tmp_path / "clip_vision_h_fp8_scaled.safetensors"))
+    block = loaded.transformer[0]
+    assert block.mlp[0].weight.dtype == torch.float8_e4m3fn and block.mlp[0].weight_scale is not None
+    assert block.attn.to_qkv.weight.dtype == torch.bfloat16  # q/k/v fused from their own scales
+    px = tower.preprocess(_images())
+    ref = tower(px)
+    assert (loaded(px) - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
 def test_missing_or_wrong_tensor_is_named(tiny_sd):
     hf = _to_hf(tiny_sd)
     del hf["vision_model.encoder.layers.1.mlp.fc2.bias"]
@@ -198,7 +218,7 @@ def test_missing_or_wrong_tensor_is_named(tiny_sd):
     wrong["transformer.0.attn.proj.weight"] = torch.zeros(64, 63)
     with pytest.raises(CheckpointError, match=r"transformer.0.attn.proj.weight \(64, 63\)"):
         C.WanClipVision.from_state_dict({"visual." + k: v for k, v in wrong.items()})
-    with pytest.raises(CheckpointError, match="Not a CLIP ViT-H/14"):
+    with pytest.raises(CheckpointError, match="not a CLIP ViT-H/14"):
         C.WanClipVision.from_state_dict({"blocks.0.attn.q.weight": torch.zeros(2, 2)})
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import t5 as T
 from slipstream.models.wan import tokenizer as TK
-from slipstream.models.wan.weights import build_on_meta
+from slipstream.models.wan.encoder_loading import build_on_meta
 
 CORPUS = ["a cat walks on the beach at sunset", "a dog runs through the snowy forest",
           "cinematic shot of a red car driving fast", "the camera pans slowly over the mountains",
@@ -116,7 +116,9 @@ def test_hf_names_of_the_full_model_map_onto_it():
     meta = build_on_meta(lambda: T.UMT5Encoder()).state_dict()
     hf = _to_hf_names(meta)
     assert "encoder.block.23.layer.0.SelfAttention.relative_attention_bias.weight" in hf
-    assert T.UMT5Encoder.config_from_state_dict(T._rename_hf(dict(hf))) == T.UMT5_XXL
+    encoder = T.UMT5Encoder.from_state_dict(hf)  # meta tensors in, meta model out: no memory used
+    assert encoder.config == T.UMT5_XXL
+    assert {k: tuple(v.shape) for k, v in encoder.state_dict().items()} == {k: tuple(v.shape) for k, v in meta.items()}
 
 
 # ---- formulas ----------------------------------------------------------------------------------
@@ -270,11 +272,25 @@ def test_scaled_fp8_comfy_file_is_dequantized(tiny_sd, tokenizer, tmp_path):
     quant["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     save_file(quant, str(path))
-    enc = T.UMT5Encoder.from_file(str(path), dtype=torch.float32)
     batch = tokenizer("a dog runs through the snowy forest")
     ref = T.UMT5Encoder.from_state_dict(dict(tiny_sd)).encode(batch)
-    assert (enc.encode(batch) - ref).abs().mean() < 0.1 * ref.abs().mean()
-    assert T.UMT5Encoder.from_file(str(path)).dtype == torch.bfloat16
+    dequantized = T.UMT5Encoder.from_file(str(path), dtype=torch.float32, weight_dtype=torch.float32)
+    assert dequantized.blocks[0].attn.q.weight.dtype == torch.float32
+    assert (dequantized.encode(batch) - ref).abs().mean() < 0.1 * ref.abs().mean()
+    kept = T.UMT5Encoder.from_file(str(path))  # fp8 files stay fp8 (half the memory), compute in bf16
+    assert kept.dtype == torch.bfloat16
+    q = kept.blocks[0].attn.q
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale is not None
+    assert kept.blocks[0].norm1.weight.dtype == torch.bfloat16
+    out = kept.encode(batch)
+    assert torch.isfinite(out).all() and (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_integer_quantized_weights_are_refused(tiny_sd):
+    sd = dict(tiny_sd)
+    sd["blocks.0.attn.q.weight"] = torch.zeros(32, 32, dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="blocks.0.attn.q.weight' is stored as int8"):
+        T.UMT5Encoder.from_state_dict(sd)
 
 
 def test_missing_or_wrong_tensor_is_named(tiny_sd):
@@ -286,7 +302,7 @@ def test_missing_or_wrong_tensor_is_named(tiny_sd):
     wrong["blocks.0.attn.k.weight"] = torch.zeros(32, 31)
     with pytest.raises(CheckpointError, match=r"blocks.0.attn.k.weight \(32, 31\)"):
         T.UMT5Encoder.from_state_dict(wrong)
-    with pytest.raises(CheckpointError, match="Not a umT5 text encoder"):
+    with pytest.raises(CheckpointError, match="not a umT5 text encoder"):
         T.UMT5Encoder.from_state_dict({"decoder.conv1.weight": torch.zeros(1)})
 
 

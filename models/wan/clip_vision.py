@@ -11,7 +11,7 @@ official layout without its `visual.` prefix.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, load_state_dict
-from .weights import (
-    assign_weights,
-    build_on_meta,
-    dequantize_scaled_fp8,
-    find_prefix,
+from ..checkpoint import CheckpointError
+from .encoder_loading import (
+    Recipe,
+    Source,
+    TensorTable,
+    identity_recipe,
+    load_encoder,
     module_device,
     module_dtype,
-    storage_dtype,
-    take_prefixed,
 )
+from .layers import CastLinear, FP32LayerNorm
 
 Progress = Callable[[int, int], None]
 
@@ -63,20 +63,12 @@ VIT_H_14 = ClipVisionConfig()
 TINY_VIT = ClipVisionConfig(image_size=56, dim=64, mlp_dim=96, num_heads=16, num_layers=3, out_dim=16)
 
 
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the weights' dtype (as the reference does)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
-                            self.eps).to(x.dtype)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.to_qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.to_qkv = CastLinear(dim, dim * 3)
+        self.proj = CastLinear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, c = x.shape
@@ -87,10 +79,10 @@ class SelfAttention(nn.Module):
 class VisionBlock(nn.Module):
     def __init__(self, cfg: ClipVisionConfig):
         super().__init__()
-        self.norm1 = LayerNorm32(cfg.dim, eps=cfg.eps)
+        self.norm1 = FP32LayerNorm(cfg.dim, eps=cfg.eps)
         self.attn = SelfAttention(cfg.dim, cfg.num_heads)
-        self.norm2 = LayerNorm32(cfg.dim, eps=cfg.eps)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_dim), nn.GELU(), nn.Linear(cfg.mlp_dim, cfg.dim))
+        self.norm2 = FP32LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = nn.Sequential(CastLinear(cfg.dim, cfg.mlp_dim), nn.GELU(), CastLinear(cfg.mlp_dim, cfg.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -106,10 +98,10 @@ class WanClipVision(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.cls_embedding = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.dim))
-        self.pre_norm = LayerNorm32(cfg.dim, eps=cfg.eps)
+        self.pre_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
         self.transformer = nn.Sequential(*(VisionBlock(cfg) for _ in range(cfg.num_layers)))
         # Loaded so every layout checks completely; Wan's features stop before them.
-        self.post_norm = LayerNorm32(cfg.dim, eps=cfg.eps)
+        self.post_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
         self.head = nn.Parameter(torch.zeros(cfg.dim, cfg.out_dim))
 
     @property
@@ -169,83 +161,80 @@ class WanClipVision(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
 
     @staticmethod
-    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> ClipVisionConfig:
-        """Widths from the weight shapes, depth from the keys (official names, no prefix)."""
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], num_heads: int | None = None) -> ClipVisionConfig:
+        """Widths from the weight shapes, depth from the keys (official names, no prefix).
+
+        The head count is not stored in checkpoints; ViT-H/14 has 16 (pass num_heads for others).
+        """
         needed = ("patch_embedding.weight", "pos_embedding", "transformer.0.mlp.0.weight", "head")
-        absent = [k for k in needed if k not in sd]
+        absent = [k for k in needed if k not in shapes]
         if absent:
             raise CheckpointError(f"Not a CLIP vision tower: missing tensor(s) {', '.join(absent)}.")
-        dim, _, patch, _ = sd["patch_embedding.weight"].shape
-        tokens = sd["pos_embedding"].shape[1]
-        side = round((tokens - 1) ** 0.5)
-        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer\.(\d+)\.", k)))
-        # The head count is not stored in the file; ViT-H/14 has 16 (pass num_heads for other towers).
-        heads = VIT_H_14.num_heads
+        dim, _, patch, _ = shapes["patch_embedding.weight"]
+        side = round((shapes["pos_embedding"][1] - 1) ** 0.5)
+        layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.(\d+)\.", k)))
         return ClipVisionConfig(image_size=side * patch, patch_size=patch, dim=dim,
-                                mlp_dim=sd["transformer.0.mlp.0.weight"].shape[0], num_heads=heads,
-                                num_layers=layers, out_dim=sd["head"].shape[1])
+                                mlp_dim=shapes["transformer.0.mlp.0.weight"][0],
+                                num_heads=num_heads or VIT_H_14.num_heads, num_layers=layers,
+                                out_dim=shapes["head"][1])
 
     @classmethod
-    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, consume: bool = False,
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
                         num_heads: int | None = None) -> WanClipVision:
         """Build from the official Wan CLIP file, ComfyUI's clip_vision_h (HF) or an open_clip file."""
-        found = find_prefix(sd, _ANCHORS)
-        if found is None:
-            raise CheckpointError(
-                "Not a CLIP ViT-H/14 vision model: no tensor named like 'visual.transformer.0.attn.to_qkv.weight', "
-                "'vision_model.encoder.layers.0.self_attn.q_proj.weight' or "
-                "'visual.transformer.resblocks.0.attn.in_proj_weight'. Pick clip_vision_h.safetensors or "
-                "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth.")
-        prefix, anchor = found
-        own = take_prefixed(sd, prefix)
-        if consume:
-            for key in [k for k in sd if k.startswith(prefix)]:
-                del sd[key]
-        dtype = dtype or storage_dtype(own)
-        dequantize_scaled_fp8(own, dtype)
-        own = _LAYOUTS[anchor](own)
-        cfg = cls.config_from_state_dict(own)
-        if num_heads is not None:
-            cfg = ClipVisionConfig(**{**cfg.__dict__, "num_heads": num_heads})
-        model = build_on_meta(lambda: cls(cfg))
-        return assign_weights(model, own, "the CLIP ViT-H/14 vision tower", dtype=dtype, device=device, consume=True)
+        return cls._load(TensorTable.from_state_dict(sd), dtype, device, weight_dtype, num_heads)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  num_heads: int | None = None) -> WanClipVision:
-        return cls.from_state_dict(load_state_dict(path), dtype=dtype, device=device, consume=True,
-                                   num_heads=num_heads)
+                  *, weight_dtype: torch.dtype | None = None, num_heads: int | None = None) -> WanClipVision:
+        """Load a CLIP vision file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
+        return cls._load(TensorTable.from_file(path), dtype, device, weight_dtype, num_heads)
+
+    @classmethod
+    def _load(cls, table: TensorTable, dtype, device, weight_dtype, num_heads) -> WanClipVision:
+        return load_encoder(
+            table, _LAYOUTS, lambda shapes: cls(cls.config_from_shapes(shapes, num_heads)),
+            "the CLIP ViT-H/14 vision tower",
+            "not a CLIP ViT-H/14 vision model: no tensor named like 'visual.transformer.0.attn.to_qkv.weight', "
+            "'vision_model.encoder.layers.0.self_attn.q_proj.weight' or "
+            "'visual.transformer.resblocks.0.attn.in_proj_weight'. Pick clip_vision_h.safetensors or "
+            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth.",
+            dtype=dtype, weight_dtype=weight_dtype, device=device)
 
 
-# ---- layouts -------------------------------------------------------------------------------------
+# ---- layouts: model key <- file key(s) ---------------------------------------------------------
 
-def _from_official(sd: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return take_prefixed(sd, "visual.")
-
-
-def _rename(sd: Mapping[str, torch.Tensor], table: list[tuple[re.Pattern, str]], keep: re.Pattern
-            ) -> dict[str, torch.Tensor]:
+def _rename(keys: Sequence[str], table: list[tuple[re.Pattern, str]], keep: re.Pattern) -> dict[str, str]:
+    """model key -> file key for the kept keys (unmatched kept keys keep their name, and fail the check)."""
     out = {}
-    for key, tensor in sd.items():
+    for key in keys:
         if not keep.match(key):
             continue
-        for pattern, target in table:
+        target = key
+        for pattern, replacement in table:
             if pattern.match(key):
-                key = pattern.sub(target, key)
+                target = pattern.sub(replacement, key)
                 break
-        out[key] = tensor
+        out[target] = key
     return out
 
 
-def _fuse_qkv(sd: MutableMapping[str, torch.Tensor], template: str) -> None:
-    """Concatenate separate q/k/v projections (template has {n} for the block, {p} for q/k/v)."""
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.(\d+)\.attn\.q\.", k))}
-    for n in sorted(blocks):
-        for kind in ("weight", "bias"):
-            parts = [sd.pop(template.format(n=n, p=p, kind=kind), None) for p in "qkv"]
-            if all(p is not None for p in parts):
-                sd[f"transformer.{n}.attn.to_qkv.{kind}"] = torch.cat(parts, dim=0)
+def _official_recipe(keys: Sequence[str]) -> Recipe:
+    return {k[len("visual."):]: Source((k,)) for k in keys if k.startswith("visual.")}
+
+
+def _as_batched(shape_prefix: tuple[int, ...]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """HF/open_clip keep class and position embeddings without the leading batch axes."""
+    return lambda parts: parts[0].reshape(*shape_prefix, parts[0].shape[-1])
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=0)
+
+
+def _transposed(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0].t().contiguous()
 
 
 _HF_TABLE = [(re.compile(a), b) for a, b in [
@@ -263,12 +252,24 @@ _HF_TABLE = [(re.compile(a), b) for a, b in [
     (r"^visual_projection\.weight$", "head"),
 ]]
 _HF_KEEP = re.compile(r"^(vision_model\.(?!embeddings\.position_ids)|visual_projection\.weight$)")
+_SPLIT_QKV = re.compile(r"^(transformer\.\d+\.attn)\.q\.(weight|bias)$")
 
 
-def _from_hf(sd: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = _rename(sd, _HF_TABLE, _HF_KEEP)
-    _fuse_qkv(out, "transformer.{n}.attn.{p}.{kind}")
-    return _reshape_embeddings(out, transpose_head=True)
+def _hf_recipe(keys: Sequence[str]) -> Recipe:
+    names = _rename(keys, _HF_TABLE, _HF_KEEP)
+    recipe: Recipe = {}
+    for target, key in names.items():
+        if re.match(r"^transformer\.\d+\.attn\.[kv]\.", target):
+            continue  # fused with q below
+        fused = _SPLIT_QKV.match(target)
+        if fused:
+            parts = [names.get(f"{fused.group(1)}.{p}.{fused.group(2)}") for p in "qkv"]
+            if all(parts):
+                recipe[f"{fused.group(1)}.to_qkv.{fused.group(2)}"] = Source(tuple(parts), _cat_rows)
+                continue
+        recipe[target] = Source((key,), {"cls_embedding": _as_batched((1, 1)), "pos_embedding": _as_batched((1, -1)),
+                                         "head": _transposed}.get(target))
+    return recipe
 
 
 _OPEN_CLIP_TABLE = [(re.compile(a), b) for a, b in [
@@ -287,25 +288,16 @@ _OPEN_CLIP_TABLE = [(re.compile(a), b) for a, b in [
 ]]
 
 
-def _from_open_clip(sd: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _reshape_embeddings(_rename(sd, _OPEN_CLIP_TABLE, re.compile(r"^visual\.")), transpose_head=False)
-
-
-def _reshape_embeddings(sd: dict[str, torch.Tensor], transpose_head: bool) -> dict[str, torch.Tensor]:
-    """HF/open_clip keep class and position embeddings without the batch axes; HF stores the projection transposed."""
-    if "cls_embedding" in sd and sd["cls_embedding"].dim() == 1:
-        sd["cls_embedding"] = sd["cls_embedding"].view(1, 1, -1)
-    if "pos_embedding" in sd and sd["pos_embedding"].dim() == 2:
-        sd["pos_embedding"] = sd["pos_embedding"].unsqueeze(0)
-    if transpose_head and "head" in sd:
-        sd["head"] = sd["head"].t().contiguous()
-    return sd
+def _open_clip_recipe(keys: Sequence[str]) -> Recipe:
+    names = _rename(keys, _OPEN_CLIP_TABLE, re.compile(r"^visual\."))
+    return {target: Source((key,), {"cls_embedding": _as_batched((1, 1)),
+                                    "pos_embedding": _as_batched((1, -1))}.get(target))
+            for target, key in names.items()}
 
 
 _LAYOUTS = {
-    "visual.transformer.0.attn.to_qkv.weight": _from_official,
-    "transformer.0.attn.to_qkv.weight": dict,  # the tower alone, as this module names it
-    "vision_model.encoder.layers.0.self_attn.q_proj.weight": _from_hf,
-    "visual.transformer.resblocks.0.attn.in_proj_weight": _from_open_clip,
+    "visual.transformer.0.attn.to_qkv.weight": _official_recipe,
+    "transformer.0.attn.to_qkv.weight": identity_recipe,  # the tower alone, as this module names it
+    "vision_model.encoder.layers.0.self_attn.q_proj.weight": _hf_recipe,
+    "visual.transformer.resblocks.0.attn.in_proj_weight": _open_clip_recipe,
 }
-_ANCHORS = tuple(_LAYOUTS)

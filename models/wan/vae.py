@@ -16,7 +16,7 @@ so files load without renaming.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,18 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, load_state_dict
+from ..checkpoint import CheckpointError
+from .encoder_loading import TensorTable, identity_recipe, load_encoder, module_device, module_dtype
 from .tiling import Tiling, run_tiled
-from .weights import (
-    assign_weights,
-    build_on_meta,
-    dequantize_scaled_fp8,
-    find_prefix,
-    module_device,
-    module_dtype,
-    storage_dtype,
-    take_prefixed,
-)
 
 Progress = Callable[[int, int], None]
 
@@ -350,46 +341,41 @@ class WanVAE(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
 
     @staticmethod
-    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> WanVAEConfig:
-        """The config of bare-named VAE weights: width from `encoder.conv1`, latent channels from `conv2`."""
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> WanVAEConfig:
+        """The config of VAE weights (official names): width from `encoder.conv1`, latent channels from `conv2`."""
         for key in ("encoder.conv1.weight", "conv2.weight"):
-            if key not in sd:
+            if key not in shapes:
                 raise CheckpointError(f"Not a Wan 2.1 VAE: missing tensor {key}.")
-        z_dim = sd["conv2.weight"].shape[0]
+        z_dim = shapes["conv2.weight"][0]
         if z_dim != len(LATENT_MEAN):
             raise CheckpointError(
                 f"This VAE has {z_dim} latent channels; the Wan 2.1 VAE has {len(LATENT_MEAN)}. "
                 "(48 channels is the Wan 2.2 VAE, which this loader does not support.)")
-        return WanVAEConfig(dim=sd["encoder.conv1.weight"].shape[0], z_dim=z_dim)
+        return WanVAEConfig(dim=shapes["encoder.conv1.weight"][0], z_dim=z_dim)
 
     @classmethod
-    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, consume: bool = False) -> WanVAE:
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> WanVAE:
         """Build from a state dict in any known layout (official, ComfyUI `vae.`, kijai `model.`).
 
-        dtype None keeps the file's dtype (fp8 files compute in bf16). With `consume` the caller's
-        dict is emptied as tensors are converted (no second copy when the dtype changes).
+        dtype None keeps the file's dtype (fp8 files compute in bf16). Tensors already in the
+        target dtype and device become the parameters without a copy.
         """
-        found = find_prefix(sd, _ANCHORS)
-        if found is None:
-            raise CheckpointError("Not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' "
-                                  "(with or without a prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).")
-        prefix = found[0]
-        own = take_prefixed(sd, prefix)
-        if consume and prefix == "":
-            sd.clear()
-        elif consume:
-            for key in [k for k in sd if k.startswith(prefix)]:
-                del sd[key]
-        dtype = dtype or storage_dtype(own)
-        dequantize_scaled_fp8(own, dtype)
-        model = build_on_meta(lambda: cls(cls.config_from_state_dict(own)))
-        return assign_weights(model, own, "the Wan 2.1 VAE", dtype=dtype, device=device, consume=True)
+        return cls._load(TensorTable.from_state_dict(sd), dtype, device)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> WanVAE:
-        return cls.from_state_dict(load_state_dict(path), dtype=dtype, device=device, consume=True)
+        """Load a VAE file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
+        return cls._load(TensorTable.from_file(path), dtype, device)
+
+    @classmethod
+    def _load(cls, table: TensorTable, dtype, device) -> WanVAE:
+        return load_encoder(
+            table, {anchor: identity_recipe for anchor in _ANCHORS}, lambda shapes: cls(cls.config_from_shapes(shapes)),
+            "the Wan 2.1 VAE",
+            "not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' (with or without a "
+            "prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).", dtype=dtype, device=device)
 
     # ---- encode / decode -----------------------------------------------------------------------
 
