@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import clip_vision as C
-from slipstream.models.wan.encoder_loading import build_on_meta
+from slipstream.models.wan.weights import build_on_meta
 
 
 @pytest.fixture(scope="module", autouse=True)

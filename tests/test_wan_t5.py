@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import t5 as T
 from slipstream.models.wan import tokenizer as TK
-from slipstream.models.wan.encoder_loading import build_on_meta
+from slipstream.models.wan.weights import build_on_meta
 
 CORPUS = ["a cat walks on the beach at sunset", "a dog runs through the snowy forest",
           "cinematic shot of a red car driving fast", "the camera pans slowly over the mountains",

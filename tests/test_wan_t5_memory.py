@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from slipstream.models.wan import t5 as T
-from slipstream.models.wan.encoder_loading import build_on_meta
+from slipstream.models.wan.weights import build_on_meta
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = T.UMT5Config(vocab_size=1024, dim=512, dim_attn=512, dim_ffn=2048, num_heads=8, num_layers=12)

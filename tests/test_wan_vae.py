@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import vae as V
-from slipstream.models.wan.encoder_loading import build_on_meta
 from slipstream.models.wan.tiling import Tiling, run_tiled, tile_starts
+from slipstream.models.wan.weights import build_on_meta
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -227,6 +227,9 @@ def test_loading_assigns_the_file_tensors_without_copying(tiny_sd):
     assert vae.decoder.conv1.weight.data_ptr() == tiny_sd["decoder.conv1.weight"].data_ptr()
     half = V.WanVAE.from_state_dict(sd, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16 and sd["decoder.conv1.weight"].dtype == torch.float32  # caller's dict untouched
+    consumed = {**{"vae." + k: v for k, v in tiny_sd.items()}, "other.weight": torch.zeros(1)}
+    V.WanVAE.from_state_dict(consumed, dtype=torch.bfloat16, consume=True)
+    assert list(consumed) == ["other.weight"]  # the VAE's tensors were handed over, the rest stays
 
 
 def test_missing_or_wrong_tensor_is_named(tiny_sd):

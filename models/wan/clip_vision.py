@@ -11,7 +11,7 @@ official layout without its `visual.` prefix.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,8 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
-from .encoder_loading import (
+from .layers import CastLinear, FP32LayerNorm
+from .weights import (
     Recipe,
     Source,
     TensorTable,
@@ -29,7 +30,6 @@ from .encoder_loading import (
     module_device,
     module_dtype,
 )
-from .layers import CastLinear, FP32LayerNorm
 
 Progress = Callable[[int, int], None]
 
@@ -179,11 +179,12 @@ class WanClipVision(nn.Module):
                                 out_dim=shapes["head"][1])
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
-                        num_heads: int | None = None) -> WanClipVision:
-        """Build from the official Wan CLIP file, ComfyUI's clip_vision_h (HF) or an open_clip file."""
-        return cls._load(TensorTable.from_state_dict(sd), dtype, device, weight_dtype, num_heads)
+                        num_heads: int | None = None, consume: bool = False) -> WanClipVision:
+        """Build from the official Wan CLIP file, ComfyUI's clip_vision_h (HF) or an open_clip file.
+        With `consume` the tower's tensors leave `sd` as they are converted."""
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype, num_heads)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,9 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
-from .encoder_loading import (
+from .layers import CastLinear
+from .tokenizer import TokenBatch
+from .weights import (
     Recipe,
     Source,
     TensorTable,
@@ -32,8 +34,6 @@ from .encoder_loading import (
     module_device,
     module_dtype,
 )
-from .layers import CastLinear
-from .tokenizer import TokenBatch
 
 Progress = Callable[[int, int], None]
 
@@ -264,15 +264,17 @@ class UMT5Encoder(nn.Module):
                           num_layers=_count_blocks(shapes), num_buckets=buckets)
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, *,
-                        weight_dtype: torch.dtype | None = None) -> UMT5Encoder:
+    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
+                        consume: bool = False) -> UMT5Encoder:
         """Build from official, HF/ComfyUI (`encoder.block...`, `shared.weight`) or prefixed layouts.
 
         `dtype`: compute dtype (default: the file's; bf16 for fp8 files). `weight_dtype`: storage of
-        the Linear weights (default: fp8 files stay fp8, ~half the memory; else `dtype`).
+        the Linear weights (default: fp8 files stay fp8, ~half the memory; else `dtype`). With
+        `consume` the encoder's tensors leave `sd` as they are converted (prefer `from_file`, which
+        never holds the whole file).
         """
-        return cls._load(TensorTable.from_state_dict(sd), dtype, device, weight_dtype)
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,

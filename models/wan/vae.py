@@ -16,7 +16,7 @@ so files load without renaming.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,8 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
-from .encoder_loading import TensorTable, identity_recipe, load_encoder, module_device, module_dtype
 from .tiling import Tiling, run_tiled
+from .weights import TensorTable, identity_recipe, load_encoder, module_device, module_dtype
 
 Progress = Callable[[int, int], None]
 
@@ -354,14 +354,15 @@ class WanVAE(nn.Module):
         return WanVAEConfig(dim=shapes["encoder.conv1.weight"][0], z_dim=z_dim)
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> WanVAE:
+    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, consume: bool = False) -> WanVAE:
         """Build from a state dict in any known layout (official, ComfyUI `vae.`, kijai `model.`).
 
         dtype None keeps the file's dtype (fp8 files compute in bf16). Tensors already in the
-        target dtype and device become the parameters without a copy.
+        target dtype and device become the parameters without a copy; with `consume` the VAE's
+        tensors leave `sd` as they are converted.
         """
-        return cls._load(TensorTable.from_state_dict(sd), dtype, device)
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None,

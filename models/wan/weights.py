@@ -77,9 +77,13 @@ class TensorTable:
         self.name = name
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], name: str = "state dict") -> TensorTable:
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], name: str = "state dict",
+                        consume: bool = False) -> TensorTable:
+        """With `consume`, each tensor leaves `sd` as it is streamed, so a caller that loaded the
+        whole file does not keep it alive beside the converted model."""
+        take = sd.pop if consume else sd.__getitem__
         return cls({k: tuple(v.shape) for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()},
-                   lambda keys, transient: ((k, sd[k]) for k in keys), name)
+                   lambda keys, transient: ((k, take(k)) for k in keys), name)
 
     @classmethod
     def from_file(cls, path: str) -> TensorTable:
