@@ -115,7 +115,8 @@ class T5Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q, self.k, self.v))
-        y = attention(q, k, v, mask=bias, layout="bshd", scale=1.0)  # T5 does not scale its logits
+        # T5 does not scale its logits; the additive bias rules out flash kernels, so ask for sdpa.
+        y = attention(q, k, v, mask=bias, layout="bshd", scale=1.0, backend="sdpa")
         return self.o(y.reshape(b, n, -1))
 
 

@@ -195,7 +195,8 @@ class AttentionBlock(CausalLayer):
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 1, 3 * c, h * w).transpose(-1, -2)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = attention(q.contiguous(), k.contiguous(), v.contiguous())
+        # One head as wide as the block (up to 384): beyond flash kernels' head size, so sdpa.
+        y = attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="sdpa")
         y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
         return x + y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
 
