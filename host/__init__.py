@@ -71,3 +71,7 @@ def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0
 def ui_file(path: str, target: SaveTarget) -> dict[str, str]:
     """The {filename, subfolder, type} entry ComfyUI's frontend uses to fetch a saved file via /view."""
     return {"filename": os.path.basename(path), "subfolder": target.subfolder, "type": target.folder_type}
+
+# video family (Video Combine)
+metadata_disabled = _impl.metadata_disabled
+video_value = _impl.video_value

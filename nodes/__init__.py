@@ -5,8 +5,12 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
+from .video import SlipstreamVideoCombine
+
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
+    # video family
+    ("SlipstreamVideoCombine", SlipstreamVideoCombine, "Video Combine"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}
