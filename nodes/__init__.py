@@ -5,10 +5,14 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
+from . import memory
 from .video import SlipstreamVideoCombine
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
+    # memory family
+    ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
+    ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
     # video family
     ("SlipstreamVideoCombine", SlipstreamVideoCombine, "Video Combine"),
 ]
