@@ -115,6 +115,12 @@ def test_without_pingpong_or_loop_every_frame_is_written_once(tmp_path):
     assert str(result.frame_rate) == "2997/125" and meta["fps"] == pytest.approx(23.98, abs=0.01)
 
 
+@pytest.mark.parametrize("fmt", ["video/h264-mp4", "video/vp9-webm", "image/webp"])
+def test_a_single_frame_is_a_valid_file(tmp_path, fmt):
+    path, result = encode(tmp_path, moving_frames(1), fmt)
+    assert result.frame_count == 1 and read_video(path)[1].shape == (1, H, W, 3)
+
+
 def test_gif_loop_forever_and_one_frame(tmp_path):
     path, result = encode(tmp_path, moving_frames(1), "image/gif", pingpong=True)
     with Image.open(path) as im:

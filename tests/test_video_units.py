@@ -12,6 +12,7 @@ import pytest
 import torch
 from slipstream.models.video import ffmpeg as ffmpeg_mod
 from slipstream.models.video.audio import AudioError, write_raw_audio
+from slipstream.models.video.encode import PALETTE_SAMPLE_PIXELS, palette_sample
 from slipstream.models.video.formats import (
     FORMATS,
     available_formats,
@@ -20,7 +21,14 @@ from slipstream.models.video.formats import (
     missing_formats,
     needs_even_size,
 )
-from slipstream.models.video.frames import FrameConverter, FrameError, check_frames, frame_order, order_length
+from slipstream.models.video.frames import (
+    FrameConverter,
+    FrameError,
+    check_frames,
+    even_sample,
+    frame_order,
+    order_length,
+)
 from slipstream.models.video.metadata import comfy_metadata, write_ffmetadata
 
 # ---------------------------------------------------------------- frames
@@ -104,6 +112,18 @@ def test_converter_reuses_one_buffer_per_frame():
 def test_frame_order(n, pingpong, repeats, want):
     assert list(frame_order(n, pingpong, repeats)) == want
     assert order_length(n, pingpong, repeats) == len(want)
+
+
+def test_even_sample_spreads_over_the_clip():
+    assert even_sample(10, 20) == list(range(10))
+    assert even_sample(81, 5) == [0, 20, 40, 60, 80]
+    assert even_sample(7, 1) == [0]
+
+
+def test_gif_palette_is_built_from_a_bounded_sample():
+    frames, step = palette_sample(81, 480, 832)
+    assert step == 2 and len(frames) * 240 * 416 <= PALETTE_SAMPLE_PIXELS and frames[0] == 0 and frames[-1] == 80
+    assert palette_sample(6, 48, 64) == ([0, 1, 2, 3, 4, 5], 1)
 
 
 # ---------------------------------------------------------------- audio

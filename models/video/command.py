@@ -57,9 +57,10 @@ def _head(job: Job) -> list[str]:
     return [job.ffmpeg, "-hide_banner", "-v", "error", "-nostats"]
 
 
-def palette_command(job: Job, palette_path: str) -> list[str]:
-    """Pass 1 of GIF: one 256-colour palette from the statistics of every frame."""
-    return [*_head(job), *_raw_input(job), "-vf", "palettegen=stats_mode=full:reserve_transparent=0",
+def palette_command(job: Job, palette_path: str, pixel_step: int = 1) -> list[str]:
+    """Pass 1 of GIF: one 256-colour palette from the frames sent (every `pixel_step`-th pixel of each)."""
+    sample = f"scale=trunc(iw/{pixel_step}):trunc(ih/{pixel_step}):flags=neighbor," if pixel_step > 1 else ""
+    return [*_head(job), *_raw_input(job), "-vf", f"{sample}palettegen=stats_mode=full:reserve_transparent=0",
             "-update", "1", "-f", "image2", "-y", palette_path]
 
 

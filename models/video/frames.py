@@ -80,6 +80,15 @@ def frame_order(count: int, pingpong: bool, repeats: int = 1) -> Iterator[int]:
             yield from range(count - 2, 0, -1)
 
 
+def even_sample(count: int, wanted: int) -> list[int]:
+    """Up to `wanted` frame indices spread evenly over 0..count-1, first and last included."""
+    if wanted >= count:
+        return list(range(count))
+    if wanted <= 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (wanted - 1)) for i in range(wanted)})
+
+
 def order_length(count: int, pingpong: bool, repeats: int = 1) -> int:
     one = count + max(count - 2, 0) if pingpong else count
     return one * repeats
