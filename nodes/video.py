@@ -184,6 +184,6 @@ class SlipstreamVideoCombine:
 
         video = video_value(video_path, frame_rate=result.frame_rate, width=result.width,
                                  height=result.height, frame_count=result.frame_count,
-                                 frames=None if fmt.comfy_readable else frames_as_written)
+                                 frames=None if fmt.video_from_file else frames_as_written)
         ui = {"images": [ui_file(video_path, target)], "animated": (True,)}
         return {"ui": ui, "result": (files, video)}

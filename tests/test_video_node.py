@@ -228,3 +228,24 @@ def test_without_ffmpeg_formats_stay_listed_and_running_says_why(workdirs, tmp_p
     with pytest.raises(FFmpegNotFoundError):
         combine()
     assert all_files(workdirs["output"]) == []
+
+
+@pytest.mark.parametrize(("fmt", "from_frames"), [("video/h264-mp4", False), ("video/vp9-webm", False),
+                                                  ("image/gif", True), ("image/webp", True)])
+def test_video_output_is_the_file_or_the_frames_as_written(workdirs, monkeypatch, fmt, from_frames):
+    import slipstream.nodes.video as node_module
+
+    seen = {}
+
+    def capture(path, **kw):
+        seen.update(kw, path=path)
+        return "VIDEO"
+
+    monkeypatch.setattr(node_module, "video_value", capture)
+    images = frames(4)
+    out = combine(images, fmt=fmt, pingpong=True)
+    assert out["result"][1] == "VIDEO" and seen["path"] == out["result"][0][1] and seen["frame_count"] == 6
+    if from_frames:
+        assert torch.equal(seen["frames"](), images[[0, 1, 2, 3, 2, 1]])
+    else:
+        assert seen["frames"] is None

@@ -53,7 +53,9 @@ class VideoFormat:
     container_loop: bool = False                # the file has a loop counter (gif, webp); else frames repeat
     container_metadata: bool = False            # can carry the workflow/prompt as container tags
     movflags: tuple[str, ...] = ()              # mp4 flags (faststart moves the index first for web playback)
-    comfy_readable: bool = True                 # ComfyUI's PyAV-based VIDEO reader can decode the file
+    # Whether ComfyUI's VIDEO can be the file itself: its PyAV reader must decode it and core SaveVideo must
+    # be able to copy its streams into mp4. Animated WebP fails the first, GIF the second.
+    video_from_file: bool = True
     notes: str = ""                             # one line for the help text
 
     def encoder_for(self, build: EncoderSet) -> Encoder | None:
@@ -104,10 +106,10 @@ _SVTAV1 = Encoder("libsvtav1", ("-preset", "8"), (1, 63), env=(("SVT_LOG", "1"),
 _AOMAV1 = Encoder("libaom-av1", ("-b:v", "0", "-cpu-used", "6", "-row-mt", "1"), (0, 63))
 
 FORMATS: tuple[VideoFormat, ...] = (
-    VideoFormat("image/gif", "gif", "gif", (Encoder("gif"),), "gif", container_loop=True,
+    VideoFormat("image/gif", "gif", "gif", (Encoder("gif"),), "gif", container_loop=True, video_from_file=False,
                 notes="256 colours from one palette for the whole clip; no audio, no alpha"),
     VideoFormat("image/webp", "webp", "webp", (Encoder("libwebp_anim"),), "webp", container_loop=True,
-                comfy_readable=False, notes="animated WebP; keeps alpha; lossless or quality 0-100"),
+                video_from_file=False, notes="animated WebP; keeps alpha; lossless or quality 0-100"),
     VideoFormat("video/h264-mp4", "mp4", "mp4", (_X264,), "video", pix_fmts=("yuv420p", "yuv420p10le", "yuv444p"),
                 crf_default=19, audio_encoders=("aac",), audio_args=("-b:a", "192k"),
                 container_metadata=True, movflags=("faststart",), notes="plays everywhere"),
