@@ -60,7 +60,7 @@ def _format_choices() -> tuple[list[str], str]:
         names = [f.name for f in FORMATS]    # keep saved workflows loadable; running explains the problem
         tip += f"NO FFMPEG FOUND, so none of these can be written: {why}"
     else:
-        tip += f"Listed: what {build.describe()} can write."
+        tip += f"Listed: what ffmpeg {build.version} (from {build.source}) can write."
         if missing:
             tip += " Not listed: " + "; ".join(missing.values()) + f". Set {ENV_VAR} to a fuller ffmpeg build."
             _log_missing(tuple(missing.values()))
