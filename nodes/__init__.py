@@ -5,7 +5,7 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, mia
+from . import memory, mia, video
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
@@ -16,6 +16,8 @@ NODES: list[tuple[str, type, str]] = [
     ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
     ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
     ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
+    # video family
+    ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}
