@@ -5,13 +5,19 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, wan, wan_encoders
+from . import memory, mia, video, wan, wan_encoders
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    # MIA rigging
+    ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
+    ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
+    ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
+    # video family
+    ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
     # wan family (Wan 2.1 video)
     ("SlipstreamWanModelLoader", wan.WanModelLoader, "Wan Model Loader"),
     ("SlipstreamWanBlockSwap", wan.WanBlockSwap, "Wan Block Swap"),
