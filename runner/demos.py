@@ -34,4 +34,13 @@ def demo_cases() -> list[DemoCase]:
 
     cases.append(DemoCase("mia_rig", "mia_rig_api.json", prepare_mia,
                           "Auto-rig a procedural humanoid with miniature random-weight MIA networks -> rigged GLB"))
+
+    # Wan 2.1 video
+    def prepare_wan(models_root: Path, input_root: Path) -> None:
+        from ..models.wan.demo_assets import write_tiny_wan_models
+
+        write_tiny_wan_models(models_root, input_root)
+
+    cases.append(DemoCase("wan_t2v", "wan_t2v_api.json", prepare_wan,
+                          "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
     return cases

@@ -82,9 +82,11 @@ def _umt5_hf_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def tiny_clip_config():
-    from .clip_vision import TINY_VIT
+    """ViT-H/14 geometry (224 px, patch 14: the 257 tokens the I2V DiT attends to) at width 64."""
+    from .clip_vision import ClipVisionConfig
 
-    return TINY_VIT
+    return ClipVisionConfig(image_size=224, patch_size=14, dim=64, mlp_dim=96, num_heads=16, num_layers=3,
+                            out_dim=16)
 
 
 def write_start_image(path: Path, width: int = 80, height: int = 56) -> None:
