@@ -149,3 +149,14 @@ def test_image_to_video_through_every_node(wan_dirs):
     assert torch.equal(latent["samples"], again["samples"])
     (images,) = _node("SlipstreamWanDecode")(vae, latent, False, 272, 64, True)
     assert images.shape == (9, 48, 64, 3)
+
+
+def test_every_wan_node_has_a_help_page():
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "web" / "docs"
+    for node_id in (n for n in N if n.startswith("SlipstreamWan")):
+        page = docs / f"{node_id}.md"
+        assert page.exists(), node_id
+        text = page.read_text(encoding="utf-8")
+        assert "## Inputs" in text and "## Outputs" in text and "## Errors" in text
