@@ -84,7 +84,10 @@ def test_ui_workflow_loads_in_frontend(path, frontend, comfyui):
     assert sorted(loaded) == sorted(n["id"] for n in workflow["nodes"])
     unknown = [f"{n['id']}:{n['type']}" for n in result["nodes"] if not n["registered"]]
     assert not unknown, f"node types unknown to the frontend: {unknown}"
-    assert not any("missing" in d.lower() for d in result["dialogs"]), result["dialogs"]
+    # "Missing Models" is the download prompt that properties.models is meant to raise on a fresh install;
+    # only a missing-node-types dialog means the workflow is broken.
+    assert not any("missing" in d.lower() and not d.startswith("Missing Models") for d in result["dialogs"]), \
+        result["dialogs"]
     for node in workflow["nodes"]:
         if node["type"] not in slipstream.NODE_CLASS_MAPPINGS:
             continue
