@@ -33,6 +33,7 @@ from ..kernels.precision import (
     resolve_dtype,
     supports_fp8_matmul,
 )
+from ..models.checkpoint import load_state_dict
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
 from ..models.wan.feta import FetaArgs
@@ -314,11 +315,14 @@ class WanModelLoader:
 
 
 def _merge_loras(dit: WanDiT, chain) -> None:
+    """Merge each LoRA of the chain into the weights once, at load (fp8/int8 layers are patched per layer)."""
     try:
-        from ..models.wan.lora import merge_lora_files
+        from ..models.wan.lora import merge_lora
     except ImportError as exc:  # models/wan/lora.py arrives with the Wan model layer
         raise RuntimeError("LoRA support needs models/wan/lora.py, which this build does not include yet.") from exc
-    merge_lora_files(dit, [(model_path("loras", e.name), e.strength) for e in chain])
+    for entry in chain:
+        report = merge_lora(dit, load_state_dict(model_path("loras", entry.name)), entry.strength)
+        log.info("Wan: %s (%s at %g)", report.summary(), entry.name, entry.strength)
 
 
 def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> None:
