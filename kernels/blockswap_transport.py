@@ -72,7 +72,9 @@ class CudaTransport(Transport):
         self._done_recorded: set[int] = set()
 
     def copy_in(self, unit: int, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        ready = self.ready.setdefault(slot, torch.cuda.Event())
+        if slot not in self.ready:  # one event pair per slot, created once
+            self.ready[slot], self.done[slot] = torch.cuda.Event(), torch.cuda.Event()
+        ready = self.ready[slot]
         with torch.cuda.stream(self.stream):
             if slot in self._done_recorded:
                 self.stream.wait_event(self.done[slot])
@@ -83,7 +85,7 @@ class CudaTransport(Transport):
         torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
     def mark_done(self, unit: int, slot: int) -> None:
-        self.done.setdefault(slot, torch.cuda.Event()).record(torch.cuda.current_stream(self.device))
+        self.done[slot].record(torch.cuda.current_stream(self.device))
         self._done_recorded.add(slot)
 
     def drain(self) -> None:
