@@ -376,3 +376,40 @@ def test_ram_does_not_grow_over_repeated_runs():
     data = json.loads(out.stdout.strip().splitlines()[-1])
     growth = data["rss"][-1] - data["rss"][1]
     assert growth < data["block"], f"RSS grew by {growth} bytes over 6 runs (one block is {data['block']})"
+
+
+def test_planner_on_the_real_wan_14b_block_size():
+    """Full-size blocks on `meta` (no memory): the spec's 351,394,304 parameters per 14B T2V block."""
+    from slipstream.models.wan.config import WAN21_T2V_14B
+    from slipstream.models.wan.dit import WanDiT
+
+    dit = WanDiT.build_meta(WAN21_T2V_14B).to(torch.bfloat16)
+    sizes = [unit_bytes(block) for block in dit.blocks]
+    assert len(sizes) == 40
+    assert 351_394_304 * 2 <= sizes[0] < 351_394_304 * 2 + 256 * 40
+    gib = 1 << 30
+    plan = plan_block_swap(sizes, free_vram=22 * gib, reserve_bytes=4 * gib, bandwidth=25e9, block_seconds=0.1)
+    assert 0 < plan.count < 40 and plan.resident_bytes + plan.ring_bytes <= 18 * gib
+    assert plan.max_free_swaps == 40 and plan.predicted_overhead < 0.01, "video-length blocks hide their copies"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_transport_is_bit_identical_and_keeps_ram_steady():
+    from slipstream.kernels.blockswap import CudaTransport
+
+    model = _model(n=8, dim=256)
+    x = torch.randn(2, 64, 256, device="cuda")
+    with torch.no_grad():
+        ref = model.cuda()(x)
+    model.cpu()
+    units = list(model.blocks)
+    host = HostBlocks(units, swapped=(0, 2, 4, 6))
+    assert host.pinned_bytes == host.host_bytes
+    host.move_rest(model, "cuda")
+    for _ in range(3):
+        with torch.no_grad(), SwapSession(host, units, CudaTransport("cuda"), prefetch=1, root=model) as session:
+            outs = [model(x) for _ in range(3)]
+        assert all(torch.equal(ref, out) for out in outs)
+        assert session.stats()["misses"] == 0
+    assert all(p.device.type == "cpu" for i in host.swapped for p in units[i].parameters())
+    host.release()
