@@ -103,7 +103,11 @@ def test_dtype_plan_bf16_and_fp8_storage(tmp_path):
     quant = set(f8.quantizable_keys())
     assert len(quant) == cfg.num_layers * 10                          # q,k,v,o x2 + ffn.0/2 per block
     for key, value in f8.state_dict().items():
-        assert value.dtype == (FP8 if key in quant else torch.bfloat16), key
+        if key.endswith(".weight_scale"):           # per-tensor scale = absmax / 448, kept in fp32
+            weight = sd[key.replace("weight_scale", "weight")]
+            assert value.dtype == torch.float32 and value.item() == pytest.approx(weight.abs().max() / 448)
+        else:
+            assert value.dtype == (FP8 if key in quant else torch.bfloat16), key
     assert "text_embedding.0.weight" not in quant and "head.head.weight" not in quant
     ref = WanDiT.from_file(str(path))
     x, t, ctx, _ = inputs(cfg)

@@ -251,8 +251,7 @@ class WanDiT(nn.Module):
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
         model, plan = cls._prepare(shapes, {k: v.dtype for k, v in weights.items()}, dtype, weight_dtype,
                                    metadata, num_heads, attention_backend, what)
-        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales,
-                              lambda m: isinstance(m, CastLinear))
+        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -279,7 +278,7 @@ class WanDiT(nn.Module):
             return not on_cpu or plan.target(name, stored) != stored
 
         tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], transient))
-        return assign_weights(model, tensors, plan, device, scale_tensors, lambda m: isinstance(m, CastLinear))
+        return assign_weights(model, tensors, plan, device, scale_tensors)
 
     @classmethod
     def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):

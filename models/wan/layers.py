@@ -23,6 +23,14 @@ def _wide_float(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, fp32 scalar scale) with scale = absmax / fp8 max, saturating out-of-range values
+    (e4m3fn has no infinity: a plain cast would turn them into NaN)."""
+    limit = FP8_MAX[dtype]
+    scale = (weight.float().abs().amax() / limit).clamp_min(1e-30)
+    return (weight.float() / scale).clamp_(-limit, limit).to(dtype), scale
+
+
 class CastLinear(nn.Linear):
     """A Linear that may store its weight narrower (fp8, optionally with a scale) than it computes.
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...kernels.precision import is_fp8
 from ..checkpoint import CheckpointError, read_safetensors_header
-from .layers import FP8_MAX
+from .layers import CastLinear, quantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,24 +127,24 @@ def plan_dtypes(dtype: torch.dtype | None, weight_dtype: torch.dtype | None, ref
 
 def convert(tensor: torch.Tensor, target: torch.dtype, device: torch.device | str | None,
             scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor to its target dtype/device, dequantizing with a scale or clamping into fp8 range."""
+    """One tensor to a float/int target dtype and device, dequantizing with a file scale first."""
+    if is_fp8(target):
+        raise ValueError("fp8 targets go through quantize_fp8, which picks a scale")
     device = tensor.device if device is None else torch.device(device)
     if scale is not None:
         tensor = tensor.to(device=device, dtype=torch.float32) * scale.to(device=device, dtype=torch.float32)
-    if is_fp8(target) and not is_fp8(tensor.dtype):
-        # fp8 e4m3fn has no infinity: out-of-range values would become NaN instead of saturating.
-        limit = FP8_MAX[target]
-        tensor = tensor.to(device=device).float().clamp(-limit, limit)
     return tensor.to(device=device, dtype=target)
 
 
 def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], plan: DtypePlan,
                    device: torch.device | str | None, scales: Mapping[str, torch.Tensor] | None = None,
-                   scale_holder: Callable[[nn.Module], bool] | None = None) -> nn.Module:
+                   ) -> nn.Module:
     """Convert tensors one by one and make the meta-built `model` adopt them (strict).
 
-    A weight kept in fp8 keeps its file scale as the layer's `weight_scale` buffer (layers for
-    which `scale_holder` is true); any other scaled weight is dequantized here.
+    Weights planned as fp8 are those of `CastLinear` layers: fp8 weights already in that dtype
+    are kept with their file scale (if any); float weights are quantized with a per-tensor scale
+    (a plain cast loses the small weights of wide layers to fp8's subnormal range). Any other
+    scaled weight is dequantized.
     """
     scales = dict(scales or {})
     state: dict[str, torch.Tensor] = {}
@@ -153,16 +153,20 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
         target = plan.target(key, tensor.dtype)
         layer = key.rsplit(".", 1)[0]
         scale = scales.get(layer) if key.endswith(".weight") else None
-        if scale is not None and is_fp8(target) and is_fp8(tensor.dtype):
-            kept_scales[layer] = scale.to(device=device or tensor.device, dtype=torch.float32)
-            scale = None
-        state[key] = convert(tensor, target, device, scale)
+        if not is_fp8(target):
+            state[key] = convert(tensor, target, device, scale)
+        elif tensor.dtype == target:
+            state[key] = tensor.to(device=device or tensor.device)
+            if scale is not None:
+                kept_scales[layer] = scale.to(device=device or tensor.device, dtype=torch.float32)
+        else:
+            state[key], kept_scales[layer] = quantize_fp8(convert(tensor, torch.float32, device, scale), target)
         del tensor
     model.load_state_dict(state, strict=True, assign=True)
     for layer, scale in kept_scales.items():
         module = model.get_submodule(layer)
-        if scale_holder is None or not scale_holder(module):
-            raise CheckpointError(f"'{layer}' has a weight scale but is not a layer that can keep one.")
-        module.weight_scale = scale
+        if not isinstance(module, CastLinear):
+            raise CheckpointError(f"'{layer}' is stored in fp8 but is not a layer that can compute from fp8.")
+        module.weight_scale = scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
     model.requires_grad_(False)
     return model.eval()
