@@ -139,9 +139,10 @@ def test_scaled_fp8_file_keeps_scales_or_dequantizes(tmp_path):
     for key, value in sd.items():
         layer = key.removesuffix(".weight")
         if key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2:
-            scale = value.abs().max() / 448.0
-            scaled[f"model.diffusion_model.{key}"] = (value / scale).to(FP8)
-            scaled[f"model.diffusion_model.{layer}.scale_weight"] = scale.reshape(1)
+            # block 0 with one scale per output row ([N]), block 1 with one per tensor
+            scale = value.abs().amax(1) / 448.0 if key.startswith("blocks.0.") else value.abs().max() / 448.0
+            scaled[f"model.diffusion_model.{key}"] = (value / scale.reshape(-1, 1)).to(FP8)
+            scaled[f"model.diffusion_model.{layer}.scale_weight"] = scale.reshape(-1)
             scaled[f"model.diffusion_model.{layer}.scale_input"] = torch.ones(1)
         else:
             scaled[f"model.diffusion_model.{key}"] = value
@@ -155,6 +156,11 @@ def test_scaled_fp8_file_keeps_scales_or_dequantizes(tmp_path):
     torch.testing.assert_close(deq.blocks[1].cross_attn.q.weight, q.dequantize(torch.float32))
     err = (q.dequantize() - sd["blocks.1.cross_attn.q.weight"]).abs().max()
     assert err < 0.08 * sd["blocks.1.cross_attn.q.weight"].abs().max()
+    row = kept.blocks[0].ffn[0]
+    assert row.weight_scale.shape == (512, 1)
+    torch.testing.assert_close(deq.blocks[0].ffn[0].weight, row.dequantize(torch.float32))
+    err = (row.dequantize() - sd["blocks.0.ffn.0.weight"]).abs().amax(1)
+    assert (err <= 0.07 * sd["blocks.0.ffn.0.weight"].abs().amax(1)).all()      # per-row accuracy
     x, t, ctx, _ = inputs(cfg)
     torch.testing.assert_close(kept(x, t, ctx), deq(x, t, ctx), atol=1e-4, rtol=1e-4)
 

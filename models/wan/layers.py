@@ -23,12 +23,20 @@ def _wide_float(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, fp32 scalar scale) with scale = absmax / fp8 max, saturating out-of-range values
-    (e4m3fn has no infinity: a plain cast would turn them into NaN)."""
+def as_weight_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A file's weight scale in the shape that broadcasts over an [out, in] weight: a scalar for one
+    scale per tensor, [out, 1] for one per row (files store those as [out] or [out, 1])."""
+    return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+
+
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, fp32 scale) with scale = absmax / fp8 max (scalar, or [out, 1] per row),
+    saturating out-of-range values (e4m3fn has no infinity: a plain cast would make them NaN)."""
     limit = FP8_MAX[dtype]
-    scale = (weight.float().abs().amax() / limit).clamp_min(1e-30)
-    return (weight.float() / scale).clamp_(-limit, limit).to(dtype), scale
+    w = weight.float()
+    absmax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
+    scale = (absmax / limit).clamp_min(1e-30)
+    return (w / scale).clamp_(-limit, limit).to(dtype), scale
 
 
 class CastLinear(nn.Linear):
@@ -53,14 +61,22 @@ class CastLinear(nn.Linear):
         return weight
 
     def requantize(self, weight: torch.Tensor) -> None:
-        """Store a float weight back in this layer's storage dtype (and scale), in place."""
+        """Store a float weight back in this layer's storage dtype, in place.
+
+        A scaled layer picks a fresh scale (a LoRA can widen the weight's range, and the old scale
+        would saturate it); one scale per row if the layer had one per row.
+        """
         storage = self.weight.dtype
-        if self.weight_scale is not None:
-            weight = weight / self.weight_scale.to(weight.dtype)
-        if storage in FP8_MAX:
-            weight = weight.clamp(-FP8_MAX[storage], FP8_MAX[storage])
         with torch.no_grad():
-            self.weight.copy_(weight.to(storage))
+            if self.weight_scale is None:
+                if storage in FP8_MAX:
+                    weight = weight.clamp(-FP8_MAX[storage], FP8_MAX[storage])
+                self.weight.copy_(weight.to(storage))
+                return
+            per_row = self.weight_scale.numel() > 1
+            q, scale = quantize_fp8(weight, storage, per_row=per_row)
+            self.weight.copy_(q)
+            self.weight_scale = scale.reshape(self.weight_scale.shape).to(self.weight_scale.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.dtype == x.dtype and self.weight_scale is None \

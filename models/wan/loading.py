@@ -19,7 +19,7 @@ from torch import nn
 
 from ...kernels.precision import is_fp8
 from ..checkpoint import CheckpointError, read_safetensors_header
-from .layers import CastLinear, quantize_fp8
+from .layers import CastLinear, as_weight_scale, quantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -132,7 +132,7 @@ def convert(tensor: torch.Tensor, target: torch.dtype, device: torch.device | st
         raise ValueError("fp8 targets go through quantize_fp8, which picks a scale")
     device = tensor.device if device is None else torch.device(device)
     if scale is not None:
-        tensor = tensor.to(device=device, dtype=torch.float32) * scale.to(device=device, dtype=torch.float32)
+        tensor = tensor.to(device=device, dtype=torch.float32) * as_weight_scale(scale).to(device, torch.float32)
     return tensor.to(device=device, dtype=target)
 
 
@@ -167,6 +167,6 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
         module = model.get_submodule(layer)
         if not isinstance(module, CastLinear):
             raise CheckpointError(f"'{layer}' is stored in fp8 but is not a layer that can compute from fp8.")
-        module.weight_scale = scale.reshape(-1) if scale.numel() > 1 else scale.reshape(())
+        module.weight_scale = as_weight_scale(scale)
     model.requires_grad_(False)
     return model.eval()
