@@ -58,14 +58,16 @@ def random_model(config, dtype, weight_dtype):
     sd = {}
     for key, value in meta.state_dict().items():
         shape = tuple(value.shape)
+        # drawn straight in the compute dtype: fp32 temporaries would fragment the heap and
+        # inflate the peak RSS this benchmark reports
         if key.endswith("modulation"):
-            t = torch.randn(shape, generator=gen) / math.sqrt(config.dim)
+            t = torch.randn(shape, generator=gen, dtype=dtype) / math.sqrt(config.dim)
         elif len(shape) >= 2:
-            t = (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith("norm_q.weight") or key.endswith("norm_k.weight") or key.endswith("norm3.weight"):
-            t = torch.ones(shape)
+            t = torch.rand(shape, generator=gen, dtype=dtype).mul_(2).sub_(1).div_(math.sqrt(math.prod(shape[1:])))
+        elif key.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            t = torch.ones(shape, dtype=dtype)
         else:
-            t = torch.randn(shape, generator=gen) * 0.01
+            t = torch.randn(shape, generator=gen, dtype=dtype).mul_(0.01)
         if key in quantizable and is_fp8(weight_dtype):     # what the loader's fp8 option stores
             sd[key], sd[key.removesuffix("weight") + "weight_scale"] = quantize_fp8(t, weight_dtype)
         else:

@@ -57,7 +57,9 @@ class CastLinear(nn.Linear):
         """The effective weight as a float tensor of `dtype` (scale applied)."""
         weight = self.weight.to(dtype)
         if self.weight_scale is not None:
-            weight = weight * self.weight_scale.to(dtype)
+            scale = self.weight_scale.to(dtype)
+            # scale the fresh upcast copy in place (one pass less over the weight), never the parameter
+            weight = weight * scale if weight is self.weight else weight.mul_(scale)
         return weight
 
     def requantize(self, weight: torch.Tensor) -> None:
