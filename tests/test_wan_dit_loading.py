@@ -173,3 +173,12 @@ def test_pth_files_load_too(tmp_path):
     model = WanDiT.from_file(str(path))
     assert model.config.model_type == "i2v"
     assert torch.equal(model.state_dict()["img_emb.proj.3.weight"], sd["img_emb.proj.3.weight"])
+
+
+def test_fp8_quantization_leaves_the_callers_tensors_alone():
+    sd = random_state_dict(small())
+    copy = {k: v.clone() for k, v in sd.items()}
+    model = WanDiT.from_state_dict(sd, weight_dtype=FP8, dtype=torch.float32)
+    assert model.blocks[0].ffn[0].weight.dtype == FP8
+    for key, value in copy.items():
+        assert torch.equal(sd[key], value), key

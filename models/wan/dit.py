@@ -45,6 +45,7 @@ from ..checkpoint import PICKLE_EXTS, check_state_dict, load_state_dict, read_sa
 from .config import WanDiTConfig, detect_config, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
+    allocate_outputs,
     assign_weights,
     plan_dtypes,
     read_safetensors,
@@ -191,6 +192,10 @@ class WanImageEmbedding(nn.Module):
         return self.proj(clip_fea)
 
 
+def _scaled_weights(scales: Mapping[str, object]) -> list[str]:
+    return [layer + ".weight" for layer in scales]
+
+
 def _scale_key(entries: Mapping[str, object], layer: str) -> str:
     """The file's own name for a layer's weight scale (it uses one of two suffixes)."""
     return next(k for k in (layer + ".scale_weight", layer + ".weight_scale") if k in entries)
@@ -249,16 +254,17 @@ class WanDiT(nn.Module):
         entries, _ = strip_dit_prefix(sd, what)
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, {k: v.dtype for k, v in weights.items()}, dtype, weight_dtype,
-                                   metadata, num_heads, attention_backend, what)
-        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales)
+        stored = {k: v.dtype for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, what)
+        outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales), adopt_unchanged=True)
+        return assign_weights(model, ((k, weights[k]) for k in shapes), outputs, device, scales)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   *, weight_dtype: torch.dtype | None = None, num_heads: int | None = None,
                   attention_backend: str = "auto") -> WanDiT:
-        """Load a checkpoint file; safetensors are checked from the header and streamed tensor by
-        tensor, so peak RAM stays near the size of the loaded weights."""
+        """Load a checkpoint file; safetensors are checked from the header, then every output is
+        allocated and filled tensor by tensor, so peak RAM stays near the size of the loaded weights."""
         if path.lower().endswith(PICKLE_EXTS):
             return cls.from_state_dict(load_state_dict(path), dtype, device, weight_dtype=weight_dtype,
                                        num_heads=num_heads, attention_backend=attention_backend, what=path)
@@ -266,19 +272,15 @@ class WanDiT(nn.Module):
         entries, prefix = strip_dit_prefix(header, path)
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v["shape"]) for k, v in weights.items()}
-        dtypes = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, dtypes, dtype, weight_dtype, metadata, num_heads,
-                                   attention_backend, path)
-        scale_tensors = {layer: t for layer, (_, t) in zip(
+        stored = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, path)
+        scale_tensors = {layer: t.clone() for layer, (_, t) in zip(
             scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
-        on_cpu = device is None or torch.device(device).type == "cpu"
-
-        def transient(key: str, stored: torch.dtype) -> bool:     # converted or moved right after reading
-            name = key[len(prefix):]
-            return not on_cpu or plan.target(name, stored) != stored
-
-        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], transient))
-        return assign_weights(model, tensors, plan, device, scale_tensors)
+        outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales))
+        direct = {prefix + k: out for k, out in outputs.items()
+                  if out.dtype == stored[k] and out.device.type == "cpu"}   # read straight into place
+        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], direct))
+        return assign_weights(model, tensors, outputs, device, scale_tensors)
 
     @classmethod
     def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):

@@ -8,6 +8,8 @@ cost their own rounding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,14 +31,51 @@ def as_weight_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
 
 
-def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def float_row_chunks(weight: torch.Tensor, source_scale: torch.Tensor | None = None,
+                     chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, fp32 rows) of a weight viewed as [rows, -1], ~chunk_bytes at a time, with an
+    optional file scale applied. A chunk may alias the weight: never modify it in place.
+
+    Converting or quantizing through small chunks means no full-size fp32 temporary ever exists,
+    which matters while a model is loading: freed large temporaries between the kept tensors
+    fragment the heap, and the holes count as resident memory.
+    """
+    rows = weight.reshape(weight.shape[0] if weight.dim() else 1, -1)
+    scale = None if source_scale is None else as_weight_scale(source_scale).to(rows.device, torch.float32)
+    step = max(1, chunk_bytes // max(1, 4 * rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step].float()
+        if scale is not None:
+            chunk = chunk * (scale[start:start + step] if scale.dim() else scale)
+        yield start, chunk
+
+
+def dequantize_into(out: torch.Tensor, weight: torch.Tensor, source_scale: torch.Tensor | None) -> torch.Tensor:
+    """out[...] = weight · scale, chunk by chunk (out may be on another device or dtype)."""
+    flat = out.view(out.shape[0] if out.dim() else 1, -1)
+    for start, chunk in float_row_chunks(weight, source_scale):
+        flat[start:start + chunk.shape[0]] = chunk
+    return out
+
+
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype, per_row: bool = False, out: torch.Tensor | None = None,
+                 source_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 weight, fp32 scale) with scale = absmax / fp8 max (scalar, or [out, 1] per row),
-    saturating out-of-range values (e4m3fn has no infinity: a plain cast would make them NaN)."""
+    saturating out-of-range values (e4m3fn has no infinity: a plain cast would make them NaN).
+
+    Written into `out` if given; `source_scale` dequantizes a scaled input first. Works through
+    row chunks (see `float_row_chunks`).
+    """
     limit = FP8_MAX[dtype]
-    w = weight.float()
-    absmax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
-    scale = (absmax / limit).clamp_min(1e-30)
-    return (w / scale).clamp_(-limit, limit).to(dtype), scale
+    absmax = torch.cat([chunk.abs().amax(dim=1) for _, chunk in float_row_chunks(weight, source_scale)])
+    scale = (absmax[:, None] if per_row else absmax.amax()).div(limit).clamp_min(1e-30)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    flat = out.view(out.shape[0] if out.dim() else 1, -1)
+    for start, chunk in float_row_chunks(weight, source_scale):
+        part = scale[start:start + chunk.shape[0]].to(chunk.device) if per_row else scale.to(chunk.device)
+        flat[start:start + chunk.shape[0]] = torch.div(chunk, part).clamp_(-limit, limit)
+    return out, scale
 
 
 class CastLinear(nn.Linear):

@@ -1,17 +1,22 @@
 """Loading a module's weights without a second copy in RAM, and the storage-dtype plan.
 
-The recipe: build the module on the `meta` device (no memory), read the checkpoint one tensor at
-a time straight into its final dtype and device, then `load_state_dict(assign=True)` so the
-module adopts those tensors. Safetensors files are read with plain `readinto` at the header's
-offsets instead of a memory map: mapped file pages count towards the process's resident memory,
-so converting an fp32 file to bf16 through a map would peak at the file plus the result.
+The recipe: build the module on the `meta` device (no memory); allocate every output tensor up
+front in its final dtype and device; read the checkpoint one tensor at a time straight into its
+output (or into one reused scratch buffer when it must be converted, then convert in small
+chunks); finally `load_state_dict(assign=True)` so the module adopts the outputs.
+
+Why this order: safetensors are read with plain `readinto` instead of a memory map, because mapped
+file pages count towards resident memory (an fp32 file converted to bf16 through a map peaks at
+the file plus the result). And outputs are allocated before any temporary exists, because glibc
+raises its mmap threshold after the first large free, after which freed temporaries become
+holes between kept tensors that still count as resident memory — measured at up to 2x the weights.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +24,7 @@ from torch import nn
 
 from ...kernels.precision import is_fp8
 from ..checkpoint import CheckpointError, read_safetensors_header
-from .layers import CastLinear, as_weight_scale, quantize_fp8
+from .layers import CastLinear, as_weight_scale, dequantize_into, quantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,15 +47,15 @@ def safetensors_dtype(path: str, name: str, code: str) -> torch.dtype:
 
 
 def read_safetensors(path: str, keys: Iterable[str],
-                     transient: Callable[[str, torch.dtype], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     out: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, CPU tensor) for `keys` in order, read with `readinto` (no memory map).
 
-    Tensors for which `transient(key, dtype)` is true are views into one scratch buffer that the
-    next item overwrites: for callers that convert each tensor at once. Reusing one buffer keeps
-    the allocator from fragmenting the heap with freed temporaries (glibc raises its mmap
-    threshold after the first large free, and the holes then count as resident memory).
+    A key found in `out` (a contiguous CPU tensor of the stored dtype and shape) is read straight
+    into that tensor. Any other key is read into one scratch buffer reused for every item: the
+    yielded view is valid until the next item, so the caller converts or copies it at once.
     """
     header, _ = read_safetensors_header(path)
+    out = out or {}
     scratch = torch.empty(0, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -66,14 +71,16 @@ def read_safetensors(path: str, keys: Iterable[str],
             if nbytes != end - start:
                 raise CheckpointError(f"{path}: tensor '{key}' holds {end - start} bytes but its shape {shape} and "
                                       f"dtype {info['dtype']} need {nbytes}. The file is damaged.")
-            if transient is not None and transient(key, dtype):
+            if key in out:
+                tensor = out[key]
+                if tensor.dtype != dtype or list(tensor.shape) != shape or tensor.device.type != "cpu":
+                    raise ValueError(f"read_safetensors: destination for '{key}' must be a CPU {dtype} {shape}")
+                raw = tensor.reshape(-1).view(torch.uint8)
+            else:
                 if scratch.numel() < nbytes:
                     scratch = torch.empty(nbytes, dtype=torch.uint8)
                 raw = scratch[:nbytes]
                 tensor = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
-            else:
-                tensor = torch.empty(shape, dtype=dtype)
-                raw = tensor.reshape(-1).view(torch.uint8)
             f.seek(base + start)
             if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
                 raise CheckpointError(f"{path}: tensor '{key}' is cut short. The file is truncated; fetch it again.")
@@ -125,43 +132,65 @@ def plan_dtypes(dtype: torch.dtype | None, weight_dtype: torch.dtype | None, ref
     return DtypePlan(compute, storage, frozenset(quantizable))
 
 
-def convert(tensor: torch.Tensor, target: torch.dtype, device: torch.device | str | None,
-            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor to a float/int target dtype and device, dequantizing with a file scale first."""
-    if is_fp8(target):
-        raise ValueError("fp8 targets go through quantize_fp8, which picks a scale")
-    device = tensor.device if device is None else torch.device(device)
-    if scale is not None:
-        tensor = tensor.to(device=device, dtype=torch.float32) * as_weight_scale(scale).to(device, torch.float32)
-    return tensor.to(device=device, dtype=target)
+def allocate_outputs(shapes: Mapping[str, tuple[int, ...]], stored: Mapping[str, torch.dtype], plan: DtypePlan,
+                     device: torch.device | str | None, scaled: Iterable[str] = (),
+                     adopt_unchanged: bool = False) -> dict[str, torch.Tensor | None]:
+    """An empty output tensor per key in its final dtype on `device` (default CPU), allocated before
+    any reading starts. With `adopt_unchanged`, keys whose tensor can be used as it is (same
+    dtype, no scale to fold in) get None: the caller's tensor is adopted instead."""
+    scaled = set(scaled)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    outputs: dict[str, torch.Tensor | None] = {}
+    for key, shape in shapes.items():
+        target = plan.target(key, stored[key])
+        keeps_scale = key in scaled and is_fp8(target) and stored[key] == target
+        unchanged = target == stored[key] and (key not in scaled or keeps_scale)
+        outputs[key] = None if adopt_unchanged and unchanged else torch.empty(shape, dtype=target, device=device)
+    return outputs
 
 
-def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], plan: DtypePlan,
-                   device: torch.device | str | None, scales: Mapping[str, torch.Tensor] | None = None,
-                   ) -> nn.Module:
-    """Convert tensors one by one and make the meta-built `model` adopt them (strict).
+def fill_output(out: torch.Tensor | None, tensor: torch.Tensor, device: torch.device | str | None,
+                file_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(final tensor, weight scale to keep or None) for one source tensor and its planned output.
 
-    Weights planned as fp8 are those of `CastLinear` layers: fp8 weights already in that dtype
-    are kept with their file scale (if any); float weights are quantized with a per-tensor scale
-    (a plain cast loses the small weights of wide layers to fp8's subnormal range). Any other
-    scaled weight is dequantized.
+    An fp8 output keeps an fp8 source of the same dtype with its file scale; a float source is
+    quantized with a fresh per-tensor scale (a plain cast loses the small weights of wide layers
+    to fp8's subnormal range). A float output of a scaled source is dequantized.
     """
+    if out is None:                                    # adopted as it is (moved if needed)
+        return tensor.to(device=device or tensor.device), file_scale
+    if out is not tensor:
+        if is_fp8(out.dtype) and tensor.dtype != out.dtype:
+            return quantize_fp8(tensor, out.dtype, out=out, source_scale=file_scale)
+        if file_scale is not None and not is_fp8(out.dtype):
+            dequantize_into(out, tensor, file_scale)
+            return out, None
+        out.copy_(tensor)
+    return out, (file_scale if is_fp8(out.dtype) else None)
+
+
+def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+                   outputs: Mapping[str, torch.Tensor | None], device: torch.device | str | None,
+                   scales: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Fill each key's planned output from its source tensor and make the meta-built `model` adopt
+    them (strict). Weight scales kept with fp8 weights become their `CastLinear.weight_scale`."""
     scales = dict(scales or {})
-    state: dict[str, torch.Tensor] = {}
-    kept_scales: dict[str, torch.Tensor] = {}
+    # Everything kept past the loop is created before it (dict tables, one scalar per fp8 layer
+    # for its fresh scale): a small allocation kept between two temporaries pins a heap hole.
+    state: dict[str, torch.Tensor | None] = dict.fromkeys(outputs)
+    slots = {key.rsplit(".", 1)[0]: torch.empty((), dtype=torch.float32, device=out.device)
+             for key, out in outputs.items() if out is not None and is_fp8(out.dtype)}
+    kept_scales: dict[str, torch.Tensor | None] = dict.fromkeys(slots)
     for key, tensor in tensors:
-        target = plan.target(key, tensor.dtype)
         layer = key.rsplit(".", 1)[0]
-        scale = scales.get(layer) if key.endswith(".weight") else None
-        if not is_fp8(target):
-            state[key] = convert(tensor, target, device, scale)
-        elif tensor.dtype == target:
-            state[key] = tensor.to(device=device or tensor.device)
-            if scale is not None:
-                kept_scales[layer] = scale.to(device=device or tensor.device, dtype=torch.float32)
-        else:
-            state[key], kept_scales[layer] = quantize_fp8(convert(tensor, torch.float32, device, scale), target)
+        file_scale = scales.get(layer) if key.endswith(".weight") else None
+        state[key], scale = fill_output(outputs[key], tensor, device, file_scale)
+        if scale is not None and scale is not file_scale and scale.dim() == 0:
+            scale = slots[layer].copy_(scale)
+        if scale is not None:
+            kept_scales[layer] = scale.to(device=state[key].device, dtype=torch.float32)
         del tensor
+    kept_scales = {layer: scale for layer, scale in kept_scales.items() if scale is not None}
     model.load_state_dict(state, strict=True, assign=True)
     for layer, scale in kept_scales.items():
         module = model.get_submodule(layer)
