@@ -257,7 +257,7 @@ class WanDiT(nn.Module):
         stored = {k: v.dtype for k, v in weights.items()}
         model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, what)
         outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales), adopt_unchanged=True)
-        return assign_weights(model, ((k, weights[k]) for k in shapes), outputs, device, scales)
+        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales, outputs=outputs)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -274,13 +274,14 @@ class WanDiT(nn.Module):
         shapes = {k: tuple(v["shape"]) for k, v in weights.items()}
         stored = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
         model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, path)
-        scale_tensors = {layer: t.clone() for layer, (_, t) in zip(
+        scale_tensors = {layer: t for layer, (_, t) in zip(
             scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
         outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales))
         direct = {prefix + k: out for k, out in outputs.items()
                   if out.dtype == stored[k] and out.device.type == "cpu"}   # read straight into place
-        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], direct))
-        return assign_weights(model, tensors, outputs, device, scale_tensors)
+        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(
+            path, [prefix + k for k in shapes], lambda key, dtype: True, out=direct))
+        return assign_weights(model, tensors, plan, device, scale_tensors, outputs=outputs)
 
     @classmethod
     def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):

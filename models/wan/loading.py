@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +46,14 @@ def safetensors_dtype(path: str, name: str, code: str) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-def read_safetensors(path: str, keys: Iterable[str],
+def read_safetensors(path: str, keys: Iterable[str], transient: Callable[[str, torch.dtype], bool] | None = None,
                      out: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, CPU tensor) for `keys` in order, read with `readinto` (no memory map).
 
     A key found in `out` (a contiguous CPU tensor of the stored dtype and shape) is read straight
-    into that tensor. Any other key is read into one scratch buffer reused for every item: the
-    yielded view is valid until the next item, so the caller converts or copies it at once.
+    into that tensor. A key for which `transient(key, dtype)` is true is read into one scratch
+    buffer reused for every item: the yielded view is valid until the next item, so the caller
+    converts or copies it at once. Any other key gets a fresh tensor.
     """
     header, _ = read_safetensors_header(path)
     out = out or {}
@@ -75,6 +76,9 @@ def read_safetensors(path: str, keys: Iterable[str],
                 tensor = out[key]
                 if tensor.dtype != dtype or list(tensor.shape) != shape or tensor.device.type != "cpu":
                     raise ValueError(f"read_safetensors: destination for '{key}' must be a CPU {dtype} {shape}")
+                raw = tensor.reshape(-1).view(torch.uint8)
+            elif transient is None or not transient(key, dtype):
+                tensor = torch.empty(shape, dtype=dtype)
                 raw = tensor.reshape(-1).view(torch.uint8)
             else:
                 if scratch.numel() < nbytes:
@@ -169,33 +173,53 @@ def fill_output(out: torch.Tensor | None, tensor: torch.Tensor, device: torch.de
     return out, (file_scale if is_fp8(out.dtype) else None)
 
 
-def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
-                   outputs: Mapping[str, torch.Tensor | None], device: torch.device | str | None,
-                   scales: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """Fill each key's planned output from its source tensor and make the meta-built `model` adopt
-    them (strict). Weight scales kept with fp8 weights become their `CastLinear.weight_scale`."""
+def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], plan: DtypePlan,
+                   device: torch.device | str | None, scales: Mapping[str, torch.Tensor] | None = None,
+                   scale_holder: Callable[[nn.Module], bool] | None = None, *,
+                   outputs: Mapping[str, torch.Tensor | None] | None = None) -> nn.Module:
+    """Fill each key's output from its source tensor and make the meta-built `model` adopt them
+    (strict). Weight scales kept with fp8 weights become the layer's `weight_scale` (layers for
+    which `scale_holder` is true; default: `CastLinear`).
+
+    `outputs` (from `allocate_outputs`) are the pre-allocated outputs; without them each output
+    is allocated as its tensor arrives, which is simpler but lets freed temporaries fragment the
+    heap between kept tensors (see the module docstring).
+    """
     scales = dict(scales or {})
+    holder = scale_holder or (lambda m: isinstance(m, CastLinear))
     # Everything kept past the loop is created before it (dict tables, one scalar per fp8 layer
     # for its fresh scale): a small allocation kept between two temporaries pins a heap hole.
-    state: dict[str, torch.Tensor | None] = dict.fromkeys(outputs)
-    slots = {key.rsplit(".", 1)[0]: torch.empty((), dtype=torch.float32, device=out.device)
-             for key, out in outputs.items() if out is not None and is_fp8(out.dtype)}
+    keys = list(outputs) if outputs is not None else None
+    state: dict[str, torch.Tensor | None] = dict.fromkeys(keys or ())
+    slot_device = torch.device(device) if device is not None else torch.device("cpu")
+    slots = ({key.rsplit(".", 1)[0]: torch.empty((), dtype=torch.float32, device=slot_device)
+              for key in plan.quantizable} if is_fp8(plan.weight_dtype) else {})
     kept_scales: dict[str, torch.Tensor | None] = dict.fromkeys(slots)
     for key, tensor in tensors:
         layer = key.rsplit(".", 1)[0]
         file_scale = scales.get(layer) if key.endswith(".weight") else None
-        state[key], scale = fill_output(outputs[key], tensor, device, file_scale)
-        if scale is not None and scale is not file_scale and scale.dim() == 0:
+        out = outputs[key] if outputs is not None else _output_for(key, tensor, plan, device, file_scale)
+        state[key], scale = fill_output(out, tensor, device, file_scale)
+        if scale is not None and scale is not file_scale and scale.dim() == 0 and layer in slots:
             scale = slots[layer].copy_(scale)
         if scale is not None:
             kept_scales[layer] = scale.to(device=state[key].device, dtype=torch.float32)
         del tensor
-    kept_scales = {layer: scale for layer, scale in kept_scales.items() if scale is not None}
     model.load_state_dict(state, strict=True, assign=True)
     for layer, scale in kept_scales.items():
+        if scale is None:
+            continue
         module = model.get_submodule(layer)
-        if not isinstance(module, CastLinear):
+        if not holder(module):
             raise CheckpointError(f"'{layer}' is stored in fp8 but is not a layer that can compute from fp8.")
         module.weight_scale = as_weight_scale(scale)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _output_for(key: str, tensor: torch.Tensor, plan: DtypePlan, device: torch.device | str | None,
+                file_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The output of one key allocated on arrival (None: adopt the tensor as it is)."""
+    (out,) = allocate_outputs({key: tuple(tensor.shape)}, {key: tensor.dtype}, plan, device,
+                              [key] if file_scale is not None else (), adopt_unchanged=True).values()
+    return out
