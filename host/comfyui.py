@@ -6,6 +6,7 @@ module level is safe. Anything that differs between ComfyUI versions is feature-
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import comfy.model_management as mm
@@ -21,8 +22,6 @@ NAME = "comfyui"
 
 def register_model_folder(key: str, subdir: str, extensions: Iterable[str]) -> None:
     """Add models/<subdir> under `key` with its own extension filter, keeping any user-configured paths."""
-    import os
-
     default = os.path.join(folder_paths.models_dir, subdir)
     exts = {e.lower() for e in extensions}
     if key in folder_paths.folder_names_and_paths:
@@ -126,3 +125,44 @@ def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
 
 def soft_empty_cache() -> None:
     mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------- memory family (CLIP-to-DRAM offload)
+
+from . import comfy_memory as _comfy_memory  # noqa: E402
+
+
+def model_residency(obj):
+    """Where a MODEL/CLIP/VAE's weights are, per ComfyUI's model manager (clones included)."""
+    return _comfy_memory.residency(mm, obj)
+
+
+def offload_model_weights(obj):
+    """Unload a MODEL/CLIP/VAE from VRAM through ComfyUI's model manager; says honestly what moved."""
+    return _comfy_memory.offload(mm, obj)
+
+
+def loaded_models_summary():
+    """ComfyUI's current_loaded_models as LoadedModelInfo rows."""
+    return _comfy_memory.loaded_models_summary(mm)
+
+
+def memory_flags() -> dict[str, str]:
+    return _comfy_memory.memory_flags(mm)
+
+
+# ---------------------------------------------------------------- video family (Video Combine)
+
+
+def metadata_disabled() -> bool:
+    """True when ComfyUI runs with --disable-metadata: outputs carry no prompt/workflow."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_metadata", False))
+
+
+def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: int, frames=None):
+    """Core VIDEO for a saved file (see host/comfy_video.py); None on ComfyUI builds without VIDEO."""
+    from . import comfy_video
+
+    return comfy_video.video_value(path, frame_rate, frames)

@@ -3,7 +3,9 @@
 Used by the headless runner, the benchmarks and the tests. Folders come from environment
 variables read at call time (so a test can point them at a temporary directory):
 SLIPSTREAM_MODELS (models root, os.pathsep-separated list allowed; default ./models),
-SLIPSTREAM_OUTPUT (./output), SLIPSTREAM_TEMP (./temp), SLIPSTREAM_INPUT (./input),
+SLIPSTREAM_OUTPUT (./output), SLIPSTREAM_TEMP (./temp), SLIPSTREAM_INPUT (./input) — run from
+this pack's own checkout, the defaults are ./slipstream-data/<name> instead, because the
+checkout's ./models folder is the package's Python code;
 SLIPSTREAM_DEVICE (compute device; default cuda when available, else cpu).
 """
 
@@ -13,6 +15,8 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -37,8 +41,19 @@ class Interrupted(Exception):
     """Raised by check_interrupt() after request_interrupt(); ComfyUI raises its own type."""
 
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _default_dir(name: str) -> str:
+    """./<name>, except inside this pack's own checkout, whose ./models is Python code, not weights."""
+    cwd = os.getcwd()
+    if os.path.samefile(cwd, _PACKAGE_ROOT):
+        return os.path.join(cwd, "slipstream-data", name)
+    return os.path.join(cwd, name)
+
+
 def models_roots() -> list[str]:
-    raw = os.environ.get("SLIPSTREAM_MODELS") or os.path.join(os.getcwd(), "models")
+    raw = os.environ.get("SLIPSTREAM_MODELS") or _default_dir("models")
     return [os.path.abspath(p) for p in raw.split(os.pathsep) if p]
 
 
@@ -65,7 +80,7 @@ def model_path(key: str, name: str) -> str:
 
 
 def _dir_from_env(var: str, default: str) -> str:
-    path = os.path.abspath(os.environ.get(var) or os.path.join(os.getcwd(), default))
+    path = os.path.abspath(os.environ.get(var) or _default_dir(default))
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -172,3 +187,66 @@ def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
 def soft_empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- memory family (CLIP-to-DRAM offload)
+
+from . import memory as _memory  # noqa: E402
+
+
+def model_residency(obj) -> _memory.Residency:
+    """Where a MODEL/CLIP/VAE's weights are, and how many bytes an offload would add to RAM."""
+    return _memory.standalone_residency(obj)
+
+
+def offload_model_weights(obj) -> _memory.OffloadReport:
+    """Move a MODEL/CLIP/VAE's weights to its offload device through its patcher; says what moved."""
+    report = _memory.standalone_offload(obj)
+    if report.moved:
+        soft_empty_cache()
+    return report
+
+
+def loaded_models_summary():
+    """None: the standalone host has no model manager that tracks loaded models."""
+    return None
+
+
+def memory_flags() -> dict[str, str]:
+    return {"host": "standalone"}
+
+
+# ---------------------------------------------------------------- video family (Video Combine)
+
+
+def metadata_disabled() -> bool:
+    """SLIPSTREAM_DISABLE_METADATA=1 plays the part of ComfyUI's --disable-metadata."""
+    return os.environ.get("SLIPSTREAM_DISABLE_METADATA", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class SavedVideo:
+    """The standalone VIDEO value: the file Video Combine wrote, with the accessors of ComfyUI's VideoInput
+    that need no decoding (ComfyUI itself gets a real VideoFromFile; see host/comfy_video.py)."""
+
+    path: str
+    frame_rate: Fraction
+    width: int
+    height: int
+    frame_count: int
+
+    def get_stream_source(self) -> str:
+        return self.path
+
+    def get_dimensions(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def get_frame_rate(self) -> Fraction:
+        return self.frame_rate
+
+    def get_frame_count(self) -> int:
+        return self.frame_count
+
+
+def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: int, frames=None) -> SavedVideo:
+    return SavedVideo(path, Fraction(frame_rate), width, height, frame_count)

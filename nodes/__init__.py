@@ -5,8 +5,19 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
+from . import memory, mia, video
+
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
+    # memory family
+    ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
+    ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    # MIA rigging
+    ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
+    ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
+    ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
+    # video family
+    ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}
