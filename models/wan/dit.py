@@ -81,6 +81,15 @@ def run_block(index: int, block: WanBlock, tokens: torch.Tensor, inputs: BlockIn
     return block(tokens, inputs)
 
 
+def _modulation(n: int, dim: int) -> nn.Parameter:
+    """A learned [1, n, dim] AdaLN bias at the official init scale. Not drawn on `meta`: random ops
+    there go through torch's reference decompositions, whose first use imports ~800 modules (2 s)."""
+    param = nn.Parameter(torch.empty(1, n, dim))
+    if param.device.type != "meta":
+        nn.init.normal_(param, std=dim ** -0.5)
+    return param
+
+
 def _mlp(dims: tuple[int, int, int], act: nn.Module) -> nn.Sequential:
     return nn.Sequential(CastLinear(dims[0], dims[1]), act, CastLinear(dims[1], dims[2]))
 
@@ -148,7 +157,7 @@ class WanBlock(nn.Module):
         self.cross_attn = WanCrossAttention(dim, config.num_heads, eps, image=config.has_image_input)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = _mlp((dim, config.ffn_dim, dim), nn.GELU(approximate="tanh"))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.modulation = _modulation(6, dim)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """x: [B, L, dim] fp32 residual stream."""
@@ -168,7 +177,7 @@ class WanHead(nn.Module):
         dim = config.dim
         self.norm = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.head = CastLinear(dim, config.out_dim * math.prod(config.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        self.modulation = _modulation(2, dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
