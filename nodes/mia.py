@@ -8,6 +8,7 @@ core's 3D preview shows; FBX is added only when Blender's `bpy` module is import
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,8 +35,8 @@ from ..kernels.precision import PRECISIONS, dtype_name, resolve_dtype
 from ..models.mia import gltf
 from ..models.mia.mesh import MESH_EXTENSIONS, as_triangle_mesh, list_mesh_files, load_mesh
 from ..models.mia.networks import NETWORK_NAMES
-from ..models.mia.rig import STAGES, MIANetworks, rig_mesh
-from ..models.mia.weights import ensure_networks, load_network
+from ..models.mia.rig import STAGES, LazyNetwork, MIANetworks, rig_mesh
+from ..models.mia.weights import check_network_file, ensure_networks, load_network
 
 log = logging.getLogger("slipstream.mia")
 
@@ -77,7 +78,8 @@ class MIALoadModel:
     FUNCTION = "load"
     RETURN_TYPES = ("MIA_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The five loaded MIA networks with their precision, attention backend and device.",)
+    OUTPUT_TOOLTIPS = ("The MIA networks with their precision, attention backend and device (bw_normal loads "
+                       "on the first rig that uses normals).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,7 +100,8 @@ class MIALoadModel:
         except AttentionBackendUnavailable as exc:
             raise RuntimeError(str(exc)) from exc
         directory = models_directory()
-        bar = ProgressBar(100 + len(NETWORK_NAMES))
+        eager = tuple(n for n in NETWORK_NAMES if n != "bw_normal")
+        bar = ProgressBar(100 + len(eager))
 
         def on_bytes(done: int, total: int) -> None:
             if total:
@@ -108,12 +111,17 @@ class MIALoadModel:
         bar.update_absolute(100)
         start = time.perf_counter()
         nets = {}
-        for name in NETWORK_NAMES:
+        for name in eager:
+            check_interrupt()
             nets[name] = load_network(paths[name], name, dtype=dtype, device=device, attn_backend=backend)
             bar.update(1)
-        log.info("MIA networks loaded in %.2fs (%s, %s, %s)", time.perf_counter() - start, dtype_name(dtype),
-                 backend, device)
-        handle = MIANetworks(nets["joints_coarse"], nets["bw"], nets["bw_normal"], nets["joints"], nets["pose"],
+        # Only use_normal rigs need bw_normal: vet its file now, load it on first use.
+        check_network_file(paths["bw_normal"], "bw_normal")
+        bw_normal = LazyNetwork(functools.partial(load_network, paths["bw_normal"], "bw_normal", dtype=dtype,
+                                                  device=device, attn_backend=backend))
+        log.info("MIA networks loaded in %.2fs (%s, %s, %s; bw_normal on first use)", time.perf_counter() - start,
+                 dtype_name(dtype), backend, device)
+        handle = MIANetworks(nets["joints_coarse"], nets["bw"], bw_normal, nets["joints"], nets["pose"],
                              dtype, device, backend)
         return (handle,)
 

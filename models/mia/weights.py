@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, check_state_dict, load_state_dict, read_metadata
+from ..checkpoint import CheckpointError, check_state_dict, load_state_dict, read_safetensors_header
 from ..hub import HubFile, HubSource, Progress, ensure_files
 from .networks import (
     NETWORK_NAMES,
@@ -68,16 +68,22 @@ def convert_pth(pth_path: str, st_path: str, name: str, config: PCAEConfig | Non
     save_network_file(state_dict, name, config, st_path)
 
 
-def read_network_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], PCAEConfig]:
-    """Tensors and config of a converted network file, with clear errors for wrong or damaged files."""
-    meta = read_metadata(path)
+def check_network_file(path: str, name: str) -> PCAEConfig:
+    """The config of a converted network file, after checking its header (which network, every key
+    and shape) without reading a tensor: cheap enough to vet a file long before it is loaded."""
+    header, meta = read_safetensors_header(path)
     stored = meta.get("mia_network")
     if stored is not None and stored != name:
         raise CheckpointError(f"'{path}' holds the MIA '{stored}' network, not '{name}'.")
     config = PCAEConfig.from_dict(json.loads(meta["mia_config"])) if "mia_config" in meta else PCAEConfig()
-    state_dict = load_state_dict(path)
-    check_network(name, state_dict, config, path)
-    return state_dict, config
+    check_network(name, {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}, config, path)
+    return config
+
+
+def read_network_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], PCAEConfig]:
+    """Tensors and config of a converted network file, with clear errors for wrong or damaged files."""
+    config = check_network_file(path, name)
+    return load_state_dict(path), config
 
 
 def load_network(path: str, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
