@@ -398,25 +398,25 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
     timer.lap("weights_cleanup")
 
     heads, tails = joints[:, :3].astype(np.float64), joints[:, 3:].astype(np.float64)
+    sel = list(joint_indices)
+    back = np.linalg.inv(to_canon)
     out_verts = input_verts.astype(np.float32)
     if reset_to_rest:
         rotations = ortho6d_to_matrix(torch.from_numpy(pose6d).double()).numpy()
-        mats = pose_to_global(rotations, heads)[list(joint_indices)]
-        blended = np.einsum("vj,jab->vab", weights.astype(np.float64), mats)
+        mats = pose_to_global(rotations, heads)
+        blended = np.einsum("vj,jab->vab", weights.astype(np.float64), mats[sel])
         rest = np.einsum("vab,vb->va", blended[:, :3, :3], verts) + blended[:, :3, 3]
-        out_verts = apply(np.linalg.inv(to_canon), rest).astype(np.float32)
-        full = pose_to_global(rotations, heads)
-        heads = np.stack([apply(full[i], heads[i]) for i in range(skeleton.JOINT_COUNT)])
-        tails = np.stack([apply(full[i], tails[i]) for i in range(skeleton.JOINT_COUNT)])
-    sel = list(joint_indices)
+        out_verts = apply(back, rest).astype(np.float32)
+        heads = np.stack([apply(m, p) for m, p in zip(mats, heads, strict=True)])
+        tails = np.stack([apply(m, p) for m, p in zip(mats, tails, strict=True)])
     frames = bone_frames(heads[sel], tails[sel], joint_indices)
-    back = np.linalg.inv(to_canon)
     back_rotation = to_canon[:3, :3] / np.cbrt(np.linalg.det(to_canon[:3, :3]))
+    out_heads = apply(back, heads[sel])
     bind = np.tile(np.eye(4), (len(sel), 1, 1))
     bind[:, :3, :3] = np.einsum("ab,jbc->jac", back_rotation.T, frames)
-    bind[:, :3, 3] = apply(back, heads[sel])
+    bind[:, :3, 3] = out_heads
     timer.lap("pose_to_rest")
-    return RigResult(out_verts, joint_indices, apply(back, heads[sel]).astype(np.float32),
+    return RigResult(out_verts, joint_indices, out_heads.astype(np.float32),
                      apply(back, tails[sel]).astype(np.float32), bind, weights, timer.timings)
 
 
