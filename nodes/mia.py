@@ -21,6 +21,7 @@ from ..host import (
     ProgressBar,
     check_interrupt,
     compute_device,
+    counter_of,
     input_dir,
     model_folders,
     output_dir,
@@ -160,7 +161,8 @@ class MIAAutoRig:
                 "Rig without finger bones (22 joints): finger weights are merged into the hands. Turn off for "
                 "characters with separate, spread fingers (52 joints).")}),
             "use_normal": ("BOOLEAN", {"default": False, "tooltip": (
-                "Also use surface normals for the skin weights; helps when limbs touch the body.")}),
+                "Also use surface normals for the skin weights; helps when limbs touch the body. The first rig "
+                "with this on loads one more network (~430 MB in fp32), kept for later rigs.")}),
             "reset_to_rest": ("BOOLEAN", {"default": True, "tooltip": (
                 "Move the mesh and skeleton into the T-pose rest pose the prediction implies, so Mixamo animations "
                 "apply directly. Off: keep the input pose as the bind pose.")}),
@@ -181,10 +183,9 @@ class MIAAutoRig:
             glb = publish(tmp, target, "glb")
         fbx_rel = ""
         if gltf.fbx_available():
-            counter = int(os.path.basename(glb).rsplit("_", 2)[-2])
             with staged_file(target, "fbx") as tmp:
                 gltf.write_fbx_with_blender(glb, tmp)
-                fbx_rel = _relative_output(publish(tmp, target, "fbx", counter=counter))
+                fbx_rel = _relative_output(publish(tmp, target, "fbx", counter=counter_of(glb, target)))
         bar.update(1)
         log.info("MIA rig: %d joints, %d vertices in %.2fs (%s)", len(result.joint_indices), len(result.vertices),
                  time.perf_counter() - start, ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
