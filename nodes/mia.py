@@ -113,7 +113,6 @@ class MIALoadModel:
         start = time.perf_counter()
         nets = {}
         for name in eager:
-            check_interrupt()
             nets[name] = load_network(paths[name], name, dtype=dtype, device=device, attn_backend=backend)
             bar.update(1)
         # Only use_normal rigs need bw_normal: vet its file now, load it on first use.
