@@ -227,5 +227,5 @@ class SlipstreamLoadMesh:
         root = os.path.abspath(input_dir())
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:
-            raise ValueError(f"'{mesh_file}' points outside the input folder.")
+            raise ValueError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
         return (load_mesh(path),)

@@ -354,7 +354,8 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
     if len(mesh.faces) == 0:
         raise ValueError("The mesh has no faces; MIA needs a surface to sample (point clouds are not supported).")
     if not np.isfinite(mesh.vertices).all():
-        raise ValueError("The mesh has non-finite vertex coordinates (NaN or inf).")
+        raise ValueError("The mesh has non-finite vertex coordinates (NaN or inf): delete or fix those vertices in a "
+                         "3D editor, or re-export the mesh, and try again.")
     timer = _Timer(on_stage)
     interrupt = check_interrupt or (lambda: None)
     rng = np.random.default_rng(seed)
