@@ -16,7 +16,7 @@ Interface (both implementations provide each name):
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
   vram_info(device=None) -> (free, total) | None
   soft_empty_cache()
-Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...).
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 
 from . import paths
-from .paths import ModelNotFoundError, SaveTarget, publish, staged_file  # noqa: F401  (public API)
+from .paths import ModelNotFoundError, SaveTarget, counter_of, publish, staged_file  # noqa: F401  (public API)
 
 
 def _running_inside_comfyui() -> bool:
