@@ -77,3 +77,7 @@ model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
+
+# Anima family (context tokens)
+load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device
+bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwen25_tokenizer/, t5_tokenizer/]

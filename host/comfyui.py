@@ -149,3 +149,16 @@ def loaded_models_summary():
 
 def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
+
+
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    mm.load_models_gpu([patcher], force_full_load=True)
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """Folders where this ComfyUI keeps its tokenizer files (qwen25_tokenizer/, t5_tokenizer/, ...)."""
+    return [os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "text_encoders")]

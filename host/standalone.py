@@ -199,3 +199,16 @@ def loaded_models_summary():
 
 def memory_flags() -> dict[str, str]:
     return {"host": "standalone"}
+
+
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    patcher.load()
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """No tokenizer files ship outside ComfyUI; loaders look beside the model files instead."""
+    return []
