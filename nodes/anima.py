@@ -163,7 +163,7 @@ def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _info(ctx: ReferenceContext, initial: torch.Tensor, settings: TrainSettings, device, seconds: float,
-          first: float, last: float) -> str:
+          first: float, last: float, eval_before: float) -> str:
     window = max(1, len(ctx.loss_history) // 10)
     sizes = ", ".join(f"{w}×{h}" for h, w in ctx.image_sizes)
     return "\n".join([
@@ -174,6 +174,7 @@ def _info(ctx: ReferenceContext, initial: torch.Tensor, settings: TrainSettings,
         f"token norm before: {token_norm_summary(initial)}",
         f"token norm after:  {token_norm_summary(ctx.tokens)}",
         f"loss first/last (mean of {window} step{'s' if window > 1 else ''}): {first:.4f} -> {last:.4f}",
+        f"loss on {settings.eval_draws} fixed noise draws, before/after: {eval_before:.4f} -> {ctx.final_loss:.4f}",
         f"time: {seconds:.1f} s ({1000 * seconds / max(ctx.steps, 1):.0f} ms/step)",
     ])
 
@@ -188,12 +189,16 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
     for name, batch in images:
         parts = refs.split_images(batch, name)
         pictures += [(f"{name}[{i}]" if len(parts) > 1 else name, img) for i, img in enumerate(parts)]
-    pixel_masks: list[torch.Tensor | None] = [None] * len(pictures)
+    pixel_masks: list[tuple[str, torch.Tensor] | None] = [None] * len(pictures)
     if masks is not None:
         pixel_masks = []
         for (_, batch), (mask_name, mask) in zip(images, masks, strict=True):
             count = batch.shape[0]
-            pixel_masks += [None] * count if mask is None else refs.split_masks(mask, mask_name, count)
+            if mask is None:
+                pixel_masks += [None] * count
+                continue
+            parts = refs.split_masks(mask, mask_name, count)
+            pixel_masks += [(f"{mask_name}[{i}]" if count > 1 else mask_name, m) for i, m in enumerate(parts)]
     dm = _diffusion_model(model)
     load_model_fully(model)
     device = torch.device(model.load_device)
@@ -209,8 +214,9 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
         if pmask is None:
             weights.append(None)
         else:
-            fmask = refs.fit_mask(pmask, tuple(img.shape[:2]), training_image_size, f"the mask of {name}")
-            weights.append(refs.latent_weight(fmask, tuple(latent.shape[-2:]), f"the mask of {name}"))
+            mask_name, mask = pmask
+            fmask = refs.fit_mask(mask, tuple(img.shape[:2]), training_image_size, mask_name)
+            weights.append(refs.latent_weight(fmask, tuple(latent.shape[-2:]), mask_name))
         check_interrupt()
 
     sampling = model.get_model_object("model_sampling")
@@ -232,9 +238,10 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
         soft_empty_cache()
     first, last = result.window_mean(True), result.window_mean(False)
     ctx = ReferenceContext(tokens=result.tokens, steps=settings.steps, learning_rate=settings.learning_rate,
-                           final_loss=last, reference_count=len(latents), training_prompt=training_prompt,
+                           final_loss=result.eval_after, reference_count=len(latents), training_prompt=training_prompt,
                            image_sizes=tuple(sizes), loss_history=result.losses)
-    info = _info(ctx, result.initial_tokens, settings, device, time.perf_counter() - started, first, last)
+    info = _info(ctx, result.initial_tokens, settings, device, time.perf_counter() - started, first, last,
+                 result.eval_before)
     return ctx, info
 
 

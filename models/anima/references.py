@@ -50,8 +50,8 @@ def split_masks(mask, name: str, count: int) -> list[torch.Tensor]:
 def training_hw(height: int, width: int, size: int) -> tuple[int, int]:
     """About size² pixels at the image's aspect ratio, both sides multiples of 16 (at least 16)."""
     scale = size / math.sqrt(height * width)
-    h = max(PATCH_PIXELS, int(height * scale) // PATCH_PIXELS * PATCH_PIXELS)
-    w = max(PATCH_PIXELS, int(width * scale) // PATCH_PIXELS * PATCH_PIXELS)
+    h = max(PATCH_PIXELS, round(height * scale / PATCH_PIXELS) * PATCH_PIXELS)
+    w = max(PATCH_PIXELS, round(width * scale / PATCH_PIXELS) * PATCH_PIXELS)
     return h, w
 
 

@@ -36,6 +36,7 @@ class TrainSettings:
     dtype: torch.dtype = torch.bfloat16        # compute dtype of the DiT forward; tokens stay fp32
     shift: float = 3.0                          # Anima's sampling shift (ModelSamplingDiscreteFlow)
     multiplier: float = 1.0                     # timestep = sigma * multiplier (Anima: 1.0)
+    eval_draws: int = 4                         # fixed (sigma, noise) draws scored before and after training
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class TrainResult:
     tokens: torch.Tensor                        # [num_blocks, num_tokens, context_dim], fp32, CPU
     initial_tokens: torch.Tensor
     losses: tuple[float, ...]
+    eval_before: float                          # loss on the fixed draws with the initial tokens
+    eval_after: float                           # ... and with the trained ones: the honest before/after
 
     def window_mean(self, first: bool) -> float:
         """Mean loss over the first or last tenth of the steps (single steps are noisy: random sigma)."""
@@ -93,6 +96,17 @@ def training_view(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> tuple
     return twin.requires_grad_(False), True
 
 
+def _fixed_draws(refs: Sequence[torch.Tensor], count: int, seed: int, shift: float
+                 ) -> list[tuple[int, float, torch.Tensor]]:
+    """(reference index, sigma, noise) draws from their own generator, spread over the sigma range."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) ^ 0x5EED)
+    draws = []
+    for i in range(count):
+        t = torch.tensor((i + 0.5) / count)                 # stratified t: low, middle and high noise all count
+        draws.append((i % len(refs), float(shifted_sigma(t, shift)), torch.randn(refs[i % len(refs)].shape, generator=g)))
+    return draws
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -132,8 +146,25 @@ def train_context_tokens(diffusion_model: torch.nn.Module, latents: Sequence[tor
         was_training = model.training
         model.eval()
         losses: list[float] = []
+        draws = _fixed_draws(refs, settings.eval_draws, settings.seed, settings.shift)
+
+        def evaluate() -> float:
+            if not draws:
+                return float("nan")
+            total = 0.0
+            with torch.no_grad():
+                for i, sigma, eps in draws:
+                    eps = eps.to(device)
+                    x_t = (1 - sigma) * refs[i] + sigma * eps
+                    timestep = torch.full((1,), sigma * settings.multiplier, device=device)
+                    with _autocast(device, settings.dtype):
+                        pred = model(x_t.to(settings.dtype), timestep, ctx)
+                    total += float(velocity_loss(pred, eps - refs[i], masks[i]))
+            return total / len(draws)
+
         try:
             with installed_tokens(model, tokens):
+                eval_before = evaluate()
                 for step in range(settings.steps):
                     if check_interrupt is not None:
                         check_interrupt()
@@ -162,6 +193,8 @@ def train_context_tokens(diffusion_model: torch.nn.Module, latents: Sequence[tor
                     losses.append(value)
                     if progress is not None:
                         progress(step + 1, settings.steps, value)
+                eval_after = evaluate()
         finally:
             model.train(was_training)
-        return TrainResult(tokens=tokens.detach().float().cpu().clone(), initial_tokens=initial, losses=tuple(losses))
+        return TrainResult(tokens=tokens.detach().float().cpu().clone(), initial_tokens=initial, losses=tuple(losses),
+                           eval_before=eval_before, eval_after=eval_after)
