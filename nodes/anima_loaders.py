@@ -72,13 +72,31 @@ class SlipstreamAnimaModelLoader:
         path = model_path("diffusion_models", unet_name)
         dtype = None if weight_dtype == "default" else resolve_dtype(weight_dtype)
         if HOST_NAME == "comfyui":
-            return (_comfy_adapter().load_anima_model(path, dtype),)
+            return (_comfyui_model(path, dtype),)
         from ..host.standalone_objects import ModelPatcher
         from ..models.anima.dit import AnimaDiT
         from ..models.anima.model import AnimaModel
 
         dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device())
         return (ModelPatcher(AnimaModel(dm), compute_device(), offload_device()),)
+
+
+def _comfyui_model(path: str, dtype: torch.dtype | None):
+    """ComfyUI's own Anima when it has one; else its Cosmos DiT with our adapter (see host/comfy_anima.py)."""
+    from ..models.anima.dit import STATE_DICT_PREFIXES, comfy_dit_kwargs, config_from_state_dict
+    from ..models.anima.llm_adapter import LLMAdapter, adapt_text
+    from ..models.checkpoint import CheckpointError, strip_prefix
+
+    comfy = _comfy_adapter()
+    if comfy.has_native_anima():
+        return comfy.load_native_model(path, dtype)
+    sd, _ = strip_prefix(load_state_dict(path), STATE_DICT_PREFIXES)
+    cfg = config_from_state_dict(sd)
+    if cfg.adapter is None:
+        raise CheckpointError(f"{path} has no llm_adapter.* tensors: it is a Cosmos-Predict2 model, not Anima.")
+    with torch.device("meta"):
+        adapter = LLMAdapter(cfg.adapter)
+    return comfy.build_anima_model(sd, dtype, comfy_dit_kwargs(cfg), adapter.to_empty(device="cpu"), adapt_text)
 
 
 class SlipstreamAnimaTextEncoderLoader:

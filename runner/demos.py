@@ -25,4 +25,9 @@ class DemoCase:
 def demo_cases() -> list[DemoCase]:
     """All CPU-runnable demos, imported lazily so `python -m slipstream nodes` stays fast."""
     cases: list[DemoCase] = []
+    # anima family (context tokens)
+    from ..models.anima.tiny import prepare_demo as prepare_anima
+
+    cases.append(DemoCase("anima_context", "anima_train_context_api.json", prepare_anima,
+                          "Anima: train reference context tokens from one image and save them"))
     return cases

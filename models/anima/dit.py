@@ -27,7 +27,7 @@ from torch import nn
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
 from .layers import CastLinear, RMSNorm, apply_rope, cos_sin
-from .llm_adapter import AdapterConfig, LLMAdapter, pad_context
+from .llm_adapter import AdapterConfig, LLMAdapter, adapt_text
 
 log = logging.getLogger("slipstream.anima")
 
@@ -268,10 +268,7 @@ class AnimaDiT(nn.Module):
             return text_embeds
         if not hasattr(self, "llm_adapter"):
             raise CheckpointError("This Anima model has no LLM adapter, so it cannot turn Qwen3 states into context.")
-        out = self.llm_adapter(text_embeds, text_ids)
-        if t5xxl_weights is not None:
-            out = out * t5xxl_weights.to(out)
-        return pad_context(out)
+        return adapt_text(self.llm_adapter, text_embeds, text_ids, t5xxl_weights)
 
     # -- denoiser -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, fps=None, padding_mask=None,
@@ -324,6 +321,20 @@ class AnimaDiT(nn.Module):
                        else v.to(device=device)) for k, v in sd.items()}
         model.load_state_dict(tensors, assign=True)
         return model.eval().requires_grad_(False)
+
+
+def comfy_dit_kwargs(cfg: AnimaConfig) -> dict:
+    """The constructor arguments ComfyUI's MiniTrainDIT gets for this config (as its model detection sets them)."""
+    return dict(
+        max_img_h=240, max_img_w=240, max_frames=128, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        patch_spatial=cfg.patch_spatial, patch_temporal=cfg.patch_temporal, concat_padding_mask=cfg.concat_padding_mask,
+        model_channels=cfg.model_channels, num_blocks=cfg.num_blocks, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        crossattn_emb_channels=cfg.crossattn_emb_channels, pos_emb_cls="rope3d", pos_emb_learnable=True,
+        pos_emb_interpolation="crop", min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=cfg.adaln_lora_dim,
+        rope_h_extrapolation_ratio=cfg.rope_h_extrapolation_ratio,
+        rope_w_extrapolation_ratio=cfg.rope_w_extrapolation_ratio,
+        rope_t_extrapolation_ratio=cfg.rope_t_extrapolation_ratio, extra_per_block_abs_pos_emb=False,
+        rope_enable_fps_modulation=False)
 
 
 def _pad_to_patch(x: torch.Tensor, pt: int, p: int) -> torch.Tensor:

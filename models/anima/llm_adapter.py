@@ -118,6 +118,15 @@ def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return out[:, None, None, :] if out.ndim == 2 else out
 
 
+def adapt_text(adapter: LLMAdapter, text_embeds: torch.Tensor, text_ids: torch.Tensor,
+               t5xxl_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Qwen3 states + T5 ids -> DiT context: the adapter, per-token prompt weights, zero-padding to 512."""
+    out = adapter(text_embeds, text_ids)
+    if t5xxl_weights is not None:
+        out = out * t5xxl_weights.to(out)
+    return pad_context(out)
+
+
 def pad_context(context: torch.Tensor, min_length: int = CONTEXT_MIN_LENGTH) -> torch.Tensor:
     """Zero-pad the context rows to at least `min_length` (zero rows are the attention sinks Anima expects)."""
     if context.shape[1] >= min_length:

@@ -129,3 +129,25 @@ def write_tiny_anima(models_root: Path, seed: int = 0) -> TinyAnimaFiles:
                     (1.0 + 0.1 * torch.randn(p.shape, generator=g) if "gamma" in name else torch.zeros(p.shape)))
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models_root / "vae" / files.vae))
     return files
+
+
+def write_reference_image(path: Path, size: tuple[int, int] = (384, 512)) -> None:
+    """A simple synthetic 'character' (head, hair, body) on a transparent background, as a PNG."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([w * 0.30, h * 0.40, w * 0.70, h * 0.95], fill=(70, 90, 200, 255))          # dress
+    draw.ellipse([w * 0.30, h * 0.08, w * 0.70, h * 0.42], fill=(250, 220, 200, 255))          # face
+    draw.pieslice([w * 0.25, h * 0.02, w * 0.75, h * 0.50], 180, 360, fill=(230, 120, 180, 255))  # hair
+    draw.ellipse([w * 0.40, h * 0.22, w * 0.46, h * 0.27], fill=(40, 160, 90, 255))            # eyes
+    draw.ellipse([w * 0.54, h * 0.22, w * 0.60, h * 0.27], fill=(40, 160, 90, 255))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def prepare_demo(models_root: Path, input_root: Path) -> None:
+    """Everything the Anima example workflows name: tiny models and the reference image."""
+    write_tiny_anima(Path(models_root))
+    write_reference_image(Path(input_root) / "anima_reference.png")
