@@ -60,6 +60,7 @@ class AnimaDiT(MiniTrainDIT):
     def __init__(self, adapter: torch.nn.Module, adapt_text: Callable, **kwargs):
         super().__init__(**kwargs)
         dtype = kwargs.get("dtype")
+        adapter = adapter.requires_grad_(False)
         self.llm_adapter = adapter.to(dtype=dtype) if dtype is not None else adapter
         self._adapt_text = adapt_text
 

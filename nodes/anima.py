@@ -125,7 +125,7 @@ def _text_context(model, dm: torch.nn.Module, clip, prompt: str, device: torch.d
             "Load qwen_3_06b_base with the Anima text-encoder loader (or CLIPLoader type 'anima').")
     cond = out["cond"]
     weights = out.get("t5xxl_weights")
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():   # this order: no_grad must win
         cond = cond.detach().clone().to(device)
         ids = ids.detach().clone().to(device)[None]
         weights = None if weights is None else weights.detach().clone().to(device=device, dtype=cond.dtype)[None, :, None]

@@ -91,6 +91,7 @@ def test_works_inside_inference_mode_like_comfyui(workdirs):
         (clip,) = SlipstreamAnimaTextEncoderLoader().load(files.text_encoder)
         (vae,) = SlipstreamAnimaVAELoader().load(files.vae)
         assert next(model.model.diffusion_model.parameters()).is_inference()
+        model.model.diffusion_model.requires_grad_(True)     # ComfyUI's modules keep nn.Parameter's default
         ctx, _ = AnimaFastTrainReferenceContext().train(model, clip, vae, _image(), **TRAIN)
         (patched,) = AnimaFastTrainPatchModel().patch(model, ctx, 1.0)
     assert torch.isfinite(ctx.tokens).all() and patched.object_patches

@@ -74,6 +74,13 @@ def test_base_weights_are_bit_identical_after_training(setup):
     assert [b.cross_attn.attn_op for b in dit.blocks] == ops
 
 
+def test_base_parameters_that_require_grad_get_no_gradient(setup):
+    _, latents, context = setup
+    dit = tiny_dit(seed=0, cfg=CFG, std=0.2).requires_grad_(True)
+    train_context_tokens(dit, latents, context, TrainSettings(steps=2, dtype=torch.float32), "cpu")
+    assert all(p.grad is None and p.requires_grad for p in dit.parameters())
+
+
 def test_inference_mode_weights_are_trained_on_a_private_copy(setup):
     """ComfyUI loads weights under inference mode; autograd refuses them, so the trainer copies."""
     _, latents, context = setup

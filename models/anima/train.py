@@ -144,6 +144,9 @@ def train_context_tokens(diffusion_model: torch.nn.Module, latents: Sequence[tor
         optimizer = torch.optim.Adam([tokens], lr=settings.learning_rate)
         model, _ = training_view(diffusion_model, settings.dtype)
         was_training = model.training
+        frozen = [p for p in model.parameters() if p.requires_grad]    # gradients flow to the tokens only
+        for p in frozen:
+            p.requires_grad_(False)
         model.eval()
         losses: list[float] = []
         draws = _fixed_draws(refs, settings.eval_draws, settings.seed, settings.shift)
@@ -196,5 +199,7 @@ def train_context_tokens(diffusion_model: torch.nn.Module, latents: Sequence[tor
                 eval_after = evaluate()
         finally:
             model.train(was_training)
+            for p in frozen:
+                p.requires_grad_(True)
         return TrainResult(tokens=tokens.detach().float().cpu().clone(), initial_tokens=initial, losses=tuple(losses),
                            eval_before=eval_before, eval_after=eval_after)
