@@ -5,13 +5,17 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import anima, anima_loaders, memory
+from . import anima, anima_loaders, memory, mia
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    # MIA rigging
+    ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
+    ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
+    ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
     # anima family (context tokens)
     ("AnimaFastTrainReferenceContext", anima.AnimaFastTrainReferenceContext, "AnimaFastTrain - Train Context Tokens"),
     ("AnimaFastTrainMaskedReferenceContext", anima.AnimaFastTrainMaskedReferenceContext,
