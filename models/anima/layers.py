@@ -25,6 +25,12 @@ class CastLinear(nn.Linear):
 class CastEmbedding(nn.Embedding):
     """nn.Embedding that returns rows in `out_dtype` (the dtype the caller computes in)."""
 
+    def reset_parameters(self) -> None:
+        # Built on the meta device only to be loaded from a file: skip the random fill (its first
+        # use on meta costs seconds of torch-internal imports).
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         out = F.embedding(ids, self.weight)
         return out if out_dtype is None else out.to(out_dtype)
