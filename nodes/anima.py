@@ -363,6 +363,7 @@ class SlipstreamAnimaSaveReferenceContext:
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ()
+    OUTPUT_TOOLTIPS = ()
 
     @classmethod
     def INPUT_TYPES(cls):
