@@ -62,3 +62,18 @@ def test_trainer_and_patch_on_comfyuis_own_model_objects(comfy_inprocess):
     assert "token norm before" in result["info"]
     assert result["scale0_equal"] and result["unpatched_again_equal"]
     assert result["scale1_diff"] > 1e-6
+
+
+PROMPTS = [
+    "masterpiece, best quality, 1girl, solo, long hair, looking at viewer, smile",
+    " with a leading space", "  two  spaces, tabs\tand\nnewlines.", "score_9, (blue eyes:1.2), \\(escaped\\)",
+    "A photo of a cat's toy — it's 3.5 inches wide!", "ÉlÈve naïve café 東京タワー 123456 @artist ½ ² <|endoftext|>", "",
+]
+
+
+def test_models_and_tokenizers_match_comfyuis_reference_code(comfy_inprocess):
+    result = comfy_inprocess.run(HERE / "scenarios_anima.py", "matches_comfyui_reference", {"prompts": PROMPTS})
+    assert result["dit_keys_match"]
+    assert result["dit_max_diff"] < 1e-4, result
+    assert result["qwen3_max_diff"] < 1e-4, result
+    assert result["tokenizer_mismatches"] == []
