@@ -18,6 +18,7 @@ from ..host import (
     check_interrupt,
     input_dir,
     load_model_fully,
+    offload_model_weights,
     publish,
     save_target,
     soft_empty_cache,
@@ -36,7 +37,7 @@ from ..models.anima.context_tokens import (
 )
 from ..models.anima.errors import IncompatibleModelArchitecture, TokenOptimizationFailed
 from ..models.anima.llm_adapter import pad_context
-from ..models.anima.train import TrainSettings, train_context_tokens
+from ..models.anima.train import TrainSettings, train_context_tokens, training_view
 
 CATEGORY = "Slipstream/Anima"
 CONTEXT_TYPE = "ANIMA_REFERENCE_CONTEXT"
@@ -111,23 +112,26 @@ def _diffusion_model(model) -> torch.nn.Module:
     return dm
 
 
-def _text_context(model, dm: torch.nn.Module, clip, prompt: str, device: torch.device) -> torch.Tensor:
-    """The training prompt as the DiT's context [1, >=512, C]: Qwen3 states -> LLM adapter -> weights -> pad."""
+def _encode_prompt(clip, prompt: str) -> dict:
+    """CLIP output of the training prompt: Qwen3 states plus the T5 ids (and weights) Anima's adapter needs."""
+    out = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
+    if out.get("t5xxl_ids") is None:
+        raise IncompatibleModelArchitecture(
+            f"the CLIP input ({type(clip).__name__}) is not Anima's text encoder: its output has no T5 token ids. "
+            "Load qwen_3_06b_base with the Anima text-encoder loader (or CLIPLoader type 'anima').")
+    return out
+
+
+def _text_context(dm: torch.nn.Module, encoded: dict, device: torch.device) -> torch.Tensor:
+    """The DiT's context [1, >=512, C]: Qwen3 states -> LLM adapter -> prompt weights -> zero-padding."""
     if not hasattr(dm, "preprocess_text_embeds"):
         raise IncompatibleModelArchitecture(
             f"the MODEL's diffusion model is a {type(dm).__name__} without Anima's LLM adapter "
             "(no preprocess_text_embeds). These nodes need Anima, not plain Cosmos-Predict2.")
-    out = clip.encode_from_tokens(clip.tokenize(prompt), return_dict=True)
-    ids = out.get("t5xxl_ids")
-    if ids is None:
-        raise IncompatibleModelArchitecture(
-            f"the CLIP input ({type(clip).__name__}) is not Anima's text encoder: its output has no T5 token ids. "
-            "Load qwen_3_06b_base with the Anima text-encoder loader (or CLIPLoader type 'anima').")
-    cond = out["cond"]
-    weights = out.get("t5xxl_weights")
+    weights = encoded.get("t5xxl_weights")
     with torch.inference_mode(False), torch.no_grad():   # this order: no_grad must win
-        cond = cond.detach().clone().to(device)
-        ids = ids.detach().clone().to(device)[None]
+        cond = encoded["cond"].detach().clone().to(device)
+        ids = encoded["t5xxl_ids"].detach().clone().to(device)[None]
         weights = None if weights is None else weights.detach().clone().to(device=device, dtype=cond.dtype)[None, :, None]
         try:
             ctx = dm.preprocess_text_embeds(cond, ids, t5xxl_weights=weights)
@@ -144,8 +148,8 @@ def _latent_channels(dm: torch.nn.Module) -> int | None:
     return channels
 
 
-def _encode_reference(model, dm, vae, image: torch.Tensor, name: str) -> torch.Tensor:
-    """One fitted image [1, h, w, 3] -> normalised latent [1, C, 1, h/8, w/8] (encoded alone)."""
+def _encode_reference(dm, vae, image: torch.Tensor, name: str) -> torch.Tensor:
+    """One fitted image [1, h, w, 3] -> raw latent [1, C, 1, h/8, w/8], encoded alone."""
     latent = vae.encode(image)
     if latent.ndim == 4:
         latent = latent[:, :, None]
@@ -154,7 +158,7 @@ def _encode_reference(model, dm, vae, image: torch.Tensor, name: str) -> torch.T
         raise IncompatibleModelArchitecture(
             f"the VAE turned {name} into a latent of shape {tuple(latent.shape)}, but Anima needs {want}-channel "
             "Wan 2.1 latents. Use Anima's VAE (qwen_image_vae.safetensors / Wan 2.1 VAE).")
-    return model.model.process_latent_in(latent[:, :, :1])
+    return latent[:, :, :1]
 
 
 def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -200,17 +204,14 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
             parts = refs.split_masks(mask, mask_name, count)
             pixel_masks += [(f"{mask_name}[{i}]" if count > 1 else mask_name, m) for i, m in enumerate(parts)]
     dm = _diffusion_model(model)
-    load_model_fully(model)
-    device = torch.device(model.load_device)
-    dtype = _compute_dtype(training_dtype, device)
-    context = _text_context(model, dm, clip, training_prompt, device)
-
-    latents, weights, sizes = [], [], []
+    # Text encoder and VAE first: loading them may push the DiT out of VRAM, so it is loaded last.
+    encoded = _encode_prompt(clip, training_prompt)
+    raw_latents, weights, sizes = [], [], []
     for (name, img), pmask in zip(pictures, pixel_masks, strict=True):
         fitted = refs.fit_image(img, training_image_size)
         sizes.append((fitted.shape[1], fitted.shape[2]))
-        latent = _encode_reference(model, dm, vae, fitted, name)
-        latents.append(latent)
+        latent = _encode_reference(dm, vae, fitted, name)
+        raw_latents.append(latent)
         if pmask is None:
             weights.append(None)
         else:
@@ -219,6 +220,15 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
             weights.append(refs.latent_weight(fmask, tuple(latent.shape[-2:]), mask_name))
         check_interrupt()
 
+    load_model_fully(model)
+    device = torch.device(model.load_device)
+    dtype = _compute_dtype(training_dtype, device)
+    context = _text_context(dm, encoded, device)
+    latents = [model.model.process_latent_in(z) for z in raw_latents]
+    trainee, copied = training_view(dm, dtype)
+    if copied:            # training reads only the private copy: give the original's memory back meanwhile
+        offload_model_weights(model)
+
     sampling = model.get_model_object("model_sampling")
     settings = TrainSettings(steps=int(training_steps), learning_rate=float(learning_rate), num_tokens=int(num_tokens),
                              init_std=float(init_std), seed=int(seed), dtype=dtype,
@@ -226,7 +236,7 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
                              multiplier=float(getattr(sampling, "multiplier", 1.0)))
     bar = ProgressBar(settings.steps)
     try:
-        result = train_context_tokens(dm, latents, context, settings, device, weights,
+        result = train_context_tokens(trainee, latents, context, settings, device, weights,
                                       progress=lambda done, total, loss: bar.update_absolute(done),
                                       check_interrupt=check_interrupt)
     except torch.OutOfMemoryError as exc:
@@ -235,6 +245,7 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
             "or use bf16.") from exc
     finally:
         bar.close()
+        del trainee
         soft_empty_cache()
     first, last = result.window_mean(True), result.window_mean(False)
     ctx = ReferenceContext(tokens=result.tokens, steps=settings.steps, learning_rate=settings.learning_rate,
