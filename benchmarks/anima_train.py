@@ -76,10 +76,13 @@ def measure(name: str, device: str, precision: str, size: int, steps: int, token
     dev = torch.device(device)
     dtype = resolve_dtype(precision, dev)
     cfg = CONFIGS[name]
+    # Random weights can drive activations and gradients into subnormal floats, which the CPU
+    # handles 10-20x slower than a trained model's values; flush them so the timing is the real work.
+    torch.set_flush_denormal(True)
     torch.manual_seed(0)
     with torch.device(dev):
         dit = AnimaDiT(cfg)
-    randomize(dit, 0, std=0.02).to(dtype).eval().requires_grad_(False)
+    randomize(dit, 0, std=cfg.model_channels ** -0.5).to(dtype).eval().requires_grad_(False)
     latent = torch.randn(1, cfg.in_channels, 1, size // 8, size // 8, device=dev)
     context = torch.randn(1, 512, cfg.crossattn_emb_channels, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -88,14 +91,18 @@ def measure(name: str, device: str, precision: str, size: int, steps: int, token
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             dit(latent.to(dtype), torch.tensor([0.5], device=dev), context.to(dtype))
 
+    forward_times: list[float] = []
+
+    def time_forwards() -> None:
+        for _ in range(steps):
+            sync()
+            t0 = time.perf_counter()
+            forward()
+            sync()
+            forward_times.append(time.perf_counter() - t0)
+
     forward()                                                                               # warm-up
-    forward_times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        forward()
-        sync()
-        forward_times.append(time.perf_counter() - t0)
+    time_forwards()
 
     settings = TrainSettings(steps=1, learning_rate=5e-3, num_tokens=tokens, dtype=dtype, eval_draws=0)
     train_context_tokens(dit, [latent], context, settings, dev)                              # warm-up
@@ -115,6 +122,7 @@ def measure(name: str, device: str, precision: str, size: int, steps: int, token
     with RssPeak() as rss:
         train_context_tokens(dit, [latent], context, replace(settings, steps=steps), dev, progress=mark)
     step_times = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    time_forwards()               # forwards before and after the training steps share their conditions
     # Medians: this machine is shared, and a median ignores the steps another process slowed down.
     forward_ms, step_ms = 1000 * statistics.median(forward_times), 1000 * statistics.median(step_times)
     if dev.type == "cuda":

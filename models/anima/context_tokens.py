@@ -113,6 +113,7 @@ class ReferenceAttnOp:
         self.injections = tuple(injections)
         self.original = original
         self.differentiable = differentiable   # training: never hand off to a backend without autograd
+        self._device_tokens: dict[tuple, torch.Tensor] = {}   # sampling: tokens already on q's device/dtype
 
     def __call__(self, q, k, v, transformer_options: Mapping[str, Any] | None = None, **extra):
         transformer_options = transformer_options if transformer_options is not None else {}
@@ -154,7 +155,12 @@ class ReferenceAttnOp:
     def _project(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens' keys and values through this block's frozen projections: [K, H, D] each."""
         attn = self.cross_attn
-        tokens = torch.cat([inj.tokens for inj in self.injections], dim=0).to(device=q.device, dtype=q.dtype)
+        key = (q.device, q.dtype)
+        tokens = None if self.differentiable else self._device_tokens.get(key)
+        if tokens is None:
+            tokens = torch.cat([inj.tokens for inj in self.injections], dim=0).to(device=q.device, dtype=q.dtype)
+            if not self.differentiable:       # trained tokens are fixed while sampling: copy them once
+                self._device_tokens[key] = tokens
         heads, head_dim = q.shape[2], q.shape[3]
         tk = attn.k_norm(attn.k_proj(tokens).view(-1, heads, head_dim))
         tv = attn.v_proj(tokens).view(-1, heads, head_dim)
