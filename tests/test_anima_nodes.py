@@ -32,6 +32,14 @@ TRAIN = dict(training_prompt="a (girl:1.2) with long hair", seed=3, training_ste
              training_image_size=64, num_tokens=4, init_std=0.02, training_dtype="fp32")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def flush_denormals():
+    """Random tiny weights drift into subnormal floats, which the CPU runs 10-100x slower; flush them here."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def anima(workdirs):
     files = write_tiny_anima(workdirs["models"])

@@ -20,6 +20,14 @@ CFG = tiny_config(model_channels=32, num_blocks=2, num_heads=2, context_dim=16, 
 SETTINGS = TrainSettings(steps=20, learning_rate=0.05, num_tokens=8, dtype=torch.float32, seed=11)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def flush_denormals():
+    """Random tiny weights drift into subnormal floats, which the CPU runs 10-100x slower; flush them here."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def setup():
     dit = tiny_dit(seed=0, cfg=CFG, std=0.2)
