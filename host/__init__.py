@@ -72,11 +72,17 @@ def ui_file(path: str, target: SaveTarget) -> dict[str, str]:
     """The {filename, subfolder, type} entry ComfyUI's frontend uses to fetch a saved file via /view."""
     return {"filename": os.path.basename(path), "subfolder": target.subfolder, "type": target.folder_type}
 
+
 # memory family (CLIP-to-DRAM offload): see host/memory.py and host/comfy_memory.py
 model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
+
+
+# video family (Video Combine): see host/comfy_video.py
+metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
+video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
 
 # Anima family (context tokens)
 load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device

@@ -151,6 +151,23 @@ def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
 
 
+# ---------------------------------------------------------------- video family (Video Combine)
+
+
+def metadata_disabled() -> bool:
+    """True when ComfyUI runs with --disable-metadata: outputs carry no prompt/workflow."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_metadata", False))
+
+
+def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: int, frames=None):
+    """Core VIDEO for a saved file (see host/comfy_video.py); None on ComfyUI builds without VIDEO."""
+    from . import comfy_video
+
+    return comfy_video.video_value(path, frame_rate, frames)
+
+
 # ---------------------------------------------------------------- Anima family (context tokens)
 
 

@@ -5,7 +5,7 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import anima, anima_loaders, memory, mia
+from . import anima, anima_loaders, memory, mia, video
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
@@ -16,6 +16,8 @@ NODES: list[tuple[str, type, str]] = [
     ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
     ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
     ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
+    # video family
+    ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
     # anima family (context tokens)
     ("AnimaFastTrainReferenceContext", anima.AnimaFastTrainReferenceContext, "AnimaFastTrain - Train Context Tokens"),
     ("AnimaFastTrainMaskedReferenceContext", anima.AnimaFastTrainMaskedReferenceContext,
