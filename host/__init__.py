@@ -83,3 +83,7 @@ memory_flags = _impl.memory_flags                    # () -> dict[str, str]
 # video family (Video Combine): see host/comfy_video.py
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
 video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
+
+# Anima family (context tokens)
+load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device
+bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwen25_tokenizer/, t5_tokenizer/]
