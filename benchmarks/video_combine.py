@@ -18,31 +18,15 @@ Run under the shared lock so heavy jobs do not overlap:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import MIB, import_package, peak_rss_bytes, print_table, run_child
+
 FORMATS = {"gif": "image/gif", "mp4": "video/h264-mp4", "webm": "video/vp9-webm"}
-MIB = 1024 * 1024
-
-
-def _import_pack():
-    """The repository as the package `slipstream` (installed or not), as ComfyUI and the tests import it."""
-    if "slipstream" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("slipstream", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["slipstream"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["slipstream"]
 
 
 def make_frames(n: int, height: int, width: int):
@@ -72,7 +56,7 @@ def _to_uint8(frame):
 
 
 def run_ours(frames, fmt: str, out: str, frame_rate: float) -> None:
-    _import_pack()
+    import_package()
     from slipstream.models.video.encode import EncodeSettings, encode_frames
 
     encode_frames(frames, EncodeSettings(FORMATS[fmt], frame_rate), out)
@@ -137,7 +121,7 @@ def child(impl: str, fmt: str, n: int, height: int, width: int, frame_rate: floa
 
     frames = make_frames(n, height, width)
     if impl == "ours":
-        _import_pack()
+        import_package()
         from slipstream.models.video.ffmpeg import find_ffmpeg
 
         find_ffmpeg()   # probed once per process (ComfyUI does it when listing nodes); not part of the encode
@@ -149,7 +133,7 @@ def child(impl: str, fmt: str, n: int, height: int, width: int, frame_rate: floa
             (run_ours if impl == "ours" else run_baseline)(frames, fmt, out, frame_rate)
             seconds = time.perf_counter() - start
         size = os.path.getsize(out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     ffmpeg_peak = ffmpeg_rss.peak
     return {"impl": impl, "format": fmt, "frames": n, "seconds": seconds, "fps": n / seconds,
             "input_mib": frames.numel() * 4 / MIB, "peak_mib": peak / MIB, "growth_mib": (peak - rss_input) / MIB,
@@ -157,12 +141,8 @@ def child(impl: str, fmt: str, n: int, height: int, width: int, frame_rate: floa
 
 
 def measure(impl: str, fmt: str, n: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, fmt, str(n), "--height", str(args.height),
-           "--width", str(args.width), "--frame-rate", str(args.frame_rate)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{impl} {fmt} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", impl, fmt, str(n), "--height", str(args.height), "--width", str(args.width),
+                     "--frame-rate", str(args.frame_rate))
 
 
 def main() -> None:
@@ -180,34 +160,30 @@ def main() -> None:
         print(json.dumps(child(impl, fmt, int(n), args.height, args.width, args.frame_rate)))
         return
 
-    _import_pack()
+    import_package()
     from slipstream.models.video.ffmpeg import find_ffmpeg
 
     print(f"Video Combine benchmark: {args.frames} frames of {args.width}×{args.height} (W×H), float32 input "
           f"{args.frames * args.height * args.width * 12 / MIB:.0f} MiB, {args.frame_rate:g} fps, "
           f"{os.cpu_count()} CPU cores")
     print(f"ffmpeg: {find_ffmpeg().describe()}")
-    header = f"{'format':6} {'run':14} {'frames':>6} {'s':>6} {'frames/s':>8} {'py peak MiB':>11} " \
-             f"{'py +MiB':>8} {'ffmpeg MiB':>10} {'file MiB':>8}"
-    print(header)
-    print("-" * len(header))
-    ratios = []
+    rows, ratios = [], []
     for fmt in args.formats.split(","):
         runs = [("ours", measure("ours", fmt, args.frames, args)),
                 ("baseline", measure("baseline", fmt, args.frames, args))]
         if args.scale:
             runs.append((f"ours ×{args.scale} frames", measure("ours", fmt, args.frames * args.scale, args)))
-        for label, r in runs:
-            print(f"{fmt:6} {label:14} {r['frames']:6d} {r['seconds']:6.2f} {r['fps']:8.1f} {r['peak_mib']:11.0f} "
-                  f"{r['growth_mib']:8.0f} {r['ffmpeg_peak_mib']:10.0f} {r['file_mib']:8.2f}")
+        rows += [(fmt, label, r["frames"], r["seconds"], r["fps"], r["peak_mib"], r["growth_mib"],
+                  r["ffmpeg_peak_mib"], r["file_mib"]) for label, r in runs]
         ours, base = runs[0][1], runs[1][1]
         scaled = runs[2][1]["growth_mib"] if args.scale else float("nan")
         ratios.append(f"{fmt:6} speed ours/baseline {ours['fps'] / base['fps']:5.2f}×   Python memory added: "
                       f"ours {ours['growth_mib']:.0f} MiB ({scaled:.0f} MiB at ×{args.scale} frames), "
                       f"baseline {base['growth_mib']:.0f} MiB")
+    print_table(["format", "run", "frames", "s", "frames/s", "py peak MiB", "py +MiB", "ffmpeg MiB", "file MiB"],
+                rows, ["", "", "d", ".2f", ".1f", ".0f", ".0f", ".0f", ".2f"])
     print()
     print("\n".join(ratios))
-
 
 if __name__ == "__main__":
     main()

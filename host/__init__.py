@@ -16,7 +16,7 @@ Interface (both implementations provide each name):
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
   vram_info(device=None) -> (free, total) | None
   soft_empty_cache()
-Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...).
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 
 from . import paths
-from .paths import ModelNotFoundError, SaveTarget, publish, staged_file  # noqa: F401  (public API)
+from .paths import ModelNotFoundError, SaveTarget, counter_of, publish, staged_file  # noqa: F401  (public API)
 
 
 def _running_inside_comfyui() -> bool:
@@ -84,6 +84,9 @@ memory_flags = _impl.memory_flags                    # () -> dict[str, str]
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
 video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
 
+# Anima family (context tokens)
+load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device
+bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwen25_tokenizer/, t5_tokenizer/]
 
 # Wan family: make room on a device for weights the host's model manager does not track
 make_room = _impl.make_room                          # (nbytes, device) -> None

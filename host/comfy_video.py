@@ -3,7 +3,8 @@
 A saved mp4/webm becomes `VideoFromFile(path)`: core nodes (SaveVideo, GetVideoComponents, ...)
 then read the very file the user sees, audio and metadata included. Animated WebP cannot be decoded
 by the PyAV build ComfyUI uses, and core SaveVideo cannot copy a GIF stream into mp4, so those two
-become `VideoFromComponents` over the frames as written (the caller passes them lazily). ComfyUI builds without `comfy_api`'s video types (before VIDEO existed) get None.
+become `VideoFromComponents` over the frames as written (the caller passes them lazily). ComfyUI
+builds without `comfy_api`'s video types (before VIDEO existed) get None.
 """
 
 from __future__ import annotations

@@ -168,6 +168,19 @@ def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: 
     return comfy_video.video_value(path, frame_rate, frames)
 
 
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    mm.load_models_gpu([patcher], force_full_load=True)
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """Folders where this ComfyUI keeps its tokenizer files (qwen25_tokenizer/, t5_tokenizer/, ...)."""
+    return [os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "text_encoders")]
+
+
 # ---------------------------------------------------------------- Wan family (models ComfyUI does not manage)
 
 

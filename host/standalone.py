@@ -252,6 +252,19 @@ def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: 
     return SavedVideo(path, Fraction(frame_rate), width, height, frame_count)
 
 
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    patcher.load()
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """No tokenizer files ship outside ComfyUI; loaders look beside the model files instead."""
+    return []
+
+
 # ---------------------------------------------------------------- Wan family (models ComfyUI does not manage)
 
 

@@ -5,7 +5,7 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, mia, video, wan, wan_encoders
+from . import anima, anima_loaders, memory, mia, video, wan, wan_encoders
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
@@ -18,6 +18,17 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
     # video family
     ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
+    # anima family (context tokens)
+    ("AnimaFastTrainReferenceContext", anima.AnimaFastTrainReferenceContext, "AnimaFastTrain - Train Context Tokens"),
+    ("AnimaFastTrainMaskedReferenceContext", anima.AnimaFastTrainMaskedReferenceContext,
+     "AnimaFastTrain - MaskTrain Context Tokens"),
+    ("AnimaFastTrainPatchModel", anima.AnimaFastTrainPatchModel, "AnimaFastTrain - Patch Model"),
+    ("SlipstreamAnimaSaveReferenceContext", anima.SlipstreamAnimaSaveReferenceContext, "Save Anima Reference Context"),
+    ("SlipstreamAnimaLoadReferenceContext", anima.SlipstreamAnimaLoadReferenceContext, "Load Anima Reference Context"),
+    ("SlipstreamAnimaModelLoader", anima_loaders.SlipstreamAnimaModelLoader, "Load Anima Model"),
+    ("SlipstreamAnimaTextEncoderLoader", anima_loaders.SlipstreamAnimaTextEncoderLoader, "Load Anima Text Encoder"),
+    ("SlipstreamAnimaVAELoader", anima_loaders.SlipstreamAnimaVAELoader, "Load Anima VAE"),
+    ("SlipstreamLoadReferenceImage", anima_loaders.SlipstreamLoadReferenceImage, "Load Reference Image"),
     # wan family (Wan 2.1 video)
     ("SlipstreamWanModelLoader", wan.WanModelLoader, "Wan Model Loader"),
     ("SlipstreamWanBlockSwap", wan.WanBlockSwap, "Wan Block Swap"),

@@ -18,6 +18,7 @@ import torch
 from ..host import (
     ProgressBar,
     check_interrupt,
+    counter_of,
     metadata_disabled,
     publish,
     save_target,
@@ -65,12 +66,6 @@ def _format_choices() -> tuple[list[str], str]:
             tip += " Not listed: " + "; ".join(missing.values()) + f". Set {ENV_VAR} to a fuller ffmpeg build."
             _log_missing(tuple(missing.values()))
     return names, tip
-
-
-def _counter_of(path: str, stem: str) -> int | None:
-    """The NNNNN of '<stem>_NNNNN_.ext', so the PNG can share the video's number."""
-    digits = os.path.basename(path)[len(stem) + 1: len(stem) + 6]
-    return int(digits) if digits.isdigit() else None
 
 
 class SlipstreamVideoCombine:
@@ -174,7 +169,7 @@ class SlipstreamVideoCombine:
             video_path = publish(staged_video, target, fmt.extension)
             files = [video_path]
             if staged_png is not None:
-                files.insert(0, publish(staged_png, target, "png", _counter_of(video_path, target.stem)))
+                files.insert(0, publish(staged_png, target, "png", counter_of(video_path, target)))
         for note in result.notes:
             log.warning("Video Combine (%s): %s", os.path.basename(video_path), note)
 
@@ -182,8 +177,7 @@ class SlipstreamVideoCombine:
             order = list(frame_order(images.shape[0], pingpong))
             return images if len(order) == images.shape[0] else images[torch.tensor(order)]
 
-        video = video_value(video_path, frame_rate=result.frame_rate, width=result.width,
-                                 height=result.height, frame_count=result.frame_count,
-                                 frames=None if fmt.video_from_file else frames_as_written)
+        video = video_value(video_path, frame_rate=result.frame_rate, width=result.width, height=result.height,
+                            frame_count=result.frame_count, frames=None if fmt.video_from_file else frames_as_written)
         ui = {"images": [ui_file(video_path, target)], "animated": (True,)}
         return {"ui": ui, "result": (files, video)}

@@ -65,6 +65,22 @@ def test_check_frames_counts_out_of_range_frames():
     assert (check.count, check.height, check.width, check.channels, check.out_of_range_frames) == (5, 4, 4, 3, 2)
 
 
+def test_check_frames_stops_on_interrupt():
+    class Stopped(Exception):
+        pass
+
+    seen = []
+
+    def interrupt_at_third_frame():
+        seen.append(1)
+        if len(seen) == 3:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        check_frames(torch.rand(6, 4, 4, 3), interrupt_at_third_frame)
+    assert len(seen) == 3
+
+
 def test_converter_rounds_like_comfyui_and_clamps():
     x = torch.rand(1, 5, 7, 3) * 1.4 - 0.2
     conv = FrameConverter(5, 7, 3, keep_alpha=False, pad_to_even=False)

@@ -120,7 +120,7 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
     if problem is not None:
         raise ValueError(problem)
     assert encoder is not None
-    check = check_frames(images)
+    check = check_frames(images, check_interrupt)
 
     pix_fmt = fmt.resolve_pix_fmt(settings.pix_fmt, check.has_alpha)
     converter = FrameConverter(check.height, check.width, check.channels, keep_alpha=fmt.keeps_alpha(pix_fmt),

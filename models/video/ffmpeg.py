@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .formats import available_formats
@@ -55,28 +56,24 @@ def _run(path: str, *args: str) -> str:
     return done.stdout.decode("utf-8", "replace")
 
 
-def _parse_encoders(text: str) -> frozenset[str]:
-    names = set()
+def _listed_names(text: str, is_rule: Callable[[str], bool], line: re.Pattern) -> Iterator[str]:
+    """The first field of each entry in an `ffmpeg -encoders`/`-muxers` listing (entries follow a rule line)."""
     started = False
-    for line in text.splitlines():
-        if line.strip().startswith("------"):
+    for row in text.splitlines():
+        if is_rule(row.strip()):
             started = True
-            continue
-        if started and (m := _ENCODER_LINE.match(line)):
-            names.add(m.group(1))
-    return frozenset(names)
+        elif started and (m := line.match(row)):
+            yield m.group(1)
+
+
+def _parse_encoders(text: str) -> frozenset[str]:
+    return frozenset(_listed_names(text, lambda row: row.startswith("------"), _ENCODER_LINE))
 
 
 def _parse_muxers(text: str) -> frozenset[str]:
-    names = set()
-    started = False
-    for line in text.splitlines():
-        if line.strip() == "---":
-            started = True
-            continue
-        if started and (m := _MUXER_LINE.match(line)):
-            names.update(m.group(1).split(","))
-    return frozenset(names)
+    # A muxer entry may name several formats at once ("mov,mp4,m4a,...").
+    return frozenset(name for names in _listed_names(text, lambda row: row == "---", _MUXER_LINE)
+                     for name in names.split(","))
 
 
 @functools.lru_cache(maxsize=16)

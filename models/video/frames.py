@@ -6,7 +6,7 @@ with buffers allocated once, so encoding 10 000 frames costs the same extra memo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +39,11 @@ def _as_float_cpu(frame: torch.Tensor) -> torch.Tensor:
     return frame
 
 
-def check_frames(images: torch.Tensor) -> FrameCheck:
-    """Refuse what cannot be encoded (no frames, wrong shape, NaN) before ffmpeg starts."""
+def check_frames(images: torch.Tensor, check_interrupt: Callable[[], None] | None = None) -> FrameCheck:
+    """Refuse what cannot be encoded (no frames, wrong shape, NaN) before ffmpeg starts.
+
+    The pass reads every frame (thousands of HD frames take seconds), so it stops on an interrupt.
+    """
     if not isinstance(images, torch.Tensor):
         raise FrameError(f"images must be an IMAGE tensor [frames, height, width, channels], got {type(images).__name__}")
     if images.ndim == 3:
@@ -61,6 +64,8 @@ def check_frames(images: torch.Tensor) -> FrameCheck:
         raise FrameError(f"images has dtype {images.dtype}; IMAGE values are floats in 0..1.")
     out_of_range = 0
     for index in range(count):
+        if check_interrupt is not None:
+            check_interrupt()
         low, high = torch.aminmax(_as_float_cpu(images[index]))
         low_v, high_v = float(low), float(high)
         if low_v != low_v or high_v != high_v:  # NaN propagates through min/max
