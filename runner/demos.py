@@ -49,4 +49,6 @@ def demo_cases() -> list[DemoCase]:
 
     cases.append(DemoCase("wan_t2v", "wan_t2v_api.json", prepare_wan,
                           "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
+    cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
+                          "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
     return cases
