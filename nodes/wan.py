@@ -235,12 +235,15 @@ class WanContextOptions:
 # ---------------------------------------------------------------------------------- model loader
 
 
-def _weight_dtype(quantization: str, device: torch.device) -> torch.dtype | None:
+# Linear layers outside the transformer blocks stay float under int8 (as in the INT8 loader's Wan rules).
+INT8_KEEP_FLOAT = ("text_embedding", "time_embedding", "time_projection", "head", "img_emb")
+
+
+def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     if quantization == "disabled":
         return None
     if quantization == "int8_w8a8":
-        raise UnsupportedDtypeError("int8_w8a8 needs kernels/int8.py, which this build does not include yet; "
-                                    "choose fp8_e4m3fn or disabled.")
+        return dtype  # load float (fp8 files are dequantized), then quantize the block Linears to int8
     if quantization.endswith("_fast") and not supports_fp8_matmul(device_capability(device)):
         raise UnsupportedDtypeError(
             f"{quantization} needs fp8 matrix multiply, which only Ada (RTX 40xx, compute capability 8.9) and "
@@ -290,7 +293,7 @@ class WanModelLoader:
         path = model_path("diffusion_models", model)
         device = compute_device()
         dtype = resolve_dtype(base_precision, device)
-        weight_dtype = _weight_dtype(quantization, device)
+        weight_dtype = _weight_dtype(quantization, device, dtype)
         resident = device if load_device == "main_device" else offload_device()
         swap = block_swap_args
         swapping = swap is not None and (swap.blocks_to_swap > 0 or swap.offload_txt_emb or swap.offload_img_emb)
@@ -299,6 +302,8 @@ class WanModelLoader:
                                attention_backend=attention_mode)
         if lora:
             _merge_loras(dit, lora)
+        if quantization == "int8_w8a8":
+            _quantize_int8(dit, device)
         host_blocks = None
         if swapping:
             _log_swap_plan(dit, swap, device)
@@ -323,6 +328,22 @@ def _merge_loras(dit: WanDiT, chain) -> None:
     for entry in chain:
         report = merge_lora(dit, load_state_dict(model_path("loras", entry.name)), entry.strength)
         log.info("Wan: %s (%s at %g)", report.summary(), entry.name, entry.strength)
+
+
+def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
+    """W8A8 for the block Linears through kernels/int8.py, the same path as the INT8 model loader."""
+    try:
+        from ..kernels.quant_layer import ExclusionRules, QuantPlan, convert_linears
+        from .quant import ROTATE_ON_THE_FLY
+    except ImportError as exc:
+        raise UnsupportedDtypeError("int8_w8a8 needs kernels/int8.py, which this build does not include yet; "
+                                    "choose fp8_e4m3fn or disabled.") from exc
+    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=ExclusionRules.of(INT8_KEEP_FLOAT),
+                     work_device=device if device.type == "cuda" else None)
+    bar = ProgressBar(1)
+    report = convert_linears(dit, plan, on_layer=lambda done, total: bar.update_absolute(done, total))
+    bar.close()
+    log.info("Wan: %s", report.summary())
 
 
 def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> None:

@@ -160,3 +160,52 @@ def test_every_wan_node_has_a_help_page():
         assert page.exists(), node_id
         text = page.read_text(encoding="utf-8")
         assert "## Inputs" in text and "## Outputs" in text and "## Errors" in text
+
+
+HAS_LORA = importlib.util.find_spec("slipstream.models.wan.lora") is not None
+HAS_INT8 = importlib.util.find_spec("slipstream.kernels.quant_layer") is not None
+
+
+def _write_lora(path, rank=4, seed=0):
+    """A LoRA in ComfyUI/diffusion-pipe naming on the tiny T2V model's q and ffn.0 of block 0."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module, (out_f, in_f) in {"blocks.0.self_attn.q": (256, 256), "blocks.0.ffn.0": (512, 256)}.items():
+        sd[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(rank, in_f, generator=g)
+        sd[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(out_f, rank, generator=g)
+        sd[f"diffusion_model.{module}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+
+
+@pytest.mark.skipif(not HAS_LORA, reason="models/wan/lora.py is not in this build yet")
+def test_lora_chain_merges_at_load(wan_dirs):
+    _write_lora(wan_dirs / "models" / "loras" / "tiny_lora.safetensors")
+    (plain,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "disabled", "main_device")
+    (chain,) = _node("SlipstreamWanLoraSelect")("tiny_lora.safetensors", 0.5)
+    (chain,) = _node("SlipstreamWanLoraSelect")("tiny_lora.safetensors", 0.25, prev_lora=chain)
+    assert [e.strength for e in chain] == [0.5, 0.25]
+    (patched,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "disabled", "main_device", lora=chain)
+    delta = patched.dit.blocks[0].self_attn.q.weight - plain.dit.blocks[0].self_attn.q.weight
+    assert delta.abs().max() > 0
+    assert torch.equal(patched.dit.blocks[1].self_attn.q.weight, plain.dit.blocks[1].self_attn.q.weight)
+    (skipped,) = _node("SlipstreamWanLoraSelect")("tiny_lora.safetensors", 0.0)
+    assert skipped == ()
+
+
+@pytest.mark.skipif(not HAS_INT8, reason="kernels/int8.py is not in this build yet")
+def test_int8_w8a8_blocks_with_block_swap(wan_dirs):
+    (swap,) = _node("SlipstreamWanBlockSwap")(1, False, False, True, 1)
+    (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "int8_w8a8", "main_device",
+                                                 block_swap_args=swap)
+    assert model.dit.blocks[0].self_attn.q.weight.dtype == torch.int8
+    assert model.dit.text_embedding[0].weight.dtype == torch.float32, "embeddings stay float"
+    (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 9)
+    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), 2, 5.0, 5.0, 3, "unipc", 1.0, True,
+                                              "auto")
+    reference = _t2v()["samples"]
+    assert torch.isfinite(latent["samples"]).all()
+    rel = (latent["samples"] - reference).norm() / reference.norm()
+    assert rel < 0.2, f"int8 result strays {rel:.3f} from float"
