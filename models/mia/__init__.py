@@ -1,0 +1,1 @@
+"""Make-It-Animatable rigging: networks, skeleton, pipeline and glTF output (pure torch)."""

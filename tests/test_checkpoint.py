@@ -1,0 +1,87 @@
+"""Checkpoint reading: every way a file can be wrong gets a message that says so."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from slipstream.models import checkpoint as ck
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "good.safetensors"
+    save_file({"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, str(path),
+              metadata={"format": "pt", "heads": "12"})
+    return path
+
+
+def test_reads_tensors_and_metadata(good_file):
+    sd = ck.load_state_dict(str(good_file))
+    assert set(sd) == {"a.weight", "b"} and sd["b"].dtype == torch.bfloat16
+    assert ck.read_metadata(str(good_file))["heads"] == "12"
+    assert ck.tensor_shapes(str(good_file))["a.weight"] == ((2, 3), "F32")
+    assert set(ck.load_state_dict(str(good_file), keys=["b"])) == {"b"}
+    with pytest.raises(ck.CheckpointError, match="missing tensor"):
+        ck.load_state_dict(str(good_file), keys=["nope"])
+
+
+def test_truncated_file_says_how_much_is_missing(good_file, tmp_path):
+    data = good_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-10])
+    with pytest.raises(ck.CheckpointError, match="truncated.*10 bytes missing"):
+        ck.load_state_dict(str(cut))
+
+
+@pytest.mark.parametrize("payload,fragment", [
+    (b"", "too short"),
+    (b"PK\x03\x04" + b"\0" * 100, "not a safetensors file"),
+    (struct.pack("<Q", 5) + b"{bad}", "not valid JSON"),
+])
+def test_not_safetensors(tmp_path, payload, fragment):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(ck.CheckpointError, match=fragment):
+        ck.load_state_dict(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="no such file"):
+        ck.load_state_dict(str(tmp_path / "absent.safetensors"))
+
+
+def test_pickle_weights_only(tmp_path):
+    path = tmp_path / "net.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, path)
+    assert torch.equal(ck.load_state_dict(str(path))["w"], torch.ones(2))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, bad)
+    with pytest.raises(ck.CheckpointError, match="weights-only"):
+        ck.load_state_dict(str(bad))
+
+
+def test_strip_prefix_and_check():
+    sd = {"model.diffusion_model.x": torch.zeros(2), "model.diffusion_model.y": torch.zeros(3), "spiece_model": torch.zeros(1)}
+    out, prefix = ck.strip_prefix(sd, ["diffusion_model.", "model.diffusion_model."])
+    assert prefix == "model.diffusion_model." and set(out) == {"x", "y", "spiece_model"}
+    ck.check_state_dict({"x": (2,), "y": (3,)}, out, "test model", allow_extra=True)
+    with pytest.raises(ck.CheckpointError, match=r"Missing tensor\(s\): z"):
+        ck.check_state_dict({"x": (2,), "z": (1,)}, out, "test model", allow_extra=True)
+    with pytest.raises(ck.CheckpointError, match=r"Wrong shape: y \(3,\) \(expected \(4,\)\)"):
+        ck.check_state_dict({"x": (2,), "y": (4,)}, out, "test model", allow_extra=True)
+    with pytest.raises(ck.CheckpointError, match="Unexpected tensor"):
+        ck.check_state_dict({"x": (2,), "y": (3,)}, out, "test model")
+
+
+def test_header_json_shape(good_file):
+    header, meta = ck.read_safetensors_header(str(good_file))
+    assert json.dumps(meta) and "__metadata__" not in header
