@@ -6,6 +6,7 @@ module level is safe. Anything that differs between ComfyUI versions is feature-
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import comfy.model_management as mm
@@ -21,8 +22,6 @@ NAME = "comfyui"
 
 def register_model_folder(key: str, subdir: str, extensions: Iterable[str]) -> None:
     """Add models/<subdir> under `key` with its own extension filter, keeping any user-configured paths."""
-    import os
-
     default = os.path.join(folder_paths.models_dir, subdir)
     exts = {e.lower() for e in extensions}
     if key in folder_paths.folder_names_and_paths:
