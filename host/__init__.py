@@ -71,3 +71,9 @@ def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0
 def ui_file(path: str, target: SaveTarget) -> dict[str, str]:
     """The {filename, subfolder, type} entry ComfyUI's frontend uses to fetch a saved file via /view."""
     return {"filename": os.path.basename(path), "subfolder": target.subfolder, "type": target.folder_type}
+
+# memory family (CLIP-to-DRAM offload): see host/memory.py and host/comfy_memory.py
+model_residency = _impl.model_residency              # (obj) -> Residency
+offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
+loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
+memory_flags = _impl.memory_flags                    # () -> dict[str, str]

@@ -125,3 +125,27 @@ def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
 
 def soft_empty_cache() -> None:
     mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------- memory family (CLIP-to-DRAM offload)
+
+from . import comfy_memory as _comfy_memory  # noqa: E402
+
+
+def model_residency(obj):
+    """Where a MODEL/CLIP/VAE's weights are, per ComfyUI's model manager (clones included)."""
+    return _comfy_memory.residency(mm, obj)
+
+
+def offload_model_weights(obj):
+    """Unload a MODEL/CLIP/VAE from VRAM through ComfyUI's model manager; says honestly what moved."""
+    return _comfy_memory.offload(mm, obj)
+
+
+def loaded_models_summary():
+    """ComfyUI's current_loaded_models as LoadedModelInfo rows."""
+    return _comfy_memory.loaded_models_summary(mm)
+
+
+def memory_flags() -> dict[str, str]:
+    return _comfy_memory.memory_flags(mm)

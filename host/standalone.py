@@ -172,3 +172,30 @@ def vram_info(device: torch.device | None = None) -> tuple[int, int] | None:
 def soft_empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- memory family (CLIP-to-DRAM offload)
+
+from . import memory as _memory  # noqa: E402
+
+
+def model_residency(obj) -> _memory.Residency:
+    """Where a MODEL/CLIP/VAE's weights are, and how many bytes an offload would add to RAM."""
+    return _memory.standalone_residency(obj)
+
+
+def offload_model_weights(obj) -> _memory.OffloadReport:
+    """Move a MODEL/CLIP/VAE's weights to its offload device through its patcher; says what moved."""
+    report = _memory.standalone_offload(obj)
+    if report.moved:
+        soft_empty_cache()
+    return report
+
+
+def loaded_models_summary():
+    """None: the standalone host has no model manager that tracks loaded models."""
+    return None
+
+
+def memory_flags() -> dict[str, str]:
+    return {"host": "standalone"}

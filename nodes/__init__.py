@@ -5,8 +5,13 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
+from . import memory
+
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
+    # memory family
+    ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
+    ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {node_id: cls for node_id, cls, _ in NODES}

@@ -1,0 +1,265 @@
+"""Wan 2.1 DiT configurations, and reading them back from a checkpoint's tensor shapes.
+
+The released checkpoints carry no config, so a loader has to infer one. We read every width from
+the weights (block count from the keys, as ComfyUI does) instead of guessing layer counts from
+the model width (kijai's early loader), so tiny test checkpoints and pruned models load too.
+The head count is the one number the shapes cannot give: it comes from the file's metadata when
+the file stores it, else width / 128 (every released Wan 2.1 model has 128-wide heads).
+
+Key prefixes are handled here, in one place: `strip_dit_prefix` accepts official bare keys,
+ComfyUI's `model.diffusion_model.` (repackaged and all-in-one files), `diffusion_model.`,
+`model.` and kijai/Ovi's `video_model.`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from ..checkpoint import CheckpointError
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v")
+HEAD_DIM = 128  # every released Wan 2.1 model; the fallback when a file does not store its head count
+
+# Tried in this order; the first one under which the DiT's anchor key exists wins.
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "video_model.", "model.", "")
+_ANCHORS = ("head.modulation", "patch_embedding.weight")
+# Marker tensors some converters add beside the weights; they carry no weights.
+_MARKER_KEYS = ("scaled_fp8",)
+_MARKER_PREFIXES = ("model_type.",)
+
+
+@dataclass(frozen=True)
+class WanDiTConfig:
+    """Everything that fixes the DiT's module tree and tensor shapes (official names)."""
+
+    name: str
+    model_type: str                 # "t2v", "i2v" (CLIP + 20 image channels) or "flf2v" (+ emb_pos)
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16                # 36 for i2v/flf2v: 16 noise + 4 mask + 16 image latent
+    out_dim: int = 16
+    text_dim: int = 4096            # umT5-XXL width
+    text_len: int = 512             # text context is zero-padded to this many tokens
+    freq_dim: int = 256             # sinusoidal time-embedding width
+    clip_dim: int = 1280            # CLIP ViT-H/14 width
+    clip_tokens: int = 257          # 514 for flf2v (two images)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got '{self.model_type}'")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.has_image_input and self.in_dim <= self.out_dim:
+            raise ValueError(f"{self.model_type} needs in_dim > out_dim (noise + mask + image latent), "
+                             f"got in_dim {self.in_dim}, out_dim {self.out_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def has_image_input(self) -> bool:
+        """i2v/flf2v: CLIP features through `img_emb` and the extra `y` channels."""
+        return self.model_type != "t2v"
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels of `y` (mask + image latent) concatenated to the noise for i2v; 0 for t2v."""
+        return self.in_dim - self.out_dim if self.has_image_input else 0
+
+    @property
+    def rope_axes(self) -> tuple[int, int, int]:
+        """Head dims rotated by frame, row and column index: 44/42/42 for 128-wide heads."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def same_architecture(self, other: WanDiTConfig) -> bool:
+        return replace(self, name="") == replace(other, name="")
+
+
+WAN21_T2V_1_3B = WanDiTConfig("Wan2.1-T2V-1.3B", "t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN21_T2V_14B = WanDiTConfig("Wan2.1-T2V-14B", "t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# The 480P and 720P I2V models share one architecture; only the weights differ.
+WAN21_I2V_14B_480P = WanDiTConfig("Wan2.1-I2V-14B-480P", "i2v", dim=5120, ffn_dim=13824, num_heads=40,
+                                  num_layers=40, in_dim=36)
+WAN21_I2V_14B_720P = replace(WAN21_I2V_14B_480P, name="Wan2.1-I2V-14B-720P")
+WAN21_FLF2V_14B = WanDiTConfig("Wan2.1-FLF2V-14B-720P", "flf2v", dim=5120, ffn_dim=13824, num_heads=40,
+                               num_layers=40, in_dim=36, clip_tokens=514)
+
+CONFIGS: dict[str, WanDiTConfig] = {c.name: c for c in (
+    WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B)}
+
+
+def tiny(model_type: str = "t2v", *, num_layers: int = 2, text_dim: int = 4096, clip_dim: int = 1280,
+         name: str | None = None) -> WanDiTConfig:
+    """A few-MB config with the real structure (128-wide heads, 44/42/42 RoPE split, 20 i2v channels).
+
+    Width 256 with 2 heads keeps head_dim at 128 so detection from shapes alone finds the same
+    config. `text_dim`/`clip_dim` can shrink to pair the DiT with tiny text/CLIP encoders.
+    """
+    is_image = model_type != "t2v"
+    return WanDiTConfig(name or f"tiny-{model_type}", model_type, dim=256, ffn_dim=512, num_heads=2,
+                        num_layers=num_layers, in_dim=36 if is_image else 16, text_dim=text_dim,
+                        clip_dim=clip_dim, clip_tokens=514 if model_type == "flf2v" else 257)
+
+
+T = TypeVar("T")
+
+
+def find_dit_prefix(keys: Sequence[str] | Mapping[str, object]) -> str | None:
+    """The key prefix under which a Wan DiT sits in a file, or None if there is no Wan DiT."""
+    keyset = set(keys)
+    for prefix in DIT_PREFIXES:
+        if all(prefix + anchor in keyset for anchor in _ANCHORS):
+            return prefix
+    return None
+
+
+def strip_dit_prefix(sd: Mapping[str, T], what: str = "checkpoint") -> tuple[dict[str, T], str]:
+    """The DiT's own entries under official names, and the prefix they had.
+
+    Entries outside the prefix (the VAE and text encoder of a ComfyUI all-in-one file) and
+    converter marker tensors are dropped; everything else must then match the model exactly.
+    """
+    prefix = find_dit_prefix(sd)
+    if prefix is None:
+        raise CheckpointError(f"{what}: not a Wan 2.1 diffusion model. {_what_is_it(sd)}")
+    out: dict[str, T] = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name in _MARKER_KEYS or name.startswith(_MARKER_PREFIXES):
+            continue
+        out[name] = value
+    return out, prefix
+
+
+def _what_is_it(keys: Mapping[str, object] | Sequence[str]) -> str:
+    """A hint naming what a non-DiT file most likely is, for the error message."""
+    keyset = list(keys)
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keyset)
+
+    if has("vace_patch_embedding"):
+        return "It is a Wan VACE model, which this loader does not support."
+    if has("decoder.conv1.weight") or has("decoder.middle.0.residual"):
+        return "It looks like a VAE; load it with the Wan VAE loader."
+    if has("token_embedding.weight") or has("encoder.block.0.layer.0.SelfAttention"):
+        return "It looks like the umT5 text encoder; load it with the text-encoder loader."
+    if has("visual.transformer") or has("vision_model.encoder"):
+        return "It looks like a CLIP vision model; load it with the CLIP-vision loader."
+    if has("condition_embedder.") or has("scale_shift_table"):
+        return ("It is a Diffusers-format Wan transformer; use the single-file release "
+                "(official Wan-AI or Comfy-Org repackaged) instead.")
+    if has("lora_A") or has("lora_down") or has("lora_up"):
+        return "It is a LoRA; apply it to a loaded model with the LoRA loader instead."
+    sample = ", ".join(sorted(keyset)[:4]) or "no tensors"
+    return f"Expected keys such as 'head.modulation' and 'patch_embedding.weight'; found {sample} …"
+
+
+def count_blocks(keys: Sequence[str] | Mapping[str, object]) -> int:
+    """Number of transformer blocks: 1 + the highest `blocks.N.` index (0 if none)."""
+    highest = -1
+    for key in keys:
+        if key.startswith("blocks."):
+            index = key.split(".", 2)[1]
+            if index.isdigit():
+                highest = max(highest, int(index))
+    return highest + 1
+
+
+def heads_from_metadata(metadata: Mapping[str, str] | None) -> int | None:
+    """A head count stored in safetensors metadata: `num_heads`, or inside a JSON `config`."""
+    if not metadata:
+        return None
+    for key in ("num_heads", "num_attention_heads"):
+        if key in metadata and str(metadata[key]).strip().isdigit():
+            return int(metadata[key])
+    for key in ("config", "model_config"):
+        raw = metadata.get(key)
+        if not raw:
+            continue
+        try:
+            cfg = json.loads(raw)
+        except (TypeError, json.JSONDecodeError):
+            continue
+        if isinstance(cfg, dict):
+            for field in ("num_heads", "num_attention_heads"):
+                if isinstance(cfg.get(field), int):
+                    return cfg[field]
+    return None
+
+
+def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str] | None = None,
+                  num_heads: int | None = None, what: str = "checkpoint") -> WanDiTConfig:
+    """The config of a DiT from its tensor shapes (keys under official names, prefix stripped).
+
+    `num_heads` overrides the metadata / width-128 rule. The returned config carries the name
+    of the released model it matches, or 'custom'.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"{what}: missing tensor '{key}', needed to read the model's size. "
+                                  f"{_what_is_it(shapes)}")
+        return tuple(int(s) for s in shapes[key])
+
+    patch_w = shape("patch_embedding.weight")          # [dim, in_dim, pt, ph, pw]
+    if len(patch_w) != 5:
+        raise CheckpointError(f"{what}: 'patch_embedding.weight' has shape {patch_w}; a Wan 2.1 DiT has a 5-D "
+                              "Conv3d weight [dim, in_dim, 1, 2, 2].")
+    dim, in_dim, patch = patch_w[0], patch_w[1], patch_w[2:]
+    num_layers = count_blocks(shapes)
+    if num_layers == 0:
+        raise CheckpointError(f"{what}: no 'blocks.N.' tensors; the file holds no transformer blocks.")
+    ffn_dim = shape("blocks.0.ffn.0.weight")[0]
+    out_dim = shape("head.head.weight")[0] // math.prod(patch)
+    text_dim = shape("text_embedding.0.weight")[1]
+    freq_dim = shape("time_embedding.0.weight")[1]
+    has_img = "img_emb.proj.0.weight" in shapes or "blocks.0.cross_attn.k_img.weight" in shapes
+    model_type, clip_dim, clip_tokens = "t2v", 1280, 257
+    if has_img:
+        clip_dim = shape("img_emb.proj.0.weight")[0]
+        model_type = "i2v"
+        if "img_emb.emb_pos" in shapes:
+            model_type, clip_tokens = "flf2v", shape("img_emb.emb_pos")[1]
+    if in_dim == 48 or out_dim == 48:
+        raise CheckpointError(f"{what}: in/out channels {in_dim}/{out_dim} belong to Wan 2.2 TI2V-5B or a Fun "
+                              "control model, which this loader does not support (Wan 2.1 uses 16 or 36).")
+    heads = num_heads or heads_from_metadata(metadata)
+    if heads is None:
+        if dim % HEAD_DIM:
+            raise CheckpointError(
+                f"{what}: width {dim} is not a multiple of {HEAD_DIM}, so the head count cannot be inferred and "
+                "the file's metadata does not store 'num_heads'. Re-save it with that metadata entry.")
+        heads = dim // HEAD_DIM
+    try:
+        config = WanDiTConfig("custom", model_type, dim=dim, ffn_dim=ffn_dim, num_heads=heads,
+                              num_layers=num_layers, in_dim=in_dim, out_dim=out_dim, text_dim=text_dim,
+                              freq_dim=freq_dim, clip_dim=clip_dim, clip_tokens=clip_tokens,
+                              patch_size=tuple(patch))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: inconsistent Wan 2.1 DiT shapes ({exc}).") from exc
+    return replace(config, name=known_name(config))
+
+
+def known_name(config: WanDiTConfig) -> str:
+    """The released model a config matches ('Wan2.1-I2V-14B (480P/720P)' for the shared I2V one)."""
+    matches = [c.name for c in CONFIGS.values() if c.same_architecture(config)]
+    if not matches:
+        return "custom"
+    if len(matches) > 1:
+        stem = matches[0].rsplit("-", 1)[0]
+        return f"{stem} ({'/'.join(m.rsplit('-', 1)[1] for m in matches)})"
+    return matches[0]

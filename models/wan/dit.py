@@ -1,0 +1,398 @@
+"""The Wan 2.1 diffusion transformer (T2V, I2V, FLF2V), with the official module and tensor names.
+
+    model = WanDiT.from_state_dict(sd, dtype=torch.bfloat16, device="cuda")   # or WanDiT.from_file(path)
+    v = model(x, timestep, context, clip_fea=None, y=None)                     # flow prediction
+
+Shapes: x [B,16,F,H,W] noisy latent (H, W even); timestep [B] in 0..1000; context [B,L,text_dim]
+umT5 embeddings (zero-padded to 512 tokens here when shorter); clip_fea [B,257,1280] and
+y [B,20,F,H,W] (4 mask + 16 image-latent channels) for i2v. Returns fp32 [B,16,F,H,W].
+
+Hooking the block loop (block swap, FETA, caching, per-block attention overrides). `forward` is
+three stages a caller can also run one by one:
+
+    tokens, inputs = model.embed(x, timestep, context, clip_fea, y)      # non-block modules
+    tokens = model.forward_blocks(tokens, inputs, block_runner=None)     # model.blocks[i] in order
+    out = model.unembed(tokens, inputs)                                   # head + unpatchify
+
+`model.blocks` is an `nn.ModuleList` named as in the checkpoint (`blocks.N.*`), so a swapper can
+walk it and move one block at a time. `block_runner(index, block, tokens, inputs) -> tokens`
+(also accepted by `forward`) is called for every block instead of `block(tokens, inputs)`: a
+block swapper makes sure block `index` is on the compute device (and prefetches the next) before
+calling `block(tokens, inputs)`; a cache may skip blocks. `inputs` (`BlockInputs`) holds what
+every block shares: the fp32 modulation `e0`, the projected text (and image) context, the RoPE
+tables, the latent grid, the compute dtype, the attention backend, and `self_attn_scale`, an
+optional `fn(q, k, grid) -> scale` called in every self-attention with q, k after RoPE
+([B, L, heads, head_dim]) whose result multiplies the attention output after `o` — the place the
+official Enhance-A-Video (FETA) processor applies its score. Use `dataclasses.replace(inputs, …)`
+to change one field for some blocks.
+
+Attention goes through `kernels.attention.attention`; the backend is the model's
+`attention_backend` (set at load, any name from `backend_choices()`) or the `attention_backend`
+argument of `forward`/`embed` for one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...kernels.attention import attention, require_backend
+from ..checkpoint import PICKLE_EXTS, check_state_dict, load_state_dict, read_safetensors_header
+from .config import WanDiTConfig, detect_config, strip_dit_prefix
+from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
+from .loading import (
+    assign_weights,
+    plan_dtypes,
+    read_safetensors,
+    safetensors_dtype,
+    split_weight_scales,
+)
+
+# fn(q, k, grid) -> scale for the self-attention output (see the module docstring).
+SelfAttnScale = Callable[[torch.Tensor, torch.Tensor, tuple[int, int, int]], "torch.Tensor | float"]
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What every block of one forward shares besides the token stream."""
+
+    e0: torch.Tensor                      # [B, 6, dim] fp32 time modulation (before each block's bias)
+    e: torch.Tensor                       # [B, dim] fp32 time embedding (for the head)
+    context: torch.Tensor                 # [B, L_text, dim] projected text context (compute dtype)
+    context_img: torch.Tensor | None      # [B, 257 or 514, dim] projected CLIP tokens (i2v/flf2v)
+    rope_cos: torch.Tensor                # [1, L, 1, head_dim/2] fp32
+    rope_sin: torch.Tensor
+    grid: tuple[int, int, int]            # latent frames, rows, columns after patching
+    compute_dtype: torch.dtype
+    attention_backend: str = "auto"
+    self_attn_scale: SelfAttnScale | None = None
+
+
+BlockRunner = Callable[[int, "WanBlock", torch.Tensor, BlockInputs], torch.Tensor]
+
+
+def run_block(index: int, block: WanBlock, tokens: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    """The default block runner: just run it."""
+    return block(tokens, inputs)
+
+
+def _mlp(dims: tuple[int, int, int], act: nn.Module) -> nn.Sequential:
+    return nn.Sequential(CastLinear(dims[0], dims[1]), act, CastLinear(dims[1], dims[2]))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """[B, Lq, H, D] attention over [B, Lk, H, D] keys -> [B, Lq, H·D]."""
+    return attention(q, k, v, backend=backend, layout="bshd").flatten(2)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), inputs.rope_cos, inputs.rope_sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), inputs.rope_cos, inputs.rope_sin)
+        v = self.v(x).unflatten(-1, heads)
+        out = self.o(_attend(q, k, v, inputs.attention_backend))
+        if inputs.self_attn_scale is not None:
+            out = out * inputs.self_attn_scale(q, k, inputs.grid)
+        return out
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention; with `image=True` also the CLIP branch (k_img/v_img) sharing the same q."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if image:
+            self.k_img = CastLinear(dim, dim)
+            self.v_img = CastLinear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        ctx = inputs.context
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(ctx)).unflatten(-1, heads)
+        out = _attend(q, k, self.v(ctx).unflatten(-1, heads), inputs.attention_backend)
+        if hasattr(self, "k_img"):
+            img = inputs.context_img
+            k_img = self.norm_k_img(self.k_img(img)).unflatten(-1, heads)
+            out = out + _attend(q, k_img, self.v_img(img).unflatten(-1, heads), inputs.attention_backend)
+        return self.o(out)
+
+
+class WanBlock(nn.Module):
+    """AdaLN-modulated self-attention, un-modulated cross-attention, modulated tanh-GELU FFN."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, config.num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(dim, config.num_heads, eps, image=config.has_image_input)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = _mlp((dim, config.ffn_dim, dim), nn.GELU(approximate="tanh"))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """x: [B, L, dim] fp32 residual stream."""
+        cd = inputs.compute_dtype
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
+            self.modulation.float() + inputs.e0).chunk(6, dim=1)
+        y = self.self_attn((self.norm1(x) * (1 + scale_sa) + shift_sa).to(cd), inputs)
+        x = x + y.float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x).to(cd), inputs).float()
+        y = self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(cd))
+        return x + y.float() * gate_ff
+
+
+class WanHead(nn.Module):
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.norm = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.head = CastLinear(dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return self.head((self.norm(x) * (1 + scale) + shift).to(compute_dtype))
+
+
+class WanImageEmbedding(nn.Module):
+    """CLIP tokens -> model width: LayerNorm, Linear, GELU (erf), Linear, LayerNorm (+ emb_pos for flf2v)."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        c, dim = config.clip_dim, config.dim
+        self.proj = nn.Sequential(FP32LayerNorm(c, 1e-5), CastLinear(c, c), nn.GELU(), CastLinear(c, dim),
+                                  FP32LayerNorm(dim, 1e-5))
+        if config.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, config.clip_tokens, c))
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "emb_pos"):
+            clip_fea = clip_fea.reshape(-1, self.emb_pos.shape[1], clip_fea.shape[-1]) + self.emb_pos.to(clip_fea.dtype)
+        return self.proj(clip_fea)
+
+
+def _scale_key(entries: Mapping[str, object], layer: str) -> str:
+    """The file's own name for a layer's weight scale (it uses one of two suffixes)."""
+    return next(k for k in (layer + ".scale_weight", layer + ".weight_scale") if k in entries)
+
+
+class WanDiT(nn.Module):
+    """Wan 2.1 DiT. Build with `from_state_dict`/`from_file`; see the module docstring for the API."""
+
+    def __init__(self, config: WanDiTConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        require_backend(attention_backend)
+        self.attention_backend = attention_backend
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.text_embedding = _mlp((config.text_dim, dim, dim), nn.GELU(approximate="tanh"))
+        self.time_embedding = _mlp((config.freq_dim, dim, dim), nn.SiLU())
+        self.time_projection = nn.Sequential(nn.SiLU(), CastLinear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = WanHead(config)
+        if config.has_image_input:
+            self.img_emb = WanImageEmbedding(config)
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def build_meta(cls, config: WanDiTConfig, attention_backend: str = "auto") -> WanDiT:
+        """The module tree with no memory behind it (every tensor on `meta`)."""
+        with torch.device("meta"):
+            return cls(config, attention_backend)
+
+    @staticmethod
+    def expected_shapes(config: WanDiTConfig) -> dict[str, tuple[int, ...]]:
+        """Official key -> shape of every tensor a checkpoint of `config` holds."""
+        return {k: tuple(v.shape) for k, v in WanDiT.build_meta(config).state_dict().items()}
+
+    def quantizable_keys(self) -> list[str]:
+        """Keys of the block Linear weights: what fp8/int8 storage applies to (norms, biases,
+        modulation, embeddings and head stay in the compute dtype, as in kijai's and ComfyUI's loaders)."""
+        return [f"{name}.weight" for name, mod in self.named_modules()
+                if name.startswith("blocks.") and isinstance(mod, CastLinear)]
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
+                        metadata: Mapping[str, str] | None = None, num_heads: int | None = None,
+                        attention_backend: str = "auto", what: str = "state dict") -> WanDiT:
+        """Build the DiT a state dict describes (official, ComfyUI-prefixed or scaled-fp8 keys).
+
+        `dtype`: compute dtype and storage of everything but the block Linear weights (default: the
+        file's, bf16 for fp8 files). `weight_dtype`: storage of the block Linear weights, e.g.
+        torch.float8_e4m3fn (default: fp8 files stay fp8, else `dtype`). Tensors already in the
+        target dtype and device are adopted, not copied. Raises CheckpointError naming any
+        missing, unexpected or wrongly shaped tensor.
+        """
+        entries, _ = strip_dit_prefix(sd, what)
+        weights, scales = split_weight_scales(entries)
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, {k: v.dtype for k, v in weights.items()}, dtype, weight_dtype,
+                                   metadata, num_heads, attention_backend, what)
+        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales,
+                              lambda m: isinstance(m, CastLinear))
+
+    @classmethod
+    def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  *, weight_dtype: torch.dtype | None = None, num_heads: int | None = None,
+                  attention_backend: str = "auto") -> WanDiT:
+        """Load a checkpoint file; safetensors are checked from the header and streamed tensor by
+        tensor, so peak RAM stays near the size of the loaded weights."""
+        if path.lower().endswith(PICKLE_EXTS):
+            return cls.from_state_dict(load_state_dict(path), dtype, device, weight_dtype=weight_dtype,
+                                       num_heads=num_heads, attention_backend=attention_backend, what=path)
+        header, metadata = read_safetensors_header(path)
+        entries, prefix = strip_dit_prefix(header, path)
+        weights, scales = split_weight_scales(entries)
+        shapes = {k: tuple(v["shape"]) for k, v in weights.items()}
+        dtypes = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, dtypes, dtype, weight_dtype, metadata, num_heads,
+                                   attention_backend, path)
+        scale_tensors = {layer: t for layer, (_, t) in zip(
+            scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
+        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes]))
+        return assign_weights(model, tensors, plan, device, scale_tensors, lambda m: isinstance(m, CastLinear))
+
+    @classmethod
+    def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):
+        """Detect the config, build on meta, check every key and shape, plan the dtypes."""
+        config = detect_config(shapes, metadata, num_heads, what)
+        model = cls.build_meta(config, attention_backend)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()},
+                         f"the {config.name} Wan 2.1 DiT ({what})")
+        plan = plan_dtypes(dtype, weight_dtype, dtypes["blocks.0.self_attn.q.weight"], model.quantizable_keys())
+        return model, plan
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in: that of the (never fp8) text-embedding weights."""
+        return self.text_embedding[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+                block_runner: BlockRunner | None = None, attention_backend: str | None = None,
+                self_attn_scale: SelfAttnScale | None = None) -> torch.Tensor:
+        """Flow prediction [B, out_dim, F, H, W] (fp32) for the noisy latent x; see the module docstring."""
+        tokens, inputs = self.embed(x, timestep, context, clip_fea, y, attention_backend=attention_backend,
+                                    self_attn_scale=self_attn_scale)
+        tokens = self.forward_blocks(tokens, inputs, block_runner)
+        return self.unembed(tokens, inputs)
+
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+              clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+              attention_backend: str | None = None,
+              self_attn_scale: SelfAttnScale | None = None) -> tuple[torch.Tensor, BlockInputs]:
+        """Patchify and embed everything the blocks need: (fp32 tokens [B, L, dim], BlockInputs)."""
+        cfg, cd = self.config, self.compute_dtype
+        self._check_inputs(x, timestep, context, clip_fea, y)
+        device = x.device
+        if cfg.has_image_input:
+            x = torch.cat([x, y.to(device=device, dtype=x.dtype)], dim=1)
+        patches = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(patches.shape[2:])
+        tokens = patches.flatten(2).transpose(1, 2).float()          # (f, h, w) row-major order
+
+        t = timestep.to(device).reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep.to(device)
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(cd)).float()
+        e0 = self.time_projection(e.to(cd)).float().unflatten(1, (6, cfg.dim))
+
+        context = context.to(device=device, dtype=cd)
+        if context.shape[1] < cfg.text_len:
+            context = torch.cat([context, context.new_zeros(context.shape[0], cfg.text_len - context.shape[1],
+                                                            context.shape[2])], dim=1)
+        context = self.text_embedding(context)
+        context_img = self.img_emb(clip_fea.to(device=device, dtype=cd)) if cfg.has_image_input else None
+
+        cos, sin = rope_cos_sin(grid, cfg.rope_axes, device)
+        inputs = BlockInputs(e0=e0, e=e, context=context, context_img=context_img, rope_cos=cos, rope_sin=sin,
+                             grid=grid, compute_dtype=cd,
+                             attention_backend=attention_backend or self.attention_backend,
+                             self_attn_scale=self_attn_scale)
+        return tokens, inputs
+
+    def forward_blocks(self, tokens: torch.Tensor, inputs: BlockInputs,
+                       block_runner: BlockRunner | None = None) -> torch.Tensor:
+        """Run every block in order through `block_runner` (default: call the block)."""
+        runner = block_runner or run_block
+        for index, block in enumerate(self.blocks):
+            tokens = runner(index, block, tokens, inputs)
+        return tokens
+
+    def unembed(self, tokens: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """Head + unpatchify: fp32 [B, out_dim, F·pt, H·ph, W·pw]."""
+        out = self.head(tokens, inputs.e, inputs.compute_dtype).float()
+        (f, h, w), (pt, ph, pw) = inputs.grid, self.config.patch_size
+        out = out.view(out.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    def _check_inputs(self, x, timestep, context, clip_fea, y) -> None:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.out_dim:
+            raise ValueError(f"x must be a latent [B, {cfg.out_dim}, F, H, W], got {tuple(x.shape)}")
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent frames/height/width {f}x{h}x{w} must be multiples of the patch size "
+                             f"{cfg.patch_size} (pixel height and width multiples of {8 * ph})")
+        if timestep.numel() not in (1, b):
+            raise ValueError(f"timestep must have 1 or B={b} values, got shape {tuple(timestep.shape)}")
+        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [B={b}, L, {cfg.text_dim}] text embeddings, got {tuple(context.shape)}")
+        if not cfg.has_image_input:
+            return
+        if clip_fea is None or y is None:
+            raise ValueError(f"{cfg.name} is an image-to-video model: it needs clip_fea [B, {cfg.clip_tokens}, "
+                             f"{cfg.clip_dim}] (CLIP vision) and y [B, {cfg.cond_channels}, F, H, W] (mask + "
+                             "image latent).")
+        if tuple(y.shape) != (b, cfg.cond_channels, f, h, w):
+            raise ValueError(f"y must be [B, {cfg.cond_channels}, F, H, W] = {(b, cfg.cond_channels, f, h, w)}, "
+                             f"got {tuple(y.shape)}")
+        # flf2v also takes the two images' features as [2B, 257, clip_dim] (the official layout).
+        if clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.clip_dim or \
+                clip_fea.shape[0] * clip_fea.shape[1] != b * cfg.clip_tokens:
+            raise ValueError(f"clip_fea must be [B={b}, {cfg.clip_tokens}, {cfg.clip_dim}] CLIP vision features, "
+                             f"got {tuple(clip_fea.shape)}")
+
+
+def random_state_dict(config: WanDiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights under the official names for tests and demos: the official init scales,
+    with norm weights and the flf2v position embedding perturbed so that no tensor is trivial."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sd = WanDiT(config).state_dict()
+        for key, value in sd.items():
+            if key.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight")) or \
+                    key.startswith("img_emb.proj.") and value.dim() == 1:
+                value.add_(0.1 * torch.randn_like(value))
+            elif key == "img_emb.emb_pos":
+                value.normal_(0.0, 0.02)
+    return {k: v.to(dtype) for k, v in sd.items()}

@@ -1,0 +1,281 @@
+"""The umT5-XXL text encoder Wan 2.1 conditions on (encoder half of google/umt5-xxl).
+
+What makes it umT5 rather than plain T5: every layer owns its relative position bias (T5 shares
+layer 0's), the FFN is gated with tanh-GELU, attention logits are not scaled by 1/sqrt(d), and the
+stack ends with an RMS layer norm. Module names follow the official Wan checkpoint
+(`blocks.N.attn.q.weight`, ...); HF/ComfyUI files (`encoder.block.N.layer.0.SelfAttention.q.weight`,
+`shared.weight`, `spiece_model`) are renamed on load.
+
+Padding convention (official and ComfyUI agree): prompts end with EOS and are padded to the
+context length; padded keys are masked in every attention and padded rows of the output are
+zero, so the DiT sees exactly the zero-padded context it was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...kernels.attention import attention
+from ..checkpoint import CheckpointError, load_state_dict
+from .tokenizer import TokenBatch
+from .weights import (
+    assign_weights,
+    build_on_meta,
+    dequantize_scaled_fp8,
+    find_prefix,
+    module_device,
+    module_dtype,
+    storage_dtype,
+    take_prefixed,
+)
+
+
+@dataclass(frozen=True)
+class UMT5Config:
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+
+
+UMT5_XXL = UMT5Config()
+# Same structure (per-layer bias, gated FFN, 32 buckets), small enough for tests.
+TINY_UMT5 = UMT5Config(vocab_size=320, dim=32, dim_attn=32, dim_ffn=48, num_heads=4, num_layers=2)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean subtraction or bias, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * y.to(self.weight.dtype)
+
+
+def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional bucketing of key-minus-query offsets.
+
+    Half the buckets hold positive offsets. Within a half, offsets below num_buckets/4 get their own
+    bucket; larger ones share log-spaced buckets up to `max_distance`, beyond which all share the last.
+    """
+    half = num_buckets // 2
+    buckets = (relative > 0).long() * half
+    distance = relative.abs()
+    exact = half // 2
+    scaled = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (half - exact)
+    large = (exact + scaled.long()).clamp(max=half - 1)
+    return buckets + torch.where(distance < exact, distance, large)
+
+
+class T5RelativeEmbedding(nn.Module):
+    def __init__(self, num_buckets: int, num_heads: int, max_distance: int):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def buckets(self, length: int) -> torch.Tensor:
+        """Bucket index [length, length] of every (query, key) pair; the same for every layer."""
+        pos = torch.arange(length, device=self.embedding.weight.device)
+        return relative_position_bucket(pos[None, :] - pos[:, None], self.num_buckets, self.max_distance)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Additive attention bias [1, heads, L, L] for a bucket table."""
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, dim: int, dim_attn: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q, self.k, self.v))
+        y = attention(q, k, v, mask=bias, layout="bshd", scale=1.0)  # T5 does not scale its logits
+        return self.o(y.reshape(b, n, -1))
+
+
+class T5FeedForward(nn.Module):
+    def __init__(self, dim: int, dim_ffn: int):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x) * self.gate(x))
+
+
+def _fp16_clamp(x: torch.Tensor) -> torch.Tensor:
+    # fp16 activations of T5-XXL overflow; the reference clamps them back into range.
+    if x.dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max - 1000
+        return x.clamp(-limit, limit)
+    return x
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg: UMT5Config):
+        super().__init__()
+        self.norm1 = T5LayerNorm(cfg.dim, cfg.eps)
+        self.attn = T5Attention(cfg.dim, cfg.dim_attn, cfg.num_heads)
+        self.norm2 = T5LayerNorm(cfg.dim, cfg.eps)
+        self.ffn = T5FeedForward(cfg.dim, cfg.dim_ffn)
+        self.pos_embedding = T5RelativeEmbedding(cfg.num_buckets, cfg.num_heads, cfg.max_distance)
+
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        bias = self.pos_embedding(buckets).to(x.dtype)
+        if key_mask is not None:
+            bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        x = _fp16_clamp(x + self.attn(self.norm1(x), bias))
+        return _fp16_clamp(x + self.ffn(self.norm2(x)))
+
+
+# HF / ComfyUI names -> official names.
+_HF_RENAMES = [
+    (re.compile(r"^shared\.weight$"), "token_embedding.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight$"), r"blocks.\1.attn.\2.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$"),
+     r"blocks.\1.pos_embedding.embedding.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$"), r"blocks.\1.norm1.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$"), r"blocks.\1.norm2.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight$"), r"blocks.\1.ffn.gate.0.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight$"), r"blocks.\1.ffn.fc1.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight$"), r"blocks.\1.ffn.fc2.weight"),
+    (re.compile(r"^encoder\.final_layer_norm\.weight$"), "norm.weight"),
+]
+# Tensors of a whole-model HF file that the encoder does not use.
+_HF_IGNORED = re.compile(r"^(decoder\.|lm_head\.|spiece_model$)")
+_ANCHORS = ("blocks.0.attn.q.weight", "encoder.block.0.layer.0.SelfAttention.q.weight")
+
+
+def _rename_hf(sd: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
+        sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
+    sd.pop("encoder.embed_tokens.weight", None)  # tied copy of shared.weight
+    out = {}
+    for key, tensor in sd.items():
+        if _HF_IGNORED.match(key):
+            continue
+        for pattern, target in _HF_RENAMES:
+            if pattern.match(key):
+                key = pattern.sub(target, key)
+                break
+        out[key] = tensor
+    return out
+
+
+def _count_blocks(sd: Mapping[str, torch.Tensor]) -> int:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+class UMT5Encoder(nn.Module):
+    """ids [B,L] (+ mask [B,L], True = real token) -> hidden states [B,L,dim], padded rows zero."""
+
+    def __init__(self, cfg: UMT5Config = UMT5_XXL):
+        super().__init__()
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = T5LayerNorm(cfg.dim, cfg.eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return module_dtype(self)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be [B,L], got {tuple(ids.shape)}")
+        if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}: the tokenizer does not "
+                             "belong to this text encoder")
+        ids = ids.to(self.device)
+        key_mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
+        x = self.token_embedding(ids)
+        buckets = self.blocks[0].pos_embedding.buckets(ids.shape[1])
+        for block in self.blocks:
+            x = block(x, buckets, key_mask)
+        x = self.norm(x).float()
+        if key_mask is not None:
+            x = x * key_mask[..., None]
+        return x
+
+    def encode(self, tokens: TokenBatch) -> torch.Tensor:
+        """Hidden states [B, context, dim] (float32) of a tokenizer batch; padded rows are zero."""
+        return self(tokens.ids, tokens.mask)
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> UMT5Config:
+        """Widths from the weight shapes, layer count from the keys (official names)."""
+        needed = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
+                  "blocks.0.pos_embedding.embedding.weight")
+        absent = [k for k in needed if k not in sd]
+        if absent:
+            raise CheckpointError(f"Not a umT5 encoder: missing tensor(s) {', '.join(absent)}.")
+        vocab, dim = sd["token_embedding.weight"].shape
+        buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+        return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
+                          dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=heads,
+                          num_layers=_count_blocks(sd), num_buckets=buckets)
+
+    @classmethod
+    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, consume: bool = False) -> UMT5Encoder:
+        """Build from official, HF/ComfyUI (`encoder.block...`, `shared.weight`) or prefixed layouts.
+
+        dtype None keeps the file's dtype (fp8 files are dequantized to bf16). With `consume` the
+        caller's dict is emptied as tensors are converted.
+        """
+        found = find_prefix(sd, _ANCHORS)
+        if found is None:
+            raise CheckpointError(
+                "Not a umT5 text encoder: no tensor named like 'blocks.0.attn.q.weight' or "
+                "'encoder.block.0.layer.0.SelfAttention.q.weight'. Pick the umT5-XXL file "
+                "(e.g. umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth).")
+        prefix, anchor = found
+        own = take_prefixed(sd, prefix)
+        if consume:
+            for key in [k for k in sd if k.startswith(prefix)]:
+                del sd[key]
+        dtype = dtype or storage_dtype(own)
+        dequantize_scaled_fp8(own, dtype)
+        if anchor.startswith("encoder."):
+            own = _rename_hf(own)
+        own.pop("spiece_model", None)
+        model = build_on_meta(lambda: cls(cls.config_from_state_dict(own)))
+        return assign_weights(model, own, "the umT5 text encoder", dtype=dtype, device=device, consume=True)
+
+    @classmethod
+    def from_file(cls, path: str, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> UMT5Encoder:
+        return cls.from_state_dict(load_state_dict(path), dtype=dtype, device=device, consume=True)
+

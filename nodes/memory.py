@@ -1,0 +1,157 @@
+"""Memory family: move a text encoder out of VRAM into a keyed RAM cache, and clear that cache.
+
+The nodes are thin: the cache and its rules live in kernels/dram.py, the unloading in the host
+(host/comfy_memory.py inside ComfyUI). Neither node has IS_CHANGED: a volatile one would make
+every node downstream of the passthrough re-run on every queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..host import (
+    loaded_models_summary,
+    memory_flags,
+    model_residency,
+    offload_model_weights,
+    soft_empty_cache,
+    vram_info,
+)
+from ..kernels import dram
+
+log = logging.getLogger("slipstream.memory")
+
+ANY = "*"
+CATEGORY = "Slipstream/Memory"
+_STALE_NOTE = " It is computed when the node runs; a cached node does not re-run, so it can be stale."
+
+
+def _stats(cache: dram.DramCache, headline: list[str]) -> str:
+    return dram.memory_stats(cache, vram=vram_info(), loaded_models=loaded_models_summary(),
+                             flags=memory_flags(), headline=headline)
+
+
+class OffloadClipToDram:
+    """ArchAi3D_Offload_CLIP: unload a CLIP from VRAM via the host's model manager, keep it cached in RAM."""
+
+    DESCRIPTION = ("Moves a text encoder's weights out of VRAM through ComfyUI's own model management and keeps "
+                   "the CLIP cached in RAM under a stable key (file identity + options for CLIPs loaded by "
+                   "Slipstream loaders; clones such as LoRA or clip-skip map to the same key). Wire the "
+                   "conditioning into 'trigger' and take 'passthrough' onward so the offload happens right "
+                   "after encoding. Says plainly when nothing was freed (already on CPU, --gpu-only).")
+    CATEGORY = CATEGORY
+    FUNCTION = "offload"
+    RETURN_TYPES = ("STRING", "STRING", ANY)
+    RETURN_NAMES = ("memory_stats", "dram_id", "passthrough")
+    OUTPUT_TOOLTIPS = (
+        "A readable memory report: what was freed, VRAM, RAM, the DRAM cache and loaded models." + _STALE_NOTE,
+        "The DRAM cache key of this CLIP. Keys of CLIPs from Slipstream loaders are stable across runs; "
+        "other CLIPs get a session key (held by weak reference only).",
+        "The trigger input, unchanged (True when nothing is connected): wire it onward to order the offload.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The text encoder to move out of VRAM (a clone works too: the "
+                                             "base model it shares weights with is unloaded)."}),
+            },
+            "optional": {
+                "trigger": (ANY, {"tooltip": "Any value (usually the CONDITIONING from your text encode). The "
+                                             "offload runs after it is produced and passes it through unchanged."}),
+            },
+        }
+
+    def offload(self, clip, trigger=None):
+        cache = dram.default_cache()
+        cache.relieve_pressure()
+        module = clip.patcher.model          # shared by every clone of this CLIP
+        key = cache.key_for(module)
+        base = cache.loaded_object(key) if key is not None else None
+        if key is None:
+            key = dram.anon_key("clip", module)
+            cache.alias(module, key)
+        res = model_residency(clip)
+        where = "RAM" if res.dynamic or res.same_device or res.device_bytes == 0 else f"RAM (from {res.load_device})"
+        # Only a loader's base object is held strongly: a clone may carry LoRA patches, and a
+        # session key can never be looked up again, so holding either strongly could only leak.
+        # Otherwise the entry weakly tracks the weight module every clone shares.
+        evicted = cache.put(key, base if base is not None else module, "clip", res.total_bytes,
+                            new_ram_bytes=res.new_ram_bytes, weak=base is None, note=where)
+        try:
+            report = offload_model_weights(clip)
+        except Exception:
+            cache.remove(key)
+            raise
+        headline = [report.line()]
+        if evicted:
+            headline.append("Evicted to make room: " + ", ".join(e.key for e in evicted))
+        if base is None and ":anon:" in key:
+            headline.append(f"Key {key} is a session key (this CLIP was not loaded by a Slipstream loader): "
+                            "held by weak reference, so it does not keep the weights alive.")
+        elif base is None:
+            headline.append(f"The loader's CLIP for {key} is gone; this clone is held by weak reference only.")
+        if trigger is None:
+            headline.append("Note: 'trigger' is not connected, so this offload is not ordered after the encode.")
+        stats = _stats(cache, headline)
+        log.info("[Slipstream] Offload CLIP %s: %s", key, report.message)
+        return (stats, key, trigger if trigger is not None else True)
+
+
+class MemoryCleanup:
+    """SlipstreamMemoryCleanup: drop entries from the DRAM cache and report what that freed."""
+
+    DESCRIPTION = ("Clears Slipstream's DRAM cache: every entry, one key (e.g. the dram_id of Offload CLIP), "
+                   "or one kind (clip, model, vae, ...). Wire any value into 'trigger' to choose when it runs; "
+                   "it passes that value through. It never unloads models ComfyUI manages for other nodes.")
+    CATEGORY = CATEGORY
+    FUNCTION = "cleanup"
+    RETURN_TYPES = ("STRING", ANY)
+    RETURN_NAMES = ("memory_stats", "passthrough")
+    OUTPUT_TOOLTIPS = (
+        "What was freed, followed by the memory report." + _STALE_NOTE,
+        "The trigger input, unchanged (True when nothing is connected).",
+    )
+    MODES = ("all", "key", "kind")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clear": (list(cls.MODES), {"default": "all", "tooltip": "all: empty the cache; key: drop the "
+                                            "entry named in 'target'; kind: drop every entry of the kind in "
+                                            "'target'."}),
+                "target": ("STRING", {"default": "", "tooltip": "For 'key': a dram_id (wire Offload CLIP's "
+                                      "dram_id here). For 'kind': clip, model, vae, ... Ignored for 'all'."}),
+                "empty_device_cache": ("BOOLEAN", {"default": True, "tooltip": "Also release the compute "
+                                                   "device's cached-but-unused memory through the host."}),
+            },
+            "optional": {
+                "trigger": (ANY, {"tooltip": "Any value: the cleanup runs after it is produced and passes it "
+                                             "through, so you can place the cleanup in the graph."}),
+            },
+        }
+
+    def cleanup(self, clear, target, empty_device_cache, trigger=None):
+        cache = dram.default_cache()
+        target = target.strip()
+        if clear not in self.MODES:
+            raise ValueError(f"clear must be one of {', '.join(self.MODES)}, got {clear!r}")
+        if clear != "all" and not target:
+            raise ValueError(f"clear='{clear}' needs a 'target' ({'a dram_id' if clear == 'key' else 'a kind'}).")
+        if clear == "key":
+            freed = [cache.remove(target)]
+        else:
+            freed = cache.clear(kind=target if clear == "kind" else None)
+        if empty_device_cache:
+            soft_empty_cache()
+        held = sum(e.nbytes for e in freed if not e.weak)
+        if freed:
+            keys = ", ".join(e.key for e in freed)
+            headline = [f"Cleanup: dropped {len(freed)} entr{'y' if len(freed) == 1 else 'ies'} "
+                        f"({held / dram.GiB:.2f} GiB no longer held by the cache): {keys}"]
+        else:
+            headline = ["Cleanup: the cache held nothing to drop" + (f" of kind '{target}'" if clear == "kind" else "")]
+        log.info("[Slipstream] %s", headline[0])
+        return (_stats(cache, headline), trigger if trigger is not None else True)
