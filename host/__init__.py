@@ -77,3 +77,7 @@ model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
+
+# int8 family (W8A8 loading): see host/comfy_quant.py
+load_int8_diffusion_model = _impl.load_int8_diffusion_model  # (sd, plan, metadata, on_layer) -> (MODEL, report) | None
+diffusion_state_dict = _impl.diffusion_state_dict            # (MODEL) -> state dict with patches baked in

@@ -149,3 +149,20 @@ def loaded_models_summary():
 
 def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
+
+
+# ---------------------------------------------------------------- int8 family (W8A8 loading)
+
+
+def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None):
+    """(MODEL, QuantReport): ComfyUI builds the architecture; our fresh ops class quantizes its Linears."""
+    from . import comfy_quant
+
+    return comfy_quant.load_int8_diffusion_model(sd, plan, metadata, on_layer)
+
+
+def diffusion_state_dict(model):
+    """A MODEL's diffusion-model tensors with its LoRA patches baked in (for saving)."""
+    from . import comfy_quant
+
+    return comfy_quant.diffusion_state_dict(model)

@@ -1,0 +1,99 @@
+"""The int8 × int8 → int32 GEMM behind every Int8Linear, and the shape rules of each device.
+
+`torch._int_mm` runs on CPU (oneDNN, VNNI) and CUDA (cuBLASLt). On CPU it takes any shape. On
+CUDA it refuses M ≤ 16 and K or N that are not multiples of 8; the public INT8 packs answered
+that by dequantizing the whole weight and running a float matmul — 11–260× slower than int8 at
+M = 1 on CPU, and a silent change of numerics. Here such shapes are zero-padded instead: padding
+rows or reduction channels with zeros changes no output value. Devices without an int8 GEMM
+(MPS, XPU, DirectML) get `None` rules and the caller runs its counted float fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GemmRules:
+    """What `torch._int_mm` accepts on a device: M > min_rows_exclusive, K and N multiples."""
+
+    min_rows_exclusive: int = 0
+    k_multiple: int = 1
+    n_multiple: int = 1
+
+    def padded_rows(self, m: int) -> int:
+        return max(m, self.min_rows_exclusive + 1) if self.min_rows_exclusive else m
+
+    def padded_k(self, k: int) -> int:
+        return -(-k // self.k_multiple) * self.k_multiple
+
+    def padded_n(self, n: int) -> int:
+        return -(-n // self.n_multiple) * self.n_multiple
+
+
+CPU_RULES = GemmRules()
+# cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
+# padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
+CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
+
+
+def rules_for(device: torch.device) -> GemmRules | None:
+    """The int8 GEMM shape rules of a device, or None where torch has no int8 GEMM."""
+    if device.type == "cpu":
+        return CPU_RULES
+    if device.type == "cuda":  # also ROCm, which torch exposes as cuda
+        return CUDA_RULES
+    return None
+
+
+def pad_weight(weight: torch.Tensor, rules: GemmRules) -> torch.Tensor:
+    """The int8 weight [N, K] zero-padded to the device's K and N multiples (the same tensor if none)."""
+    n, k = weight.shape
+    pn, pk = rules.padded_n(n) - n, rules.padded_k(k) - k
+    if not (pn or pk):
+        return weight
+    return F.pad(weight, (0, pk, 0, pn))
+
+
+def int8_mm(x8: torch.Tensor, weight: torch.Tensor, rules: GemmRules, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [M, N] = x8 [M, K] · weight[:N]ᵀ, where `weight` is [N', K'] already padded by pad_weight.
+
+    `out` (int32 [M, N], contiguous) receives the result without a new allocation when no row or
+    column padding is needed; otherwise the padded product is computed and its top-left block copied.
+    The stored [N, K] weight is passed as a transposed view: a per-call transposed copy (what
+    comfy-kitchen's eager path does) costs more than the GEMM itself at small M.
+    """
+    m, k = x8.shape
+    n_pad, k_pad = weight.shape
+    rows = rules.padded_rows(m)
+    if rows != m or k_pad != k:
+        x8 = F.pad(x8, (0, k_pad - k, 0, rows - m))
+    n = out.shape[1] if out is not None else n_pad
+    if out is not None and rows == m and n == n_pad:
+        return torch._int_mm(x8, weight.t(), out=out)
+    acc = torch._int_mm(x8, weight.t())
+    if out is None:
+        return acc[:m, :n]
+    out.copy_(acc[:m, :n])
+    return out
+
+
+def rescale_(acc: torch.Tensor, act_scale: torch.Tensor, weight_scale_row: torch.Tensor,
+             bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out = acc · act_scale · weight_scale (+ bias), in fp32, in two fused passes; `acc` is scratch.
+
+    The int32 accumulator is turned into fp32 in its own memory (same element size), and `out` may
+    be that same memory when the output is fp32: a layer then allocates exactly one M×N buffer —
+    its output — like a float matmul does. Fresh large buffers are page-faulted on every call on
+    Linux, which made the eager dequantization of the public packs cost as much as the GEMM.
+    """
+    as_float = acc.view(torch.float32)
+    torch.mul(acc, weight_scale_row, out=as_float)
+    if bias is not None:
+        torch.addcmul(bias, as_float, act_scale, out=out)
+    else:
+        torch.mul(as_float, act_scale, out=out)
+    return out
