@@ -3,7 +3,9 @@
 Used by the headless runner, the benchmarks and the tests. Folders come from environment
 variables read at call time (so a test can point them at a temporary directory):
 SLIPSTREAM_MODELS (models root, os.pathsep-separated list allowed; default ./models),
-SLIPSTREAM_OUTPUT (./output), SLIPSTREAM_TEMP (./temp), SLIPSTREAM_INPUT (./input),
+SLIPSTREAM_OUTPUT (./output), SLIPSTREAM_TEMP (./temp), SLIPSTREAM_INPUT (./input) — run from
+this pack's own checkout, the defaults are ./slipstream-data/<name> instead, because the
+checkout's ./models folder is the package's Python code;
 SLIPSTREAM_DEVICE (compute device; default cuda when available, else cpu).
 """
 
@@ -37,8 +39,19 @@ class Interrupted(Exception):
     """Raised by check_interrupt() after request_interrupt(); ComfyUI raises its own type."""
 
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _default_dir(name: str) -> str:
+    """./<name>, except inside this pack's own checkout, whose ./models is Python code, not weights."""
+    cwd = os.getcwd()
+    if os.path.samefile(cwd, _PACKAGE_ROOT):
+        return os.path.join(cwd, "slipstream-data", name)
+    return os.path.join(cwd, name)
+
+
 def models_roots() -> list[str]:
-    raw = os.environ.get("SLIPSTREAM_MODELS") or os.path.join(os.getcwd(), "models")
+    raw = os.environ.get("SLIPSTREAM_MODELS") or _default_dir("models")
     return [os.path.abspath(p) for p in raw.split(os.pathsep) if p]
 
 
@@ -65,7 +78,7 @@ def model_path(key: str, name: str) -> str:
 
 
 def _dir_from_env(var: str, default: str) -> str:
-    path = os.path.abspath(os.environ.get(var) or os.path.join(os.getcwd(), default))
+    path = os.path.abspath(os.environ.get(var) or _default_dir(default))
     os.makedirs(path, exist_ok=True)
     return path
 

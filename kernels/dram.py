@@ -10,7 +10,7 @@ How loaders and nodes share an entry:
   obj = cache.lookup(key)                 # None on a miss: load from disk, then
   cache.register_loaded(key, obj, module) # remember the base object weakly; clones map back via `module`
   ...
-  cache.key_for(clip.patcher.model)       # the Offload node finds the loader's key from any clone
+  key, base = cache.resolve(clip.patcher.model, "clip")   # the Offload node, from any clone
   cache.put(key, obj, "clip", nbytes, new_ram_bytes=...)  # strong reference, budget + RAM checked
 
 Keys change when a file's size or mtime changes, so a replaced file is never served stale.
@@ -250,6 +250,20 @@ class DramCache:
             self._sources[key] = weakref.ref(obj)
             if module is not None:
                 self._aliases[module] = key
+
+    def resolve(self, module: Any, kind: str) -> tuple[str, Any | None]:
+        """(key, loader's base object or None) for the weight module a value and its clones share.
+
+        A module no loader registered gets a session key (`anon_key`), remembered weakly so every
+        clone of it resolves to the same key for as long as the module lives.
+        """
+        with self._lock:
+            key = self._aliases.get(module)
+            if key is None:
+                key = anon_key(kind, module)
+                self._aliases[module] = key
+                return key, None
+            return key, self.loaded_object(key)
 
     def loaded_object(self, key: str) -> Any | None:
         """The base object a loader registered for `key`, if it is still alive."""

@@ -5,13 +5,18 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, quant
+from . import memory, mia
+from . import quant  # int8 family
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    # MIA rigging
+    ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
+    ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
+    ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
     # int8 family
     ("OTUNetLoaderW8A8", quant.LoadDiffusionModelInt8, "Load Diffusion Model INT8 (W8A8)"),
     ("SlipstreamSaveInt8Model", quant.SaveInt8Model, "Save INT8 Model"),

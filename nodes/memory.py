@@ -67,11 +67,7 @@ class OffloadClipToDram:
         cache = dram.default_cache()
         cache.relieve_pressure()
         module = clip.patcher.model          # shared by every clone of this CLIP
-        key = cache.key_for(module)
-        base = cache.loaded_object(key) if key is not None else None
-        if key is None:
-            key = dram.anon_key("clip", module)
-            cache.alias(module, key)
+        key, base = cache.resolve(module, "clip")
         res = model_residency(clip)
         where = "RAM" if res.dynamic or res.same_device or res.device_bytes == 0 else f"RAM (from {res.load_device})"
         # Only a loader's base object is held strongly: a clone may carry LoRA patches, and a

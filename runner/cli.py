@@ -41,6 +41,15 @@ def _describe_input(name: str, spec: tuple) -> str:
     return f"{name}: {kind_text}{default}"
 
 
+def nodes_markdown() -> str:
+    """The README's node table, generated from the registry."""
+    pkg = _package()
+    lines = ["| Node (id) | Display name | Category |", "|---|---|---|"]
+    for node_id, cls in pkg.NODE_CLASS_MAPPINGS.items():
+        lines.append(f"| `{node_id}` | {pkg.NODE_DISPLAY_NAME_MAPPINGS[node_id]} | {cls.CATEGORY} |")
+    return "\n".join(lines)
+
+
 def list_nodes(as_json: bool = False) -> str:
     pkg = _package()
     rows = []
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("workflow", help="path to an API-format workflow JSON")
     p_nodes = sub.add_parser("nodes", help="list nodes with their inputs")
     p_nodes.add_argument("--json", action="store_true", help="machine-readable output")
+    p_nodes.add_argument("--markdown", action="store_true", help="the README's node table")
     p_demo = sub.add_parser("demo", help="run the CPU-runnable example workflows on tiny models")
     p_demo.add_argument("names", nargs="*", help="demo names to run (default: all)")
     p_demo.add_argument("--workdir", help="where models/input/output go (default: a new temp folder)")
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
     if args.command == "nodes":
-        print(list_nodes(args.json))
+        print(nodes_markdown() if args.markdown else list_nodes(args.json))
         return 0
     _install_sigint()
     from .graph import WorkflowError

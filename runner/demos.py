@@ -25,4 +25,13 @@ class DemoCase:
 def demo_cases() -> list[DemoCase]:
     """All CPU-runnable demos, imported lazily so `python -m slipstream nodes` stays fast."""
     cases: list[DemoCase] = []
+
+    # MIA rigging
+    def prepare_mia(models_root: Path, input_root: Path) -> None:
+        from ..models.mia.humanoid import write_demo_assets
+
+        write_demo_assets(str(models_root / "mia"), str(input_root / "3d" / "mia_demo_humanoid.glb"))
+
+    cases.append(DemoCase("mia_rig", "mia_rig_api.json", prepare_mia,
+                          "Auto-rig a procedural humanoid with miniature random-weight MIA networks -> rigged GLB"))
     return cases

@@ -9,7 +9,7 @@ import slipstream
 from slipstream.nodes import NODES
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-SEED_IDS = {"MIALoadModel", "OTUNetLoaderW8A8", "AnimaFastTrainReferenceContext", "ArchAi3D_Offload_CLIP"}
+SEED_IDS = {"MIALoadModel", "MIAAutoRig", "OTUNetLoaderW8A8", "AnimaFastTrainReferenceContext", "ArchAi3D_Offload_CLIP"}
 NODE_IDS = [node_id for node_id, _, _ in NODES]
 
 
@@ -79,7 +79,9 @@ def test_node_contract(node_id):
                 assert isinstance(opts.get("default", ""), str)
             else:
                 assert isinstance(kind, str) and kind, f"{node_id}.{name}: type"
-                assert kind == "*" or kind.replace("_", "").isalnum() and kind.isupper(), f"{node_id}.{name}: {kind}"
+                # "A,B" is ComfyUI's union socket type (comfy_execution/validation.py validate_node_input).
+                assert kind == "*" or all(part.replace("_", "").isalnum() and part.isupper()
+                                          for part in kind.split(",")), f"{node_id}.{name}: {kind}"
 
     func = getattr(cls, cls.FUNCTION)
     params = inspect.signature(func).parameters

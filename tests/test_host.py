@@ -120,3 +120,14 @@ def test_devices_on_cpu(monkeypatch):
     assert host.compute_device().type == "cpu"
     assert host.offload_device().type == "cpu"
     assert host.vram_info() is None
+
+
+def test_defaults_avoid_the_packages_own_models_folder(monkeypatch, tmp_path):
+    from slipstream.host import standalone
+
+    for var in ("SLIPSTREAM_MODELS", "SLIPSTREAM_OUTPUT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert standalone.models_roots() == [str(tmp_path / "models")]
+    monkeypatch.chdir(standalone._PACKAGE_ROOT)
+    assert standalone.models_roots() == [os.path.join(standalone._PACKAGE_ROOT, "slipstream-data", "models")]

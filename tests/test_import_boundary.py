@@ -20,13 +20,17 @@ def _python_files():
 
 
 def _imports(tree: ast.AST):
-    """(level, absolute-or-relative module name) for every import statement."""
+    """(level, module name) for every import; `from .. import host` yields the name imported (host)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield 0, alias.name
         elif isinstance(node, ast.ImportFrom):
-            yield node.level, node.module or ""
+            if node.module:
+                yield node.level, node.module
+            else:
+                for alias in node.names:
+                    yield node.level, alias.name
 
 
 def test_only_host_imports_comfyui():

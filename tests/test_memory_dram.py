@@ -251,6 +251,19 @@ def test_register_loaded_is_weak_and_maps_clones():
     assert probe() is None and cache.loaded_object("clip:te@abc") is None
 
 
+def test_resolve_gives_loader_keys_and_stable_session_keys():
+    cache = small_cache()
+    base, module, stranger = Blob("base"), Blob("module"), Blob("other weights")
+    cache.register_loaded("clip:te@abc", base, module)
+    assert cache.resolve(module, "clip") == ("clip:te@abc", base)
+    key, obj = cache.resolve(stranger, "clip")
+    assert obj is None and key.startswith("clip:anon:Blob:")
+    assert cache.resolve(stranger, "clip") == (key, None)        # same module, same session key
+    del base
+    gc.collect()
+    assert cache.resolve(module, "clip") == ("clip:te@abc", None)
+
+
 def test_weak_entries_hold_nothing_and_vanish():
     cache = small_cache(budget=10)
     obj = Blob("anon")

@@ -116,7 +116,9 @@ def test_hf_names_of_the_full_model_map_onto_it():
     meta = build_on_meta(lambda: T.UMT5Encoder()).state_dict()
     hf = _to_hf_names(meta)
     assert "encoder.block.23.layer.0.SelfAttention.relative_attention_bias.weight" in hf
-    assert T.UMT5Encoder.config_from_state_dict(T._rename_hf(dict(hf))) == T.UMT5_XXL
+    encoder = T.UMT5Encoder.from_state_dict(hf)  # meta tensors in, meta model out: no memory used
+    assert encoder.config == T.UMT5_XXL
+    assert {k: tuple(v.shape) for k, v in encoder.state_dict().items()} == {k: tuple(v.shape) for k, v in meta.items()}
 
 
 # ---- formulas ----------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ def test_encoder_on_tokenized_text(encoder, tokenizer):
     assert torch.isfinite(out).all()
     for row, n in enumerate(batch.lengths):
         assert (out[row, n:] == 0).all() and out[row, :n].abs().sum() > 0
-    assert torch.equal(encoder.encode(batch), out)  # deterministic
+    seen = []
+    assert torch.equal(encoder.encode(batch, callback=lambda d, t: seen.append((d, t))), out)  # deterministic
+    assert seen == [(1, 2), (2, 2)]
 
 
 def test_padding_does_not_change_real_tokens(encoder, tokenizer, spiece_proto):
@@ -268,11 +272,25 @@ def test_scaled_fp8_comfy_file_is_dequantized(tiny_sd, tokenizer, tmp_path):
     quant["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     save_file(quant, str(path))
-    enc = T.UMT5Encoder.from_file(str(path), dtype=torch.float32)
     batch = tokenizer("a dog runs through the snowy forest")
     ref = T.UMT5Encoder.from_state_dict(dict(tiny_sd)).encode(batch)
-    assert (enc.encode(batch) - ref).abs().mean() < 0.1 * ref.abs().mean()
-    assert T.UMT5Encoder.from_file(str(path)).dtype == torch.bfloat16
+    dequantized = T.UMT5Encoder.from_file(str(path), dtype=torch.float32, weight_dtype=torch.float32)
+    assert dequantized.blocks[0].attn.q.weight.dtype == torch.float32
+    assert (dequantized.encode(batch) - ref).abs().mean() < 0.1 * ref.abs().mean()
+    kept = T.UMT5Encoder.from_file(str(path))  # fp8 files stay fp8 (half the memory), compute in bf16
+    assert kept.dtype == torch.bfloat16
+    q = kept.blocks[0].attn.q
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale is not None
+    assert kept.blocks[0].norm1.weight.dtype == torch.bfloat16
+    out = kept.encode(batch)
+    assert torch.isfinite(out).all() and (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_integer_quantized_weights_are_refused(tiny_sd):
+    sd = dict(tiny_sd)
+    sd["blocks.0.attn.q.weight"] = torch.zeros(32, 32, dtype=torch.int8)
+    with pytest.raises(CheckpointError, match="blocks.0.attn.q.weight' is stored as int8"):
+        T.UMT5Encoder.from_state_dict(sd)
 
 
 def test_missing_or_wrong_tensor_is_named(tiny_sd):
@@ -284,7 +302,7 @@ def test_missing_or_wrong_tensor_is_named(tiny_sd):
     wrong["blocks.0.attn.k.weight"] = torch.zeros(32, 31)
     with pytest.raises(CheckpointError, match=r"blocks.0.attn.k.weight \(32, 31\)"):
         T.UMT5Encoder.from_state_dict(wrong)
-    with pytest.raises(CheckpointError, match="Not a umT5 text encoder"):
+    with pytest.raises(CheckpointError, match="not a umT5 text encoder"):
         T.UMT5Encoder.from_state_dict({"decoder.conv1.weight": torch.zeros(1)})
 
 

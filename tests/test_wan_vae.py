@@ -225,9 +225,11 @@ def test_loading_assigns_the_file_tensors_without_copying(tiny_sd):
     sd = dict(tiny_sd)
     vae = V.WanVAE.from_state_dict(sd)
     assert vae.decoder.conv1.weight.data_ptr() == tiny_sd["decoder.conv1.weight"].data_ptr()
-    consumed = dict(tiny_sd)
+    half = V.WanVAE.from_state_dict(sd, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and sd["decoder.conv1.weight"].dtype == torch.float32  # caller's dict untouched
+    consumed = {**{"vae." + k: v for k, v in tiny_sd.items()}, "other.weight": torch.zeros(1)}
     V.WanVAE.from_state_dict(consumed, dtype=torch.bfloat16, consume=True)
-    assert consumed == {}
+    assert list(consumed) == ["other.weight"]  # the VAE's tensors were handed over, the rest stays
 
 
 def test_missing_or_wrong_tensor_is_named(tiny_sd):
@@ -239,7 +241,7 @@ def test_missing_or_wrong_tensor_is_named(tiny_sd):
     wrong["encoder.middle.1.proj.weight"] = torch.zeros(32, 32, 1, 2)
     with pytest.raises(CheckpointError, match=r"encoder.middle.1.proj.weight \(32, 32, 1, 2\)"):
         V.WanVAE.from_state_dict(wrong)
-    with pytest.raises(CheckpointError, match="Not a Wan 2.1 VAE"):
+    with pytest.raises(CheckpointError, match="not a Wan 2.1 VAE"):
         V.WanVAE.from_state_dict({"blocks.0.attn.q.weight": torch.zeros(2, 2)})
     wan22 = dict(tiny_sd)
     wan22["conv2.weight"] = torch.zeros(48, 48, 1, 1, 1)

@@ -272,7 +272,13 @@ class WanDiT(nn.Module):
                                    attention_backend, path)
         scale_tensors = {layer: t for layer, (_, t) in zip(
             scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
-        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes]))
+        on_cpu = device is None or torch.device(device).type == "cpu"
+
+        def transient(key: str, stored: torch.dtype) -> bool:     # converted or moved right after reading
+            name = key[len(prefix):]
+            return not on_cpu or plan.target(name, stored) != stored
+
+        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], transient))
         return assign_weights(model, tensors, plan, device, scale_tensors, lambda m: isinstance(m, CastLinear))
 
     @classmethod

@@ -9,6 +9,7 @@ so converting an fp32 file to bf16 through a map would peak at the file plus the
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,9 +41,17 @@ def safetensors_dtype(path: str, name: str, code: str) -> torch.dtype:
     return SAFETENSORS_DTYPES[code]
 
 
-def read_safetensors(path: str, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, CPU tensor) for `keys`, each read into its own fresh buffer (no memory map)."""
+def read_safetensors(path: str, keys: Iterable[str],
+                     transient: Callable[[str, torch.dtype], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, CPU tensor) for `keys` in order, read with `readinto` (no memory map).
+
+    Tensors for which `transient(key, dtype)` is true are views into one scratch buffer that the
+    next item overwrites: for callers that convert each tensor at once. Reusing one buffer keeps
+    the allocator from fragmenting the heap with freed temporaries (glibc raises its mmap
+    threshold after the first large free, and the holes then count as resident memory).
+    """
     header, _ = read_safetensors_header(path)
+    scratch = torch.empty(0, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         base = 8 + header_len
@@ -51,13 +60,22 @@ def read_safetensors(path: str, keys: Iterable[str]) -> Iterator[tuple[str, torc
                 raise CheckpointError(f"{path}: missing tensor '{key}'.")
             info = header[key]
             start, end = (int(o) for o in info["data_offsets"])
-            tensor = torch.empty([int(s) for s in info["shape"]], dtype=safetensors_dtype(path, key, info["dtype"]))
-            raw = tensor.reshape(-1).view(torch.uint8)
-            if raw.numel() != end - start:
-                raise CheckpointError(f"{path}: tensor '{key}' holds {end - start} bytes but its shape "
-                                      f"{info['shape']} and dtype {info['dtype']} need {raw.numel()}. The file is damaged.")
+            dtype = safetensors_dtype(path, key, info["dtype"])
+            shape = [int(s) for s in info["shape"]]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes != end - start:
+                raise CheckpointError(f"{path}: tensor '{key}' holds {end - start} bytes but its shape {shape} and "
+                                      f"dtype {info['dtype']} need {nbytes}. The file is damaged.")
+            if transient is not None and transient(key, dtype):
+                if scratch.numel() < nbytes:
+                    scratch = torch.empty(nbytes, dtype=torch.uint8)
+                raw = scratch[:nbytes]
+                tensor = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+                raw = tensor.reshape(-1).view(torch.uint8)
             f.seek(base + start)
-            if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
+            if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
                 raise CheckpointError(f"{path}: tensor '{key}' is cut short. The file is truncated; fetch it again.")
             yield key, tensor
 

@@ -15,25 +15,27 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, load_state_dict
+from ..checkpoint import CheckpointError
+from .layers import CastLinear
 from .tokenizer import TokenBatch
 from .weights import (
-    assign_weights,
-    build_on_meta,
-    dequantize_scaled_fp8,
-    find_prefix,
+    Recipe,
+    Source,
+    TensorTable,
+    identity_recipe,
+    load_encoder,
     module_device,
     module_dtype,
-    storage_dtype,
-    take_prefixed,
 )
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -104,24 +106,26 @@ class T5Attention(nn.Module):
     def __init__(self, dim: int, dim_attn: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim_attn, bias=False)
-        self.k = nn.Linear(dim, dim_attn, bias=False)
-        self.v = nn.Linear(dim, dim_attn, bias=False)
-        self.o = nn.Linear(dim_attn, dim, bias=False)
+        # CastLinear: fp8 files can stay fp8 in memory (upcast per layer in forward).
+        self.q = CastLinear(dim, dim_attn, bias=False)
+        self.k = CastLinear(dim, dim_attn, bias=False)
+        self.v = CastLinear(dim, dim_attn, bias=False)
+        self.o = CastLinear(dim_attn, dim, bias=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, -1) for proj in (self.q, self.k, self.v))
-        y = attention(q, k, v, mask=bias, layout="bshd", scale=1.0)  # T5 does not scale its logits
+        # T5 does not scale its logits; the additive bias rules out flash kernels, so ask for sdpa.
+        y = attention(q, k, v, mask=bias, layout="bshd", scale=1.0, backend="sdpa")
         return self.o(y.reshape(b, n, -1))
 
 
 class T5FeedForward(nn.Module):
     def __init__(self, dim: int, dim_ffn: int):
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
-        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
-        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+        self.gate = nn.Sequential(CastLinear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = CastLinear(dim, dim_ffn, bias=False)
+        self.fc2 = CastLinear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(x) * self.gate(x))
@@ -165,29 +169,37 @@ _HF_RENAMES = [
     (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight$"), r"blocks.\1.ffn.fc2.weight"),
     (re.compile(r"^encoder\.final_layer_norm\.weight$"), "norm.weight"),
 ]
-# Tensors of a whole-model HF file that the encoder does not use.
-_HF_IGNORED = re.compile(r"^(decoder\.|lm_head\.|spiece_model$)")
-_ANCHORS = ("blocks.0.attn.q.weight", "encoder.block.0.layer.0.SelfAttention.q.weight")
+# Tensors the encoder does not use: a whole-model HF file's decoder and LM head, the tokenizer.
+_UNUSED = re.compile(r"^(decoder\.|lm_head\.|spiece_model$)")
 
 
-def _rename_hf(sd: MutableMapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
-        sd["shared.weight"] = sd.pop("encoder.embed_tokens.weight")
-    sd.pop("encoder.embed_tokens.weight", None)  # tied copy of shared.weight
-    out = {}
-    for key, tensor in sd.items():
-        if _HF_IGNORED.match(key):
+def _official_recipe(keys) -> Recipe:
+    return identity_recipe(k for k in keys if not _UNUSED.match(k))
+
+
+def _hf_recipe(keys) -> Recipe:
+    keys = set(keys)
+    recipe: Recipe = {}
+    if "shared.weight" not in keys and "encoder.embed_tokens.weight" in keys:
+        recipe["token_embedding.weight"] = Source(("encoder.embed_tokens.weight",))
+    for key in sorted(keys):
+        if _UNUSED.match(key) or key == "encoder.embed_tokens.weight":  # the latter: a tied copy of shared
             continue
-        for pattern, target in _HF_RENAMES:
+        target = key
+        for pattern, replacement in _HF_RENAMES:
             if pattern.match(key):
-                key = pattern.sub(target, key)
+                target = pattern.sub(replacement, key)
                 break
-        out[key] = tensor
-    return out
+        recipe[target] = Source((key,))
+    return recipe
 
 
-def _count_blocks(sd: Mapping[str, torch.Tensor]) -> int:
-    ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+_LAYOUTS = {"blocks.0.attn.q.weight": _official_recipe,
+            "encoder.block.0.layer.0.SelfAttention.q.weight": _hf_recipe}
+
+
+def _count_blocks(keys) -> int:
+    ids = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
     return max(ids) + 1 if ids else 0
 
 
@@ -210,7 +222,10 @@ class UMT5Encoder(nn.Module):
         return module_device(self)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                callback: Progress | None = None) -> torch.Tensor:
+        """`callback(done, total)` runs after every layer (XXL on a CPU takes a while); raising
+        from it (an interrupt) stops the encode."""
         if ids.dim() != 2:
             raise ValueError(f"token ids must be [B,L], got {tuple(ids.shape)}")
         if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
@@ -220,62 +235,59 @@ class UMT5Encoder(nn.Module):
         key_mask = None if mask is None else mask.to(device=self.device, dtype=torch.bool)
         x = self.token_embedding(ids)
         buckets = self.blocks[0].pos_embedding.buckets(ids.shape[1])
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, buckets, key_mask)
+            if callback is not None:
+                callback(i + 1, len(self.blocks))
         x = self.norm(x).float()
         if key_mask is not None:
             x = x * key_mask[..., None]
         return x
 
-    def encode(self, tokens: TokenBatch) -> torch.Tensor:
+    def encode(self, tokens: TokenBatch, callback: Progress | None = None) -> torch.Tensor:
         """Hidden states [B, context, dim] (float32) of a tokenizer batch; padded rows are zero."""
-        return self(tokens.ids, tokens.mask)
+        return self(tokens.ids, tokens.mask, callback=callback)
 
     # ---- loading -------------------------------------------------------------------------------
 
     @staticmethod
-    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> UMT5Config:
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> UMT5Config:
         """Widths from the weight shapes, layer count from the keys (official names)."""
         needed = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
                   "blocks.0.pos_embedding.embedding.weight")
-        absent = [k for k in needed if k not in sd]
+        absent = [k for k in needed if k not in shapes]
         if absent:
             raise CheckpointError(f"Not a umT5 encoder: missing tensor(s) {', '.join(absent)}.")
-        vocab, dim = sd["token_embedding.weight"].shape
-        buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
-        return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=sd["blocks.0.attn.q.weight"].shape[0],
-                          dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=heads,
-                          num_layers=_count_blocks(sd), num_buckets=buckets)
+        vocab, dim = shapes["token_embedding.weight"]
+        buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
+        return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=shapes["blocks.0.attn.q.weight"][0],
+                          dim_ffn=shapes["blocks.0.ffn.fc1.weight"][0], num_heads=heads,
+                          num_layers=_count_blocks(shapes), num_buckets=buckets)
 
     @classmethod
     def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, consume: bool = False) -> UMT5Encoder:
+                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
+                        consume: bool = False) -> UMT5Encoder:
         """Build from official, HF/ComfyUI (`encoder.block...`, `shared.weight`) or prefixed layouts.
 
-        dtype None keeps the file's dtype (fp8 files are dequantized to bf16). With `consume` the
-        caller's dict is emptied as tensors are converted.
+        `dtype`: compute dtype (default: the file's; bf16 for fp8 files). `weight_dtype`: storage of
+        the Linear weights (default: fp8 files stay fp8, ~half the memory; else `dtype`). With
+        `consume` the encoder's tensors leave `sd` as they are converted (prefer `from_file`, which
+        never holds the whole file).
         """
-        found = find_prefix(sd, _ANCHORS)
-        if found is None:
-            raise CheckpointError(
-                "Not a umT5 text encoder: no tensor named like 'blocks.0.attn.q.weight' or "
-                "'encoder.block.0.layer.0.SelfAttention.q.weight'. Pick the umT5-XXL file "
-                "(e.g. umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth).")
-        prefix, anchor = found
-        own = take_prefixed(sd, prefix)
-        if consume:
-            for key in [k for k in sd if k.startswith(prefix)]:
-                del sd[key]
-        dtype = dtype or storage_dtype(own)
-        dequantize_scaled_fp8(own, dtype)
-        if anchor.startswith("encoder."):
-            own = _rename_hf(own)
-        own.pop("spiece_model", None)
-        model = build_on_meta(lambda: cls(cls.config_from_state_dict(own)))
-        return assign_weights(model, own, "the umT5 text encoder", dtype=dtype, device=device, consume=True)
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype)
 
     @classmethod
-    def from_file(cls, path: str, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> UMT5Encoder:
-        return cls.from_state_dict(load_state_dict(path), dtype=dtype, device=device, consume=True)
+    def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  *, weight_dtype: torch.dtype | None = None) -> UMT5Encoder:
+        """Load a text-encoder file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
+        return cls._load(TensorTable.from_file(path), dtype, device, weight_dtype)
 
+    @classmethod
+    def _load(cls, table: TensorTable, dtype, device, weight_dtype) -> UMT5Encoder:
+        return load_encoder(
+            table, _LAYOUTS, lambda shapes: cls(cls.config_from_shapes(shapes)), "the umT5 text encoder",
+            "not a umT5 text encoder: no tensor named like 'blocks.0.attn.q.weight' or "
+            "'encoder.block.0.layer.0.SelfAttention.q.weight'. Pick the umT5-XXL file "
+            "(e.g. umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth).",
+            dtype=dtype, weight_dtype=weight_dtype, device=device)

@@ -24,18 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, load_state_dict
+from ..checkpoint import CheckpointError
 from .tiling import Tiling, run_tiled
-from .weights import (
-    assign_weights,
-    build_on_meta,
-    dequantize_scaled_fp8,
-    find_prefix,
-    module_device,
-    module_dtype,
-    storage_dtype,
-    take_prefixed,
-)
+from .weights import TensorTable, identity_recipe, load_encoder, module_device, module_dtype
 
 Progress = Callable[[int, int], None]
 
@@ -204,7 +195,8 @@ class AttentionBlock(CausalLayer):
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 1, 3 * c, h * w).transpose(-1, -2)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = attention(q.contiguous(), k.contiguous(), v.contiguous())
+        # One head as wide as the block (up to 384): beyond flash kernels' head size, so sdpa.
+        y = attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="sdpa")
         y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
         return x + y.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
 
@@ -350,46 +342,42 @@ class WanVAE(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
 
     @staticmethod
-    def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> WanVAEConfig:
-        """The config of bare-named VAE weights: width from `encoder.conv1`, latent channels from `conv2`."""
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> WanVAEConfig:
+        """The config of VAE weights (official names): width from `encoder.conv1`, latent channels from `conv2`."""
         for key in ("encoder.conv1.weight", "conv2.weight"):
-            if key not in sd:
+            if key not in shapes:
                 raise CheckpointError(f"Not a Wan 2.1 VAE: missing tensor {key}.")
-        z_dim = sd["conv2.weight"].shape[0]
+        z_dim = shapes["conv2.weight"][0]
         if z_dim != len(LATENT_MEAN):
             raise CheckpointError(
                 f"This VAE has {z_dim} latent channels; the Wan 2.1 VAE has {len(LATENT_MEAN)}. "
                 "(48 channels is the Wan 2.2 VAE, which this loader does not support.)")
-        return WanVAEConfig(dim=sd["encoder.conv1.weight"].shape[0], z_dim=z_dim)
+        return WanVAEConfig(dim=shapes["encoder.conv1.weight"][0], z_dim=z_dim)
 
     @classmethod
     def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, consume: bool = False) -> WanVAE:
         """Build from a state dict in any known layout (official, ComfyUI `vae.`, kijai `model.`).
 
-        dtype None keeps the file's dtype (fp8 files compute in bf16). With `consume` the caller's
-        dict is emptied as tensors are converted (no second copy when the dtype changes).
+        dtype None keeps the file's dtype (fp8 files compute in bf16). Tensors already in the
+        target dtype and device become the parameters without a copy; with `consume` the VAE's
+        tensors leave `sd` as they are converted.
         """
-        found = find_prefix(sd, _ANCHORS)
-        if found is None:
-            raise CheckpointError("Not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' "
-                                  "(with or without a prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).")
-        prefix = found[0]
-        own = take_prefixed(sd, prefix)
-        if consume and prefix == "":
-            sd.clear()
-        elif consume:
-            for key in [k for k in sd if k.startswith(prefix)]:
-                del sd[key]
-        dtype = dtype or storage_dtype(own)
-        dequantize_scaled_fp8(own, dtype)
-        model = build_on_meta(lambda: cls(cls.config_from_state_dict(own)))
-        return assign_weights(model, own, "the Wan 2.1 VAE", dtype=dtype, device=device, consume=True)
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> WanVAE:
-        return cls.from_state_dict(load_state_dict(path), dtype=dtype, device=device, consume=True)
+        """Load a VAE file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
+        return cls._load(TensorTable.from_file(path), dtype, device)
+
+    @classmethod
+    def _load(cls, table: TensorTable, dtype, device) -> WanVAE:
+        return load_encoder(
+            table, {anchor: identity_recipe for anchor in _ANCHORS}, lambda shapes: cls(cls.config_from_shapes(shapes)),
+            "the Wan 2.1 VAE",
+            "not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' (with or without a "
+            "prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).", dtype=dtype, device=device)
 
     # ---- encode / decode -----------------------------------------------------------------------
 

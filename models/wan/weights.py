@@ -1,32 +1,106 @@
-"""Putting checkpoint tensors into a model built on the `meta` device.
+"""Loading Wan's encoders (VAE, umT5, CLIP vision) from the layouts people actually have.
 
-Wan's encoders ship in several layouts (official bare names, ComfyUI all-in-one files with a `vae.`
-or `text_encoders.umt5xxl.transformer.` prefix, kijai's `model.` prefix, fp8 "scaled" files). Every
-loader here does the same four things, so they live in one place:
-
-1. find where the sub-model sits in the file by an *anchor* key (any prefix is accepted, so a new
-   repackaging does not need a new rule),
-2. dequantize scaled fp8 weights if the file has them,
-3. compare names and shapes with the meta model and name every missing / misshapen tensor,
-4. assign the tensors into the meta model (`load_state_dict(assign=True)`): the file's tensors
-   become the parameters, so loading never holds a second full copy of the weights.
+The same tower ships under different names (official, ComfyUI/HF, open_clip, kijai's `model.`
+prefix, all-in-one files with `vae.` / `text_encoders.umt5xxl.transformer.` prefixes), sometimes
+with q/k/v split where we keep them fused, sometimes as scaled fp8. Each model describes its
+layouts as *recipes* — model key <- the file key(s) it is made of — and this module does the rest
+the DiT loader does too (it reuses `loading.py`): locate the tower by an anchor key under any
+prefix, check every name and shape against the meta-built model (computed from the header, before
+any tensor is read), then stream the tensors one by one into their final dtype and device and let
+the model adopt them. Nothing holds a second copy of the weights.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict
+from ...kernels.precision import is_fp8
+from ..checkpoint import (
+    PICKLE_EXTS,
+    CheckpointError,
+    check_state_dict,
+    load_state_dict,
+    read_safetensors_header,
+)
+from .layers import CastLinear
+from .loading import (
+    DtypePlan,
+    assign_weights,
+    plan_dtypes,
+    read_safetensors,
+    safetensors_dtype,
+    split_weight_scales,
+)
 
-FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-# Marker tensors that ComfyUI's quantized formats carry next to real weights.
-_QUANT_MARKERS = ("scaled_fp8",)
-_QUANT_SUFFIXES = (".comfy_quant", ".scale_input", ".input_scale")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+# Tensors quantized files carry beside the weights; they hold no weights of their own.
+_MARKER_KEYS = frozenset({"scaled_fp8"})
+_MARKER_SUFFIXES = (".comfy_quant",)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model tensor comes from: file key(s) (without prefix) and how to combine them."""
+
+    keys: tuple[str, ...]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+    def build(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.combine(parts) if self.combine is not None else parts[0]
+
+
+Recipe = dict[str, Source]
+Layout = Callable[[Sequence[str]], Recipe]
+Transient = Callable[[str, torch.dtype], bool]
+
+
+def identity_recipe(keys: Iterable[str]) -> Recipe:
+    return {k: Source((k,)) for k in keys}
+
+
+class TensorTable:
+    """Names, shapes and dtypes of a checkpoint's tensors, and streaming any of them on demand.
+
+    A safetensors file is described by its header alone and read tensor by tensor with plain
+    reads (see loading.read_safetensors); a state dict or a pickled file is already in memory.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                 streamer: Callable[[list[str], Transient | None], Iterator[tuple[str, torch.Tensor]]], name: str):
+        self.shapes = dict(shapes)
+        self.dtypes = dict(dtypes)
+        self._streamer = streamer
+        self.name = name
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], name: str = "state dict",
+                        consume: bool = False) -> TensorTable:
+        """With `consume`, each tensor leaves `sd` as it is streamed, so a caller that loaded the
+        whole file does not keep it alive beside the converted model."""
+        take = sd.pop if consume else sd.__getitem__
+        return cls({k: tuple(v.shape) for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()},
+                   lambda keys, transient: ((k, take(k)) for k in keys), name)
+
+    @classmethod
+    def from_file(cls, path: str) -> TensorTable:
+        if path.lower().endswith(PICKLE_EXTS):
+            return cls.from_state_dict(load_state_dict(path), path)
+        header, _ = read_safetensors_header(path)
+        return cls({k: tuple(v["shape"]) for k, v in header.items()},
+                   {k: safetensors_dtype(path, k, v["dtype"]) for k, v in header.items()},
+                   lambda keys, transient: read_safetensors(path, keys, transient), path)
+
+    def stream(self, keys: list[str], transient: Transient | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) in order. Tensors for which transient(key, dtype) is true may be views of a
+        scratch buffer that the next item overwrites (for callers that convert each at once)."""
+        return self._streamer(keys, transient)
+
+    def read(self, keys: list[str]) -> list[torch.Tensor]:
+        return [t for _, t in self.stream(keys)]
 
 
 def find_prefix(keys: Iterable[str], anchors: Iterable[str]) -> tuple[str, str] | None:
@@ -41,75 +115,128 @@ def find_prefix(keys: Iterable[str], anchors: Iterable[str]) -> tuple[str, str] 
     return None
 
 
-def take_prefixed(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix`, with the prefix removed (tensors are shared, not copied)."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def dequantize_scaled_fp8(sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """In place: fp8 weights times their `.scale_weight`/`.weight_scale` (1 if absent) in `dtype`;
-    quantization markers removed. Files without fp8 tensors are left untouched."""
-    if not any(v.dtype in FP8_DTYPES for v in sd.values()):
-        return
-    for key in [k for k in sd if k in _QUANT_MARKERS or k.endswith(_QUANT_SUFFIXES)]:
-        del sd[key]
-    scales = {}
-    for key in [k for k in sd if k.endswith(_SCALE_SUFFIXES)]:
-        layer = key.rsplit(".", 1)[0]
-        scales[layer + ".weight"] = sd.pop(key)
-    for key, tensor in list(sd.items()):
-        if tensor.dtype in FP8_DTYPES:
-            scale = scales.pop(key, None)
-            value = tensor.to(torch.float32)
-            if scale is not None:
-                value = value * scale.to(torch.float32)
-            sd[key] = value.to(dtype)
-    if scales:
-        raise CheckpointError(f"Scale tensor(s) without an fp8 weight: {', '.join(sorted(scales)[:5])}. "
-                              "The file mixes quantization formats; use an unquantized or a ComfyUI-made fp8 file.")
-
-
-def storage_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype holding most of the weights (fp8 counts as bf16, the dtype it computes in)."""
-    counts: Counter[torch.dtype] = Counter()
-    for v in sd.values():
-        if v.is_floating_point():
-            counts[torch.bfloat16 if v.dtype in FP8_DTYPES else v.dtype] += v.numel()
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Instantiate a module without allocating its weights."""
     with torch.device("meta"):
         return factory()
 
 
-def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+def load_encoder(table: TensorTable, layouts: Mapping[str, Layout],
+                 build: Callable[[Mapping[str, tuple[int, ...]]], nn.Module], what: str, not_found: str,
+                 dtype: torch.dtype | None = None, weight_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> nn.Module:
+    """Find the tower in `table` by the layouts' anchor keys, check it, and stream it into a model.
 
-
-def assign_weights(module: nn.Module, sd: MutableMapping[str, torch.Tensor], what: str,
-                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                   consume: bool = False) -> nn.Module:
-    """Check `sd` against the meta `module` and make its tensors the module's parameters.
-
-    Floating tensors are cast to `dtype` (default: the file's main dtype) and moved to `device`.
-    With `consume=True` each source tensor is dropped from `sd` as soon as it is converted, so a
-    dtype change costs one tensor of extra memory instead of a second model.
+    `build(shapes)` returns the model on the meta device for the model-key shapes. `dtype` is the
+    compute dtype (default: the file's, bf16 for fp8 files); `weight_dtype` the storage of the
+    Linear weights (default: fp8 files stay fp8, others use `dtype`).
     """
-    check_state_dict(expected_shapes(module), sd, what)
-    dtype = dtype or storage_dtype(sd)
-    ready: dict[str, torch.Tensor] = {}
-    for key in list(sd):
-        tensor = sd.pop(key) if consume else sd[key]
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype=dtype)
-        if device is not None:
-            tensor = tensor.to(device=device)
-        ready[key] = tensor
-    module.load_state_dict(ready, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    found = find_prefix(table.shapes, layouts)
+    if found is None:
+        raise CheckpointError(f"{table.name}: {not_found}")
+    prefix, anchor = found
+    own = [k[len(prefix):] for k in table.shapes if k.startswith(prefix)]
+    own = [k for k in own if k not in _MARKER_KEYS and not k.endswith(_MARKER_SUFFIXES)]
+    weights, scale_keys = split_weight_scales({k: k for k in own})
+    recipe = layouts[anchor](list(weights))
+    _refuse_non_float(table, prefix, recipe)
+
+    shapes = {t: _combined_shape(table, prefix, src) for t, src in recipe.items()}
+    model = build_on_meta(lambda: build(shapes))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, f"{what} ({table.name})")
+
+    # Fused tensors (q/k/v made one) are rebuilt in float, so they are not kept in fp8.
+    quantizable = [f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, CastLinear) and len(recipe[f"{n}.weight"].keys) == 1]
+    plan = plan_dtypes(dtype, weight_dtype, _main_dtype(table, prefix, recipe), quantizable)
+    scales = _target_scales(table, prefix, recipe, scale_keys)
+    single = {_layer(s.keys[0]) for s in recipe.values() if len(s.keys) == 1}
+    part_scales = {layer: key for layer, key in scale_keys.items() if layer not in single}
+    tensors = _stream(table, prefix, recipe, part_scales, plan, device)
+    return assign_weights(model, tensors, plan, device, scales, lambda m: isinstance(m, CastLinear))
+
+
+def _layer(key: str) -> str:
+    return key.rsplit(".", 1)[0]
+
+
+def _combined_shape(table: TensorTable, prefix: str, src: Source) -> tuple[int, ...]:
+    parts = [torch.empty(table.shapes[prefix + k], device="meta") for k in src.keys]
+    return tuple(src.build(parts).shape)
+
+
+def _refuse_non_float(table: TensorTable, prefix: str, recipe: Recipe) -> None:
+    for target, src in recipe.items():
+        for key in src.keys:
+            stored = table.dtypes[prefix + key]
+            if not stored.is_floating_point:
+                raise CheckpointError(
+                    f"{table.name}: tensor '{prefix + key}' is stored as {str(stored).removeprefix('torch.')}, "
+                    f"a quantized format this loader does not read (for {target}). Use an fp16/bf16/fp32 "
+                    "or fp8 file.")
+
+
+def _main_dtype(table: TensorTable, prefix: str, recipe: Recipe) -> torch.dtype:
+    """The dtype holding most of the weights: what 'keep the file's dtype' means."""
+    counts: Counter[torch.dtype] = Counter()
+    for src in recipe.values():
+        for key in src.keys:
+            counts[table.dtypes[prefix + key]] += max(1, _numel(table.shapes[prefix + key]))
+    return counts.most_common(1)[0][0]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _target_scales(table: TensorTable, prefix: str, recipe: Recipe, scale_keys: Mapping[str, str]
+                   ) -> dict[str, torch.Tensor]:
+    """Weight scales of single-source weights, keyed by the model's layer path."""
+    wanted = {}
+    for target, src in recipe.items():
+        if len(src.keys) == 1 and target.endswith(".weight") and _layer(src.keys[0]) in scale_keys:
+            wanted[_layer(target)] = prefix + scale_keys[_layer(src.keys[0])]
+    if not wanted:
+        return {}
+    values = table.read(list(wanted.values()))
+    return dict(zip(wanted, values, strict=True))
+
+
+def _stream(table: TensorTable, prefix: str, recipe: Recipe, part_scales: Mapping[str, str], plan: DtypePlan,
+            device: torch.device | str | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(model key, tensor) one at a time, in one pass over the file.
+
+    A tensor that is converted or moved right away is read into a reused scratch buffer (no heap
+    fragmentation from freed temporaries); parts of fused tensors are dequantized before fusing.
+    """
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    target_of = {prefix + src.keys[0]: t for t, src in recipe.items() if len(src.keys) == 1}
+
+    def transient(key: str, stored: torch.dtype) -> bool:
+        target = target_of.get(key)
+        return target is not None and (not on_cpu or plan.target(target, stored) != stored)
+
+    order = [prefix + k for src in recipe.values() for k in src.keys]
+    stream = table.stream(order, transient)
+    for target, src in recipe.items():
+        parts = [t for _, (_, t) in zip(src.keys, stream, strict=False)]
+        if len(parts) > 1:
+            parts = [_dequantized(table, prefix, key, part, part_scales) for key, part in zip(src.keys, parts, strict=True)]
+        yield target, src.build(parts)
+        del parts
+
+
+def _dequantized(table: TensorTable, prefix: str, key: str, part: torch.Tensor, part_scales: Mapping[str, str]
+                 ) -> torch.Tensor:
+    """A part of a fused tensor in a dtype torch can concatenate, with its own scale applied."""
+    if key.endswith(".weight") and _layer(key) in part_scales:
+        (scale,) = table.read([prefix + part_scales[_layer(key)]])
+        return part.float() * scale.float()
+    return part.float() if is_fp8(part.dtype) else part
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

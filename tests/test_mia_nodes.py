@@ -1,0 +1,125 @@
+"""MIA nodes end to end in the standalone host: the example workflow's API twin, mesh I/O, output naming."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from slipstream.models.mia import gltf
+from slipstream.models.mia.humanoid import make_humanoid
+from slipstream.models.mia.mesh import MeshError, as_triangle_mesh, load_mesh
+from slipstream.nodes import NODE_CLASS_MAPPINGS
+from slipstream.runner.demos import demo_cases
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run_api_workflow(path: Path) -> dict[str, object]:
+    """Execute an API-format workflow of our nodes in id order (enough for this linear graph)."""
+    graph = json.loads(path.read_text())
+    results: dict[str, tuple] = {}
+    uis: dict[str, object] = {}
+    for node_id in sorted(graph, key=int):
+        spec = graph[node_id]
+        cls = NODE_CLASS_MAPPINGS[spec["class_type"]]
+        kwargs = {k: results[v[0]][v[1]] if isinstance(v, list) else v for k, v in spec["inputs"].items()}
+        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict):
+            uis[node_id] = out["ui"]
+            out = out["result"]
+        results[node_id] = out
+    return {"results": results, "ui": uis}
+
+
+@pytest.fixture(scope="module")
+def demo_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mia_demo")
+    case = next(c for c in demo_cases() if c.name == "mia_rig")
+    (root / "models").mkdir()
+    (root / "input").mkdir()
+    case.prepare(root / "models", root / "input")
+    return root
+
+
+def test_example_workflow_runs_and_never_overwrites(demo_tree, workdirs, monkeypatch, caplog):
+    monkeypatch.setenv("SLIPSTREAM_MODELS", str(demo_tree / "models"))
+    monkeypatch.setenv("SLIPSTREAM_INPUT", str(demo_tree / "input"))
+    monkeypatch.delenv("MIA_MODELS_PATH", raising=False)
+    api = REPO / "workflows" / "mia_rig_api.json"
+    first = _run_api_workflow(api)
+    with caplog.at_level(logging.INFO, logger="slipstream.hub"):
+        second = _run_api_workflow(api)
+    assert "Using cached models" in caplog.text
+    glb1, fbx1 = first["results"]["3"]
+    glb2, _ = second["results"]["3"]
+    assert glb1 == "3d/mia_demo_00001_.glb" and glb2 == "3d/mia_demo_00002_.glb"
+    assert first["ui"]["3"] == {"3d": [{"filename": "mia_demo_00001_.glb", "subfolder": "3d", "type": "output"}]}
+    assert fbx1 == ("" if not gltf.fbx_available() else fbx1)
+    out = workdirs["output"] / glb1
+    doc, binary = gltf.read_glb(out.read_bytes())
+    assert len(doc["skins"][0]["joints"]) == 22
+    assert not list((workdirs["output"] / "3d").glob(".*partial*"))
+    handle = first["results"]["2"][0]
+    assert handle.dtype == torch.float32 and handle.attn_backend == "sdpa"
+
+
+def test_ui_workflow_matches_api_twin():
+    ui = json.loads((REPO / "workflows" / "mia_rig.json").read_text())
+    api = json.loads((REPO / "workflows" / "mia_rig_api.json").read_text())
+    assert sorted(n["type"] for n in ui["nodes"]) == sorted(v["class_type"] for v in api.values())
+    for node in ui["nodes"]:
+        cls = NODE_CLASS_MAPPINGS[node["type"]]
+        spec = cls.INPUT_TYPES()
+        widgets = [k for sec in ("required", "optional") for k, v in spec.get(sec, {}).items()
+                   if isinstance(v[0], list) or v[0] in ("STRING", "BOOLEAN", "INT", "FLOAT")]
+        api_inputs = api[str(node["id"])]["inputs"]
+        assert node["widgets_values"] == [api_inputs[k] for k in widgets]
+        assert node["properties"]["cnr_id"] == "slipstream"
+
+
+@pytest.mark.parametrize("ext", ["glb", "obj", "ply", "stl"])
+def test_mesh_files_load_without_reordering(tmp_path, ext):
+    mesh = make_humanoid(textured=ext in ("glb", "obj"))
+    path = tmp_path / f"figure.{ext}"
+    mesh.export(path)
+    loaded = load_mesh(str(path))
+    assert len(loaded.faces) == len(mesh.faces)
+    if ext in ("glb", "ply"):
+        assert np.allclose(loaded.vertices, mesh.vertices, atol=1e-6)
+
+
+def test_core_mesh_values_and_bad_inputs():
+    mesh = make_humanoid(textured=False)
+    core = SimpleNamespace(vertices=torch.tensor(mesh.vertices, dtype=torch.float32)[None],
+                           faces=torch.tensor(mesh.faces)[None])
+    converted = as_triangle_mesh(core)
+    assert np.allclose(converted.vertices, mesh.vertices, atol=1e-6) and len(converted.faces) == len(mesh.faces)
+    with pytest.raises(MeshError, match="no faces"):
+        as_triangle_mesh(trimesh.Trimesh(mesh.vertices, np.zeros((0, 3), dtype=int), process=False))
+    with pytest.raises(MeshError, match="not a supported mesh file"):
+        load_mesh("character.fbx")
+
+
+def test_load_mesh_node_lists_input_3d(workdirs):
+    (workdirs["input"] / "3d").mkdir()
+    make_humanoid(textured=False).export(workdirs["input"] / "3d" / "a.stl")
+    node = NODE_CLASS_MAPPINGS["SlipstreamLoadMesh"]
+    assert node.INPUT_TYPES()["required"]["mesh_file"][0] == ["3d/a.stl"]
+    assert len(node().load("3d/a.stl")[0].faces) > 0
+    with pytest.raises(ValueError, match="outside the input folder"):
+        node().load("../../etc/passwd.stl")
+
+
+def test_missing_flash_attn_is_a_clear_error(workdirs, monkeypatch):
+    from slipstream.kernels import attention
+
+    if attention.is_installed("flash_attn"):
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        NODE_CLASS_MAPPINGS["MIALoadModel"]().load("fp32", "flash_attn")
