@@ -1,8 +1,11 @@
 """W8A8 Linear vs fp32 and bf16 F.linear on the Wan-1.3B shapes (and 4096²), CPU.
 
-Prints one row per (shape, M): ms for fp32, bf16 and W8A8 (fp32 activations in and out, as
-ComfyUI runs on CPU), the speed-ups, and the relative L2 error against a float64 reference on
-Gaussian data (W8A8 plain) and on data with a few 30× input channels (W8A8 with ConvRot on).
+Prints one row per (shape, M): ms for fp32 and bf16 F.linear and for the W8A8 layer fed fp32
+activations (as ComfyUI runs on CPU; fp32 out) and bf16 activations (bf16 out). Each speed-up
+compares like with like — the int8 layer replacing the float layer of a model that runs in that
+precision: vs fp32 = fp32 / W8A8(fp32 act), vs bf16 = bf16 / W8A8(bf16 act). Errors are relative
+L2 against a float64 reference on Gaussian data (W8A8 plain) and on data with a few 30× input
+channels (plain, and with ConvRot on).
 Goals (int8.md): ≥ 3.5× fp32 and ≥ 1.7× bf16 at M ≥ 256; error ≤ 1.5 % Gaussian, ≤ 2 % outliers.
 
     python benchmarks/int8_linear.py [--rounds 15] [--quick]
@@ -56,6 +59,7 @@ def build_cases(rows: list[int], int8) -> tuple[dict, list[dict]]:
             variants[(k, n, m, "fp32")] = functools.partial(F.linear, x, weight, bias)
             variants[(k, n, m, "bf16")] = functools.partial(F.linear, x_bf16, w_bf16, b_bf16)
             variants[(k, n, m, "w8a8")] = functools.partial(plain, x)
+            variants[(k, n, m, "w8a8_bf16")] = functools.partial(plain, x_bf16)
             with torch.inference_mode():
                 ref = F.linear(x.double(), weight.double(), bias.double())
                 xo = outlier_input(max(m, 256), k, gen)
@@ -76,24 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 3 if args.quick else args.rounds
     rows = [16, 256] if args.quick else ROWS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; min over {rounds} interleaved "
-          "rounds (median in brackets); W8A8 = fp32 in, fp32 out")
+          "rounds (median in brackets)")
     variants, cases = build_cases(rows, int8)
     with torch.inference_mode():
         times = interleaved_times(variants, rounds)
     table, speed_fp32, speed_bf16, errors, outlier_errors = [], [], [], [], []
     for r in cases:
         k, n, m = r["k"], r["n"], r["m"]
-        (f32, f32_med), (b16, b16_med), (q8, q8_med) = (times[(k, n, m, v)] for v in ("fp32", "bf16", "w8a8"))
-        vs32, vs16 = f32 / q8, b16 / q8
+        (f32, f32_med), (b16, b16_med), (q8, q8_med), (qb, qb_med) = (
+            times[(k, n, m, v)] for v in ("fp32", "bf16", "w8a8", "w8a8_bf16"))
+        vs32, vs16 = f32 / q8, b16 / qb
         if m >= 256:
             speed_fp32.append(vs32)
             speed_bf16.append(vs16)
         errors.append(r["err"])
         outlier_errors.append(r["err_o_rot"])
         table.append([f"{k}->{n} ({r['label']})", str(m), f"{f32:.3f} [{f32_med:.3f}]",
-                      f"{b16:.3f} [{b16_med:.3f}]", f"{q8:.3f} [{q8_med:.3f}]", f"{vs32:.2f}x",
+                      f"{b16:.3f} [{b16_med:.3f}]", f"{q8:.3f} [{q8_med:.3f}]", f"{qb:.3f} [{qb_med:.3f}]",
+                      f"{vs32:.2f}x",
                       f"{vs16:.2f}x", f"{r['err']:.4f}", f"{r['err_o_plain']:.4f}", f"{r['err_o_rot']:.4f}"])
-    print_table(["shape", "M", "fp32 ms", "bf16 ms", "W8A8 ms", "vs fp32", "vs bf16", "err gauss",
+    print_table(["shape", "M", "fp32 ms", "bf16 ms", "W8A8 fp32-act ms", "W8A8 bf16-act ms", "vs fp32", "vs bf16", "err gauss",
                  "err outl.", "err outl.+rot"], table)
     print(f"outlier channels (x30 on 0.5%), ConvRot on: max rel error {max(outlier_errors):.4f} (goal <= 0.02)")
     print(f"int8_linear: min speedup vs fp32 {min(speed_fp32):.2f}, vs bf16 {min(speed_bf16):.2f} (M>=256); "

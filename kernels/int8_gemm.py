@@ -35,6 +35,10 @@ class GemmRules:
 
 
 CPU_RULES = GemmRules()
+# Columns of the int32 accumulator computed per GEMM call on CPU, sized so the block (M × cols × 4
+# bytes) is rescaled while it is still in cache: rescaling a 36 MB accumulator from DRAM in two
+# passes cost as much as the GEMM itself (Wan ffn.0 at M = 1024).
+_EPILOGUE_BLOCK_BYTES = 4 * 1024 * 1024
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
@@ -96,4 +100,34 @@ def rescale_(acc: torch.Tensor, act_scale: torch.Tensor, weight_scale_row: torch
         torch.addcmul(bias, as_float, act_scale, out=out)
     else:
         torch.mul(as_float, act_scale, out=out)
+    return out
+
+
+def gemm_rescale(x8: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, n: int, out_dtype: torch.dtype, rules: GemmRules) -> torch.Tensor:
+    """out [M, n] in `out_dtype` = (x8 · weight[:n]ᵀ) · act_scale · weight_scale + bias.
+
+    On CPU, wide outputs are produced in column blocks: GEMM into a cache-sized int32 block, then
+    rescale it straight into the output. The weight is still read once (each block reads its own
+    rows), and the only large write is the output itself.
+    """
+    m = x8.shape[0]
+    device = x8.device
+    out = torch.empty(m, n, dtype=out_dtype, device=device)
+    w_row = weight_scale.view(1, n) if weight_scale.dim() else weight_scale
+    block = n
+    if device.type == "cpu" and m * n * 4 > _EPILOGUE_BLOCK_BYTES:
+        block = max(64, _EPILOGUE_BLOCK_BYTES // (4 * max(m, 1)) // 64 * 64)
+    if block >= n:
+        acc = out.view(torch.int32) if out_dtype == torch.float32 else \
+            torch.empty(m, n, dtype=torch.int32, device=device)
+        int8_mm(x8, weight, rules, out=acc)
+        return rescale_(acc, act_scale, w_row, bias, out)
+    scratch = torch.empty(m * block, dtype=torch.int32, device=device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        acc = scratch[: m * (stop - start)].view(m, stop - start)
+        torch._int_mm(x8, weight[start:stop].t(), out=acc)
+        rescale_(acc, act_scale, w_row[:, start:stop] if w_row.dim() else w_row,
+                 None if bias is None else bias[start:stop], out[:, start:stop])
     return out

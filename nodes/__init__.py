@@ -5,8 +5,7 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, mia
-from . import quant  # int8 family
+from . import memory, mia, quant
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)

@@ -192,6 +192,17 @@ def test_every_row_count_uses_the_int8_path_and_matches_dequantized_math():
     assert layer.fallback_calls == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_outputs_are_computed_in_cache_sized_column_blocks(dtype):
+    lin = _linear(64, 4000)                       # 300 × 4000 × 4 B > 4 MiB: two column blocks
+    layer = Int8Linear.from_float(lin)
+    x = torch.randn(300, 64).to(dtype)
+    x8, sx = quantize_activation(x)
+    expected = (x8.float() @ layer.weight.float().T) * sx * layer.weight_scale.view(1, -1) + lin.bias
+    assert torch.allclose(layer(x).float(), expected.detach(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                          atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_activation_quantization_is_per_row_and_chunk_independent():
     x = torch.randn(700, 256) * torch.logspace(-2, 2, 700).unsqueeze(1)
     q, s = quantize_activation(x)
