@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hadamard
-from .int8_gemm import GemmRules, gemm_rescale, pad_weight, rules_for
+from .int8_gemm import GemmRules, gemm_rescale, pad_weight, rules_for, scratch
 
 INT8_MAX = 127
 MIN_SCALE = 1e-30          # all-zero rows keep a finite scale and quantize to zeros
@@ -138,28 +138,35 @@ def canonical_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
                             "the file to bf16 and quantize it on the fly instead")
 
 
-def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
+                        temporary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [M, K], fp32 scale [M, 1]) of activations, one symmetric scale per row.
 
     Rotation (ConvRot) happens chunk by chunk right before quantizing, so the rotated fp32 copy of
-    the activation never exists in full.
+    the activation never exists in full. `temporary=True` returns reused scratch memory, valid
+    only until the next int8 call on this thread (what int8_linear wants).
     """
     m, k = x2d.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x2d.device)
+    dev = x2d.device
     step = _rows_per_chunk(x2d, k)
-    buf = torch.empty(min(step, m), k, dtype=torch.float32, device=x2d.device)
+    buf = scratch("qchunk", (min(step, m), k), torch.float32, dev)
+    if temporary:
+        q, scale = scratch("x8", (m, k), torch.int8, dev), scratch("xscale", (m, 1), torch.float32, dev)
+    else:
+        q = torch.empty(m, k, dtype=torch.int8, device=dev)
+        scale = torch.empty(m, 1, dtype=torch.float32, device=dev)
     for i in range(0, m, step):
         src = x2d[i:i + step]
         b = buf[:src.shape[0]]
         if rotation_group:
             src = hadamard.rotate(src, rotation_group, out=b)
-        elif src.dtype != torch.float32:
-            src = b.copy_(src)
         s = scale[i:i + step]
-        torch.amax(src.abs(), dim=1, keepdim=True, out=s)
+        if src.dtype == torch.float32:
+            torch.amax(src.abs(), dim=1, keepdim=True, out=s)
+        else:
+            s.copy_(src.abs().amax(dim=1, keepdim=True))   # exact: the max of bf16/fp16 values
         s.div_(INT8_MAX).clamp_min_(MIN_SCALE)
-        torch.div(src, s, out=b)
+        torch.div(src, s, out=b)                           # bf16/fp16 / fp32 -> fp32, no separate upcast
         q[i:i + step].copy_(b.round_())
     return q, scale
 
@@ -175,7 +182,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     k = x.shape[-1]
     n = weight_scale.shape[0] if weight_scale.dim() else (bias.shape[0] if bias is not None else weight.shape[0])
     x2d = x.reshape(-1, k)
-    x8, act_scale = quantize_activation(x2d, rotation_group)
+    x8, act_scale = quantize_activation(x2d, rotation_group, temporary=True)
     out = gemm_rescale(x8, act_scale, weight, weight_scale, bias, n, x.dtype, rules)
     return out.view(*x.shape[:-1], n)
 

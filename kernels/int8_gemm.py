@@ -10,6 +10,7 @@ rows or reduction channels with zeros changes no output value. Devices without a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,42 @@ _EPILOGUE_BLOCK_BYTES = 4 * 1024 * 1024
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
+
+
+class _Workspace(threading.local):
+    """Per-thread CPU scratch memory reused by successive int8 layer calls.
+
+    A fresh multi-megabyte buffer is page-faulted in on every call on Linux (glibc maps large
+    allocations), which cost a large share of a layer's time at M = 256-1024. Temporaries that
+    never leave one call (int8 activations, their scales, the fp32 quantization chunk, the int32
+    accumulator block) come from here instead; buffers above `_MAX_CACHED` are not kept.
+    """
+
+    _MAX_CACHED = 32 * 1024 * 1024
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            if numel * buf.element_size() <= self._MAX_CACHED:
+                self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A temporary that must not outlive the current layer call (reused memory on CPU)."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _WORKSPACE.take(name, shape, dtype)
 
 
 def rules_for(device: torch.device) -> GemmRules | None:
@@ -120,13 +157,13 @@ def gemm_rescale(x8: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor
         block = max(64, _EPILOGUE_BLOCK_BYTES // (4 * max(m, 1)) // 64 * 64)
     if block >= n:
         acc = out.view(torch.int32) if out_dtype == torch.float32 else \
-            torch.empty(m, n, dtype=torch.int32, device=device)
+            scratch("acc", (m, n), torch.int32, device)
         int8_mm(x8, weight, rules, out=acc)
         return rescale_(acc, act_scale, w_row, bias, out)
-    scratch = torch.empty(m * block, dtype=torch.int32, device=device)
+    flat = scratch("acc", (m * block,), torch.int32, device)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        acc = scratch[: m * (stop - start)].view(m, stop - start)
+        acc = flat[: m * (stop - start)].view(m, stop - start)
         torch._int_mm(x8, weight[start:stop].t(), out=acc)
         rescale_(acc, act_scale, w_row[:, start:stop] if w_row.dim() else w_row,
                  None if bias is None else bias[start:stop], out[:, start:stop])

@@ -124,3 +124,23 @@ def _prepare_from_sd(sd: MutableMapping[str, torch.Tensor], name: str, plan: Qua
     conf_t = sd.pop(f"{name}.comfy_quant", None)
     conf = decode_comfy_quant(conf_t) if conf_t is not None else None
     return prepare_linear(name, weight, bias, plan, float_dtype, scale=scale, conf=conf)
+
+
+DEMO_CHECKPOINT = "slipstream_demo_wan_tiny_bf16.safetensors"
+
+
+def write_demo_checkpoint(path: str) -> None:
+    """A tiny random-weight Wan 2.1 T2V DiT in bf16 with ComfyUI's key prefix (the int8 demo's input).
+
+    Real structure (128-wide heads, umT5 width 4096) so ComfyUI's own detection accepts it too.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    from .wan.config import tiny
+    from .wan.dit import random_state_dict
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sd = random_state_dict(tiny("t2v"), seed=11, dtype=torch.bfloat16)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()}, path)

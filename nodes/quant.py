@@ -25,6 +25,7 @@ from ..host import (
     publish,
     save_target,
     staged_file,
+    ui_file,
 )
 from ..host.standalone_objects import ModelPatcher
 from ..kernels.precision import UnsupportedDtypeError, fp8_dtype
@@ -191,4 +192,5 @@ class SaveInt8Model:
             final = publish(tmp, target, "safetensors")
         size = os.path.getsize(final)
         log.info("Saved %s (%d int8 layers, %.1f MiB).", final, int8_layers, size / 2**20)
-        return {"ui": {"text": [f"{os.path.basename(final)}: {int8_layers} int8 layers, {size / 2**20:.1f} MiB"]}}
+        return {"ui": {"text": [f"{os.path.basename(final)}: {int8_layers} int8 layers, {size / 2**20:.1f} MiB"],
+                       "files": [ui_file(final, target)]}}

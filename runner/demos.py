@@ -34,4 +34,13 @@ def demo_cases() -> list[DemoCase]:
 
     cases.append(DemoCase("mia_rig", "mia_rig_api.json", prepare_mia,
                           "Auto-rig a procedural humanoid with miniature random-weight MIA networks -> rigged GLB"))
+
+    # INT8 W8A8
+    def prepare_int8(models_root: Path, input_root: Path) -> None:
+        from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint
+
+        write_demo_checkpoint(str(models_root / "diffusion_models" / DEMO_CHECKPOINT))
+
+    cases.append(DemoCase("int8_quantize", "int8_quantize_api.json", prepare_int8,
+                          "Quantize a tiny bf16 Wan 2.1 DiT to int8 on the fly and save it in ComfyUI's int8 format"))
     return cases

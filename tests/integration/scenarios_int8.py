@@ -127,6 +127,10 @@ def wan_int8(ctx) -> dict:
     except Exception as exc:  # reported, not hidden: v0.8.0 has no int8_tensorwise
         out["core_loader"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
+    # 6b. The saved tensors read by comfy-kitchen's TensorWiseINT8Layout, the way ComfyUI versions with
+    # int8 build their weights from a file: same dequantized weight, same layer output.
+    out["kitchen"] = _kitchen_parity(saved, dq, p.get("kitchen_layers", ["blocks.0.self_attn.q", "blocks.1.ffn.2"]))
+
     # 7. Two loads in one process do not share configuration (fresh ops class per load).
     (plain,) = loader.load_unet(p["float_file"], "default", "auto", False)
     out["second_load_kinds"] = _layer_kinds(plain.model.diffusion_model)
@@ -158,3 +162,37 @@ def write_tiny_sd15(ctx) -> dict:
     (ctx.models / "loras").mkdir(parents=True, exist_ok=True)
     save_file(lora, str(ctx.models / "loras" / ctx.params["lora_file"]))
     return {"tensors": len(sd)}
+
+
+def _kitchen_parity(path, model, layers) -> dict:
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    try:
+        from comfy_kitchen.tensor import QuantizedTensor, TensorWiseINT8Layout
+    except ImportError as exc:
+        return {"available": False, "error": str(exc)}
+    sd = load_file(str(path))
+    result = {"available": True}
+    gen = torch.Generator().manual_seed(9)
+    for name in layers:
+        weight, scale = sd[f"{name}.weight"], sd[f"{name}.weight_scale"]
+        conf = json.loads(bytes(sd[f"{name}.comfy_quant"].tolist()).decode())
+        params = TensorWiseINT8Layout.Params(scale=scale, orig_dtype=torch.float32, orig_shape=tuple(weight.shape),
+                                             convrot=bool(conf.get("convrot", False)),
+                                             convrot_groupsize=int(conf.get("convrot_groupsize", 256)))
+        qt = QuantizedTensor(weight, "TensorWiseINT8Layout", params)
+        layer = model.get_submodule(name)
+        ours = layer.convert_weight(layer.weight.float())
+        x = torch.randn(32, weight.shape[1], generator=gen)
+        bias = sd.get(f"{name}.bias")
+        with torch.no_grad():
+            y_kitchen, y_ours = F.linear(x, qt, bias), layer(x)
+        result[name] = {"conf": conf, "scale_shape": list(scale.shape),
+                        "dequant_max_abs": float((qt.dequantize().float() - ours).abs().max()),
+                        "weight_abs_max": float(ours.abs().max()),
+                        "output_rel": _rel(y_kitchen, y_ours)}
+    return result

@@ -80,6 +80,20 @@ def test_saved_int8_file_reloads_bit_for_bit(wan_result):
     print("ComfyUI's own UNETLoader on our int8 file:", r["core_loader"])
 
 
+def test_saved_layout_matches_comfy_kitchen(wan_result):
+    """comfy-kitchen's TensorWiseINT8Layout (what ComfyUI's int8 support runs on) reads our tensors to the
+    same weight and the same layer output: scale shape, rotation convention and groups agree."""
+    k = wan_result["kitchen"]
+    if not k["available"]:
+        pytest.skip(f"comfy_kitchen not importable in ComfyUI's environment: {k['error']}")
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.2"):
+        layer = k[name]
+        assert layer["conf"] == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+        assert layer["scale_shape"][1] == 1
+        assert layer["dequant_max_abs"] <= 1e-5 * layer["weight_abs_max"]
+        assert layer["output_rel"] < 2e-3
+
+
 def test_each_load_gets_its_own_operations_class(wan_result):
     assert wan_result["ops_classes_distinct"] and "int8" not in wan_result["second_load_kinds"]
 
