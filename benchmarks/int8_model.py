@@ -7,7 +7,9 @@ two transformer blocks (`forward_blocks`, what int8 accelerates) and the whole f
 bytes: every parameter of the two blocks. Error: relative L2 of the block output (the fp32 residual
 stream) against the fp32 model. Latent 1×16×4×32×32 (1024 tokens), 512 text tokens.
 
-    python benchmarks/int8_model.py [--rounds 5]
+    python benchmarks/int8_model.py [--rounds 5] [--profile]
+
+--profile adds where the block time goes (torch.profiler, per op family), for bf16 and int8.
 """
 
 from __future__ import annotations
@@ -29,9 +31,40 @@ def block_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.blocks.parameters(), *model.blocks.buffers()])
 
 
+FAMILIES = (("int8 GEMM", ("aten::_int_mm",)), ("float GEMM", ("aten::addmm", "aten::mm", "aten::bmm")),
+            ("attention", ("aten::_scaled_dot_product",)), ("int8 quantize (compiled)", ("Torch-Compiled", "## Call")))
+
+
+def profile_blocks(models, x, timestep, context) -> None:
+    """Self CPU time of one block pass per op family: what int8 speeds up and what it cannot."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name, model in models.items():
+        with torch.inference_mode():
+            tokens, inputs = model.embed(x, timestep, context)
+            model.forward_blocks(tokens, inputs)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model.forward_blocks(tokens, inputs)
+        totals = {family: 0.0 for family, _ in FAMILIES}
+        other = 0.0
+        for event in prof.key_averages():
+            family = next((f for f, keys in FAMILIES if event.key.startswith(keys)), None)
+            if family is None:
+                other += event.self_cpu_time_total
+            else:
+                totals[family] += event.self_cpu_time_total
+        whole = sum(totals.values()) + other
+        rows.append([name] + [f"{t / 1e3:.0f} ({t / whole:.0%})" for t in (*totals.values(), other)]
+                    + [f"{whole / 1e3:.0f}"])
+    print_table(["profile (ms, 2 blocks)", *(f for f, _ in FAMILIES), "norms, GELU, RoPE, casts, rest", "total"],
+                rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (min is reported)")
+    parser.add_argument("--profile", action="store_true", help="print the block time per op family")
     args = parser.parse_args(argv)
     load_package()
     wan_config = importlib.import_module("slipstream.models.wan.config")
@@ -76,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{block_bytes(model) / ref_bytes:.3f}", f"{rel_error(block_out[name], block_out['fp32']):.4f}"])
     print_table(["model", "2 blocks ms", "speed-up", "whole forward ms", "block MiB", "bytes vs bf16",
                  "rel error vs fp32"], rows)
+    if args.profile:
+        profile_blocks({name: models[name] for name in ("bf16", "int8")}, x, timestep, context)
     speed = times[("bf16", "blocks")][0] / times[("int8", "blocks")][0]
     ratio = block_bytes(models["int8"]) / ref_bytes
     err = rel_error(block_out["int8"], block_out["fp32"])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hadamard
+from . import hadamard, int8_fused
 from .int8_gemm import GemmRules, gemm_rescale, pad_weight, rules_for, scratch
 
 INT8_MAX = 127
@@ -146,6 +146,9 @@ def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
     the activation never exists in full. `temporary=True` returns reused scratch memory, valid
     only until the next int8 call on this thread (what int8_linear wants).
     """
+    fused = int8_fused.quantize_rows(x2d, rotation_group)
+    if fused is not None:
+        return fused
     m, k = x2d.shape
     dev = x2d.device
     step = _rows_per_chunk(x2d, k)

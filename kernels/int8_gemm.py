@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import int8_fused
+
 
 @dataclass(frozen=True)
 class GemmRules:
@@ -39,7 +41,7 @@ CPU_RULES = GemmRules()
 # Columns of the int32 accumulator computed per GEMM call on CPU, sized so the block (M × cols × 4
 # bytes) is rescaled while it is still in cache: rescaling a 36 MB accumulator from DRAM in two
 # passes cost as much as the GEMM itself (Wan ffn.0 at M = 1024).
-_EPILOGUE_BLOCK_BYTES = 4 * 1024 * 1024
+_EPILOGUE_BLOCK_BYTES = 8 * 1024 * 1024
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
@@ -150,21 +152,35 @@ def gemm_rescale(x8: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor
     """
     m = x8.shape[0]
     device = x8.device
-    out = torch.empty(m, n, dtype=out_dtype, device=device)
     w_row = weight_scale.view(1, n) if weight_scale.dim() else weight_scale
     block = n
     if device.type == "cpu" and m * n * 4 > _EPILOGUE_BLOCK_BYTES:
-        block = max(64, _EPILOGUE_BLOCK_BYTES // (4 * max(m, 1)) // 64 * 64)
+        blocks = -(-m * n * 4 // _EPILOGUE_BLOCK_BYTES)          # equal blocks: no thin last GEMM
+        block = -(-n // blocks // 64) * 64
     if block >= n:
-        acc = out.view(torch.int32) if out_dtype == torch.float32 else \
-            scratch("acc", (m, n), torch.int32, device)
+        if device.type != "cpu" and out_dtype == torch.float32:
+            out = torch.empty(m, n, dtype=out_dtype, device=device)
+            acc = out.view(torch.int32)             # the accumulator becomes the output in place
+        else:
+            out, acc = None, scratch("acc", (m, n), torch.int32, device)
         int8_mm(x8, weight, rules, out=acc)
+        fused = int8_fused.rescale(acc, w_row, act_scale, bias)
+        if fused is not None:
+            return fused if out_dtype == torch.float32 else fused.to(out_dtype)
+        if out is None:
+            out = torch.empty(m, n, dtype=out_dtype, device=device)
         return rescale_(acc, act_scale, w_row, bias, out)
+    out = torch.empty(m, n, dtype=out_dtype, device=device)
     flat = scratch("acc", (m * block,), torch.int32, device)
     for start in range(0, n, block):
         stop = min(n, start + block)
         acc = flat[: m * (stop - start)].view(m, stop - start)
         torch._int_mm(x8, weight[start:stop].t(), out=acc)
-        rescale_(acc, act_scale, w_row[:, start:stop] if w_row.dim() else w_row,
-                 None if bias is None else bias[start:stop], out[:, start:stop])
+        w_blk = w_row[:, start:stop] if w_row.dim() else w_row
+        b_blk = None if bias is None else bias[start:stop]
+        fused = int8_fused.rescale(acc, w_blk, act_scale, b_blk)
+        if fused is not None:
+            out[:, start:stop].copy_(fused)
+        else:
+            rescale_(acc, act_scale, w_blk, b_blk, out[:, start:stop])
     return out

@@ -290,3 +290,68 @@ def test_parameters_never_require_grad_and_scales_stay_fp32():
     layer.half()
     assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
     assert layer.bias.dtype == torch.float16
+
+
+# ------------------------------------------------------------------------- the fused (compiled) quantizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_quantizer_math_is_bit_identical_to_the_eager_path(dtype, monkeypatch):
+    from slipstream.kernels import int8_fused
+
+    monkeypatch.setattr(int8_fused, "quantize_rows", lambda x, g: None)   # force the eager path
+    x = (torch.randn(300, 512) * torch.logspace(-3, 3, 300).unsqueeze(1)).to(dtype)
+    eager_q, eager_s = quantize_activation(x)
+    ref_q, ref_s = int8_fused.quantize_rows_reference(x, 0)
+    assert torch.equal(eager_q, ref_q) and torch.equal(eager_s, ref_s)
+
+
+def test_compiled_epilogue_matches_the_eager_rescale():
+    from slipstream.kernels import int8_fused, int8_gemm
+
+    acc = torch.randint(-30000, 30000, (512, 1024), dtype=torch.int32)
+    w_row, sx, bias = torch.rand(1, 1024), torch.rand(512, 1), torch.randn(1024)
+    fused = int8_fused.rescale(acc, w_row, sx, bias)
+    if fused is None:
+        pytest.skip(f"torch.compile unavailable here: {int8_fused.status()}")
+    eager = int8_gemm.rescale_(acc.clone(), sx, w_row, bias, torch.empty(512, 1024))
+    assert torch.allclose(fused, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_quantizer_is_used_for_large_cpu_activations_and_matches():
+    from slipstream.kernels import int8_fused
+
+    x = torch.randn(512, 1024)                   # above MIN_ELEMENTS
+    q, s = int8_fused.quantize_rows(x, 0) or (None, None)
+    if int8_fused.status().startswith("off"):
+        pytest.skip(f"torch.compile unavailable here: {int8_fused.status()}")
+    ref_q, ref_s = int8_fused.quantize_rows_reference(x, 0)
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s) and int8_fused.status() == "compiled"
+    assert int8_fused.quantize_rows(torch.randn(4, 64), 0) is None          # small: eager is cheaper
+
+
+def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
+    from slipstream.kernels import int8_fused
+
+    def broken(x, g):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(int8_fused, "_state", {"quantize": broken, "rescale": broken})
+    x = torch.randn(512, 1024)
+    with caplog.at_level("WARNING", logger="slipstream.int8"):
+        assert int8_fused.quantize_rows(x, 0) is None
+        q, s = quantize_activation(x)
+    assert "no C++ compiler" in caplog.text and int8_fused.status().startswith("off: RuntimeError")
+    assert "rescale" not in int8_fused._state                     # one failure switches every kernel off
+    assert torch.equal(q, int8_fused.quantize_rows_reference(x, 0)[0])
+    monkeypatch.setattr(int8_fused, "_state", {})
+    monkeypatch.setenv("SLIPSTREAM_INT8_COMPILE", "0")
+    assert int8_fused.quantize_rows(x, 0) is None and int8_fused.status() == "off: SLIPSTREAM_INT8_COMPILE=0"
+
+
+def test_fused_rotation_equals_the_full_hadamard():
+    from slipstream.kernels import int8_fused
+
+    x = torch.randn(8, 512)
+    assert torch.allclose(int8_fused._rotate(x, 256), hadamard.rotate(x, 256), atol=1e-5)
+    assert torch.allclose(int8_fused._rotate(x, 64), hadamard.rotate(x, 64), atol=1e-5)
