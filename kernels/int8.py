@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hadamard, int8_fused
+from . import hadamard, int8_fused, int8_kitchen
 from .int8_gemm import GemmRules, gemm_rescale, pad_weight, rules_for, scratch
 
 INT8_MAX = 127
@@ -232,6 +232,9 @@ def run_int8(owner, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     """
     rules = rules_for(x.device)
     if rules is not None and x.is_floating_point():
+        fused = int8_kitchen.linear(x, weight, weight_scale, bias, rotation_group)
+        if fused is not None:
+            return fused
         return int8_linear(x, padded_weight(owner, weight, rules), weight_scale, bias, rotation_group, rules)
     owner.fallback_calls = getattr(owner, "fallback_calls", 0) + 1
     dtype = x.dtype if x.is_floating_point() else torch.float32

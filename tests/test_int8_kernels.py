@@ -355,3 +355,36 @@ def test_fused_rotation_equals_the_full_hadamard():
     x = torch.randn(8, 512)
     assert torch.allclose(int8_fused._rotate(x, 256), hadamard.rotate(x, 256), atol=1e-5)
     assert torch.allclose(int8_fused._rotate(x, 64), hadamard.rotate(x, 64), atol=1e-5)
+
+
+def test_comfy_kitchen_is_used_on_cuda_only_and_switched_off_by_a_failure(monkeypatch, caplog):
+    import sys
+    import types
+
+    from slipstream.kernels import int8_kitchen
+
+    calls = []
+    fake = types.ModuleType("comfy_kitchen")
+    fake.list_backends = lambda: {"cuda": {"available": True, "disabled": False}, "eager": {"available": True}}
+
+    def fake_linear(x, w, s, b, out_dtype=None, convrot=False, convrot_groupsize=256):
+        calls.append((tuple(x.shape), tuple(s.shape), convrot, convrot_groupsize, out_dtype))
+        return torch.zeros(x.shape[0], w.shape[0], dtype=out_dtype)
+
+    fake.int8_linear = fake_linear
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", fake)
+    monkeypatch.setattr(int8_kitchen, "_state", {})
+    layer = Int8Linear.from_float(_linear(256, 8), rotation_group=256)
+    x = torch.randn(3, 256)
+    assert int8_kitchen.linear(x, layer.weight, layer.weight_scale, None, 0) is None        # CPU: never
+    out = int8_kitchen.linear(x, layer.weight, layer.weight_scale, None, 256, allow_cpu=True)
+    assert out.shape == (3, 8) and calls == [((3, 256), (8, 1), True, 256, torch.float32)]
+    fake.int8_linear = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no kernel image"))
+    monkeypatch.setattr(int8_kitchen, "_state", {"fn": fake.int8_linear})
+    with caplog.at_level("WARNING", logger="slipstream.int8"):
+        assert int8_kitchen.linear(x, layer.weight, layer.weight_scale, None, 0, allow_cpu=True) is None
+    assert "no kernel image" in caplog.text and int8_kitchen.status().startswith("off")
+    fake.list_backends = lambda: {"cuda": {"available": False, "disabled": False}}
+    monkeypatch.setattr(int8_kitchen, "_state", {})
+    assert int8_kitchen.linear(x, layer.weight, layer.weight_scale, None, 0, allow_cpu=True) is None
+    assert "no usable CUDA/HIP backend" in int8_kitchen.status()

@@ -129,7 +129,8 @@ def wan_int8(ctx) -> dict:
 
     # 6b. The saved tensors read by comfy-kitchen's TensorWiseINT8Layout, the way ComfyUI versions with
     # int8 build their weights from a file: same dequantized weight, same layer output.
-    out["kitchen"] = _kitchen_parity(saved, dq, p.get("kitchen_layers", ["blocks.0.self_attn.q", "blocks.1.ffn.2"]))
+    out["kitchen"] = _kitchen_parity(saved, dq, ["blocks.0.self_attn.q", "blocks.1.ffn.2"],
+                                     ctx.pack_module("kernels.int8_kitchen"))
 
     # 7. Two loads in one process do not share configuration (fresh ops class per load).
     (plain,) = loader.load_unet(p["float_file"], "default", "auto", False)
@@ -164,7 +165,7 @@ def write_tiny_sd15(ctx) -> dict:
     return {"tensors": len(sd)}
 
 
-def _kitchen_parity(path, model, layers) -> dict:
+def _kitchen_parity(path, model, layers, wrapper=None) -> dict:
     import json
 
     import torch
@@ -191,7 +192,17 @@ def _kitchen_parity(path, model, layers) -> dict:
         bias = sd.get(f"{name}.bias")
         with torch.no_grad():
             y_kitchen, y_ours = F.linear(x, qt, bias), layer(x)
-        result[name] = {"conf": conf, "scale_shape": list(scale.shape),
+        wrapped = None
+        if wrapper is not None:      # our CUDA dispatch to kitchen, forced onto kitchen's CPU backend
+            import comfy_kitchen
+
+            wrapper._state.clear()
+            wrapper._state["fn"] = comfy_kitchen.int8_linear
+            y_wrapped = wrapper.linear(x, weight, scale, bias, int(conf.get("convrot_groupsize", 0))
+                                       if conf.get("convrot") else 0, allow_cpu=True)
+            wrapper._state.clear()
+            wrapped = _rel(y_wrapped, y_ours)
+        result[name] = {"conf": conf, "scale_shape": list(scale.shape), "wrapper_rel": wrapped,
                         "dequant_max_abs": float((qt.dequantize().float() - ours).abs().max()),
                         "weight_abs_max": float(ours.abs().max()),
                         "output_rel": _rel(y_kitchen, y_ours)}
