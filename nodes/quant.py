@@ -141,8 +141,10 @@ class LoadDiffusionModelInt8:
             raise ValueError(f"This is a {title} model. Outside ComfyUI this loader builds only our own "
                              f"architectures ({supported}); inside ComfyUI every architecture ComfyUI supports loads.")
         prefix = detect(sd.keys()).prefix
-        if prefix:
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        for key in list(sd):            # in place: build_quantized frees each tensor as it consumes it
+            value = sd.pop(key)
+            if key.startswith(prefix):
+                sd[key[len(prefix):]] = value
         device = compute_device()
         module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
         wrapper = QuantizedDiffusionModel(module, family, report)
