@@ -30,20 +30,29 @@ _state: dict[str, object] = {}   # function name -> compiled function | "off": w
 _lock = threading.Lock()
 
 
-def _rotate(x2d: torch.Tensor, group: int) -> torch.Tensor:
+def rotation_matrix(group: int, device: torch.device) -> torch.Tensor:
+    """What `_rotate` multiplies by: H16 for groups of 256 (applied on both sides), else H itself."""
+    return hadamard.regular_hadamard(16 if group == 256 else group, device)
+
+
+def _rotate(x2d: torch.Tensor, group: int, h: torch.Tensor) -> torch.Tensor:
     """ConvRot of activations. H256 = H16 ⊗ H16, so a group of 256 is rotated as H16·X·H16 on its
     16×16 view: 32 instead of 256 multiply-adds per value (2-3× faster compiled on CPU). Equal to
-    the full rotation up to float rounding; weights keep the exact full-matrix rotation."""
-    if group != 256:
-        return hadamard.rotate(x2d, group)
-    h16 = hadamard.regular_hadamard(16, x2d.device)
-    t = x2d.float().reshape(-1, 16, 16)
-    return torch.matmul(torch.matmul(h16, t), h16).reshape(x2d.shape)
+    the full rotation up to float rounding; weights keep the exact full-matrix rotation.
+    `h` comes from rotation_matrix() (passed in: the compiled graph must not call a cached function)."""
+    if group == 256:
+        t = x2d.float().reshape(-1, 16, 16)
+        return torch.matmul(torch.matmul(h, t), h).reshape(x2d.shape)
+    return torch.mm(x2d.float().reshape(-1, group), h).reshape(x2d.shape)
 
 
-def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int,
+                            h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The math being compiled: (int8 rows, fp32 [M, 1] scales); rotation first when asked."""
-    x = _rotate(x2d, rotation_group) if rotation_group else x2d
+    if rotation_group:
+        x = _rotate(x2d, rotation_group, rotation_matrix(rotation_group, x2d.device) if h is None else h)
+    else:
+        x = x2d
     scale = x.abs().amax(dim=1, keepdim=True).float().div(127.0).clamp_min(1e-30)
     return torch.round(x.float() / scale).to(torch.int8), scale
 
@@ -97,7 +106,10 @@ def _call(name: str, *args):
 
 def quantize_rows(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The fused quantizer's result, or None when it does not apply (caller runs the eager path)."""
-    return _call("quantize", x2d, rotation_group) if _usable(x2d) else None
+    if not _usable(x2d):
+        return None
+    h = rotation_matrix(rotation_group, x2d.device) if rotation_group else None
+    return _call("quantize", x2d, rotation_group, h)
 
 
 def rescale(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,

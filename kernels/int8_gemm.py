@@ -41,7 +41,7 @@ CPU_RULES = GemmRules()
 # Columns of the int32 accumulator computed per GEMM call on CPU, sized so the block (M × cols × 4
 # bytes) is rescaled while it is still in cache: rescaling a 36 MB accumulator from DRAM in two
 # passes cost as much as the GEMM itself (Wan ffn.0 at M = 1024).
-_EPILOGUE_BLOCK_BYTES = 8 * 1024 * 1024
+_EPILOGUE_BLOCK_BYTES = 12 * 1024 * 1024
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
@@ -158,12 +158,21 @@ def gemm_rescale(x8: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor
         blocks = -(-m * n * 4 // _EPILOGUE_BLOCK_BYTES)          # equal blocks: no thin last GEMM
         block = -(-n // blocks // 64) * 64
     if block >= n:
-        if device.type != "cpu" and out_dtype == torch.float32:
+        if device.type == "cpu" and weight.shape[0] == n:
+            # Weight as the left operand, activations transposed on the right: oneDNN then reorders
+            # the small activation instead of the whole weight on every call — 1.2-2.2× faster at
+            # M ≤ 256 for big layers (4096² at M = 16 went from 0.8× bf16 to 1.8×). The epilogue
+            # reads the [N, M] accumulator transposed; worth it only while it stays in cache.
+            out, acc_t = None, scratch("acc", (n, m), torch.int32, device)
+            torch._int_mm(weight, x8.t(), out=acc_t)
+            acc = acc_t.t()
+        elif device.type != "cpu" and out_dtype == torch.float32:
             out = torch.empty(m, n, dtype=out_dtype, device=device)
             acc = out.view(torch.int32)             # the accumulator becomes the output in place
+            int8_mm(x8, weight, rules, out=acc)
         else:
             out, acc = None, scratch("acc", (m, n), torch.int32, device)
-        int8_mm(x8, weight, rules, out=acc)
+            int8_mm(x8, weight, rules, out=acc)
         fused = int8_fused.rescale(acc, w_row, act_scale, bias)
         if fused is not None:
             return fused if out_dtype == torch.float32 else fused.to(out_dtype)

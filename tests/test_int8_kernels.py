@@ -333,7 +333,7 @@ def test_compiled_quantizer_is_used_for_large_cpu_activations_and_matches():
 def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
     from slipstream.kernels import int8_fused
 
-    def broken(x, g):
+    def broken(*args):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(int8_fused, "_state", {"quantize": broken, "rescale": broken})
@@ -353,8 +353,9 @@ def test_fused_rotation_equals_the_full_hadamard():
     from slipstream.kernels import int8_fused
 
     x = torch.randn(8, 512)
-    assert torch.allclose(int8_fused._rotate(x, 256), hadamard.rotate(x, 256), atol=1e-5)
-    assert torch.allclose(int8_fused._rotate(x, 64), hadamard.rotate(x, 64), atol=1e-5)
+    for group in (256, 64):
+        h = int8_fused.rotation_matrix(group, x.device)
+        assert torch.allclose(int8_fused._rotate(x, group, h), hadamard.rotate(x, group), atol=1e-5)
 
 
 def test_comfy_kitchen_is_used_on_cuda_only_and_switched_off_by_a_failure(monkeypatch, caplog):
