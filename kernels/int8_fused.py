@@ -59,11 +59,16 @@ def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int,
 
 def rescale_reference(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    """The epilogue being compiled: fp32 acc · weight scale · activation scale (+ bias)."""
+    """The epilogue being compiled: fp32 acc · weight scale · activation scale (+ bias), row-major.
+
+    `acc` may be a transposed view (see gemm_rescale); inductor would then write the result in the
+    same transposed layout, and every op after the layer would run on a column-major tensor
+    (attention fell back to its slow path), hence the explicit contiguous output.
+    """
     y = acc.float() * w_row * act_scale
     if bias is not None:
         y = y + bias.float()
-    return y
+    return y.contiguous()
 
 
 _REFERENCES = {"quantize": quantize_rows_reference, "rescale": rescale_reference}

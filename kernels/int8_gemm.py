@@ -42,6 +42,8 @@ CPU_RULES = GemmRules()
 # bytes) is rescaled while it is still in cache: rescaling a 36 MB accumulator from DRAM in two
 # passes cost as much as the GEMM itself (Wan ffn.0 at M = 1024).
 _EPILOGUE_BLOCK_BYTES = 12 * 1024 * 1024
+# Weight-left GEMMs pay a transposed epilogue (∝ M·N) to save the per-call weight reorder (∝ N·K).
+_SWAP_MAX_ROWS_PER_K = 0.5
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
@@ -158,7 +160,7 @@ def gemm_rescale(x8: torch.Tensor, act_scale: torch.Tensor, weight: torch.Tensor
         blocks = -(-m * n * 4 // _EPILOGUE_BLOCK_BYTES)          # equal blocks: no thin last GEMM
         block = -(-n // blocks // 64) * 64
     if block >= n:
-        if device.type == "cpu" and weight.shape[0] == n:
+        if device.type == "cpu" and weight.shape[0] == n and _SWAP_MAX_ROWS_PER_K * x8.shape[1] >= m:
             # Weight as the left operand, activations transposed on the right: oneDNN then reorders
             # the small activation instead of the whole weight on every call — 1.2-2.2× faster at
             # M ≤ 256 for big layers (4096² at M = 16 went from 0.8× bf16 to 1.8×). The epilogue

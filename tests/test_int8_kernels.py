@@ -157,10 +157,17 @@ def test_rotated_weight_roundtrip_error_is_at_the_int8_floor():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_output_dtype_follows_input_dtype(dtype):
-    layer = Int8Linear.from_float(_linear(64, 48))
-    y = layer(torch.randn(2, 5, 64).to(dtype))
-    assert y.dtype == dtype and y.shape == (2, 5, 48)
+@pytest.mark.parametrize("rows", [10, 512, 1200])
+def test_output_dtype_follows_input_dtype_and_is_row_major(dtype, rows):
+    """10 rows: eager kernels; 512: weight-left GEMM + compiled epilogue; 1200: activation-left GEMM."""
+    layer = Int8Linear.from_float(_linear(2048, 640))
+    y = layer(torch.randn(2, rows // 2, 2048).to(dtype))
+    assert y.dtype == dtype and y.shape == (2, rows // 2, 640)
+    x2 = torch.randn(rows, 2048)
+    x8, sx = quantize_activation(x2)
+    ref = (x8.float() @ layer.weight.float().T) * sx * layer.weight_scale.view(1, -1) + layer.bias
+    assert torch.allclose(layer(x2), ref.detach(), rtol=1e-5, atol=1e-4)
+    assert y.is_contiguous()                              # a transposed result slowed every later op
 
 
 @pytest.mark.parametrize("k,n", [(1536, 1536), (8960, 256)])
