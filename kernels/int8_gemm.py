@@ -43,7 +43,7 @@ CPU_RULES = GemmRules()
 # passes cost as much as the GEMM itself (Wan ffn.0 at M = 1024).
 _EPILOGUE_BLOCK_BYTES = 12 * 1024 * 1024
 # Weight-left GEMMs pay a transposed epilogue (∝ M·N) to save the per-call weight reorder (∝ N·K).
-_SWAP_MAX_ROWS_PER_K = 0.5
+_SWAP_MAX_ROWS_PER_K = 0.125
 # cuBLASLt int8: "self.size(0) needs to be greater than 16"; K and N multiples of 8. Rows are
 # padded to 32 (not 17) because cuBLASLt picks far better int8 kernels for M % 8 == 0.
 CUDA_RULES = GemmRules(min_rows_exclusive=31, k_multiple=8, n_multiple=8)
