@@ -162,6 +162,8 @@ class SaveInt8Model:
     CATEGORY = CATEGORY
     FUNCTION = "save"
     RETURN_TYPES = ()
+    RETURN_NAMES = ()
+    OUTPUT_TOOLTIPS = ()
     OUTPUT_NODE = True
 
     @classmethod
