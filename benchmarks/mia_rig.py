@@ -5,27 +5,19 @@ written once to a temporary safetensors cache in the layout MIA: Load Model uses
 times loading all five from that cache and rigging the procedural humanoid at 32,768 points.
 Random weights give a random rig, but the work per stage is the real work. Run it alone:
 
-    flock /work/heavy.lock python -m slipstream.benchmarks.mia_rig   (or python benchmarks/mia_rig.py)
+    flock /work/heavy.lock python benchmarks/mia_rig.py
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the repo as the package `slipstream`
-    import importlib.util
+from _common import import_package, print_table
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("slipstream", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["slipstream"] = module
-    spec.loader.exec_module(module)
+import_package()
 
 import torch  # noqa: E402
 from slipstream.kernels.precision import dtype_name, resolve_dtype  # noqa: E402
@@ -75,18 +67,14 @@ def main() -> None:
     print(f"mesh: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces; points per cloud: {handle.num_points}")
     print(f"random-weight cache: {size / 1e9:.2f} GB written in {prep:.1f}s (setup, not timed below)")
     print()
-    print(f"{'network':<16}{'load from safetensors (s)':>28}")
-    for name, sec in load_times.items():
-        print(f"{name:<16}{sec:>28.2f}")
-    print(f"{'all five':<16}{sum(load_times.values()):>28.2f}")
+    print_table(["network", "load from safetensors (s)"],
+                [*load_times.items(), ("all five", sum(load_times.values()))],
+                ["", ".2f"])
     print()
-    print(f"{'stage':<18}{'seconds (mean of ' + str(len(runs)) + ')':>24}{'share':>8}")
     total = sum(r[0] for r in runs) / len(runs)
-    for stage in STAGES:
-        sec = sum(r[1][stage] for r in runs) / len(runs)
-        print(f"{stage:<18}{sec:>24.2f}{sec / total:>8.0%}")
-    print(f"{'total':<18}{total:>24.2f}{1:>8.0%}")
-
+    stages = [(stage, sum(r[1][stage] for r in runs) / len(runs)) for stage in STAGES]
+    print_table(["stage", f"seconds (mean of {len(runs)})", "share"],
+                [*((stage, sec, sec / total) for stage, sec in stages), ("total", total, 1.0)], ["", ".2f", ".0%"])
 
 if __name__ == "__main__":
     main()

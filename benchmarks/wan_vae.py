@@ -11,30 +11,10 @@ peak RSS is its own; the untiled decode is the baseline the ratios refer to. Til
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def import_package():
-    """The repository as package `slipstream` (as ComfyUI and the tests import it)."""
-    if "slipstream" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("slipstream", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["slipstream"] = module
-        spec.loader.exec_module(module)
-
-
-def peak_rss() -> int:
-    """VmHWM: this process's resident high-water mark in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from _common import MIB, import_package, peak_rss_bytes, print_table, run_child
 
 
 def random_vae(dtype):
@@ -64,11 +44,11 @@ def run_one(args) -> dict:
     z = torch.randn((1, 16, args.latent_frames, lat, lat), generator=torch.Generator().manual_seed(1))
     tiling = Tiling(tile=args.tile, overlap=args.overlap) if args.tiled else None
     vae.decode(z[:, :, :1, :8, :8])  # warm-up: kernels, allocator
-    before = peak_rss()
+    before = peak_rss_bytes()
     start = time.perf_counter()
     video = vae.decode(z, tiling=tiling)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak": peak_rss() - before, "shape": list(video.shape)}
+    return {"seconds": seconds, "peak": peak_rss_bytes() - before, "shape": list(video.shape)}
 
 
 def main() -> None:
@@ -88,19 +68,14 @@ def main() -> None:
     common = [f"--latent-frames={args.latent_frames}", f"--size={args.size}", f"--tile={args.tile}",
               f"--overlap={args.overlap}", f"--dtype={args.dtype}", "--child"]
     rows = {"whole frame": [], f"tiles {args.tile * 8}px, overlap {args.overlap * 8}px": ["--tiled"]}
-    results = {}
-    for name, extra in rows.items():
-        out = subprocess.run([sys.executable, __file__, *common, *extra], capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {name: run_child(__file__, *common, *extra) for name, extra in rows.items()}
     frames = 1 + 4 * (args.latent_frames - 1)
     print(f"Wan 2.1 VAE decode, CPU, {args.dtype}, {frames} frames of {args.size}x{args.size} "
           f"(latent {args.latent_frames}x{args.size // 8}x{args.size // 8}), random weights")
-    print(f"{'mode':<28} {'seconds':>8} {'time ratio':>10} {'peak RSS MiB':>13} {'RSS ratio':>9}")
     base = results["whole frame"]
-    for name, r in results.items():
-        print(f"{name:<28} {r['seconds']:>8.2f} {r['seconds'] / base['seconds']:>10.2f} "
-              f"{r['peak'] / 2**20:>13.0f} {r['peak'] / max(1, base['peak']):>9.2f}")
-
+    print_table(["mode", "seconds", "time ratio", "peak RSS MiB", "RSS ratio"],
+                [(name, r["seconds"], r["seconds"] / base["seconds"], r["peak"] / MIB, r["peak"] / max(1, base["peak"]))
+                 for name, r in results.items()], ["", ".2f", ".2f", ".0f", ".2f"])
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ Interface (both implementations provide each name):
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
   vram_info(device=None) -> (free, total) | None
   soft_empty_cache()
-Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...).
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 
 from . import paths
-from .paths import ModelNotFoundError, SaveTarget, publish, staged_file  # noqa: F401  (public API)
+from .paths import ModelNotFoundError, SaveTarget, counter_of, publish, staged_file  # noqa: F401  (public API)
 
 
 def _running_inside_comfyui() -> bool:
@@ -72,11 +72,21 @@ def ui_file(path: str, target: SaveTarget) -> dict[str, str]:
     """The {filename, subfolder, type} entry ComfyUI's frontend uses to fetch a saved file via /view."""
     return {"filename": os.path.basename(path), "subfolder": target.subfolder, "type": target.folder_type}
 
+
 # memory family (CLIP-to-DRAM offload): see host/memory.py and host/comfy_memory.py
 model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
+
+
+# video family (Video Combine): see host/comfy_video.py
+metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
+video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
+
+# Anima family (context tokens)
+load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device
+bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwen25_tokenizer/, t5_tokenizer/]
 
 # int8 family (W8A8 loading): see host/comfy_quant.py
 load_int8_diffusion_model = _impl.load_int8_diffusion_model  # (sd, plan, metadata, on_layer) -> (MODEL, report) | None

@@ -41,7 +41,10 @@ def managed_entries(mm: Any, patcher: Any) -> list[tuple[int, Any]]:
 
 def residency(mm: Any, obj: Any) -> Residency:
     p = patcher_of(obj)
-    entries = managed_entries(mm, p)
+    return _residency(p, managed_entries(mm, p))
+
+
+def _residency(p: Any, entries: list[tuple[int, Any]]) -> Residency:
     # Clones share the nn.Module and its loaded-bytes counter: take the largest, never the sum.
     device_bytes = max((int(lm.model_loaded_memory()) for _, lm in entries), default=int(p.loaded_size()))
     return Residency(int(p.model_size()), device_bytes, str(p.load_device), str(p.offload_device),
@@ -61,12 +64,12 @@ def _free_memory_takes_keep_loaded(mm: Any) -> bool:
 def offload(mm: Any, obj: Any) -> OffloadReport:
     """Unload `obj`'s weights from the compute device the way ComfyUI itself would."""
     p = patcher_of(obj)
-    res = residency(mm, obj)
+    entries = managed_entries(mm, p)   # one snapshot for the report and the unload
+    res = _residency(p, entries)
     if res.same_device:
         return OffloadReport(0, "none", f"nothing freed: load and offload device are both {res.load_device} "
                              "(ComfyUI runs with --gpu-only/--highvram or on the CPU), so the weights stay there",
                              moved=False)
-    entries = managed_entries(mm, p)
     if not entries:
         if res.device_bytes > 0:
             return OffloadReport(0, "none", f"nothing freed: {fmt_mib(res.device_bytes)} sit on {res.load_device} "

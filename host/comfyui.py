@@ -151,6 +151,35 @@ def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
 
 
+# ---------------------------------------------------------------- video family (Video Combine)
+
+
+def metadata_disabled() -> bool:
+    """True when ComfyUI runs with --disable-metadata: outputs carry no prompt/workflow."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_metadata", False))
+
+
+def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: int, frames=None):
+    """Core VIDEO for a saved file (see host/comfy_video.py); None on ComfyUI builds without VIDEO."""
+    from . import comfy_video
+
+    return comfy_video.video_value(path, frame_rate, frames)
+
+
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    mm.load_models_gpu([patcher], force_full_load=True)
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """Folders where this ComfyUI keeps its tokenizer files (qwen25_tokenizer/, t5_tokenizer/, ...)."""
+    return [os.path.join(os.path.dirname(os.path.abspath(comfy.utils.__file__)), "text_encoders")]
+
 # ---------------------------------------------------------------- int8 family (W8A8 loading)
 
 

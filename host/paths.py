@@ -133,6 +133,13 @@ def numbered_name(stem: str, counter: int, ext: str) -> str:
     return f"{stem}_{counter:05d}_.{ext.lstrip('.')}"
 
 
+def counter_of(path: str, target: SaveTarget) -> int | None:
+    """The NNNNN of a name numbered_name() gave for this target ('<stem>_NNNNN_.ext'), so a companion
+    file (the workflow PNG of a video, the FBX of a GLB) can be published under the same number."""
+    found = re.fullmatch(re.escape(target.stem) + r"_(\d+)_\..+", os.path.basename(path))
+    return int(found.group(1)) if found else None
+
+
 def next_counter(target: SaveTarget) -> int:
     """The first counter above every existing '<stem>_NNNNN_*' file (any extension), as ComfyUI counts."""
     pattern = re.compile(re.escape(target.stem) + r"_(\d+)_", re.IGNORECASE)

@@ -15,6 +15,8 @@ import os
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -213,6 +215,54 @@ def loaded_models_summary():
 def memory_flags() -> dict[str, str]:
     return {"host": "standalone"}
 
+
+# ---------------------------------------------------------------- video family (Video Combine)
+
+
+def metadata_disabled() -> bool:
+    """SLIPSTREAM_DISABLE_METADATA=1 plays the part of ComfyUI's --disable-metadata."""
+    return os.environ.get("SLIPSTREAM_DISABLE_METADATA", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@dataclass(frozen=True)
+class SavedVideo:
+    """The standalone VIDEO value: the file Video Combine wrote, with the accessors of ComfyUI's VideoInput
+    that need no decoding (ComfyUI itself gets a real VideoFromFile; see host/comfy_video.py)."""
+
+    path: str
+    frame_rate: Fraction
+    width: int
+    height: int
+    frame_count: int
+
+    def get_stream_source(self) -> str:
+        return self.path
+
+    def get_dimensions(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def get_frame_rate(self) -> Fraction:
+        return self.frame_rate
+
+    def get_frame_count(self) -> int:
+        return self.frame_count
+
+
+def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: int, frames=None) -> SavedVideo:
+    return SavedVideo(path, Fraction(frame_rate), width, height, frame_count)
+
+
+# ---------------------------------------------------------------- Anima family (context tokens)
+
+
+def load_model_fully(patcher) -> None:
+    """Load every weight of a MODEL onto its device (a trainer reads them all every step)."""
+    patcher.load()
+
+
+def bundled_tokenizer_dirs() -> list[str]:
+    """No tokenizer files ship outside ComfyUI; loaders look beside the model files instead."""
+    return []
 
 # ---------------------------------------------------------------- int8 family (W8A8 loading)
 

@@ -5,7 +5,8 @@ here; in the standalone host those values are these classes, with the same metho
 tensor conventions, so node code does not branch on the host:
 
   ModelPatcher  .model (holds .diffusion_model), .model_options, .load_device, .offload_device,
-                .clone(), .is_clone(), .model_size(), .loaded_size(), .get_model_object(name)
+                .clone(), .is_clone(), .model_size(), .loaded_size(), .get_model_object(name),
+                .add_object_patch(name, obj), .patch_model() / .unpatch_model() (apply / undo them)
   CLIP          .patcher, .cond_stage_model, .tokenize(text), .encode_from_tokens(tokens, return_pooled=False),
                 .encode_from_tokens_scheduled(tokens) -> [[cond, {"pooled_output": …}]], .clone()
   VAE           .patcher, .first_stage_model, .encode(pixels [B,H,W,C] 0..1), .decode(latent) -> [B,H,W,C]
@@ -38,11 +39,14 @@ class ModelPatcher:
         self.load_device = torch.device(load_device)
         self.offload_device = torch.device(offload_device)
         self.model_options: dict[str, Any] = {"transformer_options": {}}
+        self.object_patches: dict[str, Any] = {}
+        self._object_backup: dict[str, Any] = {}
         self.parent = parent
 
     def clone(self) -> ModelPatcher:
         twin = ModelPatcher(self.model, self.load_device, self.offload_device, parent=self)
         twin.model_options = _copy_options(self.model_options)
+        twin.object_patches = dict(self.object_patches)
         return twin
 
     def is_clone(self, other: Any) -> bool:
@@ -57,10 +61,40 @@ class ModelPatcher:
         return _module_bytes(self.model, self.load_device)
 
     def get_model_object(self, name: str) -> Any:
+        """The attribute at dotted `name` as this clone sees it: its object patch if it has one."""
+        if name in self.object_patches:
+            return self.object_patches[name]
+        if name in self._object_backup:
+            return self._object_backup[name]
         obj: Any = self.model
         for part in name.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def add_object_patch(self, name: str, obj: Any) -> None:
+        """Replace the attribute at dotted `name` while this clone runs (ComfyUI's object patches)."""
+        self.object_patches[name] = obj
+
+    def patch_model(self) -> None:
+        """Set this clone's object patches on the shared module, remembering what they replace."""
+        for name, obj in self.object_patches.items():
+            owner, attr = self._owner(name)
+            self._object_backup.setdefault(name, getattr(owner, attr))
+            setattr(owner, attr, obj)
+
+    def unpatch_model(self) -> None:
+        """Put back every attribute patch_model() replaced."""
+        for name, original in self._object_backup.items():
+            owner, attr = self._owner(name)
+            setattr(owner, attr, original)
+        self._object_backup.clear()
+
+    def _owner(self, name: str) -> tuple[Any, str]:
+        *path, attr = name.split(".")
+        owner: Any = self.model
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, attr
 
     def load(self) -> None:
         """Move the weights to the compute device (ComfyUI's load_models_gpu does this in ComfyUI)."""
@@ -85,7 +119,11 @@ def _copy_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class CLIP:
-    """A text encoder: `tokenizer(text) -> tokens`, `encoder(tokens) -> (cond [B,L,C], pooled | None)`."""
+    """A text encoder: `tokenizer(text) -> tokens`, `encoder(tokens) -> (cond [B,L,C], pooled | None[, extra])`.
+
+    `extra` (a dict, like the third value of ComfyUI's encode_token_weights) joins the returned
+    dict and the conditioning's options — e.g. Anima's `t5xxl_ids` / `t5xxl_weights`.
+    """
 
     def __init__(self, cond_stage_model: nn.Module, tokenizer: Callable[[str], Any],
                  encode: Callable[[Any], tuple[torch.Tensor, torch.Tensor | None]],
@@ -105,9 +143,9 @@ class CLIP:
 
     def encode_from_tokens(self, tokens: Any, return_pooled: bool = False, return_dict: bool = False):
         self.patcher.load()
-        cond, pooled = self._encode(tokens)
+        cond, pooled, *rest = self._encode(tokens)
         if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
+            return {"cond": cond, "pooled_output": pooled, **(rest[0] if rest else {})}
         return (cond, pooled) if return_pooled else cond
 
     def encode_from_tokens_scheduled(self, tokens: Any) -> list:

@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,11 @@ class LoadedModelInfo:
     loaded_bytes: int
     total_bytes: int
     dynamic: bool | None = None
+
+
+def count_entries(n: int, adjective: str = "") -> str:
+    """'1 entry', '3 entries' (with an optional adjective: '2 older entries')."""
+    return f"{n} {adjective}entr{'y' if n == 1 else 'ies'}"
 
 
 def _gib(n: float) -> str:
@@ -319,6 +324,10 @@ class DramCache:
         def ram_short(ram: RamInfo) -> bool:
             return new_ram > 0 and new_ram > ram.available - self.headroom_bytes
 
+        def still_short(credit: int) -> bool:
+            """Short even if `credit` freed bytes came back to RAM (judged against the last probe)."""
+            return budget_short() or (new_ram > 0 and new_ram > ram.available + credit - self.headroom_bytes)
+
         ram = self._probe()
         if not budget_short() and not ram_short(ram):
             return []
@@ -331,16 +340,7 @@ class DramCache:
             raise self._insufficient(nbytes, new_ram, ram, "ram", tried=False)
         evicted: list[EntryInfo] = []
         while evictable:
-            # Drop the shortest LRU run that would suffice if every dropped byte came back, then
-            # measure once: gc.collect() is slow in a big process, so not once per entry.
-            credit = 0
-            while evictable and (budget_short() or (new_ram > 0 and new_ram > ram.available + credit
-                                                    - self.headroom_bytes)):
-                entry = evictable.pop(0)
-                evicted.append(self._info(entry))
-                del self._entries[entry.key]
-                entry.strong = None
-                credit += entry.nbytes
+            evicted += self._evict_lru_run(evictable, still_short)
             if new_ram > 0:
                 gc.collect()        # the freed weights only show in the RAM probe once collected
                 ram = self._probe()
@@ -348,6 +348,20 @@ class DramCache:
                 return evicted
         raise self._insufficient(nbytes, new_ram, ram, "budget" if budget_short() else "ram", tried=True,
                                  evicted=evicted)
+
+    def _evict_lru_run(self, evictable: list[_Entry], still_short: Callable[[int], bool]) -> list[EntryInfo]:
+        """Drop entries from the front of `evictable` (least recently used first) while
+        still_short(bytes dropped so far) holds: the shortest run that would suffice if every dropped
+        byte came back. The caller then measures once, since gc.collect() is slow in a big process."""
+        dropped: list[EntryInfo] = []
+        credit = 0
+        while evictable and still_short(credit):
+            entry = evictable.pop(0)
+            dropped.append(self._info(entry))
+            del self._entries[entry.key]
+            entry.strong = None
+            credit += entry.nbytes
+        return dropped
 
     def _insufficient(self, nbytes: int, new_ram: int, ram: RamInfo, reason: str, tried: bool,
                       evicted: Sequence[EntryInfo] = ()) -> InsufficientDramError:
@@ -359,7 +373,7 @@ class DramCache:
         else:
             need, available = new_ram, ram.available
             where = "of RAM" + (" (cgroup-limited)" if ram.cgroup is not None else "")
-        step = (f"Evicted {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} first; still not enough."
+        step = (f"Evicted {count_entries(len(evicted), 'older ')} first; still not enough."
                 if tried else "Evicting every older entry would not make room, so none was evicted.")
         return InsufficientDramError(
             f"Insufficient DRAM available: need {_gib(need)}, available {_gib(available)} {where} "
@@ -391,17 +405,15 @@ class DramCache:
         """Drop LRU entries while available RAM is below the headroom (call at node start)."""
         with self._lock:
             self._prune()
-            evicted: list[EntryInfo] = []
             ram = self._probe()
             evictable = [e for e in self._entries.values() if e.held_bytes > 0]
-            while evictable and ram.available < self.headroom_bytes:
-                credit = 0
-                while evictable and ram.available + credit < self.headroom_bytes:
-                    entry = evictable.pop(0)
-                    evicted.append(self._info(entry))
-                    del self._entries[entry.key]
-                    entry.strong = None
-                    credit += entry.nbytes
+
+            def still_short(credit: int) -> bool:
+                return ram.available + credit < self.headroom_bytes
+
+            evicted: list[EntryInfo] = []
+            while evictable and still_short(0):
+                evicted += self._evict_lru_run(evictable, still_short)
                 gc.collect()
                 ram = self._probe()
             return evicted
@@ -496,7 +508,7 @@ def summary_line(cache: DramCache | None, vram: tuple[int, int] | None, ram: Ram
     parts.append(f"RAM {ram.used / GiB:.1f}/{ram.total / GiB:.1f} GiB used, {ram.available / GiB:.1f} available")
     if cache is not None:
         n = len(cache)
-        parts.append(f"DRAM cache {n} entr{'y' if n == 1 else 'ies'}, "
+        parts.append(f"DRAM cache {count_entries(n)}, "
                      f"{cache.held_bytes() / GiB:.2f}/{cache.budget_bytes / GiB:.2f} GiB")
     return " | ".join(parts)
 
@@ -524,7 +536,7 @@ def memory_stats(cache: DramCache | None = None, *, vram: tuple[int, int] | None
                  f"host available {_gib(ram.host_available)})")
     if cache is not None:
         entries = cache.entries()
-        lines.append(f"DRAM cache ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+        lines.append(f"DRAM cache ({count_entries(len(entries))}, "
                      f"{_gib(cache.held_bytes())} of {_gib(cache.budget_bytes)} budget, "
                      f"headroom {_gib(cache.headroom_bytes)}):" if entries else
                      f"DRAM cache: empty (budget {_gib(cache.budget_bytes)}, headroom {_gib(cache.headroom_bytes)})")

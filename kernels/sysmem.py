@@ -109,22 +109,19 @@ def _levels(mount: Path, rel: str | None) -> list[Path]:
     return chain
 
 
-def _level_v2(directory: Path) -> CgroupMemory | None:
-    limit = _read_int(directory / "memory.max")
-    usage = _read_int(directory / "memory.current")
-    if limit is None or usage is None or limit >= _UNLIMITED:
-        return None
-    usage -= _read_stat(directory / "memory.stat", "inactive_file")
-    return CgroupMemory(2, str(directory), limit, max(0, usage))
+# Per cgroup version: (limit file, usage file, memory.stat field of the reclaimable inactive page cache).
+_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+          1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
 
 
-def _level_v1(directory: Path) -> CgroupMemory | None:
-    limit = _read_int(directory / "memory.limit_in_bytes")
-    usage = _read_int(directory / "memory.usage_in_bytes")
+def _level(directory: Path, version: int) -> CgroupMemory | None:
+    limit_file, usage_file, inactive_field = _FILES[version]
+    limit = _read_int(directory / limit_file)
+    usage = _read_int(directory / usage_file)
     if limit is None or usage is None or limit >= _UNLIMITED:
         return None
-    usage -= _read_stat(directory / "memory.stat", "total_inactive_file")
-    return CgroupMemory(1, str(directory), limit, max(0, usage))
+    usage -= _read_stat(directory / "memory.stat", inactive_field)
+    return CgroupMemory(version, str(directory), limit, max(0, usage))
 
 
 def read_cgroup_memory(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP) -> CgroupMemory | None:
@@ -137,10 +134,10 @@ def read_cgroup_memory(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_S
     rel_v2, rel_v1 = _cgroup_paths(Path(proc_self_cgroup))
     found: list[CgroupMemory] = []
     if (root / "cgroup.controllers").is_file():
-        found += [lv for d in _levels(root, rel_v2) if (lv := _level_v2(d)) is not None]
+        found += [lv for d in _levels(root, rel_v2) if (lv := _level(d, 2)) is not None]
     if not found:
         mount = root / "memory"
-        found += [lv for d in _levels(mount, rel_v1) if (lv := _level_v1(d)) is not None]
+        found += [lv for d in _levels(mount, rel_v1) if (lv := _level(d, 1)) is not None]
     if not found:
         return None
     return min(found, key=lambda lv: lv.available)

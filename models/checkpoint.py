@@ -32,6 +32,10 @@ def read_safetensors_header(path: str) -> tuple[dict[str, dict], dict[str, str]]
             raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file. Re-download it.")
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > _MAX_HEADER or n > size - 8:
+            if 0 < n <= _MAX_HEADER and f.read(1) == b"{":  # a JSON header cut short: a partial copy
+                raise CheckpointError(
+                    f"{path}: truncated — its header needs {n} bytes but the file holds only {size - 8} after "
+                    "the length field. The download or copy did not finish; fetch the file again.")
             raise CheckpointError(
                 f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file). "
                 "If it is a pickled PyTorch checkpoint, give it a .pth/.pt extension; otherwise re-download it.")
@@ -100,7 +104,8 @@ def _load_pickle(path: str, device, keys) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise CheckpointError(
             f"{path}: could not be read as a weights-only PyTorch checkpoint ({type(exc).__name__}: {exc}). "
-            "The file is damaged, or holds code rather than plain tensors; convert it to safetensors.") from exc
+            "The file is truncated or damaged (fetch it again), or holds code rather than plain tensors "
+            "(convert it to safetensors).") from exc
     sd = unwrap_state_dict(obj, path)
     if keys is not None:
         sd = {k: sd[k] for k in keys}

@@ -92,7 +92,7 @@ def ensure_files(directory: str, source: HubSource, files: Sequence[HubFile], co
             log.info("Converting %s to %s (once)", manual, item.cached_name)
             convert(manual, cached, item)
             continue
-        downloaded = _download(directory, source, item, files, progress)
+        downloaded = _download(directory, source, item, files, progress, check_interrupt)
         try:
             convert(downloaded, cached, item)
         except Exception as exc:
@@ -104,21 +104,38 @@ def ensure_files(directory: str, source: HubSource, files: Sequence[HubFile], co
 
 
 def _download(directory: str, source: HubSource, item: HubFile, files: Sequence[HubFile],
-              progress: Progress | None) -> str:
+              progress: Progress | None, check_interrupt: Callable[[], None] | None) -> str:
     if hub_offline():
         raise _failure(source, item, files, directory,
                        "offline mode is on (HF_HUB_OFFLINE=1) and the files are not in the cache")
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
+    # The interrupt is checked on every chunk, so stopping a multi-GB download takes effect at once;
+    # the partial file stays in the staging folder and the next load continues it.
+    interrupted: list[BaseException] = []
+
+    def on_bytes(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if check_interrupt is not None:
+            try:
+                check_interrupt()
+            except BaseException as exc:
+                interrupted.append(exc)
+                raise
+
     staging = os.path.join(directory, STAGING_DIR)
     endpoint = hub_endpoint()
     log.info("Downloading %s from %s", item.repo_path, file_url(source, item))
+    watch = progress is not None or check_interrupt is not None
     try:
         meta = get_hf_file_metadata(hf_hub_url(source.repo_id, item.repo_path, revision=source.revision,
                                                endpoint=endpoint), endpoint=endpoint)
         path = hf_hub_download(source.repo_id, item.repo_path, revision=source.revision, local_dir=staging,
-                               endpoint=endpoint, tqdm_class=_progress_tqdm(progress) if progress else None)
+                               endpoint=endpoint, tqdm_class=_progress_tqdm(on_bytes) if watch else None)
     except Exception as exc:
+        if interrupted:
+            raise interrupted[0] from None  # the user stopped it: not a failed download
         raise _failure(source, item, files, directory, _describe(exc)) from exc
     problem = _verify(path, meta.size, meta.etag)
     if problem is not None:

@@ -5,7 +5,7 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import memory, mia, quant
+from . import anima, anima_loaders, memory, mia, quant, video
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
@@ -16,6 +16,19 @@ NODES: list[tuple[str, type, str]] = [
     ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
     ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
     ("SlipstreamLoadMesh", mia.SlipstreamLoadMesh, "Load Mesh"),
+    # video family
+    ("SlipstreamVideoCombine", video.SlipstreamVideoCombine, "Video Combine"),
+    # anima family (context tokens)
+    ("AnimaFastTrainReferenceContext", anima.AnimaFastTrainReferenceContext, "AnimaFastTrain - Train Context Tokens"),
+    ("AnimaFastTrainMaskedReferenceContext", anima.AnimaFastTrainMaskedReferenceContext,
+     "AnimaFastTrain - MaskTrain Context Tokens"),
+    ("AnimaFastTrainPatchModel", anima.AnimaFastTrainPatchModel, "AnimaFastTrain - Patch Model"),
+    ("SlipstreamAnimaSaveReferenceContext", anima.SlipstreamAnimaSaveReferenceContext, "Save Anima Reference Context"),
+    ("SlipstreamAnimaLoadReferenceContext", anima.SlipstreamAnimaLoadReferenceContext, "Load Anima Reference Context"),
+    ("SlipstreamAnimaModelLoader", anima_loaders.SlipstreamAnimaModelLoader, "Load Anima Model"),
+    ("SlipstreamAnimaTextEncoderLoader", anima_loaders.SlipstreamAnimaTextEncoderLoader, "Load Anima Text Encoder"),
+    ("SlipstreamAnimaVAELoader", anima_loaders.SlipstreamAnimaVAELoader, "Load Anima VAE"),
+    ("SlipstreamLoadReferenceImage", anima_loaders.SlipstreamLoadReferenceImage, "Load Reference Image"),
     # int8 family
     ("OTUNetLoaderW8A8", quant.LoadDiffusionModelInt8, "Load Diffusion Model INT8 (W8A8)"),
     ("SlipstreamSaveInt8Model", quant.SaveInt8Model, "Save INT8 Model"),

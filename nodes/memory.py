@@ -145,7 +145,7 @@ class MemoryCleanup:
         held = sum(e.nbytes for e in freed if not e.weak)
         if freed:
             keys = ", ".join(e.key for e in freed)
-            headline = [f"Cleanup: dropped {len(freed)} entr{'y' if len(freed) == 1 else 'ies'} "
+            headline = [f"Cleanup: dropped {dram.count_entries(len(freed))} "
                         f"({held / dram.GiB:.2f} GiB no longer held by the cache): {keys}"]
         else:
             headline = ["Cleanup: the cache held nothing to drop" + (f" of kind '{target}'" if clear == "kind" else "")]

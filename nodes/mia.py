@@ -8,6 +8,7 @@ core's 3D preview shows; FBX is added only when Blender's `bpy` module is import
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from ..host import (
     ProgressBar,
     check_interrupt,
     compute_device,
+    counter_of,
     input_dir,
     model_folders,
     output_dir,
@@ -34,8 +36,8 @@ from ..kernels.precision import PRECISIONS, dtype_name, resolve_dtype
 from ..models.mia import gltf
 from ..models.mia.mesh import MESH_EXTENSIONS, as_triangle_mesh, list_mesh_files, load_mesh
 from ..models.mia.networks import NETWORK_NAMES
-from ..models.mia.rig import STAGES, MIANetworks, rig_mesh
-from ..models.mia.weights import ensure_networks, load_network
+from ..models.mia.rig import STAGES, LazyNetwork, MIANetworks, rig_mesh
+from ..models.mia.weights import check_network_file, ensure_networks, load_network
 
 log = logging.getLogger("slipstream.mia")
 
@@ -77,7 +79,8 @@ class MIALoadModel:
     FUNCTION = "load"
     RETURN_TYPES = ("MIA_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The five loaded MIA networks with their precision, attention backend and device.",)
+    OUTPUT_TOOLTIPS = ("The MIA networks with their precision, attention backend and device (bw_normal loads "
+                       "on the first rig that uses normals).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,7 +101,8 @@ class MIALoadModel:
         except AttentionBackendUnavailable as exc:
             raise RuntimeError(str(exc)) from exc
         directory = models_directory()
-        bar = ProgressBar(100 + len(NETWORK_NAMES))
+        eager = tuple(n for n in NETWORK_NAMES if n != "bw_normal")
+        bar = ProgressBar(100 + len(eager))
 
         def on_bytes(done: int, total: int) -> None:
             if total:
@@ -108,12 +112,16 @@ class MIALoadModel:
         bar.update_absolute(100)
         start = time.perf_counter()
         nets = {}
-        for name in NETWORK_NAMES:
+        for name in eager:
             nets[name] = load_network(paths[name], name, dtype=dtype, device=device, attn_backend=backend)
             bar.update(1)
-        log.info("MIA networks loaded in %.2fs (%s, %s, %s)", time.perf_counter() - start, dtype_name(dtype),
-                 backend, device)
-        handle = MIANetworks(nets["joints_coarse"], nets["bw"], nets["bw_normal"], nets["joints"], nets["pose"],
+        # Only use_normal rigs need bw_normal: vet its file now, load it on first use.
+        check_network_file(paths["bw_normal"], "bw_normal")
+        bw_normal = LazyNetwork(functools.partial(load_network, paths["bw_normal"], "bw_normal", dtype=dtype,
+                                                  device=device, attn_backend=backend))
+        log.info("MIA networks loaded in %.2fs (%s, %s, %s; bw_normal on first use)", time.perf_counter() - start,
+                 dtype_name(dtype), backend, device)
+        handle = MIANetworks(nets["joints_coarse"], nets["bw"], bw_normal, nets["joints"], nets["pose"],
                              dtype, device, backend)
         return (handle,)
 
@@ -152,7 +160,8 @@ class MIAAutoRig:
                 "Rig without finger bones (22 joints): finger weights are merged into the hands. Turn off for "
                 "characters with separate, spread fingers (52 joints).")}),
             "use_normal": ("BOOLEAN", {"default": False, "tooltip": (
-                "Also use surface normals for the skin weights; helps when limbs touch the body.")}),
+                "Also use surface normals for the skin weights; helps when limbs touch the body. The first rig "
+                "with this on loads one more network (~430 MB in fp32), kept for later rigs.")}),
             "reset_to_rest": ("BOOLEAN", {"default": True, "tooltip": (
                 "Move the mesh and skeleton into the T-pose rest pose the prediction implies, so Mixamo animations "
                 "apply directly. Off: keep the input pose as the bind pose.")}),
@@ -173,10 +182,9 @@ class MIAAutoRig:
             glb = publish(tmp, target, "glb")
         fbx_rel = ""
         if gltf.fbx_available():
-            counter = int(os.path.basename(glb).rsplit("_", 2)[-2])
             with staged_file(target, "fbx") as tmp:
                 gltf.write_fbx_with_blender(glb, tmp)
-                fbx_rel = _relative_output(publish(tmp, target, "fbx", counter=counter))
+                fbx_rel = _relative_output(publish(tmp, target, "fbx", counter=counter_of(glb, target)))
         bar.update(1)
         log.info("MIA rig: %d joints, %d vertices in %.2fs (%s)", len(result.joint_indices), len(result.vertices),
                  time.perf_counter() - start, ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
@@ -219,5 +227,5 @@ class SlipstreamLoadMesh:
         root = os.path.abspath(input_dir())
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:
-            raise ValueError(f"'{mesh_file}' points outside the input folder.")
+            raise ValueError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
         return (load_mesh(path),)

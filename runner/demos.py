@@ -35,6 +35,12 @@ def demo_cases() -> list[DemoCase]:
     cases.append(DemoCase("mia_rig", "mia_rig_api.json", prepare_mia,
                           "Auto-rig a procedural humanoid with miniature random-weight MIA networks -> rigged GLB"))
 
+    # anima family (context tokens)
+    from ..models.anima.tiny import prepare_demo as prepare_anima
+
+    cases.append(DemoCase("anima_context", "anima_train_context_api.json", prepare_anima,
+                          "Anima: train reference context tokens from one image and save them"))
+
     # INT8 W8A8
     def prepare_int8(models_root: Path, input_root: Path) -> None:
         from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint

@@ -37,6 +37,13 @@ def test_truncated_file_says_how_much_is_missing(good_file, tmp_path):
         ck.load_state_dict(str(cut))
 
 
+def test_file_cut_inside_its_header_is_called_truncated(good_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good_file.read_bytes()[:20])
+    with pytest.raises(ck.CheckpointError, match="truncated — its header needs"):
+        ck.load_state_dict(str(cut))
+
+
 @pytest.mark.parametrize("payload,fragment", [
     (b"", "too short"),
     (b"PK\x03\x04" + b"\0" * 100, "not a safetensors file"),

@@ -90,6 +90,14 @@ def test_publish_numbers_and_never_overwrites(workdirs):
     assert host.ui_file(third, target) == {"filename": "demo_00004_.mp4", "subfolder": "clips", "type": "output"}
 
 
+def test_counter_of_reads_back_the_published_number(workdirs):
+    target = host.save_target("clips/demo_x")
+    assert host.counter_of(paths.numbered_name("demo_x", 7, "mp4"), target) == 7
+    assert host.counter_of("/any/dir/demo_x_123456_.glb", target) == 123456
+    assert host.counter_of("demo_x_00007_.mp4", host.save_target("clips/demo")) is None
+    assert host.counter_of("other_00007_.mp4", target) is None
+
+
 def test_failed_write_leaves_nothing(workdirs):
     target = host.save_target("fail/x")
     with pytest.raises(RuntimeError):

@@ -98,7 +98,7 @@ def test_dropped_connection_is_continued(hub, tmp_path):
 
 def test_corrupt_download_is_not_kept(hub, tmp_path):
     hub.files["output/best/new/bw.pth"] = b"not a checkpoint" * 100
-    with pytest.raises(HubDownloadError, match="file is not valid: Cannot read .* as a PyTorch checkpoint"):
+    with pytest.raises(HubDownloadError, match="file is not valid: .* could not be read as a weights-only PyTorch checkpoint"):
         _ensure(tmp_path)
     assert not list(tmp_path.glob("bw*"))
 
@@ -109,3 +109,22 @@ def test_files_placed_by_hand_are_converted_and_kept(tmp_path, published, monkey
         (tmp_path / f"{n}.pth").write_bytes(published[f"output/best/new/{n}.pth"])
     paths = _ensure(tmp_path)
     assert (tmp_path / "bw.pth").exists() and Path(paths["joints"]).exists()
+
+
+def test_interrupt_stops_the_download_and_the_next_load_finishes_it(hub, tmp_path):
+    class Stopped(Exception):
+        pass
+
+    calls = []
+
+    def stop_once_bytes_flow():
+        calls.append(1)
+        if len(calls) == 2:  # call 1: before the first file; call 2: its first downloaded chunk
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        _ensure(tmp_path, check_interrupt=stop_once_bytes_flow)
+    assert not list(tmp_path.glob("*.safetensors"))
+    paths = _ensure(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bw.safetensors", "joints.safetensors"]
+    assert weights.load_network(paths["bw"], "bw") is not None

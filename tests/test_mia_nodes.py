@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.mia import gltf
 from slipstream.models.mia.humanoid import make_humanoid
 from slipstream.models.mia.mesh import MeshError, as_triangle_mesh, load_mesh
@@ -123,3 +125,38 @@ def test_missing_flash_attn_is_a_clear_error(workdirs, monkeypatch):
         pytest.skip("flash-attn is installed here")
     with pytest.raises(RuntimeError, match="flash-attn"):
         NODE_CLASS_MAPPINGS["MIALoadModel"]().load("fp32", "flash_attn")
+
+
+def test_bw_normal_is_built_only_when_a_rig_uses_normals(demo_tree, workdirs, monkeypatch):
+    monkeypatch.setenv("SLIPSTREAM_MODELS", str(demo_tree / "models"))
+    monkeypatch.delenv("MIA_MODELS_PATH", raising=False)
+    from slipstream.models.mia import weights
+
+    built: list[str] = []
+    real_build = weights.build_network
+
+    def recording_build(name, *args, **kwargs):
+        built.append(name)
+        return real_build(name, *args, **kwargs)
+
+    monkeypatch.setattr(weights, "build_network", recording_build)
+    (handle,) = NODE_CLASS_MAPPINGS["MIALoadModel"]().load("fp32", "sdpa")
+    assert sorted(built) == ["bw", "joints", "joints_coarse", "pose"]
+    assert not handle.bw_normal.loaded
+    mesh = make_humanoid(textured=False)
+    rigger = NODE_CLASS_MAPPINGS["MIAAutoRig"]()
+    rigger.rig(mesh, handle, use_normal=False)
+    assert "bw_normal" not in built and not handle.bw_normal.loaded
+    rigger.rig(mesh, handle, use_normal=True)
+    rigger.rig(mesh, handle, use_normal=True)
+    assert built.count("bw_normal") == 1 and handle.bw_normal.loaded
+
+
+def test_a_damaged_bw_normal_file_is_reported_when_the_model_loads(demo_tree, tmp_path, workdirs, monkeypatch):
+    cache = tmp_path / "mia"
+    shutil.copytree(demo_tree / "models" / "mia", cache)
+    normal = cache / "bw_normal.safetensors"
+    normal.write_bytes(normal.read_bytes()[:-100])
+    monkeypatch.setenv("MIA_MODELS_PATH", str(cache))
+    with pytest.raises(CheckpointError, match="truncated"):
+        NODE_CLASS_MAPPINGS["MIALoadModel"]().load("fp32", "sdpa")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,23 +12,13 @@ from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import clip_vision as C
 from slipstream.models.wan.weights import build_on_meta
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls spend their time synchronising threads on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, t in build_on_meta(lambda: C.WanClipVision(C.TINY_VIT)).state_dict().items():
-        noise = torch.randn(t.shape, generator=gen)
-        sd[name] = 1.0 + 0.1 * noise if ("norm" in name and name.endswith("weight")) else 0.2 * noise
-    return sd
+    return random_state_dict(lambda: C.WanClipVision(C.TINY_VIT), seed, lambda name, shape, noise: (
+        1.0 + 0.1 * noise if ("norm" in name and name.endswith("weight")) else 0.2 * noise))
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,11 @@ def test_dtype_plan_bf16_and_fp8_storage(tmp_path):
     quant = set(f8.quantizable_keys())
     assert len(quant) == cfg.num_layers * 10                          # q,k,v,o x2 + ffn.0/2 per block
     for key, value in f8.state_dict().items():
-        assert value.dtype == (FP8 if key in quant else torch.bfloat16), key
+        if key.endswith(".weight_scale"):           # per-tensor scale = absmax / 448, kept in fp32
+            weight = sd[key.replace("weight_scale", "weight")]
+            assert value.dtype == torch.float32 and value.item() == pytest.approx(weight.abs().max() / 448)
+        else:
+            assert value.dtype == (FP8 if key in quant else torch.bfloat16), key
     assert "text_embedding.0.weight" not in quant and "head.head.weight" not in quant
     ref = WanDiT.from_file(str(path))
     x, t, ctx, _ = inputs(cfg)
@@ -135,9 +139,10 @@ def test_scaled_fp8_file_keeps_scales_or_dequantizes(tmp_path):
     for key, value in sd.items():
         layer = key.removesuffix(".weight")
         if key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2:
-            scale = value.abs().max() / 448.0
-            scaled[f"model.diffusion_model.{key}"] = (value / scale).to(FP8)
-            scaled[f"model.diffusion_model.{layer}.scale_weight"] = scale.reshape(1)
+            # block 0 with one scale per output row ([N]), block 1 with one per tensor
+            scale = value.abs().amax(1) / 448.0 if key.startswith("blocks.0.") else value.abs().max() / 448.0
+            scaled[f"model.diffusion_model.{key}"] = (value / scale.reshape(-1, 1)).to(FP8)
+            scaled[f"model.diffusion_model.{layer}.scale_weight"] = scale.reshape(-1)
             scaled[f"model.diffusion_model.{layer}.scale_input"] = torch.ones(1)
         else:
             scaled[f"model.diffusion_model.{key}"] = value
@@ -151,6 +156,11 @@ def test_scaled_fp8_file_keeps_scales_or_dequantizes(tmp_path):
     torch.testing.assert_close(deq.blocks[1].cross_attn.q.weight, q.dequantize(torch.float32))
     err = (q.dequantize() - sd["blocks.1.cross_attn.q.weight"]).abs().max()
     assert err < 0.08 * sd["blocks.1.cross_attn.q.weight"].abs().max()
+    row = kept.blocks[0].ffn[0]
+    assert row.weight_scale.shape == (512, 1)
+    torch.testing.assert_close(deq.blocks[0].ffn[0].weight, row.dequantize(torch.float32))
+    err = (row.dequantize() - sd["blocks.0.ffn.0.weight"]).abs().amax(1)
+    assert (err <= 0.07 * sd["blocks.0.ffn.0.weight"].abs().amax(1)).all()      # per-row accuracy
     x, t, ctx, _ = inputs(cfg)
     torch.testing.assert_close(kept(x, t, ctx), deq(x, t, ctx), atol=1e-4, rtol=1e-4)
 
@@ -163,3 +173,12 @@ def test_pth_files_load_too(tmp_path):
     model = WanDiT.from_file(str(path))
     assert model.config.model_type == "i2v"
     assert torch.equal(model.state_dict()["img_emb.proj.3.weight"], sd["img_emb.proj.3.weight"])
+
+
+def test_fp8_quantization_leaves_the_callers_tensors_alone():
+    sd = random_state_dict(small())
+    copy = {k: v.clone() for k, v in sd.items()}
+    model = WanDiT.from_state_dict(sd, weight_dtype=FP8, dtype=torch.float32)
+    assert model.blocks[0].ffn[0].weight.dtype == FP8
+    for key, value in copy.items():
+        assert torch.equal(sd[key], value), key

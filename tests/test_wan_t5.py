@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -14,18 +16,12 @@ from slipstream.models.wan import t5 as T
 from slipstream.models.wan import tokenizer as TK
 from slipstream.models.wan.weights import build_on_meta
 
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+
 CORPUS = ["a cat walks on the beach at sunset", "a dog runs through the snowy forest",
           "cinematic shot of a red car driving fast", "the camera pans slowly over the mountains",
           "two people dance in the rain under neon lights", "close-up of a woman smiling, soft light"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls spend their time synchronising threads on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +38,12 @@ def tokenizer(spiece_proto):
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    model = build_on_meta(lambda: T.UMT5Encoder(T.TINY_UMT5))
-    sd = {}
-    for name, t in model.state_dict().items():
-        noise = torch.randn(t.shape, generator=gen)
+    def draw(name: str, shape: torch.Size, noise: torch.Tensor) -> torch.Tensor:
         if "norm" in name:
-            sd[name] = 1.0 + 0.2 * noise
-        elif "embedding" in name:
-            sd[name] = noise
-        else:
-            sd[name] = noise / math.sqrt(t.shape[1])
-    return sd
+            return 1.0 + 0.2 * noise
+        return noise if "embedding" in name else noise / math.sqrt(shape[1])
+
+    return random_state_dict(lambda: T.UMT5Encoder(T.TINY_UMT5), seed, draw)
 
 
 @pytest.fixture(scope="module")

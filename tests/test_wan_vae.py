@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,25 +13,14 @@ from slipstream.models.wan import vae as V
 from slipstream.models.wan.tiling import Tiling, run_tiled, tile_starts
 from slipstream.models.wan.weights import build_on_meta
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions spend their time synchronising threads on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Tiny-config weights drawn so that every layer matters (gains around 1, non-zero biases)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = build_on_meta(lambda: V.WanVAE(V.TINY_VAE))
-    sd = {}
-    for name, t in model.state_dict().items():
-        noise = torch.randn(t.shape, generator=gen)
-        sd[name] = (1.0 + 0.2 * noise) if name.endswith("gamma") else noise * (0.3 if t.dim() > 1 else 0.1)
-    return sd
+    return random_state_dict(lambda: V.WanVAE(V.TINY_VAE), seed, lambda name, shape, noise: (
+        (1.0 + 0.2 * noise) if name.endswith("gamma") else noise * (0.3 if len(shape) > 1 else 0.1)))
 
 
 @pytest.fixture(scope="module")

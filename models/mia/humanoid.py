@@ -7,8 +7,18 @@ texture so the rigged GLB's material carry-over is exercised too.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import torch
 import trimesh
+
+from .networks import NETWORK_NAMES, PCAEConfig, build_network
+from .weights import save_network_file
+
+# The real architecture at a tiny size: the demo exercises the whole pipeline on a CPU in seconds.
+DEMO_CONFIG = PCAEConfig(dim=64, depth=2, heads=2, dim_head=32, num_latents=64, num_points=2048, head_depth=2,
+                         head_heads=2, head_ff=128)
 
 
 def _capsule(a: tuple[float, float, float], b: tuple[float, float, float], radius: float) -> trimesh.Trimesh:
@@ -67,13 +77,6 @@ def write_demo_assets(models_dir: str, mesh_path: str, seed: int = 0) -> None:
     metadata), so the demo workflow exercises download-free loading and the whole pipeline on a CPU
     in seconds. The rig they produce is random: this demonstrates plumbing, not quality.
     """
-    import os
-
-    import torch
-
-    from .networks import NETWORK_NAMES, build_network
-    from .weights import save_network_file
-
     os.makedirs(models_dir, exist_ok=True)
     os.makedirs(os.path.dirname(mesh_path), exist_ok=True)
     torch.manual_seed(seed)
@@ -81,13 +84,3 @@ def write_demo_assets(models_dir: str, mesh_path: str, seed: int = 0) -> None:
         net = build_network(name, DEMO_CONFIG)
         save_network_file(net.state_dict(), name, DEMO_CONFIG, os.path.join(models_dir, f"{name}.safetensors"))
     make_humanoid().export(mesh_path)
-
-
-def _demo_config():
-    from .networks import PCAEConfig
-
-    return PCAEConfig(dim=64, depth=2, heads=2, dim_head=32, num_latents=64, num_points=2048, head_depth=2,
-                      head_heads=2, head_ff=128)
-
-
-DEMO_CONFIG = _demo_config()

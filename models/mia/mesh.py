@@ -27,11 +27,12 @@ def load_mesh(path: str) -> trimesh.Trimesh:
     if ext not in MESH_EXTENSIONS:
         raise MeshError(f"'{os.path.basename(path)}' is not a supported mesh file ({', '.join(MESH_EXTENSIONS)}).")
     if not os.path.isfile(path):
-        raise MeshError(f"Mesh file not found: {path}")
+        raise MeshError(f"Mesh file not found: {path}. Put the mesh in ComfyUI's input/3d folder and pick it again.")
     try:
         loaded = trimesh.load(path, process=False, maintain_order=True)
     except Exception as exc:  # trimesh raises many types for damaged files
-        raise MeshError(f"Cannot read '{os.path.basename(path)}' as a {ext[1:]} mesh: {exc}") from exc
+        raise MeshError(f"Cannot read '{os.path.basename(path)}' as a {ext[1:]} mesh: {exc}. The file may be damaged; "
+                        "re-export it (glb is the safest choice).") from exc
     return as_triangle_mesh(loaded, os.path.basename(path))
 
 
@@ -42,7 +43,7 @@ def as_triangle_mesh(value: object, what: str = "input") -> trimesh.Trimesh:
     if isinstance(value, trimesh.Scene):
         geometries = [g for g in value.dump() if isinstance(g, trimesh.Trimesh) and len(g.faces)]
         if not geometries:
-            raise MeshError(f"{what} contains no triangle mesh (only points or lines).")
+            raise MeshError(f"{what} contains no triangle mesh (only points or lines); export the character as a mesh.")
         value = geometries[0] if len(geometries) == 1 else trimesh.util.concatenate(geometries)
     if isinstance(value, trimesh.Trimesh):
         if len(value.faces) == 0:

@@ -19,7 +19,7 @@ in bf16 the highest frequencies would be noise.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -505,7 +505,3 @@ def expected_shapes(name: str, config: PCAEConfig | None = None) -> dict[str, tu
     """Every state-dict key of a network and its shape, without allocating weights."""
     model = build_network(name, config, device="meta")
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def scaled_config(config: PCAEConfig, **changes: int) -> PCAEConfig:
-    return replace(config, **changes)

@@ -13,6 +13,7 @@ vertices and joints at the end (bone frames get only its rotation, so joints car
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +32,39 @@ MIN_WEIGHT = 1e-3   # upstream's Blender export drops weights at or below this
 MAX_INFLUENCES = 4
 
 
+class LazyNetwork:
+    """A network built and loaded on first use, then kept.
+
+    Only rigs with use_normal need bw_normal (~430 MB in fp32), so the loader defers it. The frozen
+    handle holds this object for its whole life, so the network loads at most once per handle (and
+    ComfyUI keeps the handle cached under the loader's inputs).
+    """
+
+    def __init__(self, load: Callable[[], PCAE]):
+        self._load = load
+        self._model: PCAE | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> PCAE:
+        with self._lock:
+            if self._model is None:
+                # Built outside inference mode: the rig runs under it, but the weights outlive this rig.
+                with torch.inference_mode(False):
+                    self._model = self._load()
+            return self._model
+
+
 @dataclass(frozen=True)
 class MIANetworks:
-    """The five loaded networks and how they run."""
+    """The five networks and how they run; bw_normal may still be waiting in a LazyNetwork."""
 
     coarse: PCAE
     bw: PCAE
-    bw_normal: PCAE
+    bw_normal: PCAE | LazyNetwork
     joints: PCAE
     pose: PCAE
     dtype: torch.dtype
@@ -47,6 +74,11 @@ class MIANetworks:
     @property
     def num_points(self) -> int:
         return self.coarse.cfg.num_points
+
+    def normal_network(self) -> PCAE:
+        """bw_normal, loaded now if the loader deferred it."""
+        net = self.bw_normal
+        return net.get() if isinstance(net, LazyNetwork) else net
 
 
 @dataclass
@@ -322,7 +354,8 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
     if len(mesh.faces) == 0:
         raise ValueError("The mesh has no faces; MIA needs a surface to sample (point clouds are not supported).")
     if not np.isfinite(mesh.vertices).all():
-        raise ValueError("The mesh has non-finite vertex coordinates (NaN or inf).")
+        raise ValueError("The mesh has non-finite vertex coordinates (NaN or inf): delete or fix those vertices in a "
+                         "3D editor, or re-export the mesh, and try again.")
     timer = _Timer(on_stage)
     interrupt = check_interrupt or (lambda: None)
     rng = np.random.default_rng(seed)
@@ -366,25 +399,25 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
     timer.lap("weights_cleanup")
 
     heads, tails = joints[:, :3].astype(np.float64), joints[:, 3:].astype(np.float64)
+    sel = list(joint_indices)
+    back = np.linalg.inv(to_canon)
     out_verts = input_verts.astype(np.float32)
     if reset_to_rest:
         rotations = ortho6d_to_matrix(torch.from_numpy(pose6d).double()).numpy()
-        mats = pose_to_global(rotations, heads)[list(joint_indices)]
-        blended = np.einsum("vj,jab->vab", weights.astype(np.float64), mats)
+        mats = pose_to_global(rotations, heads)
+        blended = np.einsum("vj,jab->vab", weights.astype(np.float64), mats[sel])
         rest = np.einsum("vab,vb->va", blended[:, :3, :3], verts) + blended[:, :3, 3]
-        out_verts = apply(np.linalg.inv(to_canon), rest).astype(np.float32)
-        full = pose_to_global(rotations, heads)
-        heads = np.stack([apply(full[i], heads[i]) for i in range(skeleton.JOINT_COUNT)])
-        tails = np.stack([apply(full[i], tails[i]) for i in range(skeleton.JOINT_COUNT)])
-    sel = list(joint_indices)
+        out_verts = apply(back, rest).astype(np.float32)
+        heads = np.stack([apply(m, p) for m, p in zip(mats, heads, strict=True)])
+        tails = np.stack([apply(m, p) for m, p in zip(mats, tails, strict=True)])
     frames = bone_frames(heads[sel], tails[sel], joint_indices)
-    back = np.linalg.inv(to_canon)
     back_rotation = to_canon[:3, :3] / np.cbrt(np.linalg.det(to_canon[:3, :3]))
+    out_heads = apply(back, heads[sel])
     bind = np.tile(np.eye(4), (len(sel), 1, 1))
     bind[:, :3, :3] = np.einsum("ab,jbc->jac", back_rotation.T, frames)
-    bind[:, :3, 3] = apply(back, heads[sel])
+    bind[:, :3, 3] = out_heads
     timer.lap("pose_to_rest")
-    return RigResult(out_verts, joint_indices, apply(back, heads[sel]).astype(np.float32),
+    return RigResult(out_verts, joint_indices, out_heads.astype(np.float32),
                      apply(back, tails[sel]).astype(np.float32), bind, weights, timer.timings)
 
 
@@ -408,7 +441,8 @@ def _run_blend_weights(nets: MIANetworks, pts: np.ndarray, verts: np.ndarray, no
     latents = nets.bw.latents(_tensor(nets, pts[:, :3]).to(nets.dtype))
     latents_n = None
     if normals is not None:
-        latents_n = nets.bw_normal.latents(_tensor(nets, pts).to(nets.dtype))
+        bw_normal = nets.normal_network()
+        latents_n = bw_normal.latents(_tensor(nets, pts).to(nets.dtype))
         keep = _indices(lambda k: any(x in k for x in ("Spine", "Shoulder", "Arm"))).to(nets.device)
     out = []
     for start in range(0, len(verts), BW_CHUNK):
@@ -416,7 +450,7 @@ def _run_blend_weights(nets: MIANetworks, pts: np.ndarray, verts: np.ndarray, no
         w = nets.bw.blend_weights(latents, _tensor(nets, chunk).to(nets.dtype))
         if latents_n is not None:
             q = np.concatenate([chunk, normals[start:start + BW_CHUNK]], axis=1)
-            wn = nets.bw_normal.blend_weights(latents_n, _tensor(nets, q).to(nets.dtype))
+            wn = bw_normal.blend_weights(latents_n, _tensor(nets, q).to(nets.dtype))
             wn[..., keep] = w[..., keep]  # upstream keeps the plain model's spine/shoulder/arm columns
             w = wn
         out.append(w[0].cpu().numpy())

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..checkpoint import CheckpointError, check_state_dict, load_state_dict, read_safetensors_header
 from ..hub import HubFile, HubSource, Progress, ensure_files
 from .networks import (
     NETWORK_NAMES,
@@ -35,43 +33,16 @@ from .networks import (
 FORMAT_TAG = "slipstream.mia.v1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is not what its name says (wrong file, truncated, wrong shapes)."""
-
-
 def read_pth(path: str) -> dict[str, torch.Tensor]:
-    """The plain tensor state dict of a published .pth ({"model": sd} or a bare sd)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(
-            f"Cannot read '{path}' as a PyTorch checkpoint ({reason}). The file is truncated, corrupt or not a "
-            "checkpoint: delete it and download it again.") from exc
-    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-        data = data["model"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"'{path}' holds no tensor state dict (expected {{'model': state_dict}}).")
-    return adapt_state_dict(data)
+    """The plain tensor state dict of a published .pth ({"model": sd} or a bare sd), read weights-only,
+    without the keys older checkpoints carry for buffers the architecture now computes."""
+    return adapt_state_dict(load_state_dict(path))
 
 
-def check_state_dict(name: str, state_dict: dict[str, torch.Tensor], config: PCAEConfig, source: str) -> None:
-    """Raise CheckpointError naming the first differences if keys or shapes do not match the network."""
-    want = expected_shapes(name, config)
-    missing = [k for k in want if k not in state_dict]
-    extra = [k for k in state_dict if k not in want]
-    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs network {want[k]}"
-             for k in want if k in state_dict and tuple(state_dict[k].shape) != want[k]]
-    if missing or extra or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with wrong shapes (e.g. {'; '.join(wrong[:3])})")
-        raise CheckpointError(f"'{source}' is not the MIA '{name}' network: keys " + ", ".join(parts) +
-                              f". Expected the file {name}.pth from the Make-It-Animatable release.")
+def check_network(name: str, state_dict: dict[str, torch.Tensor], config: PCAEConfig, source: str) -> None:
+    """Raise CheckpointError naming the differences if keys or shapes do not match the network."""
+    check_state_dict(expected_shapes(name, config), state_dict,
+                     f"the MIA '{name}' network ('{source}'; expected {name}.pth from the Make-It-Animatable release)")
 
 
 def save_network_file(state_dict: dict[str, torch.Tensor], name: str, config: PCAEConfig, path: str) -> None:
@@ -93,25 +64,26 @@ def convert_pth(pth_path: str, st_path: str, name: str, config: PCAEConfig | Non
     """Read a published .pth, check it against the architecture and store it as safetensors."""
     config = config or PCAEConfig()
     state_dict = read_pth(pth_path)
-    check_state_dict(name, state_dict, config, pth_path)
+    check_network(name, state_dict, config, pth_path)
     save_network_file(state_dict, name, config, st_path)
 
 
-def read_network_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], PCAEConfig]:
-    """Tensors and config of a converted network file, with clear errors for wrong or damaged files."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        state_dict = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"Cannot read '{path}' ({exc}). The file is truncated or corrupt: delete it and "
-                              "load again to re-create it.") from exc
+def check_network_file(path: str, name: str) -> PCAEConfig:
+    """The config of a converted network file, after checking its header (which network, every key
+    and shape) without reading a tensor: cheap enough to vet a file long before it is loaded."""
+    header, meta = read_safetensors_header(path)
     stored = meta.get("mia_network")
     if stored is not None and stored != name:
         raise CheckpointError(f"'{path}' holds the MIA '{stored}' network, not '{name}'.")
     config = PCAEConfig.from_dict(json.loads(meta["mia_config"])) if "mia_config" in meta else PCAEConfig()
-    check_state_dict(name, state_dict, config, path)
-    return state_dict, config
+    check_network(name, {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}, config, path)
+    return config
+
+
+def read_network_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], PCAEConfig]:
+    """Tensors and config of a converted network file, with clear errors for wrong or damaged files."""
+    config = check_network_file(path, name)
+    return load_state_dict(path), config
 
 
 def load_network(path: str, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -11,7 +11,7 @@ official layout without its `visual.` prefix.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +21,7 @@ from torch import nn
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
 from .layers import CastLinear, FP32LayerNorm
-from .weights import (
-    Recipe,
-    Source,
-    TensorTable,
-    identity_recipe,
-    load_encoder,
-    module_device,
-    module_dtype,
-)
+from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 
 Progress = Callable[[int, int], None]
 
@@ -89,136 +81,11 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class WanClipVision(nn.Module):
-    """pixels [B,3,224,224] (CLIP-normalised) -> features [B,257,1280] of the 31st block (float32)."""
-
-    def __init__(self, cfg: ClipVisionConfig = VIT_H_14):
-        super().__init__()
-        self.config = cfg
-        self.patch_embedding = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.dim))
-        self.pre_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
-        self.transformer = nn.Sequential(*(VisionBlock(cfg) for _ in range(cfg.num_layers)))
-        # Loaded so every layout checks completely; Wan's features stop before them.
-        self.post_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
-        self.head = nn.Parameter(torch.zeros(cfg.dim, cfg.out_dim))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return module_dtype(self)
-
-    @property
-    def device(self) -> torch.device:
-        return module_device(self)
-
-    @torch.no_grad()
-    def forward(self, pixels: torch.Tensor, callback: Progress | None = None) -> torch.Tensor:
-        """`callback(done, total)` runs after every block; raising from it stops the encode."""
-        size = self.config.image_size
-        if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
-            raise ValueError(f"CLIP vision expects pixels [B,3,{size},{size}], got {tuple(pixels.shape)}; "
-                             "use encode_image() to resize and normalise images")
-        x = self.patch_embedding(pixels.to(device=self.device, dtype=self.dtype)).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
-        x = self.pre_norm(x)
-        used = self.transformer[: self.config.feature_layers]
-        for i, block in enumerate(used):
-            x = block(x)
-            if callback is not None:
-                callback(i + 1, len(used))
-        return x.float()
-
-    def preprocess(self, images: torch.Tensor, crop: bool = False) -> torch.Tensor:
-        """[B,3,H,W] in 0..1 -> CLIP input [B,3,224,224].
-
-        crop=False squashes the whole image to a square (official Wan); crop=True scales the short
-        side to 224 and cuts the centre (ComfyUI's default) so the aspect ratio is kept.
-        """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B,3,H,W] in 0..1, got {tuple(images.shape)}")
-        size = self.config.image_size
-        images = images.float()
-        h, w = images.shape[-2:]
-        if crop:
-            scale = size / min(h, w)
-            resized = (max(size, round(h * scale)), max(size, round(w * scale)))
-        else:
-            resized = (size, size)
-        if (h, w) != resized:
-            images = F.interpolate(images, size=resized, mode="bicubic", align_corners=False)
-        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-        images = images[..., top:top + size, left:left + size]
-        mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
-
-    def encode_image(self, images: torch.Tensor, crop: bool = False,
-                     callback: Progress | None = None) -> torch.Tensor:
-        """[B,3,H,W] in 0..1 -> Wan image tokens [B,257,1280] (float32)."""
-        return self(self.preprocess(images, crop=crop), callback=callback)
-
-    # ---- loading -------------------------------------------------------------------------------
-
-    @staticmethod
-    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], num_heads: int | None = None) -> ClipVisionConfig:
-        """Widths from the weight shapes, depth from the keys (official names, no prefix).
-
-        The head count is not stored in checkpoints; ViT-H/14 has 16 (pass num_heads for others).
-        """
-        needed = ("patch_embedding.weight", "pos_embedding", "transformer.0.mlp.0.weight", "head")
-        absent = [k for k in needed if k not in shapes]
-        if absent:
-            raise CheckpointError(f"Not a CLIP vision tower: missing tensor(s) {', '.join(absent)}.")
-        dim, _, patch, _ = shapes["patch_embedding.weight"]
-        side = round((shapes["pos_embedding"][1] - 1) ** 0.5)
-        layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.(\d+)\.", k)))
-        return ClipVisionConfig(image_size=side * patch, patch_size=patch, dim=dim,
-                                mlp_dim=shapes["transformer.0.mlp.0.weight"][0],
-                                num_heads=num_heads or VIT_H_14.num_heads, num_layers=layers,
-                                out_dim=shapes["head"][1])
-
-    @classmethod
-    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
-                        num_heads: int | None = None, consume: bool = False) -> WanClipVision:
-        """Build from the official Wan CLIP file, ComfyUI's clip_vision_h (HF) or an open_clip file.
-        With `consume` the tower's tensors leave `sd` as they are converted."""
-        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype, num_heads)
-
-    @classmethod
-    def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  *, weight_dtype: torch.dtype | None = None, num_heads: int | None = None) -> WanClipVision:
-        """Load a CLIP vision file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
-        return cls._load(TensorTable.from_file(path), dtype, device, weight_dtype, num_heads)
-
-    @classmethod
-    def _load(cls, table: TensorTable, dtype, device, weight_dtype, num_heads) -> WanClipVision:
-        return load_encoder(
-            table, _LAYOUTS, lambda shapes: cls(cls.config_from_shapes(shapes, num_heads)),
-            "the CLIP ViT-H/14 vision tower",
-            "not a CLIP ViT-H/14 vision model: no tensor named like 'visual.transformer.0.attn.to_qkv.weight', "
-            "'vision_model.encoder.layers.0.self_attn.q_proj.weight' or "
-            "'visual.transformer.resblocks.0.attn.in_proj_weight'. Pick clip_vision_h.safetensors or "
-            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth.",
-            dtype=dtype, weight_dtype=weight_dtype, device=device)
-
-
 # ---- layouts: model key <- file key(s) ---------------------------------------------------------
 
 def _rename(keys: Sequence[str], table: list[tuple[re.Pattern, str]], keep: re.Pattern) -> dict[str, str]:
     """model key -> file key for the kept keys (unmatched kept keys keep their name, and fail the check)."""
-    out = {}
-    for key in keys:
-        if not keep.match(key):
-            continue
-        target = key
-        for pattern, replacement in table:
-            if pattern.match(key):
-                target = pattern.sub(replacement, key)
-                break
-        out[target] = key
-    return out
+    return {rename(key, table): key for key in keys if keep.match(key)}
 
 
 def _official_recipe(keys: Sequence[str]) -> Recipe:
@@ -302,3 +169,96 @@ _LAYOUTS = {
     "vision_model.encoder.layers.0.self_attn.q_proj.weight": _hf_recipe,
     "visual.transformer.resblocks.0.attn.in_proj_weight": _open_clip_recipe,
 }
+
+
+class WanClipVision(LoadableEncoder):
+    """pixels [B,3,224,224] (CLIP-normalised) -> features [B,257,1280] of the 31st block (float32).
+
+    Loads (`from_file`, `from_state_dict`) the official Wan CLIP file, ComfyUI's clip_vision_h (HF)
+    and open_clip files; `num_heads=` overrides the head count, which checkpoints do not store.
+    """
+
+    LAYOUTS = _LAYOUTS
+    WHAT = "the CLIP ViT-H/14 vision tower"
+    NOT_FOUND = ("not a CLIP ViT-H/14 vision model: no tensor named like 'visual.transformer.0.attn.to_qkv.weight', "
+                 "'vision_model.encoder.layers.0.self_attn.q_proj.weight' or "
+                 "'visual.transformer.resblocks.0.attn.in_proj_weight'. Pick clip_vision_h.safetensors or "
+                 "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth.")
+
+    def __init__(self, cfg: ClipVisionConfig = VIT_H_14):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.dim))
+        self.pre_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
+        self.transformer = nn.Sequential(*(VisionBlock(cfg) for _ in range(cfg.num_layers)))
+        # Loaded so every layout checks completely; Wan's features stop before them.
+        self.post_norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
+        self.head = nn.Parameter(torch.zeros(cfg.dim, cfg.out_dim))
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, callback: Progress | None = None) -> torch.Tensor:
+        """`callback(done, total)` runs after every block; raising from it stops the encode."""
+        size = self.config.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"CLIP vision expects pixels [B,3,{size},{size}], got {tuple(pixels.shape)}; "
+                             "use encode_image() to resize and normalise images")
+        x = self.patch_embedding(pixels.to(device=self.device, dtype=self.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        x = self.pre_norm(x)
+        used = self.transformer[: self.config.feature_layers]
+        for i, block in enumerate(used):
+            x = block(x)
+            if callback is not None:
+                callback(i + 1, len(used))
+        return x.float()
+
+    def preprocess(self, images: torch.Tensor, crop: bool = False) -> torch.Tensor:
+        """[B,3,H,W] in 0..1 -> CLIP input [B,3,224,224].
+
+        crop=False squashes the whole image to a square (official Wan); crop=True scales the short
+        side to 224 and cuts the centre (ComfyUI's default) so the aspect ratio is kept.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B,3,H,W] in 0..1, got {tuple(images.shape)}")
+        size = self.config.image_size
+        images = images.float()
+        h, w = images.shape[-2:]
+        if crop:
+            scale = size / min(h, w)
+            resized = (max(size, round(h * scale)), max(size, round(w * scale)))
+        else:
+            resized = (size, size)
+        if (h, w) != resized:
+            images = F.interpolate(images, size=resized, mode="bicubic", align_corners=False)
+        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+        images = images[..., top:top + size, left:left + size]
+        mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def encode_image(self, images: torch.Tensor, crop: bool = False,
+                     callback: Progress | None = None) -> torch.Tensor:
+        """[B,3,H,W] in 0..1 -> Wan image tokens [B,257,1280] (float32)."""
+        return self(self.preprocess(images, crop=crop), callback=callback)
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], num_heads: int | None = None) -> ClipVisionConfig:
+        """Widths from the weight shapes, depth from the keys (official names, no prefix).
+
+        The head count is not stored in checkpoints; ViT-H/14 has 16 (pass num_heads for others).
+        """
+        needed = ("patch_embedding.weight", "pos_embedding", "transformer.0.mlp.0.weight", "head")
+        absent = [k for k in needed if k not in shapes]
+        if absent:
+            raise CheckpointError(f"Not a CLIP vision tower: missing tensor(s) {', '.join(absent)}.")
+        dim, _, patch, _ = shapes["patch_embedding.weight"]
+        side = round((shapes["pos_embedding"][1] - 1) ** 0.5)
+        layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.(\d+)\.", k)))
+        return ClipVisionConfig(image_size=side * patch, patch_size=patch, dim=dim,
+                                mlp_dim=shapes["transformer.0.mlp.0.weight"][0],
+                                num_heads=num_heads or VIT_H_14.num_heads, num_layers=layers,
+                                out_dim=shapes["head"][1])

@@ -45,6 +45,7 @@ from ..checkpoint import PICKLE_EXTS, check_state_dict, load_state_dict, read_sa
 from .config import WanDiTConfig, detect_config, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
+    allocate_outputs,
     assign_weights,
     plan_dtypes,
     read_safetensors,
@@ -78,6 +79,15 @@ BlockRunner = Callable[[int, "WanBlock", torch.Tensor, BlockInputs], torch.Tenso
 def run_block(index: int, block: WanBlock, tokens: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     """The default block runner: just run it."""
     return block(tokens, inputs)
+
+
+def _modulation(n: int, dim: int) -> nn.Parameter:
+    """A learned [1, n, dim] AdaLN bias at the official init scale. Not drawn on `meta`: random ops
+    there go through torch's reference decompositions, whose first use imports ~800 modules (2 s)."""
+    param = nn.Parameter(torch.empty(1, n, dim))
+    if param.device.type != "meta":
+        nn.init.normal_(param, std=dim ** -0.5)
+    return param
 
 
 def _mlp(dims: tuple[int, int, int], act: nn.Module) -> nn.Sequential:
@@ -147,7 +157,7 @@ class WanBlock(nn.Module):
         self.cross_attn = WanCrossAttention(dim, config.num_heads, eps, image=config.has_image_input)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = _mlp((dim, config.ffn_dim, dim), nn.GELU(approximate="tanh"))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.modulation = _modulation(6, dim)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """x: [B, L, dim] fp32 residual stream."""
@@ -167,7 +177,7 @@ class WanHead(nn.Module):
         dim = config.dim
         self.norm = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.head = CastLinear(dim, config.out_dim * math.prod(config.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+        self.modulation = _modulation(2, dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
@@ -189,6 +199,10 @@ class WanImageEmbedding(nn.Module):
         if hasattr(self, "emb_pos"):
             clip_fea = clip_fea.reshape(-1, self.emb_pos.shape[1], clip_fea.shape[-1]) + self.emb_pos.to(clip_fea.dtype)
         return self.proj(clip_fea)
+
+
+def _scaled_weights(scales: Mapping[str, object]) -> list[str]:
+    return [layer + ".weight" for layer in scales]
 
 
 def _scale_key(entries: Mapping[str, object], layer: str) -> str:
@@ -249,17 +263,17 @@ class WanDiT(nn.Module):
         entries, _ = strip_dit_prefix(sd, what)
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, {k: v.dtype for k, v in weights.items()}, dtype, weight_dtype,
-                                   metadata, num_heads, attention_backend, what)
-        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales,
-                              lambda m: isinstance(m, CastLinear))
+        stored = {k: v.dtype for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, what)
+        outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales), adopt_unchanged=True)
+        return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales, outputs=outputs)
 
     @classmethod
     def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   *, weight_dtype: torch.dtype | None = None, num_heads: int | None = None,
                   attention_backend: str = "auto") -> WanDiT:
-        """Load a checkpoint file; safetensors are checked from the header and streamed tensor by
-        tensor, so peak RAM stays near the size of the loaded weights."""
+        """Load a checkpoint file; safetensors are checked from the header, then every output is
+        allocated and filled tensor by tensor, so peak RAM stays near the size of the loaded weights."""
         if path.lower().endswith(PICKLE_EXTS):
             return cls.from_state_dict(load_state_dict(path), dtype, device, weight_dtype=weight_dtype,
                                        num_heads=num_heads, attention_backend=attention_backend, what=path)
@@ -267,19 +281,16 @@ class WanDiT(nn.Module):
         entries, prefix = strip_dit_prefix(header, path)
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v["shape"]) for k, v in weights.items()}
-        dtypes = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, dtypes, dtype, weight_dtype, metadata, num_heads,
-                                   attention_backend, path)
+        stored = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, path)
         scale_tensors = {layer: t for layer, (_, t) in zip(
             scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
-        on_cpu = device is None or torch.device(device).type == "cpu"
-
-        def transient(key: str, stored: torch.dtype) -> bool:     # converted or moved right after reading
-            name = key[len(prefix):]
-            return not on_cpu or plan.target(name, stored) != stored
-
-        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(path, [prefix + k for k in shapes], transient))
-        return assign_weights(model, tensors, plan, device, scale_tensors, lambda m: isinstance(m, CastLinear))
+        outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales))
+        direct = {prefix + k: out for k, out in outputs.items()
+                  if out.dtype == stored[k] and out.device.type == "cpu"}   # read straight into place
+        tensors = ((k[len(prefix):], t) for k, t in read_safetensors(
+            path, [prefix + k for k in shapes], lambda key, dtype: True, out=direct))
+        return assign_weights(model, tensors, plan, device, scale_tensors, outputs=outputs)
 
     @classmethod
     def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):

@@ -8,6 +8,8 @@ cost their own rounding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,59 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 def _wide_float(device: torch.device) -> torch.dtype:
     """float64 where the device has it (the official precision), float32 on MPS."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def as_weight_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A file's weight scale in the shape that broadcasts over an [out, in] weight: a scalar for one
+    scale per tensor, [out, 1] for one per row (files store those as [out] or [out, 1])."""
+    return scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
+
+
+def float_row_chunks(weight: torch.Tensor, source_scale: torch.Tensor | None = None,
+                     chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, fp32 rows) of a weight viewed as [rows, -1], ~chunk_bytes at a time, with an
+    optional file scale applied. A chunk may alias the weight: never modify it in place.
+
+    Converting or quantizing through small chunks means no full-size fp32 temporary ever exists,
+    which matters while a model is loading: freed large temporaries between the kept tensors
+    fragment the heap, and the holes count as resident memory.
+    """
+    rows = weight.reshape(weight.shape[0] if weight.dim() else 1, -1)
+    scale = None if source_scale is None else as_weight_scale(source_scale).to(rows.device, torch.float32)
+    step = max(1, chunk_bytes // max(1, 4 * rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step].float()
+        if scale is not None:
+            chunk = chunk * (scale[start:start + step] if scale.dim() else scale)
+        yield start, chunk
+
+
+def dequantize_into(out: torch.Tensor, weight: torch.Tensor, source_scale: torch.Tensor | None) -> torch.Tensor:
+    """out[...] = weight · scale, chunk by chunk (out may be on another device or dtype)."""
+    flat = out.view(out.shape[0] if out.dim() else 1, -1)
+    for start, chunk in float_row_chunks(weight, source_scale):
+        flat[start:start + chunk.shape[0]] = chunk
+    return out
+
+
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype, per_row: bool = False, out: torch.Tensor | None = None,
+                 source_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, fp32 scale) with scale = absmax / fp8 max (scalar, or [out, 1] per row),
+    saturating out-of-range values (e4m3fn has no infinity: a plain cast would make them NaN).
+
+    Written into `out` if given; `source_scale` dequantizes a scaled input first. Works through
+    row chunks (see `float_row_chunks`).
+    """
+    limit = FP8_MAX[dtype]
+    absmax = torch.cat([chunk.abs().amax(dim=1) for _, chunk in float_row_chunks(weight, source_scale)])
+    scale = (absmax[:, None] if per_row else absmax.amax()).div(limit).clamp_min(1e-30)
+    if out is None:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    flat = out.view(out.shape[0] if out.dim() else 1, -1)
+    for start, chunk in float_row_chunks(weight, source_scale):
+        part = scale[start:start + chunk.shape[0]].to(chunk.device) if per_row else scale.to(chunk.device)
+        flat[start:start + chunk.shape[0]] = torch.div(chunk, part).clamp_(-limit, limit)
+    return out, scale
 
 
 class CastLinear(nn.Linear):
@@ -41,18 +96,28 @@ class CastLinear(nn.Linear):
         """The effective weight as a float tensor of `dtype` (scale applied)."""
         weight = self.weight.to(dtype)
         if self.weight_scale is not None:
-            weight = weight * self.weight_scale.to(dtype)
+            scale = self.weight_scale.to(dtype)
+            # scale the fresh upcast copy in place (one pass less over the weight), never the parameter
+            weight = weight * scale if weight is self.weight else weight.mul_(scale)
         return weight
 
     def requantize(self, weight: torch.Tensor) -> None:
-        """Store a float weight back in this layer's storage dtype (and scale), in place."""
+        """Store a float weight back in this layer's storage dtype, in place.
+
+        A scaled layer picks a fresh scale (a LoRA can widen the weight's range, and the old scale
+        would saturate it); one scale per row if the layer had one per row.
+        """
         storage = self.weight.dtype
-        if self.weight_scale is not None:
-            weight = weight / self.weight_scale.to(weight.dtype)
-        if storage in FP8_MAX:
-            weight = weight.clamp(-FP8_MAX[storage], FP8_MAX[storage])
         with torch.no_grad():
-            self.weight.copy_(weight.to(storage))
+            if self.weight_scale is None:
+                if storage in FP8_MAX:
+                    weight = weight.clamp(-FP8_MAX[storage], FP8_MAX[storage])
+                self.weight.copy_(weight.to(storage))
+                return
+            per_row = self.weight_scale.numel() > 1
+            q, scale = quantize_fp8(weight, storage, per_row=per_row)
+            self.weight.copy_(q)
+            self.weight_scale = scale.reshape(self.weight_scale.shape).to(self.weight_scale.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.dtype == x.dtype and self.weight_scale is None \

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +25,7 @@ from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
 from .layers import CastLinear
 from .tokenizer import TokenBatch
-from .weights import (
-    Recipe,
-    Source,
-    TensorTable,
-    identity_recipe,
-    load_encoder,
-    module_device,
-    module_dtype,
-)
+from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 
 Progress = Callable[[int, int], None]
 
@@ -185,12 +177,7 @@ def _hf_recipe(keys) -> Recipe:
     for key in sorted(keys):
         if _UNUSED.match(key) or key == "encoder.embed_tokens.weight":  # the latter: a tied copy of shared
             continue
-        target = key
-        for pattern, replacement in _HF_RENAMES:
-            if pattern.match(key):
-                target = pattern.sub(replacement, key)
-                break
-        recipe[target] = Source((key,))
+        recipe[rename(key, _HF_RENAMES)] = Source((key,))
     return recipe
 
 
@@ -203,8 +190,18 @@ def _count_blocks(keys) -> int:
     return max(ids) + 1 if ids else 0
 
 
-class UMT5Encoder(nn.Module):
-    """ids [B,L] (+ mask [B,L], True = real token) -> hidden states [B,L,dim], padded rows zero."""
+class UMT5Encoder(LoadableEncoder):
+    """ids [B,L] (+ mask [B,L], True = real token) -> hidden states [B,L,dim], padded rows zero.
+
+    Loads (`from_file`, `from_state_dict`) the official layout, HF/ComfyUI's (`encoder.block...`,
+    `shared.weight`) and prefixed all-in-one files.
+    """
+
+    LAYOUTS = _LAYOUTS
+    WHAT = "the umT5 text encoder"
+    NOT_FOUND = ("not a umT5 text encoder: no tensor named like 'blocks.0.attn.q.weight' or "
+                 "'encoder.block.0.layer.0.SelfAttention.q.weight'. Pick the umT5-XXL file "
+                 "(e.g. umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth).")
 
     def __init__(self, cfg: UMT5Config = UMT5_XXL):
         super().__init__()
@@ -212,14 +209,6 @@ class UMT5Encoder(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5LayerNorm(cfg.dim, cfg.eps)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return module_dtype(self)
-
-    @property
-    def device(self) -> torch.device:
-        return module_device(self)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -263,31 +252,3 @@ class UMT5Encoder(nn.Module):
         return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=shapes["blocks.0.attn.q.weight"][0],
                           dim_ffn=shapes["blocks.0.ffn.fc1.weight"][0], num_heads=heads,
                           num_layers=_count_blocks(shapes), num_buckets=buckets)
-
-    @classmethod
-    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
-                        consume: bool = False) -> UMT5Encoder:
-        """Build from official, HF/ComfyUI (`encoder.block...`, `shared.weight`) or prefixed layouts.
-
-        `dtype`: compute dtype (default: the file's; bf16 for fp8 files). `weight_dtype`: storage of
-        the Linear weights (default: fp8 files stay fp8, ~half the memory; else `dtype`). With
-        `consume` the encoder's tensors leave `sd` as they are converted (prefer `from_file`, which
-        never holds the whole file).
-        """
-        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype)
-
-    @classmethod
-    def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  *, weight_dtype: torch.dtype | None = None) -> UMT5Encoder:
-        """Load a text-encoder file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
-        return cls._load(TensorTable.from_file(path), dtype, device, weight_dtype)
-
-    @classmethod
-    def _load(cls, table: TensorTable, dtype, device, weight_dtype) -> UMT5Encoder:
-        return load_encoder(
-            table, _LAYOUTS, lambda shapes: cls(cls.config_from_shapes(shapes)), "the umT5 text encoder",
-            "not a umT5 text encoder: no tensor named like 'blocks.0.attn.q.weight' or "
-            "'encoder.block.0.layer.0.SelfAttention.q.weight'. Pick the umT5-XXL file "
-            "(e.g. umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth).",
-            dtype=dtype, weight_dtype=weight_dtype, device=device)

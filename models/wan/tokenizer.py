@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import CheckpointError, load_state_dict, read_safetensors_header
+from ..checkpoint import SAFETENSORS_EXTS, CheckpointError, load_state_dict, read_safetensors_header
 
 CONTEXT_LENGTH = 512
 PAD_ID = 0
@@ -119,10 +119,15 @@ def find_tokenizer_file(checkpoint_path: str) -> str | None:
     return None
 
 
+def _spiece_key(keys) -> str | None:
+    """The embedded tokenizer's key under any prefix (all-in-one files nest the text encoder)."""
+    return next((k for k in keys if k == SPIECE_KEY or k.endswith("." + SPIECE_KEY)), None)
+
+
 def tokenizer_from_state_dict(sd: Mapping[str, torch.Tensor], context_length: int = CONTEXT_LENGTH
                               ) -> UMT5Tokenizer | None:
     """The tokenizer embedded in a (ComfyUI) text-encoder state dict, under any prefix; None if absent."""
-    key = next((k for k in sd if k == SPIECE_KEY or k.endswith("." + SPIECE_KEY)), None)
+    key = _spiece_key(sd)
     return None if key is None else UMT5Tokenizer.from_tensor(sd[key], context_length)
 
 
@@ -136,9 +141,8 @@ def load_tokenizer(checkpoint_path: str, sd: Mapping[str, torch.Tensor] | None =
         tok = tokenizer_from_state_dict(sd, context_length)
         if tok is not None:
             return tok
-    elif checkpoint_path.lower().endswith((".safetensors", ".sft")):
-        header, _ = read_safetensors_header(checkpoint_path)
-        key = next((k for k in header if k == SPIECE_KEY or k.endswith("." + SPIECE_KEY)), None)
+    elif checkpoint_path.lower().endswith(SAFETENSORS_EXTS):
+        key = _spiece_key(read_safetensors_header(checkpoint_path)[0])
         if key is not None:
             return UMT5Tokenizer.from_tensor(load_state_dict(checkpoint_path, keys=[key])[key], context_length)
     beside = find_tokenizer_file(checkpoint_path)

@@ -16,7 +16,7 @@ so files load without renaming.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
 from .tiling import Tiling, run_tiled
-from .weights import TensorTable, identity_recipe, load_encoder, module_device, module_dtype
+from .weights import LoadableEncoder, identity_recipe
 
 Progress = Callable[[int, int], None]
 
@@ -327,9 +327,18 @@ class Decoder3d(CausalLayer):
 _ANCHORS = ("decoder.middle.0.residual.0.gamma",)
 
 
-class WanVAE(nn.Module):
+class WanVAE(LoadableEncoder):
     """The Wan 2.1 VAE. `encode` takes [B,3,F,H,W] in -1..1 (F = 1+4k, H and W multiples of 8) and
-    returns the raw latent [B,16,1+k,H/8,W/8] (float32); `decode` inverts it (clamped to -1..1)."""
+    returns the raw latent [B,16,1+k,H/8,W/8] (float32); `decode` inverts it (clamped to -1..1).
+
+    Loads (`from_file`, `from_state_dict`) the official layout and prefixed ones: ComfyUI's
+    all-in-one `vae.`, kijai's `model.`.
+    """
+
+    LAYOUTS = {anchor: identity_recipe for anchor in _ANCHORS}
+    WHAT = "the Wan 2.1 VAE"
+    NOT_FOUND = ("not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' (with or without a "
+                 "prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).")
 
     def __init__(self, cfg: WanVAEConfig = WAN21_VAE):
         super().__init__()
@@ -354,40 +363,7 @@ class WanVAE(nn.Module):
                 "(48 channels is the Wan 2.2 VAE, which this loader does not support.)")
         return WanVAEConfig(dim=shapes["encoder.conv1.weight"][0], z_dim=z_dim)
 
-    @classmethod
-    def from_state_dict(cls, sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, consume: bool = False) -> WanVAE:
-        """Build from a state dict in any known layout (official, ComfyUI `vae.`, kijai `model.`).
-
-        dtype None keeps the file's dtype (fp8 files compute in bf16). Tensors already in the
-        target dtype and device become the parameters without a copy; with `consume` the VAE's
-        tensors leave `sd` as they are converted.
-        """
-        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device)
-
-    @classmethod
-    def from_file(cls, path: str, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> WanVAE:
-        """Load a VAE file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
-        return cls._load(TensorTable.from_file(path), dtype, device)
-
-    @classmethod
-    def _load(cls, table: TensorTable, dtype, device) -> WanVAE:
-        return load_encoder(
-            table, {anchor: identity_recipe for anchor in _ANCHORS}, lambda shapes: cls(cls.config_from_shapes(shapes)),
-            "the Wan 2.1 VAE",
-            "not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' (with or without a "
-            "prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).", dtype=dtype, device=device)
-
     # ---- encode / decode -----------------------------------------------------------------------
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return module_dtype(self)
-
-    @property
-    def device(self) -> torch.device:
-        return module_device(self)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, callback: Progress | None = None,

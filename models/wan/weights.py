@@ -7,14 +7,17 @@ layouts as *recipes* — model key <- the file key(s) it is made of — and this
 the DiT loader does too (it reuses `loading.py`): locate the tower by an anchor key under any
 prefix, check every name and shape against the meta-built model (computed from the header, before
 any tensor is read), then stream the tensors one by one into their final dtype and device and let
-the model adopt them. Nothing holds a second copy of the weights.
+the model adopt them. Nothing holds a second copy of the weights. `LoadableEncoder` is the one
+from_file/from_state_dict the three towers share.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -60,6 +63,14 @@ Transient = Callable[[str, torch.dtype], bool]
 
 def identity_recipe(keys: Iterable[str]) -> Recipe:
     return {k: Source((k,)) for k in keys}
+
+
+def rename(key: str, table: Iterable[tuple[re.Pattern, str]]) -> str:
+    """The key as the first matching (pattern, replacement) of `table` renames it; unchanged if none matches."""
+    for pattern, replacement in table:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
 
 
 class TensorTable:
@@ -245,3 +256,58 @@ def module_dtype(module: nn.Module) -> torch.dtype:
 
 def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+E = TypeVar("E", bound="LoadableEncoder")
+
+
+class LoadableEncoder(nn.Module):
+    """Base of the VAE, umT5 and CLIP vision towers: the two ways to load one, and where it lives.
+
+    A subclass describes its files with `LAYOUTS` (anchor key -> recipe), `WHAT` (the model, for
+    shape errors) and `NOT_FOUND` (what to pick instead, when no anchor matches), and builds its
+    config from the model-key shapes with `config_from_shapes(shapes, **options)`.
+    """
+
+    LAYOUTS: Mapping[str, Layout]
+    WHAT: str
+    NOT_FOUND: str
+
+    @staticmethod
+    def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]):
+        """The model's config for weights of these shapes (model keys, no prefix); each tower has its own."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return module_dtype(self)
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self)
+
+    @classmethod
+    def from_state_dict(cls: type[E], sd: MutableMapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, *, weight_dtype: torch.dtype | None = None,
+                        consume: bool = False, **options) -> E:
+        """Build from a state dict in any of the model's layouts, under any prefix.
+
+        `dtype`: compute dtype (default: the file's; bf16 for fp8 files). `weight_dtype`: storage of
+        the Linear weights (default: fp8 files stay fp8, ~half the memory; else `dtype`). Tensors
+        already in the target dtype and device become the parameters without a copy; with `consume`
+        the model's tensors leave `sd` as they are converted (prefer `from_file`, which never holds
+        the whole file). `options` go to `config_from_shapes` (CLIP vision: `num_heads`).
+        """
+        return cls._load(TensorTable.from_state_dict(sd, consume=consume), dtype, device, weight_dtype, options)
+
+    @classmethod
+    def from_file(cls: type[E], path: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  *, weight_dtype: torch.dtype | None = None, **options) -> E:
+        """Load a checkpoint file; safetensors are streamed tensor by tensor (no second copy in RAM)."""
+        return cls._load(TensorTable.from_file(path), dtype, device, weight_dtype, options)
+
+    @classmethod
+    def _load(cls: type[E], table: TensorTable, dtype: torch.dtype | None, device: torch.device | str | None,
+              weight_dtype: torch.dtype | None, options: Mapping[str, object]) -> E:
+        return load_encoder(table, cls.LAYOUTS, lambda shapes: cls(cls.config_from_shapes(shapes, **options)),
+                            cls.WHAT, cls.NOT_FOUND, dtype=dtype, weight_dtype=weight_dtype, device=device)

@@ -1,0 +1,63 @@
+"""What the benchmark scripts share: importing the repo as `slipstream`, measuring in a fresh process,
+and printing the result table.
+
+A measurement runs in a child process of its own so that its peak RSS (the kernel's ru_maxrss, the
+resident high-water mark) belongs to that measurement alone: inside one process the peak of an earlier
+run would hide a smaller later one. The child prints one JSON line last; the parent reads it back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+
+def import_package() -> None:
+    """The repository as package `slipstream` (as ComfyUI and the tests import it), installed or not."""
+    if "slipstream" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("slipstream", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["slipstream"] = module
+    spec.loader.exec_module(module)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `python script *args` in a fresh process and return the JSON object it printed last.
+
+    A child that fails stops the benchmark with its stderr, so a broken measurement is never a row.
+    """
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]], formats: Sequence[str]) -> None:
+    """Rows under a header line and a rule, each value written with its column's format spec (e.g.
+    ".2f"); text columns (spec "") are left-aligned, numbers right-aligned, columns as wide as their content."""
+    cells = [[format(value, spec) for value, spec in zip(row, formats, strict=True)] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if spec == "" else v.rjust(w)
+                         for v, w, spec in zip(values, widths, formats, strict=True))
+
+    print(line(headers))
+    print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    for row in cells:
+        print(line(row))

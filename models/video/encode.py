@@ -1,0 +1,183 @@
+"""Encode an IMAGE batch (plus optional AUDIO) into one file, streaming frames into ffmpeg.
+
+The caller names the file to write (normally a staged temporary name that it publishes after
+success); on any failure that file is removed. Progress and interruption come in as callbacks
+so this module runs in any process, with or without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import command
+from .audio import write_raw_audio
+from .ffmpeg import FFmpeg, encoder_pix_fmts, find_ffmpeg
+from .formats import check_choice, get_format, needs_even_size
+from .frames import FrameCheck, FrameConverter, check_frames, even_sample, frame_order, order_length
+from .metadata import write_ffmetadata
+from .process import FFmpegError, run_ffmpeg
+
+ProgressFn = Callable[[int, int], None]
+
+# ffmpeg's palettegen keeps a histogram of every distinct colour it is shown. On 81 frames of 480p
+# video that took ~600 MB and ~100 s here; a palette from an even sample of about this many pixels
+# dithers to the same error (measured) in about a second.
+PALETTE_SAMPLE_PIXELS = 1_600_000
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """The user's choices, as the node's widgets name them."""
+
+    format: str
+    frame_rate: float
+    loop_count: int = 0
+    pingpong: bool = False
+    crf: int = -1                 # -1 = the format's default
+    pix_fmt: str = "auto"
+    lossless: bool = False        # image/webp only
+    quality: int = 90             # image/webp only
+    metadata: Mapping[str, str] = field(default_factory=dict)   # container tags (mp4/webm)
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What was written, for the UI, the VIDEO value and the user's log."""
+
+    path: str
+    format: str
+    encoder: str
+    pix_fmt: str | None
+    width: int
+    height: int
+    frame_count: int
+    frame_rate: Fraction
+    has_audio: bool
+    notes: tuple[str, ...]
+
+
+def check_settings(settings: EncodeSettings) -> None:
+    rate = settings.frame_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise ValueError(f"frame_rate must be a number above 0 (frames per second), got {rate!r}. "
+                         "Wan 2.1 makes 16 fps video.")
+    if settings.loop_count < 0:
+        raise ValueError(f"loop_count must be 0 (loop forever / play once) or more, got {settings.loop_count}.")
+    if not 0 <= settings.quality <= 100:
+        raise ValueError(f"quality must be within 0..100, got {settings.quality}.")
+
+
+def _frames(images: torch.Tensor, converter: FrameConverter, order: Iterator[int]) -> Iterator[np.ndarray]:
+    for index in order:
+        yield converter.convert(images[index])
+
+
+def palette_sample(count: int, height: int, width: int) -> tuple[list[int], int]:
+    """(frame indices, pixel step) to build a GIF palette from, within PALETTE_SAMPLE_PIXELS."""
+    step = 2 if height * width >= 4 * 256 * 256 else 1
+    per_frame = max(1, (height // step) * (width // step))
+    return even_sample(count, max(1, PALETTE_SAMPLE_PIXELS // per_frame)), step
+
+
+def _notes(check: FrameCheck, converter: FrameConverter, settings: EncodeSettings, pix_fmt: str | None,
+           audio_ignored: bool) -> list[str]:
+    notes = []
+    if converter.padded:
+        notes.append(f"frames are {check.width}×{check.height}; {pix_fmt} needs even sizes, so they were padded to "
+                     f"{converter.out_width}×{converter.out_height} by repeating the last column/row")
+    if check.has_alpha and not converter.keep_alpha:
+        notes.append(f"{settings.format} with pix_fmt {pix_fmt or 'auto'} has no alpha channel: "
+                     "transparent areas were flattened onto black")
+    if check.out_of_range_frames:
+        notes.append(f"{check.out_of_range_frames} frame(s) had values outside 0..1; they were clamped")
+    if settings.pingpong and check.count < 3:
+        notes.append(f"pingpong needs 3 or more frames to add any; {check.count} frame(s) were written as they are")
+    if audio_ignored:
+        notes.append(f"{settings.format} cannot carry sound; the audio input was not used")
+    return notes
+
+
+def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str, *,
+                  audio: Mapping[str, Any] | None = None, ffmpeg: FFmpeg | None = None,
+                  progress: ProgressFn | None = None,
+                  check_interrupt: Callable[[], None] | None = None) -> EncodeResult:
+    """Write `images` [B,H,W,C] to `out_path` in `settings.format`; the file is removed if anything fails."""
+    check_settings(settings)
+    fmt = get_format(settings.format)
+    build = ffmpeg or find_ffmpeg()
+    encoder = fmt.encoder_for(build)
+    pix_fmts = encoder_pix_fmts(build.path, encoder.name) if encoder and settings.pix_fmt != "auto" else None
+    problem = check_choice(settings.format, settings.pix_fmt, settings.crf, build, pix_fmts)
+    if problem is not None:
+        raise ValueError(problem)
+    assert encoder is not None
+    check = check_frames(images, check_interrupt)
+
+    pix_fmt = fmt.resolve_pix_fmt(settings.pix_fmt, check.has_alpha)
+    converter = FrameConverter(check.height, check.width, check.channels, keep_alpha=fmt.keeps_alpha(pix_fmt),
+                               pad_to_even=needs_even_size(pix_fmt))
+    repeats = 1 if fmt.container_loop else settings.loop_count + 1
+    total = order_length(check.count, settings.pingpong, repeats)
+    frame_rate = command.frame_rate_fraction(settings.frame_rate)
+    audio_encoder = fmt.audio_encoder_for(build) if audio is not None else None
+    if audio is not None and fmt.audio_encoders and audio_encoder is None:
+        raise ValueError(f"this ffmpeg ({build.describe()}) has none of the audio encoders {fmt.name} uses "
+                         f"({', '.join(fmt.audio_encoders)}); remove the audio input or use another ffmpeg.")
+    notes = _notes(check, converter, settings, pix_fmt, audio_ignored=audio is not None and audio_encoder is None)
+    palette_frames, pixel_step = palette_sample(check.count, check.height, check.width)
+    steps = total + (len(palette_frames) if fmt.kind == "gif" else 0)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, steps)
+
+    env = dict(encoder.env)
+    what = f"{fmt.name} ({os.path.basename(out_path)})"
+    try:
+        with tempfile.TemporaryDirectory(prefix="slipstream-video-") as scratch:
+            raw_audio = None
+            if audio_encoder is not None:
+                raw_audio = write_raw_audio(audio, total / float(frame_rate), os.path.join(scratch, "audio.f32"))
+                notes.extend(raw_audio.notes)
+            metadata_path = None
+            if fmt.container_metadata and settings.metadata:
+                metadata_path = os.path.join(scratch, "metadata.txt")
+                write_ffmetadata(metadata_path, settings.metadata)
+            job = command.Job(
+                ffmpeg=build.path, format=fmt, encoder=encoder, width=converter.out_width,
+                height=converter.out_height, input_pix_fmt=converter.pix_fmt, frame_rate=frame_rate,
+                pix_fmt=pix_fmt, crf=fmt.default_crf(encoder) if settings.crf == -1 else settings.crf,
+                loop_count=settings.loop_count, lossless=settings.lossless, quality=settings.quality,
+                audio=raw_audio, audio_encoder=audio_encoder, metadata_path=metadata_path)
+            palette = None
+            if fmt.kind == "gif":
+                palette = os.path.join(scratch, "palette.png")
+                run_ffmpeg(command.palette_command(job, palette, pixel_step),
+                           _frames(images, converter, iter(palette_frames)),
+                           what=f"the GIF palette for {what}", env=env, on_frame=step,
+                           check_interrupt=check_interrupt)
+            run_ffmpeg(command.encode_command(job, out_path, palette),
+                       _frames(images, converter, frame_order(check.count, settings.pingpong, repeats)),
+                       what=what, env=env, on_frame=step, check_interrupt=check_interrupt)
+    except BaseException:
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+        raise
+    if not os.path.exists(out_path) or os.path.getsize(out_path) == 0:
+        if os.path.exists(out_path):
+            os.unlink(out_path)
+        raise FFmpegError(f"ffmpeg ({build.describe()}) reported success but wrote nothing for {what}")
+    return EncodeResult(out_path, fmt.name, encoder.name, pix_fmt, converter.out_width, converter.out_height,
+                        total, frame_rate, raw_audio is not None, tuple(notes))

@@ -1,0 +1,217 @@
+"""Loaders for Anima's three models and its reference images, for any host.
+
+Inside a ComfyUI that knows Anima these hand the file to ComfyUI's own loaders; inside one that
+does not (v0.8.0 predates Anima) or outside ComfyUI they build the model from models/anima/ and
+wrap it in a MODEL / CLIP / VAE with ComfyUI's method names. Either way the outputs plug into the
+AnimaFastTrain nodes and (inside ComfyUI) into core samplers and decoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+
+from ..host import (
+    NAME as HOST_NAME,
+)
+from ..host import (
+    bundled_tokenizer_dirs,
+    compute_device,
+    input_dir,
+    intermediate_device,
+    list_models,
+    model_folders,
+    model_path,
+    offload_device,
+    text_encoder_device,
+)
+from ..host import paths as host_paths
+from ..kernels.precision import resolve_dtype
+from ..models.checkpoint import load_state_dict
+
+CATEGORY = "Slipstream/Anima"
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _comfy_adapter():
+    """host/comfy_anima.py, imported only inside ComfyUI (it imports comfy)."""
+    from ..host import comfy_anima
+
+    return comfy_anima
+
+
+def _choices(key: str, hint: str) -> list[str]:
+    return list_models(key) or [hint]
+
+
+class SlipstreamAnimaModelLoader:
+    DESCRIPTION = ("Loads the Anima diffusion model (Cosmos-Predict2 DiT + LLM adapter) from models/diffusion_models "
+                   "as a MODEL with Anima's sampling (rectified flow, shift 3). Works on ComfyUI versions without "
+                   "built-in Anima support and outside ComfyUI.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Anima MODEL, for the AnimaFastTrain nodes and any sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (_choices("diffusion_models", "(put anima *.safetensors in models/diffusion_models)"),
+                          {"tooltip": "The Anima DiT file (e.g. anima-preview.safetensors)."}),
+            "weight_dtype": (WEIGHT_DTYPES, {"default": "default",
+                                             "tooltip": "Storage precision of the weights; default keeps the "
+                                                        "file's (bf16 for the released model)."}),
+        }}
+
+    def load(self, unet_name, weight_dtype):
+        path = model_path("diffusion_models", unet_name)
+        dtype = None if weight_dtype == "default" else resolve_dtype(weight_dtype)
+        if HOST_NAME == "comfyui":
+            return (_comfyui_model(path, dtype),)
+        from ..host.standalone_objects import ModelPatcher
+        from ..models.anima.dit import AnimaDiT
+        from ..models.anima.model import AnimaModel
+
+        dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device())
+        return (ModelPatcher(AnimaModel(dm), compute_device(), offload_device()),)
+
+
+def _comfyui_model(path: str, dtype: torch.dtype | None):
+    """ComfyUI's own Anima when it has one; else its Cosmos DiT with our adapter (see host/comfy_anima.py)."""
+    from ..models.anima.dit import STATE_DICT_PREFIXES, comfy_dit_kwargs, config_from_state_dict
+    from ..models.anima.llm_adapter import LLMAdapter, adapt_text
+    from ..models.checkpoint import CheckpointError, strip_prefix
+
+    comfy = _comfy_adapter()
+    if comfy.has_native_anima():
+        return comfy.load_native_model(path, dtype)
+    sd, _ = strip_prefix(load_state_dict(path), STATE_DICT_PREFIXES)
+    cfg = config_from_state_dict(sd)
+    if cfg.adapter is None:
+        raise CheckpointError(f"{path} has no llm_adapter.* tensors: it is a Cosmos-Predict2 model, not Anima.")
+    with torch.device("meta"):
+        adapter = LLMAdapter(cfg.adapter)
+    return comfy.build_anima_model(sd, dtype, comfy_dit_kwargs(cfg), adapter.to_empty(device="cpu"), adapt_text)
+
+
+class SlipstreamAnimaTextEncoderLoader:
+    DESCRIPTION = ("Loads Anima's text encoder (Qwen3-0.6B) with its Qwen and T5 tokenizers as a CLIP. The tokenizer "
+                   "folders (qwen25_tokenizer/, t5_tokenizer/) are taken from ComfyUI or from beside the file.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("Anima's CLIP: encodes prompts into Qwen3 states plus the T5 ids Anima's adapter needs.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (_choices("text_encoders", "(put qwen_3_06b_base.safetensors in models/text_encoders)"),
+                          {"tooltip": "Anima's text encoder, qwen_3_06b_base.safetensors."}),
+        }}
+
+    def load(self, clip_name):
+        path = model_path("text_encoders", clip_name)
+        if HOST_NAME == "comfyui":
+            native = _comfy_adapter().load_native_anima_clip(path)
+            if native is not None:
+                return (native,)
+        from ..host.standalone_objects import CLIP
+        from ..models.anima.text_encoder import load_text_encoder
+
+        search = [os.path.dirname(path), *model_folders("text_encoders"), *bundled_tokenizer_dirs()]
+        encoder = load_text_encoder(path, search, device=offload_device())
+
+        def encode(tokens):
+            device = next(encoder.qwen.parameters()).device
+            return encoder.encode(tokens, device=device)
+
+        return (CLIP(encoder.qwen, encoder.tokenize, encode, text_encoder_device(), offload_device()),)
+
+
+class SlipstreamAnimaVAELoader:
+    DESCRIPTION = ("Loads Anima's VAE (the Qwen-Image VAE, a fine-tuned Wan 2.1 VAE) as a VAE: images in, "
+                   "16-channel latents out, one image at a time.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("Anima's VAE, for the AnimaFastTrain nodes and VAE Encode/Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (_choices("vae", "(put qwen_image_vae.safetensors in models/vae)"),
+                         {"tooltip": "qwen_image_vae.safetensors (or the Wan 2.1 VAE)."}),
+        }}
+
+    def load(self, vae_name):
+        path = model_path("vae", vae_name)
+        if HOST_NAME == "comfyui":
+            return (_comfy_adapter().load_vae(path),)
+        from ..host.standalone_objects import VAE
+        from ..models.wan.vae import SPATIAL_FACTOR, WanVAE
+
+        vae = WanVAE.from_file(path, device=offload_device())
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            """[B, H, W, 3] in 0..1 -> raw latents [B, 16, 1, H/8, W/8], each image on its own."""
+            h, w = (pixels.shape[1] // SPATIAL_FACTOR) * SPATIAL_FACTOR, (pixels.shape[2] // SPATIAL_FACTOR) * SPATIAL_FACTOR
+            video = (pixels[:, :h, :w].movedim(-1, 1) * 2 - 1)[:, :, None]
+            return torch.cat([vae.encode(v[None]) for v in video]).to(intermediate_device())
+
+        def decode(latent: torch.Tensor) -> torch.Tensor:
+            latent = latent[:, :, None] if latent.ndim == 4 else latent
+            video = vae.decode(latent)                                       # [B, 3, F, H, W]
+            frames = video.movedim(1, -1).flatten(0, 1)                      # [B*F, H, W, 3]
+            return ((frames + 1) / 2).clamp(0, 1).to(intermediate_device())
+
+        return (VAE(vae, encode, decode, compute_device(), offload_device(), 16, SPATIAL_FACTOR),)
+
+
+class SlipstreamLoadReferenceImage:
+    DESCRIPTION = ("Loads a reference image from the input folder as IMAGE plus its alpha as a MASK where opaque = 1: "
+                   "a cut-out character on a transparent background gives the masked trainer its mask directly.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = ("The image, RGB in 0..1 [1, H, W, 3].",
+                       "Its alpha channel (1 = opaque, i.e. the subject; all ones without alpha). Note: core Load "
+                       "Image gives the inverse.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = host_paths.list_model_files([input_dir()], IMAGE_EXTENSIONS) or ["(put images in the input folder)"]
+        return {"required": {"image": (files, {"tooltip": "An image file in ComfyUI's input folder."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, image):
+        path = os.path.join(input_dir(), image)
+        if not os.path.isfile(path):
+            return ""
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        if not os.path.isfile(os.path.join(input_dir(), image)):
+            return f"Reference image not found in the input folder: {image}"
+        return True
+
+    def load(self, image):
+        from PIL import Image, ImageOps
+
+        path = os.path.join(input_dir(), image)
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            rgba = img.convert("RGBA")
+        arr = np.asarray(rgba, dtype=np.float32) / 255.0
+        pixels = torch.from_numpy(arr[..., :3].copy())[None]
+        alpha = torch.from_numpy(arr[..., 3].copy())[None]
+        return (pixels, alpha)
