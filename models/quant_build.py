@@ -30,6 +30,7 @@ class Architecture:
     family: str                 # model family name (models/quant_presets.py)
     title: str
     build: Builder              # (shapes under official names, file metadata) -> module on meta
+    ignored_prefixes: tuple[str, ...] = ()   # tensors some exports carry that are not part of the model
 
 
 def _build_wan(shapes: Shapes, metadata: Mapping[str, str]) -> nn.Module:
@@ -39,9 +40,20 @@ def _build_wan(shapes: Shapes, metadata: Mapping[str, str]) -> nn.Module:
     return WanDiT.build_meta(detect_config(shapes, metadata, what="int8 checkpoint"))
 
 
+def _build_anima(shapes: Shapes, metadata: Mapping[str, str]) -> nn.Module:
+    from .anima.dit import AnimaDiT, config_from_state_dict
+
+    config = config_from_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    with torch.device("meta"):
+        return AnimaDiT(config)
+
+
 def standalone_architectures() -> dict[str, Architecture]:
     """The families this package can run without ComfyUI (imported lazily: loading is rare)."""
-    return {"wan": Architecture("wan", "Wan 2.1 DiT (Slipstream)", _build_wan)}
+    from .anima.dit import _IGNORED_KEY_PREFIXES as anima_ignored
+
+    return {"wan": Architecture("wan", "Wan 2.1 DiT (Slipstream)", _build_wan),
+            "anima": Architecture("anima", "Anima DiT (Slipstream)", _build_anima, tuple(anima_ignored))}
 
 
 class QuantizedDiffusionModel(nn.Module):
@@ -82,6 +94,8 @@ def build_quantized(sd: MutableMapping[str, torch.Tensor], arch: Architecture, p
 
     Raises CheckpointError naming missing, unexpected or wrongly shaped tensors.
     """
+    for key in [k for k in sd if arch.ignored_prefixes and k.startswith(arch.ignored_prefixes)]:
+        del sd[key]
     shapes = {k: tuple(v.shape) for k, v in sd.items()
               if not k.endswith((".weight_scale", ".comfy_quant"))}
     model = arch.build(shapes, metadata or {})

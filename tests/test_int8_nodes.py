@@ -159,3 +159,25 @@ def test_errors_say_what_to_do(wan_file, workdirs):
 def test_save_refuses_a_model_without_int8_layers(wan_file):
     with pytest.raises(ValueError, match="no int8 layers"):
         SaveInt8Model().save(_load(wan_file, otf=False), "x")
+
+
+def test_standalone_builds_anima_too(unet_dir):
+    from slipstream.models.anima.dit import AnimaDiT, tiny_config
+
+    torch.manual_seed(0)
+    reference = AnimaDiT(tiny_config(model_channels=128, num_heads=2)).eval()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file({f"net.{k}": v.contiguous() for k, v in reference.state_dict().items()},
+              str(unet_dir / "tiny_anima.safetensors"))
+    model = _load("tiny_anima.safetensors")
+    dit = model.model.diffusion_model
+    assert model.model.model_family == "anima"
+    assert isinstance(dit.blocks[0].self_attn.q_proj, Int8Linear) and isinstance(dit.blocks[1].mlp.layer2, Int8Linear)
+    for name in ("x_embedder.proj.1", "final_layer.linear", "blocks.0.adaln_modulation_mlp.1",
+                 "llm_adapter.blocks.0.cross_attn.q_proj"):
+        assert not isinstance(dit.get_submodule(name), Int8Linear), name
+    gen = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(1, 16, 1, 8, 8, generator=gen), torch.tensor([0.5]), torch.randn(1, 6, 32, generator=gen)
+    with torch.no_grad():
+        assert _rel(dit(x, t, ctx), reference(x, t, ctx)) < 0.05
