@@ -174,8 +174,9 @@ class SaveInt8Model:
                                                "layer)."}),
                 "filename_prefix": ("STRING", {
                     "default": "diffusion_models/int8",
-                    "tooltip": "Path under the output folder; a counter and .safetensors are added. Move the file "
-                               "to models/diffusion_models to load it."}),
+                    "tooltip": "Path under the output folder; a counter and .safetensors are added. ComfyUI also "
+                               "lists output/diffusion_models in its model lists, so the default prefix makes the "
+                               "file loadable right away (refresh the list)."}),
             }
         }
 

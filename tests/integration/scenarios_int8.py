@@ -100,6 +100,16 @@ def wan_int8(ctx) -> dict:
     layer.weight_function = []
     out["weight_function_matches_bake"] = _rel(y_fn, y_lora)
 
+    # 4b. Weights ComfyUI streams from the offload device (lowvram): comfy_cast_weights path.
+    for module in dq.modules():
+        if getattr(module, "layer_kind", None) == "int8":
+            module.comfy_cast_weights = True
+    with torch.no_grad():
+        out["cast_weights_rel"] = _rel(dq(x, t, context), yq)
+    for module in dq.modules():
+        if getattr(module, "layer_kind", None) == "int8":
+            module.comfy_cast_weights = False
+
     # 5. Save in the official layout, reload through our node without quantizing: bit for bit.
     ui = saver.save(q_model, "int8/tiny_wan")
     saved = sorted((ctx.output / "int8").glob("tiny_wan_*.safetensors"))[-1]

@@ -70,6 +70,7 @@ def test_lora_dequantize_patch_requantize_and_unpatch(wan_result):
     assert r["lora_changes_sample"] and r["lora_output_differs"]
     assert r["unpatch_exact"] and r["unpatched_output_exact"]
     assert r["weight_function_matches_bake"] < 0.02
+    assert r["cast_weights_rel"] == 0.0                     # ComfyUI's offload casting path: same result
 
 
 def test_saved_int8_file_reloads_bit_for_bit(wan_result):
