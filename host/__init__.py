@@ -90,3 +90,6 @@ bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwe
 
 # Wan family: make room on a device for weights the host's model manager does not track
 make_room = _impl.make_room                          # (nbytes, device) -> None
+# int8 family (W8A8 loading): see host/comfy_quant.py
+load_int8_diffusion_model = _impl.load_int8_diffusion_model  # (sd, plan, metadata, on_layer) -> (MODEL, report) | None
+diffusion_state_dict = _impl.diffusion_state_dict            # (MODEL) -> state dict with patches baked in

@@ -190,3 +190,20 @@ def make_room(nbytes: int, device: torch.device) -> None:
     if device.type == "cpu" or nbytes <= 0:
         return
     mm.free_memory(int(nbytes), device)
+
+
+# ---------------------------------------------------------------- int8 family (W8A8 loading)
+
+
+def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None):
+    """(MODEL, QuantReport): ComfyUI builds the architecture; our fresh ops class quantizes its Linears."""
+    from . import comfy_quant
+
+    return comfy_quant.load_int8_diffusion_model(sd, plan, metadata, on_layer)
+
+
+def diffusion_state_dict(model):
+    """A MODEL's diffusion-model tensors with its LoRA patches baked in (for saving)."""
+    from . import comfy_quant
+
+    return comfy_quant.diffusion_state_dict(model)

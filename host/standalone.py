@@ -270,3 +270,16 @@ def bundled_tokenizer_dirs() -> list[str]:
 
 def make_room(nbytes: int, device: torch.device) -> None:
     """No model manager here: nothing else holds device memory on our behalf."""
+
+
+# ---------------------------------------------------------------- int8 family (W8A8 loading)
+
+
+def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None):
+    """None: a plain process has no architecture zoo; the caller builds one of our own models."""
+    return None
+
+
+def diffusion_state_dict(model):
+    """A MODEL's diffusion-model tensors (standalone MODELs carry no pending patches)."""
+    return model.model.diffusion_model.state_dict()

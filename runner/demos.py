@@ -51,4 +51,12 @@ def demo_cases() -> list[DemoCase]:
                           "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
     cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
                           "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
+    # INT8 W8A8
+    def prepare_int8(models_root: Path, input_root: Path) -> None:
+        from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint
+
+        write_demo_checkpoint(str(models_root / "diffusion_models" / DEMO_CHECKPOINT))
+
+    cases.append(DemoCase("int8_quantize", "int8_quantize_api.json", prepare_int8,
+                          "Quantize a tiny bf16 Wan 2.1 DiT to int8 on the fly and save it in ComfyUI's int8 format"))
     return cases
