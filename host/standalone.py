@@ -63,9 +63,18 @@ def register_model_folder(key: str, subdir: str, extensions: Iterable[str]) -> N
     _FOLDER_EXTS[key] = frozenset(e.lower() for e in extensions)
 
 
+# ComfyUI's main.py also lists these output sub-folders as model folders, so a model a workflow saves
+# (e.g. Save INT8 Model into output/diffusion_models) can be loaded by the next workflow.
+_OUTPUT_MODEL_DIRS = {"checkpoints": "checkpoints", "text_encoders": "clip", "vae": "vae",
+                      "diffusion_models": "diffusion_models", "loras": "loras"}
+
+
 def model_folders(key: str) -> list[str]:
     subdirs = _FOLDER_DIRS.get(key, (key,))
-    return [os.path.join(root, sub) for root in models_roots() for sub in subdirs]
+    folders = [os.path.join(root, sub) for root in models_roots() for sub in subdirs]
+    if key in _OUTPUT_MODEL_DIRS:
+        folders.append(os.path.join(output_dir(), _OUTPUT_MODEL_DIRS[key]))
+    return folders
 
 
 def list_models(key: str) -> list[str]:

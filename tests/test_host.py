@@ -139,3 +139,11 @@ def test_defaults_avoid_the_packages_own_models_folder(monkeypatch, tmp_path):
     assert standalone.models_roots() == [str(tmp_path / "models")]
     monkeypatch.chdir(standalone._PACKAGE_ROOT)
     assert standalone.models_roots() == [os.path.join(standalone._PACKAGE_ROOT, "slipstream-data", "models")]
+
+
+def test_saved_models_in_output_are_listed_like_comfyui(workdirs):
+    saved = workdirs["output"] / "diffusion_models"
+    saved.mkdir()
+    (saved / "mine_int8.safetensors").write_bytes(b"x")
+    assert host.list_models("diffusion_models") == ["mine_int8.safetensors"]
+    assert host.model_path("diffusion_models", "mine_int8.safetensors") == str(saved / "mine_int8.safetensors")
