@@ -21,16 +21,17 @@ from slipstream.kernels.int8 import (
 
 
 def _rel(y, ref):
-    return float((y.detach().double() - ref.double()).norm() / ref.double().norm())
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
 def _linear(k, n, seed=0, bias=True):
+    """A float layer to quantize. It is never trained: without requires_grad its reference outputs
+    carry no autograd graph (the int8 layers never do, as int8 tensors cannot require grad)."""
     gen = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=gen) * 0.01)
+    lin = torch.nn.Linear(k, n, bias=bias).requires_grad_(False)
+    lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+    if bias:
+        lin.bias.copy_(torch.randn(n, generator=gen) * 0.01)
     return lin
 
 
@@ -166,7 +167,7 @@ def test_output_dtype_follows_input_dtype_and_is_row_major(dtype, rows):
     x2 = torch.randn(rows, 2048)
     x8, sx = quantize_activation(x2)
     ref = (x8.float() @ layer.weight.float().T) * sx * layer.weight_scale.view(1, -1) + layer.bias
-    assert torch.allclose(layer(x2), ref.detach(), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(layer(x2), ref, rtol=1e-5, atol=1e-4)
     assert y.is_contiguous()                              # a transposed result slowed every later op
 
 
@@ -206,7 +207,7 @@ def test_wide_outputs_are_computed_in_cache_sized_column_blocks(dtype):
     x = torch.randn(300, 64).to(dtype)
     x8, sx = quantize_activation(x)
     expected = (x8.float() @ layer.weight.float().T) * sx * layer.weight_scale.view(1, -1) + lin.bias
-    assert torch.allclose(layer(x).float(), expected.detach(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+    assert torch.allclose(layer(x).float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                           atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
