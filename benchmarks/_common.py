@@ -1,9 +1,13 @@
 """What the benchmark scripts share: importing the repo as `slipstream`, measuring in a fresh process,
-and printing the result table.
+timing variants fairly, and printing the result table.
 
 A measurement runs in a child process of its own so that its peak RSS (the kernel's ru_maxrss, the
 resident high-water mark) belongs to that measurement alone: inside one process the peak of an earlier
 run would hide a smaller later one. The child prints one JSON line last; the parent reads it back.
+
+Timing is interleaved: every round visits every variant once (rounds outermost), so a slow spell of a
+shared machine hits all variants alike, and each result is the minimum over rounds of a mean over a
+block of calls (>= `min_block_s`). Ratios are taken between variants of the same run.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import resource
+import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +51,35 @@ def run_child(script: str, *args: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"measurement {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _block_mean(fn: Callable[[], object], min_block_s: float) -> float:
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_block_s:
+            return elapsed / calls
+
+
+def interleaved_times(variants: dict[Hashable, Callable[[], object]], rounds: int,
+                      min_block_s: float = 0.02) -> dict[Hashable, tuple[float, float]]:
+    """{name: (min ms, median ms)} over `rounds` interleaved rounds (one warm-up call each first)."""
+    for fn in variants.values():
+        fn()
+    samples: dict[Hashable, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name].append(_block_mean(fn, min_block_s) * 1e3)
+    return {name: (min(s), statistics.median(s)) for name, s in samples.items()}
+
+
+def rel_error(y, ref) -> float:
+    """||y - ref|| / ||ref|| of two tensors, computed in float64."""
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm())
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]], formats: Sequence[str]) -> None:

@@ -19,11 +19,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-
-try:
-    from benchmarks.common import interleaved_times, load_package, print_table, rel_error
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import interleaved_times, load_package, print_table, rel_error
+from _common import import_package, interleaved_times, print_table, rel_error
 
 SHAPES = [(1536, 1536, "Wan1.3B attn"), (1536, 8960, "Wan1.3B ffn.0"), (8960, 1536, "Wan1.3B ffn.2"),
           (4096, 4096, "4096x4096")]
@@ -75,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (min is reported)")
     parser.add_argument("--quick", action="store_true", help="3 rounds, M in {16, 256} only (smoke run)")
     args = parser.parse_args(argv)
-    load_package()
+    import_package()
     int8 = importlib.import_module("slipstream.kernels.int8")
     rounds = 3 if args.quick else args.rounds
     rows = [16, 256] if args.quick else ROWS
@@ -95,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
             speed_bf16.append(vs16)
         errors.append(r["err"])
         outlier_errors.append(r["err_o_rot"])
-        table.append([f"{k}->{n} ({r['label']})", str(m), f"{f32:.3f} [{f32_med:.3f}]",
-                      f"{b16:.3f} [{b16_med:.3f}]", f"{q8:.3f} [{q8_med:.3f}]", f"{qb:.3f} [{qb_med:.3f}]",
-                      f"{vs32:.2f}x",
-                      f"{vs16:.2f}x", f"{r['err']:.4f}", f"{r['err_o_plain']:.4f}", f"{r['err_o_rot']:.4f}"])
-    print_table(["shape", "M", "fp32 ms", "bf16 ms", "W8A8 fp32-act ms", "W8A8 bf16-act ms", "vs fp32", "vs bf16", "err gauss",
-                 "err outl.", "err outl.+rot"], table)
+        table.append([f"{k}->{n} ({r['label']})", m, f"{f32:.3f} [{f32_med:.3f}]", f"{b16:.3f} [{b16_med:.3f}]",
+                      f"{q8:.3f} [{q8_med:.3f}]", f"{qb:.3f} [{qb_med:.3f}]", f"{vs32:.2f}x", f"{vs16:.2f}x",
+                      r["err"], r["err_o_plain"], r["err_o_rot"]])
+    print_table(["shape", "M", "fp32 ms", "bf16 ms", "W8A8 fp32-act ms", "W8A8 bf16-act ms", "vs fp32", "vs bf16",
+                 "err gauss", "err outl.", "err outl.+rot"], table,
+                ["", "d", ">", ">", ">", ">", ">", ">", ".4f", ".4f", ".4f"])
     print(f"outlier channels (x30 on 0.5%), ConvRot on: max rel error {max(outlier_errors):.4f} (goal <= 0.02)")
     print(f"int8_linear: min speedup vs fp32 {min(speed_fp32):.2f}, vs bf16 {min(speed_bf16):.2f} (M>=256); "
           f"max rel error {max(errors):.4f}")

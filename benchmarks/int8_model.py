@@ -20,11 +20,7 @@ import functools
 import importlib
 
 import torch
-
-try:
-    from benchmarks.common import interleaved_times, load_package, print_table, rel_error
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from common import interleaved_times, load_package, print_table, rel_error
+from _common import import_package, interleaved_times, print_table, rel_error
 
 
 def block_bytes(model) -> int:
@@ -57,8 +53,8 @@ def profile_blocks(models, x, timestep, context) -> None:
         whole = sum(totals.values()) + other
         rows.append([name] + [f"{t / 1e3:.0f} ({t / whole:.0%})" for t in (*totals.values(), other)]
                     + [f"{whole / 1e3:.0f}"])
-    print_table(["profile (ms, 2 blocks)", *(f for f, _ in FAMILIES), "norms, GELU, RoPE, casts, rest", "total"],
-                rows)
+    headers = ["profile (ms, 2 blocks)", *(f for f, _ in FAMILIES), "norms, GELU, RoPE, casts, rest", "total"]
+    print_table(headers, rows, ["", *(">" for _ in headers[1:])])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (min is reported)")
     parser.add_argument("--profile", action="store_true", help="print the block time per op family")
     args = parser.parse_args(argv)
-    load_package()
+    import_package()
     wan_config = importlib.import_module("slipstream.models.wan.config")
     dit = importlib.import_module("slipstream.models.wan.dit")
     ql = importlib.import_module("slipstream.kernels.quant_layer")
@@ -105,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         (tb, tb_med), (tf, tf_med) = times[(name, "blocks")], times[(name, "forward")]
         baseline = "fp32" if name in ("fp32", "int8 (fp32 act)") else "bf16"
         rows.append([name, f"{tb:.0f} [{tb_med:.0f}]", f"{times[(baseline, 'blocks')][0] / tb:.2f}x vs {baseline}",
-                     f"{tf:.0f} [{tf_med:.0f}]", f"{block_bytes(model) / 2**20:.1f}",
-                     f"{block_bytes(model) / ref_bytes:.3f}", f"{rel_error(block_out[name], block_out['fp32']):.4f}"])
+                     f"{tf:.0f} [{tf_med:.0f}]", block_bytes(model) / 2**20, block_bytes(model) / ref_bytes,
+                     rel_error(block_out[name], block_out["fp32"])])
     print_table(["model", "2 blocks ms", "speed-up", "whole forward ms", "block MiB", "bytes vs bf16",
-                 "rel error vs fp32"], rows)
+                 "rel error vs fp32"], rows, ["", ">", ">", ">", ".1f", ".3f", ".4f"])
     if args.profile:
         profile_blocks({name: models[name] for name in ("bf16", "int8")}, x, timestep, context)
     speed = times[("bf16", "blocks")][0] / times[("int8", "blocks")][0]
