@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..kernels.fp8 import (
     dequantize_scaled_fp8,
+    fp8_comfy_quant_config,
     fp8_linear,
     fp8_matmul_usable,
     quantize_fp8_with_scale,
@@ -116,7 +117,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 if self.layer_kind == "int8":
                     conf = comfy_quant_config(self.rotation_group)
                 elif self.layer_kind == "fp8":
-                    conf = {"format": "float8_e4m3fn" if self.weight.dtype == torch.float8_e4m3fn else "float8_e5m2"}
+                    conf = fp8_comfy_quant_config(self.weight.dtype)
                 else:
                     return
                 destination[prefix + "comfy_quant"] = encode_comfy_quant(conf)

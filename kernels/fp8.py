@@ -17,6 +17,14 @@ from torch import nn
 from .int8 import encode_comfy_quant
 from .precision import is_fp8
 
+# ComfyUI's `comfy_quant` format name of each fp8 storage dtype.
+FP8_FORMAT_OF = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+def fp8_comfy_quant_config(dtype: torch.dtype) -> dict:
+    """The per-layer `comfy_quant` JSON ComfyUI reads for a scaled fp8 layer stored in `dtype`."""
+    return {"format": FP8_FORMAT_OF[dtype]}
+
 
 def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
@@ -104,8 +112,7 @@ class Fp8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        fmt = "float8_e4m3fn" if self.weight.dtype == torch.float8_e4m3fn else "float8_e5m2"
-        destination[prefix + "comfy_quant"] = encode_comfy_quant({"format": fmt})
+        destination[prefix + "comfy_quant"] = encode_comfy_quant(fp8_comfy_quant_config(self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from . import hadamard
-from .fp8 import Fp8Linear, dequantize_scaled_fp8, quantize_scaled_fp8
+from .fp8 import FP8_FORMAT_OF, Fp8Linear, dequantize_scaled_fp8, quantize_scaled_fp8
 from .int8 import FORMAT, Int8Linear, QuantizationError, canonical_scale, quantize_weight
 from .precision import is_fp8
 
-FP8_FORMATS = {"float8_e4m3fn", "float8_e5m2"}
+FP8_FORMATS = frozenset(FP8_FORMAT_OF.values())
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import hadamard
+from ..kernels.fp8 import FP8_FORMAT_OF, fp8_comfy_quant_config
 from ..kernels.int8 import FORMAT, QuantizationError, canonical_scale, decode_comfy_quant, encode_comfy_quant
 from ..kernels.precision import is_fp8
 from .checkpoint import CheckpointError
 
-FP8_FORMAT_OF = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 _DROPPED_SUFFIXES = (".input_scale", ".scale_input")
 _UNSUPPORTED_HINT = ("load it with ComfyUI's own 'Load Diffusion Model' node, or convert it to bf16 and "
                      "quantize it on the fly")
@@ -171,7 +171,7 @@ def _normalize_layer(sd: dict, layer: str, report: FormatReport) -> None:
             raise QuantizationError(f"fp8 weight with a {tuple(scale.shape)} scale (row- or blockwise fp8); "
                                     f"{_UNSUPPORTED_HINT}")
         sd[f"{layer}.weight_scale"] = (scale if scale is not None else torch.ones(())).float().reshape(())
-        sd[f"{layer}.comfy_quant"] = encode_comfy_quant({"format": expected})
+        sd[f"{layer}.comfy_quant"] = encode_comfy_quant(fp8_comfy_quant_config(weight.dtype))
         report.formats[expected + (" (scaled)" if scale is not None else " (plain cast)")] += 1
         return
     if fmt is not None:
