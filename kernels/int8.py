@@ -198,6 +198,11 @@ def comfy_quant_config(rotation_group: int) -> dict:
     return conf
 
 
+def rotation_group_of(conf: dict) -> int:
+    """The ConvRot group of a canonical int8 `comfy_quant` (the inverse of comfy_quant_config); 0 = none."""
+    return int(conf.get("convrot_groupsize", hadamard.DEFAULT_GROUP)) if conf.get("convrot") else 0
+
+
 def encode_comfy_quant(conf: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
@@ -363,7 +368,7 @@ class Int8Linear(nn.Module):
             if weight.dtype != torch.int8 or tuple(weight.shape) != (self.out_features, self.in_features):
                 raise QuantizationError(f"expected int8 weight {(self.out_features, self.in_features)}, got "
                                         f"{weight.dtype} {tuple(weight.shape)}")
-            rotation = int(conf.get("convrot_groupsize", hadamard.DEFAULT_GROUP)) if conf.get("convrot") else 0
+            rotation = rotation_group_of(conf)
             self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
             self.weight_scale = nn.Parameter(canonical_scale(scale, self.out_features).to(self.weight.device),
                                              requires_grad=False)

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import hadamard
 from .fp8 import FP8_FORMAT_OF, Fp8Linear, dequantize_scaled_fp8, quantize_scaled_fp8
-from .int8 import FORMAT, Int8Linear, QuantizationError, canonical_scale, quantize_weight
+from .int8 import FORMAT, Int8Linear, QuantizationError, canonical_scale, quantize_weight, rotation_group_of
 from .precision import is_fp8
 
 FP8_FORMATS = frozenset(FP8_FORMAT_OF.values())
@@ -128,10 +128,8 @@ def prepare_linear(path: str, weight: torch.Tensor, bias: torch.Tensor | None, p
 def _prepare(path, weight, bias, plan, float_dtype, scale, conf) -> PreparedLinear:
     fmt = layer_format(weight, scale, conf)
     if fmt == "int8":
-        rotation = int((conf or {}).get("convrot_groupsize", hadamard.DEFAULT_GROUP)) if (conf or {}).get(
-            "convrot") else 0
-        return PreparedLinear("int8", weight, canonical_scale(scale, weight.shape[0]), bias, rotation,
-                              "pre-quantized")
+        return PreparedLinear("int8", weight, canonical_scale(scale, weight.shape[0]), bias,
+                              rotation_group_of(conf or {}), "pre-quantized")
     reason = _float_reason(path, weight, plan)
     if reason is None:
         source = weight.to(plan.work_device) if plan.work_device is not None else weight
