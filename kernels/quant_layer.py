@@ -224,13 +224,14 @@ def convert_linears(model: nn.Module, plan: QuantPlan, float_dtype: torch.dtype 
         report.add(name, prepared)
         replacement = prepared.module(plan.fp8_fast)
         if replacement is not None:
-            _set_submodule(model, name, replacement)
+            set_submodule(model, name, replacement)
         if on_layer is not None:
             on_layer(done, len(targets))
     return report
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` (nn.Module.set_submodule arrived only in torch 2.5)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels.int8 import decode_comfy_quant
 from ..kernels.precision import is_fp8
-from ..kernels.quant_layer import PreparedLinear, QuantPlan, QuantReport, prepare_linear
+from ..kernels.quant_layer import PreparedLinear, QuantPlan, QuantReport, prepare_linear, set_submodule
 from .checkpoint import CheckpointError, check_state_dict
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -82,11 +82,6 @@ def _linear_names(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def build_quantized(sd: MutableMapping[str, torch.Tensor], arch: Architecture, plan: QuantPlan,
                     metadata: Mapping[str, str] | None = None, device: torch.device | str = "cpu",
                     on_layer: Callable[[int, int], None] | None = None) -> tuple[nn.Module, QuantReport]:
@@ -110,7 +105,7 @@ def build_quantized(sd: MutableMapping[str, torch.Tensor], arch: Architecture, p
         report.add(name, prepared)
         replacement = prepared.module(plan.fp8_fast)
         if replacement is not None:
-            _set_submodule(model, name, replacement.to(device))
+            set_submodule(model, name, replacement.to(device))
         else:
             layer = model.get_submodule(name)
             layer.weight = nn.Parameter(prepared.weight.to(device), requires_grad=False)
