@@ -43,6 +43,7 @@ from ..kernels.int8 import (
     encode_comfy_quant,
     quantize_weight,
     quantize_with_scale,
+    requantize_weight,
     run_int8,
 )
 from ..kernels.precision import is_fp8
@@ -201,8 +202,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 elif inplace_update:
                     q, scale = self._encode_on_current_scale(weight, seed), None
                 elif self.layer_kind == "int8":
-                    per_row = self.weight_scale.dim() > 0 or self.rotation_group > 0
-                    q, scale = quantize_weight(weight, per_row=per_row, rotation_group=self.rotation_group, seed=seed)
+                    q, scale = requantize_weight(weight, self.weight_scale, self.rotation_group, seed)
                 else:
                     q, scale = quantize_scaled_fp8(weight, self.weight.dtype)
                 if return_weight:

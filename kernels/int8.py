@@ -104,6 +104,14 @@ def quantize_weight(weight: torch.Tensor, per_row: bool = True, rotation_group: 
     return q, scale
 
 
+def requantize_weight(weight: torch.Tensor, old_scale: torch.Tensor, rotation_group: int = 0,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8, fresh scale) of a patched float weight (LoRA merging) in the layer's own granularity:
+    per row if its old scale was per row or it is rotated (a rotated weight needs per-row scales)."""
+    per_row = old_scale.dim() > 0 or rotation_group > 0
+    return quantize_weight(weight, per_row=per_row, rotation_group=rotation_group, seed=seed)
+
+
 def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, rotation_group: int = 0,
                         seed: int = 0) -> torch.Tensor:
     """int8 of a float weight on a *given* scale (saturating at ±127), e.g. an in-place LoRA update
@@ -316,9 +324,7 @@ class Int8Linear(nn.Module):
         A `seed` > 0 rounds stochastically: with round-to-nearest most of a small LoRA delta would
         snap back onto the old int8 grid and the LoRA would seem to do nothing.
         """
-        per_row = self.weight_scale.dim() > 0 or self.rotation_group > 0
-        q, scale = quantize_weight(weight.to(self.weight.device), per_row=per_row,
-                                   rotation_group=self.rotation_group, seed=seed)
+        q, scale = requantize_weight(weight.to(self.weight.device), self.weight_scale, self.rotation_group, seed)
         self.weight = nn.Parameter(q, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self._padded = None
