@@ -156,8 +156,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 if self.comfy_cast_weights or len(self.weight_function) or len(self.bias_function):
                     return self._forward_cast(x)
                 if self.layer_kind == "int8":
-                    bias = self.bias if self.bias is None or self.bias.device == x.device else self.bias.to(x.device)
-                    return run_int8(self, x, self.weight, self.weight_scale, bias, self.rotation_group)
+                    return run_int8(self, x, self.weight, self.weight_scale, self.bias, self.rotation_group)
                 fast = plan.fp8_fast and fp8_matmul_usable(x, self.weight)
                 return fp8_linear(x, self.weight, self.weight_scale, self.bias, fast)
 

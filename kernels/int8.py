@@ -243,6 +243,8 @@ def run_int8(owner, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     Where the device has no int8 GEMM, the weight is dequantized and a float matmul runs — counted
     in `owner.fallback_calls` so a report can say so instead of the slowdown going unnoticed.
     """
+    if bias is not None and bias.device != x.device:
+        bias = bias.to(x.device)
     rules = rules_for(x.device)
     if rules is not None and x.is_floating_point():
         fused = int8_kitchen.linear(x, weight, weight_scale, bias, rotation_group)
@@ -252,7 +254,7 @@ def run_int8(owner, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     owner.fallback_calls = getattr(owner, "fallback_calls", 0) + 1
     dtype = x.dtype if x.is_floating_point() else torch.float32
     w = dequantize_weight(weight, weight_scale, dtype, rotation_group).to(x.device)
-    return F.linear(x.to(dtype), w, None if bias is None else bias.to(device=x.device, dtype=dtype))
+    return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
 
 
 class Int8Linear(nn.Module):
@@ -313,10 +315,7 @@ class Int8Linear(nn.Module):
     # ------------------------------------------------------------------ compute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        if bias is not None and bias.device != x.device:
-            bias = bias.to(x.device)
-        return run_int8(self, x, self.weight, self.weight_scale, bias, self.rotation_group)
+        return run_int8(self, x, self.weight, self.weight_scale, self.bias, self.rotation_group)
 
     def requantize(self, weight: torch.Tensor, seed: int = 0) -> None:
         """Store a patched float weight (original basis) with fresh per-row scales (LoRA merging).
