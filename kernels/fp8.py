@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int8 import encode_comfy_quant
-from .precision import is_fp8
+from .precision import device_capability, is_fp8, supports_fp8_matmul
 
 # ComfyUI's `comfy_quant` format name of each fp8 storage dtype.
 FP8_FORMAT_OF = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
@@ -58,9 +58,8 @@ def fp8_matmul_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True where `torch._scaled_mm` is both supported and worth it: CUDA with SM ≥ 8.9, /16 shapes."""
     if x.device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    major, minor = torch.cuda.get_device_capability(x.device)
     n, k = weight.shape
-    return (major, minor) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+    return supports_fp8_matmul(device_capability(x.device)) and k % 16 == 0 and n % 16 == 0
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -28,7 +28,7 @@ from ..host import (
     ui_file,
 )
 from ..host.standalone_objects import ModelPatcher
-from ..kernels.precision import UnsupportedDtypeError, fp8_dtype
+from ..kernels.precision import UnsupportedDtypeError, device_capability, fp8_dtype, supports_fp8_matmul
 from ..kernels.quant_layer import QuantPlan
 from ..models.checkpoint import load_state_dict, read_metadata
 from ..models.quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
@@ -57,8 +57,8 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
         note += " (e5m2 has half of e4m3's precision; prefer fp8_e4m3fn)"
     fast = weight_dtype.endswith("_fast")
     if fast:
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        if capability is None or tuple(capability) < (8, 9):
+        capability = device_capability(device)
+        if not supports_fp8_matmul(capability):
             where = f"this {device.type.upper()} device" if capability is None else f"compute capability {capability}"
             note += (f"; fp8 matmul needs an NVIDIA GPU with compute capability 8.9 or newer, not available on "
                      f"{where}: those layers compute in the activation dtype instead")
