@@ -106,6 +106,7 @@ class Resolution:
     name: str                        # family name, or "unknown"
     rules: ExclusionRules
     message: str
+    prefix: str = ""                 # the diffusion-model key prefix the family was detected under
 
 
 def conservative_rules() -> ExclusionRules:
@@ -127,7 +128,8 @@ def resolve(model_type: str, keys: Iterable[str]) -> Resolution:
                               "model_type auto: no known family's marker keys found; on-the-fly quantization keeps "
                               "every layer any family's list excludes (the conservative union)")
         return Resolution(found.family.name, found.family.rules(),
-                          f"model_type auto: detected {found.family.title} (found {', '.join(found.evidence)})")
+                          f"model_type auto: detected {found.family.title} (found {', '.join(found.evidence)})",
+                          found.prefix)
     chosen = BY_NAME[model_type]
     if found.family is not None and found.family.name != chosen.name:
         raise ModelTypeError(
@@ -138,4 +140,5 @@ def resolve(model_type: str, keys: Iterable[str]) -> Resolution:
         return Resolution(chosen.name, chosen.rules(),
                           f"model_type {model_type}: chosen by you; the checkpoint's keys could not confirm it "
                           f"(no {chosen.title} marker keys {', '.join(chosen.markers)})")
-    return Resolution(chosen.name, chosen.rules(), f"model_type {model_type}: confirmed by {', '.join(found.evidence)}")
+    return Resolution(chosen.name, chosen.rules(), f"model_type {model_type}: confirmed by {', '.join(found.evidence)}",
+                      found.prefix)

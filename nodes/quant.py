@@ -123,29 +123,29 @@ class LoadDiffusionModelInt8:
                          exclude=resolution.rules, float_storage=storage, fp8_fast=fast,
                          work_device=device if device.type == "cuda" else None)
         pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
-        model, report = self._build(sd, plan, metadata, resolution.name, pbar)
+        model, report = self._build(sd, plan, metadata, resolution, device, pbar)
         pbar.update_absolute(pbar.total)
         log.info("Loaded %s: %s. %s. %s; %s.", unet_name, resolution.message, fmt.summary(), report.summary(),
                  storage_note)
         return (model,)
 
     @staticmethod
-    def _build(sd, plan, metadata, family, pbar):
+    def _build(sd, plan, metadata, resolution, device, pbar):
         loaded = load_int8_diffusion_model(sd, plan, metadata, pbar.update_absolute)
         if loaded is not None:
             return loaded
+        family = resolution.name
         arch = standalone_architectures().get(family)
         if arch is None:
             title = BY_NAME[family].title if family in BY_NAME else "unrecognised"
             supported = ", ".join(a.title for a in standalone_architectures().values())
             raise ValueError(f"This is a {title} model. Outside ComfyUI this loader builds only our own "
                              f"architectures ({supported}); inside ComfyUI every architecture ComfyUI supports loads.")
-        prefix = detect(sd.keys()).prefix
+        prefix = resolution.prefix
         for key in list(sd):            # in place: build_quantized frees each tensor as it consumes it
             value = sd.pop(key)
             if key.startswith(prefix):
                 sd[key[len(prefix):]] = value
-        device = compute_device()
         module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
         wrapper = QuantizedDiffusionModel(module, family, report)
         return ModelPatcher(wrapper, device, offload_device()), report
