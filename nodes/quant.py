@@ -188,8 +188,10 @@ class SaveInt8Model:
         if int8_layers == 0:
             raise ValueError("This MODEL has no int8 layers: load it with 'Load Diffusion Model INT8 (W8A8)' with "
                              "on_the_fly_quantization on (or from an int8 file) before saving it as int8.")
-        family = getattr(model.model, "model_family", None) or detect(sd.keys()).family
-        family_name = family if isinstance(family, str) else (family.name if family is not None else "unknown")
+        family_name = getattr(model.model, "model_family", None)
+        if not family_name:             # a MODEL ComfyUI built: recognise the family from its keys
+            found = detect(sd.keys()).family
+            family_name = found.name if found is not None else "unknown"
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
         target = save_target(filename_prefix)
         with staged_file(target, "safetensors") as tmp:
