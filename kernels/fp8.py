@@ -90,12 +90,6 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.fast = fast
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                   fast: bool = False) -> Fp8Linear:
-        w8, scale = quantize_scaled_fp8(weight, dtype)
-        return cls(w8, scale, bias, fast)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.fast and fp8_matmul_usable(x, self.weight)
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, fast)

@@ -183,9 +183,6 @@ class QuantReport:
     def kinds(self) -> Counter:
         return Counter(kind for kind, _ in self.entries.values())
 
-    def of_kind(self, kind: str) -> list[str]:
-        return [p for p, (k, _) in self.entries.items() if k == kind]
-
     def excluded(self) -> dict[str, str]:
         """path -> the pattern that kept it float."""
         return {p: n.split("'")[1] for p, (_, n) in self.entries.items() if n.startswith("excluded by")}

@@ -196,11 +196,6 @@ def _undo_explicit_rotation(q: torch.Tensor, scale: torch.Tensor, h: torch.Tenso
     return w
 
 
-def official_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's tensors in ComfyUI's official layout (our layers already save in it), contiguous."""
-    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-
-
 def file_metadata(model_type: str, report_summary: str) -> dict[str, str]:
     """safetensors __metadata__ for a saved int8 file: who made it and what it holds (strings only)."""
     return {"format": "pt", "slipstream_int8": "1", "slipstream_model_type": model_type,
