@@ -31,10 +31,14 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def quantize_scaled_fp8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, fp32 scalar scale) with scale = absmax / fp8_max (computed in fp32)."""
+    """(fp8 weight, fp32 scalar scale) with scale = absmax / fp8_max (computed in fp32).
+
+    The absmax is taken in the weight's own dtype (exact: no rounding in abs or max), so only the
+    quantizing pass below makes an fp32 copy of the weight.
+    """
     if not is_fp8(dtype):
         raise ValueError(f"{dtype} is not an fp8 dtype")
-    scale = (weight.float().abs().amax() / fp8_max(dtype)).clamp_min(1e-30)
+    scale = (weight.abs().amax().float() / fp8_max(dtype)).clamp_min(1e-30)
     # e4m3fn has no infinity: out-of-range values would turn into NaN instead of saturating.
     return quantize_fp8_with_scale(weight, scale, dtype), scale
 
