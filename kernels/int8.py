@@ -96,7 +96,7 @@ def quantize_weight(weight: torch.Tensor, per_row: bool = True, rotation_group: 
     step = _rows_per_chunk(weight, k)
     for i in range(0, n, step):
         chunk = weight[i:i + step]
-        chunk = hadamard.rotate(chunk, rotation_group) if rotation_group else chunk.float().clone()
+        chunk = hadamard.rotate(chunk, rotation_group) if rotation_group else chunk.to(torch.float32, copy=True)
         _check_finite(chunk)
         s = (chunk.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min_(MIN_SCALE)
         scale[i:i + step] = s
@@ -116,7 +116,7 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor, rotation_grou
                         seed: int = 0) -> torch.Tensor:
     """int8 of a float weight on a *given* scale (saturating at ±127), e.g. an in-place LoRA update
     whose undo will copy the old int8 data back without its scale."""
-    w = hadamard.rotate(weight, rotation_group) if rotation_group else weight.float().clone()
+    w = hadamard.rotate(weight, rotation_group) if rotation_group else weight.to(torch.float32, copy=True)
     w.div_(scale.to(device=w.device, dtype=torch.float32))
     return _round_(w, _generator(seed, w.device)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
