@@ -136,8 +136,9 @@ def _prepare(path, weight, bias, plan, float_dtype, scale, conf) -> PreparedLine
         w = dequantize_scaled_fp8(source, scale) if fmt == "fp8" else source
         group = hadamard.pick_group(w.shape[1]) if plan.rotation else 0
         q, s = quantize_weight(w, per_row=True, rotation_group=group)
-        note = "quantized on the fly" + (" from scaled fp8" if fmt == "fp8" else "") + (
-            f", ConvRot {group}" if group else ", no ConvRot (in_features not a multiple of 16)" if plan.rotation else "")
+        note = "quantized on the fly" + (" from scaled fp8" if fmt == "fp8" else "")
+        if plan.rotation:
+            note += f", ConvRot {group}" if group else ", no ConvRot (in_features not a multiple of 16)"
         return PreparedLinear("int8", q.to(weight.device), s.to(weight.device), bias, group, note)
     if plan.float_storage is not None and weight.dim() == 2:
         if fmt == "fp8" and weight.dtype == plan.float_storage:
@@ -147,7 +148,7 @@ def _prepare(path, weight, bias, plan, float_dtype, scale, conf) -> PreparedLine
                                     plan.float_storage)
         return PreparedLinear("fp8", w8, s, bias, note=reason + "; scaled fp8 storage")
     w = dequantize_scaled_fp8(weight, scale, float_dtype) if fmt == "fp8" else weight.to(float_dtype)
-    return PreparedLinear("float", w, None, None if bias is None else bias, note=reason)
+    return PreparedLinear("float", w, None, bias, note=reason)
 
 
 def _float_reason(path: str, weight: torch.Tensor, plan: QuantPlan) -> str | None:

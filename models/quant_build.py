@@ -113,8 +113,8 @@ def build_quantized(sd: MutableMapping[str, torch.Tensor], arch: Architecture, p
                 layer.bias = nn.Parameter(prepared.bias.to(device=device, dtype=float_dtype), requires_grad=False)
         if on_layer is not None:
             on_layer(done, len(names))
-    rest = {k: (v.to(device=device, dtype=float_dtype) if v.is_floating_point() and not is_fp8(v.dtype) and
-                v.dtype != float_dtype else v.to(device)) for k, v in sd.items()}
+    rest = {k: v.to(device=device, dtype=float_dtype) if v.is_floating_point() and not is_fp8(v.dtype) else v.to(device)
+            for k, v in sd.items()}
     sd.clear()
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     if unexpected:
