@@ -23,6 +23,7 @@ import inspect
 import zlib
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 import torch
@@ -52,7 +53,7 @@ from ..kernels.quant_layer import QuantPlan, QuantReport, prepare_linear
 
 def _lora_seed(key: str) -> int:
     """ComfyUI's string_to_seed(key) when it exists (same rounding noise as its own layers)."""
-    seed_fn = getattr(__import__("comfy.model_patcher", fromlist=["string_to_seed"]), "string_to_seed", None)
+    seed_fn = getattr(comfy.model_patcher, "string_to_seed", None)
     return int(seed_fn(key)) if seed_fn is not None else zlib.crc32(key.encode())
 
 
