@@ -183,15 +183,21 @@ def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                rotation_group: int = 0, rules: GemmRules | None = None) -> torch.Tensor:
+                rotation_group: int = 0, rules: GemmRules | None = None,
+                out_features: int | None = None) -> torch.Tensor:
     """W8A8 linear: y = x · dequant(weight)ᵀ + bias, in x's dtype, with an int8 GEMM.
 
     `weight` is int8 [N', K'] already padded for `rules` (pad_weight); `weight_scale` is `[]` or
-    `[N, 1]` with N = bias/out features. Use Int8Linear unless you manage padding yourself.
+    `[N, 1]`. N, the real out features, must be given as `out_features` when neither a per-row
+    scale nor a bias tells it (the padded weight's N' would add columns of zeros to the output).
+    Use Int8Linear unless you manage padding yourself.
     """
     rules = rules or rules_for(x.device)
     k = x.shape[-1]
-    n = weight_scale.shape[0] if weight_scale.dim() else (bias.shape[0] if bias is not None else weight.shape[0])
+    if out_features is not None:
+        n = out_features
+    else:
+        n = weight_scale.shape[0] if weight_scale.dim() else (bias.shape[0] if bias is not None else weight.shape[0])
     x2d = x.reshape(-1, k)
     x8, act_scale = quantize_activation(x2d, rotation_group, temporary=True)
     out = gemm_rescale(x8, act_scale, weight, weight_scale, bias, n, x.dtype, rules)
@@ -250,7 +256,8 @@ def run_int8(owner, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         fused = int8_kitchen.linear(x, weight, weight_scale, bias, rotation_group)
         if fused is not None:
             return fused
-        return int8_linear(x, padded_weight(owner, weight, rules), weight_scale, bias, rotation_group, rules)
+        return int8_linear(x, padded_weight(owner, weight, rules), weight_scale, bias, rotation_group, rules,
+                           out_features=weight.shape[0])
     owner.fallback_calls = getattr(owner, "fallback_calls", 0) + 1
     dtype = x.dtype if x.is_floating_point() else torch.float32
     w = dequantize_weight(weight, weight_scale, dtype, rotation_group).to(x.device)

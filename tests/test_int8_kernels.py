@@ -236,6 +236,20 @@ def test_gemm_padding_rules_change_no_value():
         assert torch.allclose(y, layer(x), atol=1e-6)
 
 
+def test_padded_layers_without_bias_or_row_scales_keep_their_out_features(monkeypatch):
+    """A tensorwise scale and no bias say nothing about N: the padded N' must not leak into the output."""
+    import slipstream.kernels.int8 as K
+
+    q, s = quantize_weight(torch.randn(13, 37), per_row=False)
+    layer = Int8Linear.from_quantized(q, s, None)
+    x = torch.randn(5, 37)
+    expected = layer(x)
+    monkeypatch.setattr(K, "rules_for", lambda device: int8_gemm.CUDA_RULES)
+    got = layer(x)
+    assert got.shape == (5, 13) and torch.allclose(got, expected, atol=1e-6)
+    assert layer.fallback_calls == 0
+
+
 def test_devices_without_an_int8_gemm_fall_back_and_are_counted(monkeypatch):
     import slipstream.kernels.int8 as K
 
