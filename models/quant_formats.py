@@ -30,7 +30,14 @@ import torch
 
 from ..kernels import hadamard
 from ..kernels.fp8 import FP8_FORMAT_OF, fp8_comfy_quant_config
-from ..kernels.int8 import FORMAT, QuantizationError, canonical_scale, decode_comfy_quant, encode_comfy_quant
+from ..kernels.int8 import (
+    FORMAT,
+    QuantizationError,
+    canonical_scale,
+    comfy_quant_config,
+    decode_comfy_quant,
+    encode_comfy_quant,
+)
 from ..kernels.precision import is_fp8
 from .checkpoint import CheckpointError
 
@@ -159,8 +166,7 @@ def _normalize_layer(sd: dict, layer: str, report: FormatReport) -> None:
         if group and weight.shape[1] % group:
             raise QuantizationError(f"ConvRot group {group} does not divide {weight.shape[1]} input channels")
         sd[f"{layer}.weight_scale"] = scale
-        sd[f"{layer}.comfy_quant"] = encode_comfy_quant(
-            {"format": FORMAT, **({"convrot": True, "convrot_groupsize": group} if group else {})})
+        sd[f"{layer}.comfy_quant"] = encode_comfy_quant(comfy_quant_config(group))
         report.formats[FORMAT] += 1
         return
     if is_fp8(weight.dtype):
