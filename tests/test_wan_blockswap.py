@@ -348,9 +348,13 @@ def test_bandwidth_bound_and_placement():
 
 
 def test_ram_does_not_grow_over_repeated_runs():
-    """Run 8 sessions of 3 forwards in a fresh process; RSS after the 2nd and the 8th must agree."""
+    """Run 12 sessions of 3 forwards in a fresh process; RSS must not climb from the 4th to the 12th.
+
+    A leak of the swapped blocks' host buffers or device slots would add at least one block per
+    session (8+ blocks over the window); allocator noise under a loaded machine stays within a few.
+    """
     script = textwrap.dedent(f"""
-        import json, sys, psutil, torch
+        import gc, json, sys, psutil, torch
         sys.path.insert(0, {str(REPO_ROOT.parent)!r})
         sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
         import conftest  # noqa  (imports the repo as `slipstream`)
@@ -363,10 +367,11 @@ def test_ram_does_not_grow_over_repeated_runs():
         x = torch.randn(1, 16, 384)
         rss = []
         with torch.no_grad():
-            for run in range(8):
+            for run in range(12):
                 with SwapSession(host, units, Transport(), prefetch=1, root=model):
                     for _ in range(3):
                         model(x)
+                gc.collect()
                 rss.append(psutil.Process().memory_info().rss)
         print(json.dumps({{"rss": rss, "block": host.slot_bytes}}))
     """)
@@ -374,8 +379,8 @@ def test_ram_does_not_grow_over_repeated_runs():
                          cwd=str(REPO_ROOT))
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    growth = data["rss"][-1] - data["rss"][1]
-    assert growth < data["block"], f"RSS grew by {growth} bytes over 6 runs (one block is {data['block']})"
+    growth = data["rss"][-1] - data["rss"][3]
+    assert growth < 3 * data["block"], f"RSS grew by {growth} bytes over 8 runs (one block is {data['block']})"
 
 
 def test_planner_on_the_real_wan_14b_block_size():
