@@ -16,6 +16,8 @@ from slipstream.models.anima.train import (
     velocity_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CFG = tiny_config(model_channels=32, num_blocks=2, num_heads=2, context_dim=16, source_dim=16)
 SETTINGS = TrainSettings(steps=20, learning_rate=0.05, num_tokens=8, dtype=torch.float32, seed=11)
 

@@ -17,7 +17,9 @@ from slipstream.models.wan import tokenizer as TK
 from slipstream.models.wan.weights import build_on_meta
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+from wan_codec_fixtures import random_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CORPUS = ["a cat walks on the beach at sunset", "a dog runs through the snowy forest",
           "cinematic shot of a red car driving fast", "the camera pans slowly over the mountains",

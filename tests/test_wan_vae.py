@@ -14,7 +14,9 @@ from slipstream.models.wan.tiling import Tiling, run_tiled, tile_starts
 from slipstream.models.wan.weights import build_on_meta
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+from wan_codec_fixtures import random_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

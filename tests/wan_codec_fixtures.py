@@ -1,22 +1,11 @@
-"""Shared by the Wan codec tests (VAE, umT5, CLIP vision): one thread for tiny models, seeded weights."""
+"""Shared by the Wan codec tests (VAE, umT5, CLIP vision): seeded random weights for the tiny towers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 from slipstream.models.wan.weights import build_on_meta
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls and convolutions spend their time synchronising threads on this shared 2-core machine.
-    Autouse: a test module that imports it runs single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_state_dict(factory: Callable[[], torch.nn.Module], seed: int,
