@@ -26,7 +26,9 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from .layers import CastLinear, RMSNorm, apply_rope, cos_sin
+from ..common.keys import count_numbered
+from ..common.layers import RMSNorm, rope_inv_freqs
+from .layers import CastLinear, apply_rope, cos_sin
 from .llm_adapter import AdapterConfig, LLMAdapter, adapt_text
 
 log = logging.getLogger("slipstream.anima")
@@ -206,8 +208,7 @@ class VideoRope3D(nn.Module):
 
     @staticmethod
     def _freqs(dim: int, theta: float, device) -> torch.Tensor:
-        rng = torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim
-        return 1.0 / (theta ** rng)
+        return rope_inv_freqs(dim, theta, device, torch.float32)[: dim // 2]
 
     def forward(self, t: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [t*h*w, 1, head_dim] for the flattened (t, h, w) grid."""
@@ -356,7 +357,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> AnimaConfig:
             + ". Load the Anima DiT (e.g. anima-preview.safetensors) from models/diffusion_models.")
     d, patch_in = sd["x_embedder.proj.1.weight"].shape
     head_dim = sd["blocks.0.self_attn.q_norm.weight"].shape[0]
-    num_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    num_blocks = count_numbered(sd, "blocks.")
     p, pt = 2, 1
     in_channels = patch_in // (p * p * pt) - 1
     out_channels = sd["final_layer.linear.weight"].shape[0] // (p * p * pt)
@@ -368,7 +369,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> AnimaConfig:
         adaln_lora_dim=sd["blocks.0.adaln_modulation_self_attn.1.weight"].shape[0], adapter=None)
     if "llm_adapter.embed.weight" in sd:
         vocab, model_dim = sd["llm_adapter.embed.weight"].shape
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("llm_adapter.blocks."))
+        layers = count_numbered(sd, "llm_adapter.blocks.")
         adapter_head_dim = sd["llm_adapter.blocks.0.self_attn.q_norm.weight"].shape[0]
         cfg = replace(cfg, adapter=AdapterConfig(
             source_dim=sd["llm_adapter.blocks.0.cross_attn.k_proj.weight"].shape[1], model_dim=model_dim,

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the Anima DiT, its LLM adapter and the Qwen3 text encoder.
+"""Small building blocks shared by the Anima DiT, its LLM adapter and the Qwen3 text encoder
+(the RMS norm and RoPE's frequencies, which Wan uses too, are in models/common/layers.py).
 
 Weights may be stored in a narrower dtype than the one a forward pass computes in (bf16 or fp8
 storage, fp32 training), so every weight is cast to the input's dtype at use — the same contract
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..common.layers import rope_inv_freqs
 
 
 class CastLinear(nn.Linear):
@@ -36,20 +39,6 @@ class CastEmbedding(nn.Embedding):
         return out if out_dtype is None else out.to(out_dtype)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain; computed in fp32 so bf16 activations stay stable."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(device=x.device, dtype=torch.float32)).to(x.dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last dimension (the "rotate half" RoPE layout)."""
     half = x.shape[-1] // 2
@@ -64,7 +53,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Angles [len(positions), head_dim // 2] of standard 1-D RoPE with base `theta`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = rope_inv_freqs(head_dim, theta, positions.device, torch.float32)
     return positions.float()[:, None] * inv_freq[None, :]
 
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from .layers import CastEmbedding, CastLinear, RMSNorm, apply_rope, cos_sin, rope_angles
+from ..common.keys import count_numbered
+from ..common.layers import RMSNorm
+from .layers import CastEmbedding, CastLinear, apply_rope, cos_sin, rope_angles
 
 STATE_DICT_PREFIXES = ("text_encoders.qwen3_06b.transformer.", "qwen3_06b.transformer.", "transformer.")
 
@@ -144,7 +146,7 @@ def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=sd["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")),
+        num_hidden_layers=count_numbered(sd, "model.layers."),
         num_attention_heads=sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
         num_key_value_heads=sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
         head_dim=head_dim)
