@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from ..common.keys import count_numbered
+from ..checkpoint import CheckpointError, strip_prefix
 from ..common.layers import RMSNorm, rope_inv_freqs
+from ..common.state_dict import count_numbered, load_built_on_meta
 from .layers import CastLinear, apply_rope, cos_sin
 from .llm_adapter import AdapterConfig, LLMAdapter, adapt_text
 
@@ -310,18 +310,12 @@ class AnimaDiT(nn.Module):
         """Build the model a checkpoint describes (config read from its shapes) and load it."""
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         cfg = config_from_state_dict(sd)
-        with torch.device("meta"):
-            model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        ignored = [k for k in sd if k not in expected and k.startswith(_IGNORED_KEY_PREFIXES)]
-        sd = {k: v for k, v in sd.items() if k not in ignored}
-        check_state_dict(expected, sd, "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)")
+        ignored = [k for k in sd if k.startswith(_IGNORED_KEY_PREFIXES)]
         if ignored:
+            sd = {k: v for k, v in sd.items() if k not in ignored}
             log.info("Anima: ignored %d non-model tensors (%s …)", len(ignored), ignored[0])
-        tensors = {k: (v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point()
-                       else v.to(device=device)) for k, v in sd.items()}
-        model.load_state_dict(tensors, assign=True)
-        return model.eval().requires_grad_(False)
+        return load_built_on_meta(lambda: cls(cfg), sd, "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)",
+                                  dtype, device)
 
 
 def comfy_dit_kwargs(cfg: AnimaConfig) -> dict:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from ..common.keys import count_numbered
+from ..checkpoint import CheckpointError, strip_prefix
 from ..common.layers import RMSNorm
+from ..common.state_dict import count_numbered, load_built_on_meta
 from .layers import CastEmbedding, CastLinear, apply_rope, cos_sin, rope_angles
 
 STATE_DICT_PREFIXES = ("text_encoders.qwen3_06b.transformer.", "qwen3_06b.transformer.", "transformer.")
@@ -124,12 +124,7 @@ class Qwen3Encoder(nn.Module):
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # the encoder stops before the LM head
         cfg = qwen3_config_from_state_dict(sd)
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, "the Qwen3 text encoder")
-        tensors = {k: (v.to(device=device, dtype=dtype) if dtype is not None else v.to(device)) for k, v in sd.items()}
-        model.load_state_dict(tensors, assign=True)
-        return model.eval().requires_grad_(False)
+        return load_built_on_meta(lambda: cls(cfg), sd, "the Qwen3 text encoder", dtype, device)
 
 
 def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:

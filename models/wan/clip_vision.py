@@ -20,7 +20,7 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
-from ..common.keys import count_numbered
+from ..common.state_dict import count_numbered
 from .layers import CastLinear, FP32LayerNorm
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ..checkpoint import CheckpointError
-from ..common.keys import count_numbered
+from ..common.state_dict import count_numbered
 
 MODEL_TYPES = ("t2v", "i2v", "flf2v")
 HEAD_DIM = 128  # every released Wan 2.1 model; the fallback when a file does not store its head count

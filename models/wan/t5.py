@@ -23,8 +23,8 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
-from ..common.keys import count_numbered
 from ..common.layers import RMSNorm
+from ..common.state_dict import count_numbered
 from .layers import CastLinear
 from .tokenizer import TokenBatch
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
