@@ -17,7 +17,8 @@ from ..common.layers import rope_inv_freqs
 
 
 class CastLinear(nn.Linear):
-    """nn.Linear whose weight (and bias) follow the input's dtype and device at call time."""
+    """nn.Linear whose weight (and bias) follow the input's dtype and device at call time (so a layer
+    ComfyUI's partial load left in RAM still computes, on the input's device)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(device=x.device, dtype=x.dtype)
@@ -26,7 +27,8 @@ class CastLinear(nn.Linear):
 
 
 class CastEmbedding(nn.Embedding):
-    """nn.Embedding that returns rows in `out_dtype` (the dtype the caller computes in)."""
+    """nn.Embedding that returns rows in `out_dtype` (the dtype the caller computes in), on the ids'
+    device even when the table was left in RAM (ComfyUI's partial loads keep large modules there)."""
 
     def reset_parameters(self) -> None:
         # Built on the meta device only to be loaded from a file: skip the random fill (its first
@@ -35,7 +37,7 @@ class CastEmbedding(nn.Embedding):
             super().reset_parameters()
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = F.embedding(ids, self.weight)
+        out = F.embedding(ids.to(self.weight.device), self.weight).to(ids.device)
         return out if out_dtype is None else out.to(out_dtype)
 
 
