@@ -67,6 +67,25 @@ def test_text_to_video_through_every_node(wan_dirs):
     assert not torch.equal(_t2v(seed=4)["samples"], latent["samples"])
 
 
+def test_encoders_and_decode_report_progress_step_by_step(wan_dirs):
+    seen: list[tuple[int, int]] = []
+    remove = host.add_progress_hook(lambda value, total: seen.append((value, total)))
+    try:
+        _text_embeds()
+        text = list(seen)
+        seen.clear()
+        (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
+        latent = {"samples": torch.randn(2, 16, 3, 6, 8)}
+        _node("SlipstreamWanDecode")(vae, latent, True, 32, 16, True)    # two items, several tiles each
+        decode = list(seen)
+    finally:
+        remove()
+    for updates in (text, decode):
+        assert [v for v, _ in updates] == list(range(1, len(updates) + 1)), "one step per update, in order"
+        assert updates[-1][1] == len(updates), "the bar ends full, never past it"
+    assert len(decode) > 2 * 3, "tiles count as steps"
+
+
 def test_text_embeds_split_prompts_on_bars(wan_dirs):
     embeds = _text_embeds()
     assert len(embeds.positive) == 2 and embeds.negative is not None
