@@ -16,22 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the repo as the package `slipstream`
-    import importlib.util
+from _common import import_package, run_child
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("slipstream", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["slipstream"] = module
-    spec.loader.exec_module(module)
+import_package()
 
 import torch  # noqa: E402
 from slipstream.kernels.precision import dtype_name, resolve_dtype  # noqa: E402
@@ -148,12 +139,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.device, args.precision, args.size, args.steps, args.tokens)))
         return
-    rows = []
-    for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--child", name, "--device", args.device, "--precision", args.precision,
-               "--size", str(args.size), "--steps", str(args.steps), "--tokens", str(args.tokens)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [run_child(__file__, "--child", name, "--device", args.device, "--precision", args.precision,
+                      "--size", str(args.size), "--steps", str(args.steps), "--tokens", str(args.tokens))
+            for name in args.configs.split(",")]
     print(f"Anima context-token training, {args.steps} timed steps, {args.tokens} tokens/block, "
           f"{rows[0]['device']} {rows[0]['dtype']}, {rows[0]['threads']} threads")
     print("| config | params | blocks × width | image (DiT tokens) | forward ms (baseline) | train step ms | "

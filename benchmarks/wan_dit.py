@@ -11,37 +11,17 @@ Rows: fp32, bf16, and bf16 compute with fp8-stored block weights (the loader's f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import import_package, peak_rss_bytes, run_child
+
 PRECISIONS = {            # name -> (compute dtype, block-weight storage dtype)
     "fp32": ("float32", "float32"),
     "bf16": ("bfloat16", "bfloat16"),
     "fp8 storage, bf16 compute": ("bfloat16", "float8_e4m3fn"),
 }
-
-
-def import_package():
-    """The repository as package `slipstream` (as ComfyUI and the tests import it)."""
-    if "slipstream" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("slipstream", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["slipstream"] = module
-        spec.loader.exec_module(module)
-
-
-def peak_rss() -> int:
-    """VmHWM: this process's resident high-water mark in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def random_model(config, dtype, weight_dtype):
@@ -99,7 +79,7 @@ def worker(name: str, args) -> dict:
                 times.append(time.perf_counter() - start)
     assert torch.isfinite(out).all(), f"{name}: non-finite output"
     return {"name": name, "ms": 1000 * min(times), "ms_mean": 1000 * sum(times) / len(times),
-            "peak_rss": peak_rss(), "weights": weights, "tokens": f * h * w // 4,
+            "peak_rss": peak_rss_bytes(), "weights": weights, "tokens": f * h * w // 4,
             "threads": torch.get_num_threads()}
 
 
@@ -116,18 +96,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
-    rows = []
-    for name in args.only or PRECISIONS:
-        cmd = [sys.executable, __file__, "--worker", name, "--frames", str(args.frames), "--height",
-               str(args.height), "--width", str(args.width), "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if done.returncode != 0:
-            print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    if not rows:
-        sys.exit(1)
+    rows = [run_child(__file__, "--worker", name, "--frames", str(args.frames), "--height", str(args.height),
+                      "--width", str(args.width), "--warmup", str(args.warmup), "--repeats", str(args.repeats))
+            for name in args.only or PRECISIONS]
     base = next((r for r in rows if r["name"] == "fp32"), rows[0])
     r0 = rows[0]
     print(f"Wan2.1-T2V-1.3B DiT forward, CPU, {args.frames} frames {args.height}x{args.width} "

@@ -20,26 +20,11 @@ Run under the shared lock so heavy jobs do not overlap:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import import_package
 
-
-def _import_pack():
-    """The repository as the package `slipstream` (installed or not), as ComfyUI and the tests import it."""
-    if "slipstream" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("slipstream", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["slipstream"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["slipstream"]
-
-
-_import_pack()
+import_package()
 
 import torch  # noqa: E402
 from slipstream.kernels.blockswap import HostBlocks, SwapSession, Transport  # noqa: E402

@@ -27,6 +27,8 @@ import folder_paths
 import torch
 from comfy.ldm.cosmos.predict2 import MiniTrainDIT
 
+from .standalone_objects import CLIP
+
 SUPPORTED_DTYPES = [torch.bfloat16, torch.float32]   # Anima in ComfyUI before fp16 support landed (2026-02-06)
 
 
@@ -47,6 +49,27 @@ def load_native_anima_clip(path: str):
         return None
     return comfy.sd.load_clip(ckpt_paths=[path], embedding_directory=folder_paths.get_folder_paths("embeddings"),
                               clip_type=clip_type)
+
+
+class ManagedCLIP(CLIP):
+    """The CLIP stand-in with its weights under ComfyUI's model management (see `managed_clip`)."""
+
+    def load_model(self):
+        mm.load_models_gpu([self.patcher])
+        return self.patcher
+
+
+def managed_clip(text_encoder: torch.nn.Module, tokenize: Callable, encode: Callable) -> CLIP:
+    """Anima's CLIP for a ComfyUI without one of its own (v0.8.0): our Qwen3 behind ComfyUI's ModelPatcher.
+
+    With the stand-in's plain patcher, the first encode would move Qwen3 (~1.2 GB in bf16) to the GPU
+    and leave it there, invisible to ComfyUI, so it could not be offloaded when the DiT or VAE needs
+    the room. Loading through `load_models_gpu` makes ComfyUI count it and free it like any text
+    encoder (and lets the memory nodes offload it).
+    """
+    patcher = comfy.model_patcher.ModelPatcher(text_encoder, load_device=mm.text_encoder_device(),
+                                               offload_device=mm.text_encoder_offload_device())
+    return ManagedCLIP(text_encoder, tokenize, encode, patcher.load_device, patcher.offload_device, patcher=patcher)
 
 
 def load_vae(path: str):

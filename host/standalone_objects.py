@@ -7,7 +7,8 @@ tensor conventions, so node code does not branch on the host:
   ModelPatcher  .model (holds .diffusion_model), .model_options, .load_device, .offload_device,
                 .clone(), .is_clone(), .model_size(), .loaded_size(), .get_model_object(name),
                 .add_object_patch(name, obj), .patch_model() / .unpatch_model() (apply / undo them)
-  CLIP          .patcher, .cond_stage_model, .tokenize(text), .encode_from_tokens(tokens, return_pooled=False),
+  CLIP          .patcher, .cond_stage_model, .tokenize(text), .load_model(),
+                .encode_from_tokens(tokens, return_pooled=False),
                 .encode_from_tokens_scheduled(tokens) -> [[cond, {"pooled_output": …}]], .clone()
   VAE           .patcher, .first_stage_model, .encode(pixels [B,H,W,C] 0..1), .decode(latent) -> [B,H,W,C]
 """
@@ -141,8 +142,14 @@ class CLIP:
     def tokenize(self, text: str) -> Any:
         return self.tokenizer(text)
 
-    def encode_from_tokens(self, tokens: Any, return_pooled: bool = False, return_dict: bool = False):
+    def load_model(self) -> ModelPatcher:
+        """Put the weights on the load device before encoding (ComfyUI's CLIP has the same method; a
+        host adapter overrides it to load through the host's model manager)."""
         self.patcher.load()
+        return self.patcher
+
+    def encode_from_tokens(self, tokens: Any, return_pooled: bool = False, return_dict: bool = False):
+        self.load_model()
         cond, pooled, *rest = self._encode(tokens)
         if return_dict:
             return {"cond": cond, "pooled_output": pooled, **(rest[0] if rest else {})}

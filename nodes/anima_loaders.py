@@ -126,12 +126,14 @@ class SlipstreamAnimaTextEncoderLoader:
 
         search = [os.path.dirname(path), *model_folders("text_encoders"), *bundled_tokenizer_dirs()]
         encoder = load_text_encoder(path, search, device=offload_device())
+        device = text_encoder_device()
 
         def encode(tokens):
-            device = next(encoder.qwen.parameters()).device
             return encoder.encode(tokens, device=device)
 
-        return (CLIP(encoder.qwen, encoder.tokenize, encode, text_encoder_device(), offload_device()),)
+        if HOST_NAME == "comfyui":      # so ComfyUI can offload Qwen3 when the DiT needs the room
+            return (_comfy_adapter().managed_clip(encoder.qwen, encoder.tokenize, encode),)
+        return (CLIP(encoder.qwen, encoder.tokenize, encode, device, offload_device()),)
 
 
 class SlipstreamAnimaVAELoader:

@@ -131,7 +131,12 @@ class WanTextEncode:
 
     def encode(self, text_encoder, positive_prompt, negative_prompt, device, force_offload):
         target = compute_device() if device == "gpu" else torch.device("cpu")
-        embeds = encode_text(text_encoder, positive_prompt, negative_prompt, target, offload=force_offload)
+        bar = ProgressBar(len(text_encoder.encoder.blocks))
+        try:
+            embeds = encode_text(text_encoder, positive_prompt, negative_prompt, target, offload=force_offload,
+                                 progress=bar.update_absolute)
+        finally:
+            bar.close()
         if force_offload:
             soft_empty_cache()
         return (embeds,)
@@ -191,8 +196,12 @@ class WanClipVisionEncode:
         }}
 
     def encode(self, clip_vision, image, crop, strength, force_offload):
-        feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
-                            offload=force_offload)
+        bar = ProgressBar(clip_vision.model.config.feature_layers)
+        try:
+            feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
+                                offload=force_offload, progress=bar.update_absolute)
+        finally:
+            bar.close()
         return (feats,)
 
 
@@ -265,11 +274,12 @@ class WanImageToVideoEncode:
                tiled_vae):
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
-        embeds = image_to_video_embeds(vae, start_image, width, height, num_frames, compute_device(),
-                                       noise_aug_strength, clip=clip_embeds, offload=force_offload,
-                                       tiling=_tiling(tiled_vae, 512, 64),
-                                       progress=lambda done, total: bar.update_absolute(done, total))
-        bar.close()
+        try:
+            embeds = image_to_video_embeds(vae, start_image, width, height, num_frames, compute_device(),
+                                           noise_aug_strength, clip=clip_embeds, offload=force_offload,
+                                           tiling=_tiling(tiled_vae, 512, 64), progress=bar.update_absolute)
+        finally:
+            bar.close()
         return (embeds,)
 
 
@@ -305,15 +315,11 @@ class WanDecode:
 
     def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload):
         latent = samples["samples"]
-        steps = latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1
-        bar = ProgressBar(steps)
-        done = {"n": 0}
-
-        def progress(i, total):
-            done["n"] += 1
-            bar.update_absolute(done["n"], steps)
-
-        images = decode_latent(vae, latent, compute_device(), offload=force_offload,
-                               tiling=_tiling(enable_vae_tiling, tile_size, tile_overlap), progress=progress)
-        bar.close()
+        bar = ProgressBar(latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1)
+        try:
+            images = decode_latent(vae, latent, compute_device(), offload=force_offload,
+                                   tiling=_tiling(enable_vae_tiling, tile_size, tile_overlap),
+                                   progress=bar.update_absolute)
+        finally:
+            bar.close()
         return (images,)

@@ -44,3 +44,19 @@ def workdirs(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIPSTREAM_TEMP", str(dirs["temp"]))
     monkeypatch.setenv("SLIPSTREAM_INPUT", str(dirs["input"]))
     return dirs
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a test module on one torch thread (opt in: `pytestmark = pytest.mark.usefixtures("single_thread")`).
+
+    Tiny models spend their time synchronising threads: on this shared 2-core machine their matmuls and
+    convolutions ran up to 60x slower with 2 threads than with 1. The previous count is restored after
+    the module, so other modules keep torch's default.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

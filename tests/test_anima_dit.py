@@ -10,6 +10,8 @@ from slipstream.models.anima.qwen3 import Qwen3Config, Qwen3Encoder
 from slipstream.models.anima.tiny import TINY_QWEN, randomize, tiny_dit
 from slipstream.models.checkpoint import CheckpointError, load_state_dict
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # From the Anima spec (§2.10), the shapes ComfyUI's Anima has for the released 2B checkpoint.
 SPEC_SHAPES = {
     "x_embedder.proj.1.weight": (2048, 68),

@@ -28,6 +28,8 @@ from slipstream.nodes.anima_loaders import (
     SlipstreamLoadReferenceImage,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TRAIN = dict(training_prompt="a (girl:1.2) with long hair", seed=3, training_steps=4, learning_rate=0.02,
              training_image_size=64, num_tokens=4, init_std=0.02, training_dtype="fp32")
 

@@ -8,6 +8,8 @@ from slipstream.models.anima.text_encoder import find_tokenizer_dirs, load_text_
 from slipstream.models.anima.tiny import write_tiny_anima
 from slipstream.models.anima.tokenizers import ByteLevelBPE, Unigram, _bytes_to_unicode
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_prompt_weights_follow_comfyui_syntax():
     assert parse_prompt_weights("a girl, (red hair:1.3), ((smile)), \\(not weighted\\)") == [

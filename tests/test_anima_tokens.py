@@ -22,6 +22,8 @@ from slipstream.models.anima.model import AnimaModel
 from slipstream.models.anima.tiny import tiny_dit
 from slipstream.nodes.anima import AnimaFastTrainPatchModel
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CFG = tiny_config(model_channels=32, num_blocks=2, num_heads=2, context_dim=16, source_dim=16)
 
 

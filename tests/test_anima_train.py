@@ -10,11 +10,13 @@ from slipstream.models.anima.errors import TokenOptimizationFailed
 from slipstream.models.anima.tiny import tiny_dit
 from slipstream.models.anima.train import (
     TrainSettings,
-    shifted_sigma,
     train_context_tokens,
     training_view,
     velocity_loss,
 )
+from slipstream.models.common.flow import shift_sigma
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CFG = tiny_config(model_channels=32, num_blocks=2, num_heads=2, context_dim=16, source_dim=16)
 SETTINGS = TrainSettings(steps=20, learning_rate=0.05, num_tokens=8, dtype=torch.float32, seed=11)
@@ -45,7 +47,7 @@ def _fixed_draw_loss(dit, tokens, latents, context, draws: int = 6) -> float:
         for i in range(draws):
             x0 = latents[i % len(latents)]
             eps = torch.randn(x0.shape, generator=g)
-            s = shifted_sigma(torch.rand((), generator=g), 3.0).item()
+            s = shift_sigma(torch.rand((), generator=g), 3.0).item()
             total += velocity_loss(dit((1 - s) * x0 + s * eps, torch.tensor([s]), context), eps - x0).item()
     return total / draws
 
@@ -169,5 +171,5 @@ def test_interrupt_is_checked_every_step(setup):
 
 def test_sigma_follows_anima_shift():
     t = torch.linspace(0, 1, 5)
-    assert torch.allclose(shifted_sigma(t, 3.0), 3 * t / (1 + 2 * t))
-    assert shifted_sigma(torch.tensor(0.5), 1.0).item() == pytest.approx(0.5)
+    assert torch.allclose(shift_sigma(t, 3.0), 3 * t / (1 + 2 * t))
+    assert shift_sigma(torch.tensor(0.5), 1.0).item() == pytest.approx(0.5)

@@ -27,14 +27,7 @@ from slipstream.kernels.blockswap import (
 )
 from torch import nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import clip_vision as C
+from slipstream.models.wan.demo_assets import seeded_state_dict
 from slipstream.models.wan.weights import build_on_meta
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    return random_state_dict(lambda: C.WanClipVision(C.TINY_VIT), seed, lambda name, shape, noise: (
+    return seeded_state_dict(lambda: C.WanClipVision(C.TINY_VIT), seed, lambda name, shape, noise: (
         1.0 + 0.1 * noise if ("norm" in name and name.endswith("weight")) else 0.2 * noise))
 
 

@@ -14,13 +14,7 @@ from slipstream.models.wan import demo_assets as assets
 HAS_CLIP = importlib.util.find_spec("slipstream.models.wan.clip_vision") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +65,25 @@ def test_text_to_video_through_every_node(wan_dirs):
     assert tiled.shape == images.shape
     assert torch.equal(_t2v()["samples"], latent["samples"]), "same seed, same video"
     assert not torch.equal(_t2v(seed=4)["samples"], latent["samples"])
+
+
+def test_encoders_and_decode_report_progress_step_by_step(wan_dirs):
+    seen: list[tuple[int, int]] = []
+    remove = host.add_progress_hook(lambda value, total: seen.append((value, total)))
+    try:
+        _text_embeds()
+        text = list(seen)
+        seen.clear()
+        (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
+        latent = {"samples": torch.randn(2, 16, 3, 6, 8)}
+        _node("SlipstreamWanDecode")(vae, latent, True, 32, 16, True)    # two items, several tiles each
+        decode = list(seen)
+    finally:
+        remove()
+    for updates in (text, decode):
+        assert [v for v, _ in updates] == list(range(1, len(updates) + 1)), "one step per update, in order"
+        assert updates[-1][1] == len(updates), "the bar ends full, never past it"
+    assert len(decode) > 2 * 3, "tiles count as steps"
 
 
 def test_text_embeds_split_prompts_on_bars(wan_dirs):

@@ -17,14 +17,7 @@ from slipstream.models.wan.context import (
 from slipstream.models.wan.feta import FetaArgs, enhance_score
 from slipstream.models.wan.sampling import SOLVERS, make_schedule, make_solver
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- schedules (official UniPC timesteps)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -14,10 +12,10 @@ from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import t5 as T
 from slipstream.models.wan import tokenizer as TK
+from slipstream.models.wan.demo_assets import seeded_state_dict
 from slipstream.models.wan.weights import build_on_meta
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CORPUS = ["a cat walks on the beach at sunset", "a dog runs through the snowy forest",
           "cinematic shot of a red car driving fast", "the camera pans slowly over the mountains",
@@ -43,7 +41,7 @@ def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             return 1.0 + 0.2 * noise
         return noise if "embedding" in name else noise / math.sqrt(shape[1])
 
-    return random_state_dict(lambda: T.UMT5Encoder(T.TINY_UMT5), seed, draw)
+    return seeded_state_dict(lambda: T.UMT5Encoder(T.TINY_UMT5), seed, draw)
 
 
 @pytest.fixture(scope="module")

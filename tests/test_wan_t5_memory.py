@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 from slipstream.models.wan import t5 as T
-
-sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import random_state_dict  # noqa: E402
+from slipstream.models.wan.demo_assets import seeded_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = T.UMT5Config(vocab_size=1024, dim=512, dim_attn=512, dim_ffn=2048, num_heads=8, num_layers=8)
@@ -50,7 +48,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def fp32_file(tmp_path_factory) -> Path:
-    sd = random_state_dict(lambda: T.UMT5Encoder(CONFIG), 0, lambda name, shape, noise: noise * 0.02)
+    sd = seeded_state_dict(lambda: T.UMT5Encoder(CONFIG), 0, lambda name, shape, noise: noise * 0.02)
     path = tmp_path_factory.mktemp("umt5") / "umt5_fp32.safetensors"
     save_file(sd, str(path))
     return path

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import save_file
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import vae as V
+from slipstream.models.wan.demo_assets import seeded_state_dict
 from slipstream.models.wan.tiling import Tiling, run_tiled, tile_starts
 from slipstream.models.wan.weights import build_on_meta
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from wan_codec_fixtures import one_thread, random_state_dict  # noqa: E402, F401  (one_thread: autouse)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _random_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Tiny-config weights drawn so that every layer matters (gains around 1, non-zero biases)."""
-    return random_state_dict(lambda: V.WanVAE(V.TINY_VAE), seed, lambda name, shape, noise: (
+    return seeded_state_dict(lambda: V.WanVAE(V.TINY_VAE), seed, lambda name, shape, noise: (
         (1.0 + 0.2 * noise) if name.endswith("gamma") else noise * (0.3 if len(shape) > 1 else 0.1)))
 
 

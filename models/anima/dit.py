@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
-from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from .layers import CastLinear, RMSNorm, apply_rope, cos_sin
+from ..checkpoint import CheckpointError, strip_prefix
+from ..common.layers import RMSNorm, rope_inv_freqs
+from ..common.state_dict import count_numbered, load_built_on_meta
+from .layers import CastLinear, apply_rope, cos_sin
 from .llm_adapter import AdapterConfig, LLMAdapter, adapt_text
 
 log = logging.getLogger("slipstream.anima")
@@ -206,8 +208,7 @@ class VideoRope3D(nn.Module):
 
     @staticmethod
     def _freqs(dim: int, theta: float, device) -> torch.Tensor:
-        rng = torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim
-        return 1.0 / (theta ** rng)
+        return rope_inv_freqs(dim, theta, device, torch.float32)[: dim // 2]
 
     def forward(self, t: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [t*h*w, 1, head_dim] for the flattened (t, h, w) grid."""
@@ -309,18 +310,12 @@ class AnimaDiT(nn.Module):
         """Build the model a checkpoint describes (config read from its shapes) and load it."""
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         cfg = config_from_state_dict(sd)
-        with torch.device("meta"):
-            model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        ignored = [k for k in sd if k not in expected and k.startswith(_IGNORED_KEY_PREFIXES)]
-        sd = {k: v for k, v in sd.items() if k not in ignored}
-        check_state_dict(expected, sd, "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)")
+        ignored = [k for k in sd if k.startswith(_IGNORED_KEY_PREFIXES)]
         if ignored:
+            sd = {k: v for k, v in sd.items() if k not in ignored}
             log.info("Anima: ignored %d non-model tensors (%s …)", len(ignored), ignored[0])
-        tensors = {k: (v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point()
-                       else v.to(device=device)) for k, v in sd.items()}
-        model.load_state_dict(tensors, assign=True)
-        return model.eval().requires_grad_(False)
+        return load_built_on_meta(lambda: cls(cfg), sd, "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)",
+                                  dtype, device)
 
 
 def comfy_dit_kwargs(cfg: AnimaConfig) -> dict:
@@ -356,7 +351,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> AnimaConfig:
             + ". Load the Anima DiT (e.g. anima-preview.safetensors) from models/diffusion_models.")
     d, patch_in = sd["x_embedder.proj.1.weight"].shape
     head_dim = sd["blocks.0.self_attn.q_norm.weight"].shape[0]
-    num_blocks = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    num_blocks = count_numbered(sd, "blocks.")
     p, pt = 2, 1
     in_channels = patch_in // (p * p * pt) - 1
     out_channels = sd["final_layer.linear.weight"].shape[0] // (p * p * pt)
@@ -368,7 +363,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> AnimaConfig:
         adaln_lora_dim=sd["blocks.0.adaln_modulation_self_attn.1.weight"].shape[0], adapter=None)
     if "llm_adapter.embed.weight" in sd:
         vocab, model_dim = sd["llm_adapter.embed.weight"].shape
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("llm_adapter.blocks."))
+        layers = count_numbered(sd, "llm_adapter.blocks.")
         adapter_head_dim = sd["llm_adapter.blocks.0.self_attn.q_norm.weight"].shape[0]
         cfg = replace(cfg, adapter=AdapterConfig(
             source_dim=sd["llm_adapter.blocks.0.cross_attn.k_proj.weight"].shape[1], model_dim=model_dim,

@@ -1,4 +1,5 @@
-"""Small building blocks shared by the Anima DiT, its LLM adapter and the Qwen3 text encoder.
+"""Small building blocks shared by the Anima DiT, its LLM adapter and the Qwen3 text encoder
+(the RMS norm and RoPE's frequencies, which Wan uses too, are in models/common/layers.py).
 
 Weights may be stored in a narrower dtype than the one a forward pass computes in (bf16 or fp8
 storage, fp32 training), so every weight is cast to the input's dtype at use — the same contract
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.layers import rope_inv_freqs
+
 
 class CastLinear(nn.Linear):
-    """nn.Linear whose weight (and bias) follow the input's dtype and device at call time."""
+    """nn.Linear whose weight (and bias) follow the input's dtype and device at call time (so a layer
+    ComfyUI's partial load left in RAM still computes, on the input's device)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(device=x.device, dtype=x.dtype)
@@ -23,7 +27,8 @@ class CastLinear(nn.Linear):
 
 
 class CastEmbedding(nn.Embedding):
-    """nn.Embedding that returns rows in `out_dtype` (the dtype the caller computes in)."""
+    """nn.Embedding that returns rows in `out_dtype` (the dtype the caller computes in), on the ids'
+    device even when the table was left in RAM (ComfyUI's partial loads keep large modules there)."""
 
     def reset_parameters(self) -> None:
         # Built on the meta device only to be loaded from a file: skip the random fill (its first
@@ -32,22 +37,8 @@ class CastEmbedding(nn.Embedding):
             super().reset_parameters()
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = F.embedding(ids, self.weight)
+        out = F.embedding(ids.to(self.weight.device), self.weight).to(ids.device)
         return out if out_dtype is None else out.to(out_dtype)
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain; computed in fp32 so bf16 activations stay stable."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(device=x.device, dtype=torch.float32)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +55,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Angles [len(positions), head_dim // 2] of standard 1-D RoPE with base `theta`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = rope_inv_freqs(head_dim, theta, positions.device, torch.float32)
     return positions.float()[:, None] * inv_freq[None, :]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..common.flow import shift_sigma
 from ..wan.vae import denormalize_latent, normalize_latent
 from .dit import AnimaDiT
 
@@ -26,7 +27,7 @@ class FlowSampling(nn.Module):
         self.multiplier = float(multiplier)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        return self.shift * t / (1 + (self.shift - 1) * t)
+        return shift_sigma(t, self.shift)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma * self.multiplier
@@ -37,10 +38,6 @@ class FlowSampling(nn.Module):
         if percent >= 1.0:
             return 0.0
         return float(self.sigma(torch.tensor(1.0 - percent)))
-
-    @staticmethod
-    def noise_scaling(sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        return sigma * noise + (1.0 - sigma) * latent
 
     @staticmethod
     def calculate_denoised(sigma: torch.Tensor, velocity: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict, strip_prefix
-from .layers import CastEmbedding, CastLinear, RMSNorm, apply_rope, cos_sin, rope_angles
+from ..checkpoint import CheckpointError, strip_prefix
+from ..common.layers import RMSNorm
+from ..common.state_dict import count_numbered, load_built_on_meta
+from .layers import CastEmbedding, CastLinear, apply_rope, cos_sin, rope_angles
 
 STATE_DICT_PREFIXES = ("text_encoders.qwen3_06b.transformer.", "qwen3_06b.transformer.", "transformer.")
 
@@ -122,12 +124,7 @@ class Qwen3Encoder(nn.Module):
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # the encoder stops before the LM head
         cfg = qwen3_config_from_state_dict(sd)
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, "the Qwen3 text encoder")
-        tensors = {k: (v.to(device=device, dtype=dtype) if dtype is not None else v.to(device)) for k, v in sd.items()}
-        model.load_state_dict(tensors, assign=True)
-        return model.eval().requires_grad_(False)
+        return load_built_on_meta(lambda: cls(cfg), sd, "the Qwen3 text encoder", dtype, device)
 
 
 def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:
@@ -144,7 +141,7 @@ def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=sd["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")),
+        num_hidden_layers=count_numbered(sd, "model.layers."),
         num_attention_heads=sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim,
         num_key_value_heads=sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim,
         head_dim=head_dim)

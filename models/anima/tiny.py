@@ -9,7 +9,6 @@ small unigram vocabulary), and a Wan 2.1 VAE at 1/12 width. Outputs are noise; e
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..wan.vae import TINY_VAE, WanVAE
+from ..wan.demo_assets import tiny_vae_state_dict
 from .dit import AnimaConfig, AnimaDiT, tiny_config
 from .qwen3 import Qwen3Config, Qwen3Encoder
 from .tokenizers import _bytes_to_unicode
@@ -120,14 +119,7 @@ def write_tiny_anima(models_root: Path, seed: int = 0) -> TinyAnimaFiles:
     qwen = randomize(Qwen3Encoder(TINY_QWEN), seed + 1, std=0.2)
     save_file({k: v.contiguous() for k, v in qwen.state_dict().items()}, str(models_root / "text_encoders" / files.text_encoder))
     write_tiny_tokenizers(models_root / "text_encoders")
-    vae = WanVAE(TINY_VAE)
-    g = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            fan_in = max(1, p[0].numel()) if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) if p.ndim > 1 else
-                    (1.0 + 0.1 * torch.randn(p.shape, generator=g) if "gamma" in name else torch.zeros(p.shape)))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models_root / "vae" / files.vae))
+    save_file(tiny_vae_state_dict(seed + 2), str(models_root / "vae" / files.vae))
     return files
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.flow import shift_sigma
 from .context_tokens import context_dim_of, cross_attention_blocks, installed_tokens
 from .errors import TokenOptimizationFailed
 
@@ -52,11 +53,6 @@ class TrainResult:
         n = max(1, len(self.losses) // 10)
         part = self.losses[:n] if first else self.losses[-n:]
         return float(sum(part) / len(part))
-
-
-def shifted_sigma(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Anima's time-to-sigma warp (ComfyUI time_snr_shift): shift·t / (1 + (shift − 1)·t)."""
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def velocity_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +99,7 @@ def _fixed_draws(refs: Sequence[torch.Tensor], count: int, seed: int, shift: flo
     draws = []
     for i in range(count):
         t = torch.tensor((i + 0.5) / count)                 # stratified t: low, middle and high noise all count
-        draws.append((i % len(refs), float(shifted_sigma(t, shift)), torch.randn(refs[i % len(refs)].shape, generator=g)))
+        draws.append((i % len(refs), float(shift_sigma(t, shift)), torch.randn(refs[i % len(refs)].shape, generator=g)))
     return draws
 
 
@@ -174,7 +170,7 @@ def train_context_tokens(diffusion_model: torch.nn.Module, latents: Sequence[tor
                     i = step % len(refs)
                     x0 = refs[i]
                     eps = torch.randn(x0.shape, generator=generator).to(device)
-                    sigma = shifted_sigma(torch.rand((), generator=generator), settings.shift).item()
+                    sigma = shift_sigma(torch.rand((), generator=generator), settings.shift).item()
                     x_t = (1 - sigma) * x0 + sigma * eps
                     timestep = torch.full((1,), sigma * settings.multiplier, device=device)
                     with _autocast(device, settings.dtype):

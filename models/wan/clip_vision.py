@@ -20,6 +20,7 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
+from ..common.state_dict import count_numbered
 from .layers import CastLinear, FP32LayerNorm
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 
@@ -257,7 +258,7 @@ class WanClipVision(LoadableEncoder):
             raise CheckpointError(f"Not a CLIP vision tower: missing tensor(s) {', '.join(absent)}.")
         dim, _, patch, _ = shapes["patch_embedding.weight"]
         side = round((shapes["pos_embedding"][1] - 1) ** 0.5)
-        layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.(\d+)\.", k)))
+        layers = count_numbered(shapes, "transformer.")
         return ClipVisionConfig(image_size=side * patch, patch_size=patch, dim=dim,
                                 mlp_dim=shapes["transformer.0.mlp.0.weight"][0],
                                 num_heads=num_heads or VIT_H_14.num_heads, num_layers=layers,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ..checkpoint import CheckpointError
+from ..common.state_dict import count_numbered
 
 MODEL_TYPES = ("t2v", "i2v", "flf2v")
 HEAD_DIM = 128  # every released Wan 2.1 model; the fallback when a file does not store its head count
@@ -171,13 +172,7 @@ def _what_is_it(keys: Mapping[str, object] | Sequence[str]) -> str:
 
 def count_blocks(keys: Sequence[str] | Mapping[str, object]) -> int:
     """Number of transformer blocks: 1 + the highest `blocks.N.` index (0 if none)."""
-    highest = -1
-    for key in keys:
-        if key.startswith("blocks."):
-            index = key.split(".", 2)[1]
-            if index.isdigit():
-                highest = max(highest, int(index))
-    return highest + 1
+    return count_numbered(keys, "blocks.")
 
 
 def heads_from_metadata(metadata: Mapping[str, str] | None) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,20 +36,29 @@ _CORPUS = ["a red fox runs through fresh snow", "waves roll onto a quiet beach a
            "a cat jumps onto a sunny windowsill", "city lights blur past a train window"]
 
 
-def _seeded_state_dict(module_factory, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights for every tensor of a module: norms near 1, the rest scaled by 1/sqrt(fan-in)."""
+def seeded_state_dict(factory: Callable[[], torch.nn.Module], seed: int,
+                      draw: Callable[[str, torch.Size, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the model `factory` builds (on meta: nothing allocated but the result), as
+    draw(key, shape, standard-normal noise of that shape), the noise drawn in state-dict order.
+    The draw decides the scale per kind of tensor, so tests can make every layer matter."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in build_on_meta(module_factory).state_dict().items():
-        noise = torch.randn(t.shape, generator=gen)
-        if name.endswith(("gamma", "norm.weight", "norm1.weight", "norm2.weight")) or ".norm" in name and \
-                name.endswith("weight"):
-            out[name] = 1.0 + 0.1 * noise
-        elif t.dim() >= 2:
-            out[name] = noise / math.sqrt(t[0].numel())
-        else:
-            out[name] = 0.02 * noise
-    return out
+    return {name: draw(name, t.shape, torch.randn(t.shape, generator=gen))
+            for name, t in build_on_meta(factory).state_dict().items()}
+
+
+def _demo_draw(name: str, shape: torch.Size, noise: torch.Tensor) -> torch.Tensor:
+    """Norm gains near 1, matrices scaled by 1/sqrt(fan-in), other vectors small: activations stay in range."""
+    if name.endswith(("gamma", "norm.weight", "norm1.weight", "norm2.weight")) or ".norm" in name and \
+            name.endswith("weight"):
+        return 1.0 + 0.1 * noise
+    if len(shape) >= 2:
+        return noise / math.sqrt(math.prod(shape[1:]))
+    return 0.02 * noise
+
+
+def tiny_vae_state_dict(seed: int = 13) -> dict[str, torch.Tensor]:
+    """The tiny Wan 2.1 VAE's random weights (Anima's demo VAE is this same tower)."""
+    return seeded_state_dict(lambda: WanVAE(TINY_VAE), seed, _demo_draw)
 
 
 def tiny_spiece_model() -> bytes:
@@ -113,17 +123,17 @@ def write_tiny_wan_models(models_root: Path, input_root: Path | None = None, ima
     t2v = wan_config.tiny("t2v", text_dim=text_dim, clip_dim=clip_dim)
     _save(random_state_dict(t2v, seed=11), models_root / "diffusion_models" / DIT_T2V)
 
-    umt5 = _umt5_hf_names(_seeded_state_dict(lambda: UMT5Encoder(TINY_UMT5), seed=12))
+    umt5 = _umt5_hf_names(seeded_state_dict(lambda: UMT5Encoder(TINY_UMT5), 12, _demo_draw))
     umt5["spiece_model"] = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)
     _save(umt5, models_root / "text_encoders" / TEXT_ENCODER)
-    _save(_seeded_state_dict(lambda: WanVAE(TINY_VAE), seed=13), models_root / "vae" / VAE)
+    _save(tiny_vae_state_dict(13), models_root / "vae" / VAE)
 
     if image_to_video:
         from .clip_vision import WanClipVision
 
         i2v = wan_config.tiny("i2v", text_dim=text_dim, clip_dim=clip_dim)
         _save(random_state_dict(i2v, seed=14), models_root / "diffusion_models" / DIT_I2V)
-        clip = {f"visual.{k}": v for k, v in _seeded_state_dict(lambda: WanClipVision(clip_cfg), seed=15).items()}
+        clip = {f"visual.{k}": v for k, v in seeded_state_dict(lambda: WanClipVision(clip_cfg), 15, _demo_draw).items()}
         clip["log_scale"] = torch.tensor(math.log(1 / 0.07))
         _save(clip, models_root / "clip_vision" / CLIP_VISION)
         if input_root is not None:

@@ -65,12 +65,13 @@ def split_prompts(text: str) -> list[str]:
 
 
 def encode_text(handle: WanTextEncoderHandle, positive: str, negative: str, device: torch.device,
-                offload: bool = True) -> WanTextEmbeds:
-    """umT5 embeddings trimmed to each prompt's real length (EOS included)."""
+                offload: bool = True, progress: Progress | None = None) -> WanTextEmbeds:
+    """umT5 embeddings trimmed to each prompt's real length (EOS included); `progress(done, total)`
+    after every layer (XXL on a CPU takes a while)."""
     prompts = split_prompts(positive)
     with torch.no_grad(), on_device(handle.encoder, device, handle.resident_device, offload) as enc:
         tokens = handle.tokenizer(prompts + [negative])
-        hidden = enc.encode(tokens).cpu()
+        hidden = enc.encode(tokens, callback=progress).cpu()
     rows = [hidden[i, :n].clone() for i, n in enumerate(tokens.lengths)]
     return WanTextEmbeds(tuple(rows[:-1]), rows[-1])
 
@@ -86,11 +87,12 @@ def images_to_channels_first(images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_clip(handle: WanClipVisionHandle, images: torch.Tensor, device: torch.device, crop: bool,
-                strength: float = 1.0, offload: bool = True) -> torch.Tensor:
-    """CLIP tokens [1, 257, width] of an IMAGE batch (several images are averaged), times `strength`."""
+                strength: float = 1.0, offload: bool = True, progress: Progress | None = None) -> torch.Tensor:
+    """CLIP tokens [1, 257, width] of an IMAGE batch (several images are averaged), times `strength`;
+    `progress(done, total)` after every block."""
     pixels = images_to_channels_first(images)
     with torch.no_grad(), on_device(handle.model, device, handle.resident_device, offload) as model:
-        feats = model.encode_image(pixels.to(device), crop=crop).float().cpu()
+        feats = model.encode_image(pixels.to(device), crop=crop, callback=progress).float().cpu()
     return feats.mean(dim=0, keepdim=True) * strength
 
 
@@ -132,13 +134,18 @@ def image_to_video_embeds(vae: WanVAEHandle, start_image: torch.Tensor, width: i
 
 def decode_latent(vae: WanVAEHandle, latent: torch.Tensor, device: torch.device, offload: bool = True,
                   tiling: Tiling | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """Raw latent [B,16,T,h,w] -> IMAGE [B·F, H, W, 3] in 0..1 (batch items one after another)."""
+    """Raw latent [B,16,T,h,w] -> IMAGE [B·F, H, W, 3] in 0..1 (batch items one after another).
+
+    `progress(done, total)` counts the decode steps of the whole batch (latent frames, times tiles)."""
     if latent.dim() != 5 or latent.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"Wan Decode needs a video latent [B, {LATENT_CHANNELS}, T, h, w]; got {tuple(latent.shape)}. "
                          "An image latent [B, C, h, w] is not a Wan video latent.")
     frames = []
+    batch = latent.shape[0]
     with torch.no_grad(), on_device(vae.vae, device, vae.resident_device, offload) as model:
-        for item in latent:
-            video = model.decode(item[None], callback=progress, tiling=tiling)[0]      # [3, F, H, W]
+        for index, item in enumerate(latent):
+            item_progress = None if progress is None else \
+                (lambda done, total, index=index: progress(index * total + done, batch * total))
+            video = model.decode(item[None], callback=item_progress, tiling=tiling)[0]      # [3, F, H, W]
             frames.append(((video.float().cpu() + 1.0) * 0.5).clamp(0, 1).permute(1, 2, 3, 0))
     return torch.cat(frames)

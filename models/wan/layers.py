@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.layers import RMSNorm as SharedRMSNorm
+from ..common.layers import rope_inv_freqs
+
 FP8_MAX = {}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(torch, _name):
@@ -126,18 +129,12 @@ class CastLinear(nn.Linear):
         return F.linear(x, weight, bias)
 
 
-class RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps) · weight, normalised in fp32 over the full width (all heads at once)."""
+class RMSNorm(SharedRMSNorm):
+    """Wan's q/k norm over the full width (all heads at once), rounded as the official model does:
+    the normalised value goes back to the activation dtype before the gain."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight.to(x.dtype)
+        super().__init__(dim, eps, rounding="input")
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -162,11 +159,6 @@ def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=wide, device=t.device) / half)
     angles = torch.outer(t, freqs)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
-
-
-def rope_inv_freqs(axis_dim: int, theta: float = 10000.0, device=None, dtype=torch.float64) -> torch.Tensor:
-    """The axis_dim/2 rotation frequencies 1/theta^(2i/axis_dim) of one RoPE axis."""
-    return 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=dtype, device=device) / axis_dim)
 
 
 def rope_angles(grid: tuple[int, int, int], axes: tuple[int, int, int], device: torch.device,

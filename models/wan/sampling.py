@@ -18,12 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.flow import shift_sigma
+
 SOLVERS = ("unipc", "dpm++", "euler")
 NUM_TRAIN_TIMESTEPS = 1000
-
-
-def shift_sigma(sigma: float, shift: float) -> float:
-    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
 @dataclass(frozen=True)

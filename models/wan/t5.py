@@ -23,6 +23,8 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
+from ..common.layers import RMSNorm
+from ..common.state_dict import count_numbered
 from .layers import CastLinear
 from .tokenizer import TokenBatch
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
@@ -48,18 +50,11 @@ UMT5_XXL = UMT5Config()
 TINY_UMT5 = UMT5Config(vocab_size=320, dim=32, dim_attn=32, dim_ffn=48, num_heads=4, num_layers=2)
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm without mean subtraction or bias, computed in fp32."""
+class T5LayerNorm(RMSNorm):
+    """T5's layer norm: an RMS norm (no mean subtraction, no bias) whose result takes the gain's dtype."""
 
     def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * y.to(self.weight.dtype)
+        super().__init__(dim, eps, rounding="weight")
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -185,11 +180,6 @@ _LAYOUTS = {"blocks.0.attn.q.weight": _official_recipe,
             "encoder.block.0.layer.0.SelfAttention.q.weight": _hf_recipe}
 
 
-def _count_blocks(keys) -> int:
-    ids = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
-    return max(ids) + 1 if ids else 0
-
-
 class UMT5Encoder(LoadableEncoder):
     """ids [B,L] (+ mask [B,L], True = real token) -> hidden states [B,L,dim], padded rows zero.
 
@@ -251,4 +241,4 @@ class UMT5Encoder(LoadableEncoder):
         buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
         return UMT5Config(vocab_size=vocab, dim=dim, dim_attn=shapes["blocks.0.attn.q.weight"][0],
                           dim_ffn=shapes["blocks.0.ffn.fc1.weight"][0], num_heads=heads,
-                          num_layers=_count_blocks(shapes), num_buckets=buckets)
+                          num_layers=count_numbered(shapes, "blocks."), num_buckets=buckets)

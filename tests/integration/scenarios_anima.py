@@ -25,6 +25,9 @@ def train_and_patch(ctx) -> dict:
         (clip,) = nodes["SlipstreamAnimaTextEncoderLoader"]().load(p["text_encoder"])
         (vae,) = nodes["SlipstreamAnimaVAELoader"]().load(p["vae"])
         image, _ = nodes["SlipstreamLoadReferenceImage"]().load(p["image"])
+        clip.encode_from_tokens(clip.tokenize("1girl"), return_dict=True)
+        out["clip_patcher"] = type(clip.patcher).__module__ + "." + type(clip.patcher).__name__
+        out["clip_managed"] = any(lm.model is clip.patcher for lm in mm.current_loaded_models)
         dm = model.model.diffusion_model
         out["model_types"] = [type(model).__module__ + "." + type(model).__name__, type(model.model).__name__,
                               [c.__module__ + "." + c.__name__ for c in type(dm).__mro__[:2]]]

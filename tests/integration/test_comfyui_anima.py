@@ -58,6 +58,7 @@ def test_trainer_and_patch_on_comfyuis_own_model_objects(comfy_inprocess):
     patcher, base_model, (dit_class, parent) = result["model_types"]
     assert patcher == "comfy.model_patcher.ModelPatcher" and parent.startswith("comfy.ldm.")
     assert result["vae_type"] == "comfy.sd.VAE"
+    assert result["clip_patcher"] == "comfy.model_patcher.ModelPatcher" and result["clip_managed"]
     assert result["weights_unchanged"] and result["tokens_shape"] == [2, 4, 32]
     assert "token norm before" in result["info"]
     assert result["scale0_equal"] and result["unpatched_again_equal"]
