@@ -28,6 +28,22 @@ def _load_repo_as_package(name: str = "slipstream") -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    _alias_for_pytest_package_setup(module)
+
+
+def _alias_for_pytest_package_setup(package) -> None:
+    """Let pytest find the package already imported when it sets up the repo root.
+
+    The repo root holds an __init__.py, so pytest makes it a Package node and imports that file on
+    its own before the first test (to look for setup_module), by a name taken from the folder: the
+    folder's own name when it is an identifier (a second copy of the whole pack), or "__init__" when
+    it is not -- e.g. a clone called "ComfyUI-Slipstream", where the relative imports of a top-level
+    "__init__" module fail and every test errors. pytest's importlib mode returns a module already in
+    sys.modules under that name, so both names point at the package loaded above.
+    """
+    for alias in (REPO_ROOT.name, "__init__"):
+        if alias.isidentifier():
+            sys.modules.setdefault(alias, package)
 
 
 _load_repo_as_package()
