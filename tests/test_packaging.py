@@ -87,3 +87,14 @@ def test_tests_run_in_a_clone_whose_folder_is_not_an_identifier(tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "1 passed" in done.stdout
+
+
+def test_every_node_has_a_help_page_and_every_page_a_node():
+    """ComfyUI's docs panel reads web/docs/<node id>.md; a renamed node would silently lose its page."""
+    import slipstream
+
+    pages = {p.stem for p in (REPO / "web" / "docs").glob("*.md")}
+    assert pages == set(slipstream.NODE_CLASS_MAPPINGS)
+    for node_id in pages:
+        text = (REPO / "web" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+        assert text.startswith("# ") and re.search(r"^## Inputs?$", text, re.M), f"web/docs/{node_id}.md: no Inputs section"
