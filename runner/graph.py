@@ -42,8 +42,17 @@ class WorkflowResult:
 
 def load_workflow(path: str | Path) -> dict[str, dict]:
     """Read an API-format workflow; a UI-format file gets an error that says how to get the API one."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise WorkflowError(f"{path}: no such file. Example workflows are in the pack's workflows/ folder "
+                            "(the '_api.json' files run headless).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkflowError(f"{path}: cannot read it ({exc}).") from None
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{path} is not valid JSON ({exc}); save the workflow again from ComfyUI with "
+                            "Workflow → Export (API).") from None
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(
             f"{path} is a UI-format workflow (what the ComfyUI canvas saves). The headless runner needs the "
@@ -97,13 +106,23 @@ def _id_sort_key(node_id: str) -> tuple[int, str]:
     return (int(node_id), "") if node_id.isdigit() else (1 << 30, node_id)
 
 
-def _validate_value(node_id: str, cls: type, name: str, spec: tuple, value: Any) -> Any:
+def _missing_file_hint(value: Any) -> str:
+    """What to do when a combo names a file the folders do not hold (the usual cause: no models here)."""
+    if not (isinstance(value, str) and "." in value.rsplit("/", 1)[-1]):
+        return ""
+    return (" If it names a file, put the file in the matching folder under SLIPSTREAM_MODELS (models) or "
+            "SLIPSTREAM_INPUT (images, meshes), or run `python -m slipstream demo --workdir DIR`, which builds the "
+            "example workflows' tiny models in DIR/models.")
+
+
+def _validate_value(node_id: str, class_type: str, name: str, spec: tuple, value: Any) -> Any:
     kind = spec[0]
     opts = spec[1] if len(spec) > 1 else {}
-    where = f"{cls.__name__} (node {node_id}) input '{name}'"
+    where = f"{class_type} (node {node_id}) input '{name}'"
     if isinstance(kind, list):
         if value not in kind:
-            raise WorkflowError(f"{where}: '{value}' is not one of the choices {kind[:12]}{' …' if len(kind) > 12 else ''}")
+            raise WorkflowError(f"{where}: '{value}' is not one of the choices {kind[:12]}"
+                                f"{' …' if len(kind) > 12 else ''}.{_missing_file_hint(value)}")
     elif kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise WorkflowError(f"{where}: expected a number, got {value!r}")
@@ -123,30 +142,31 @@ def _gather_inputs(node_id: str, node: dict, cls: type, produced: Mapping[str, t
                    prompt: Mapping[str, dict], extra_pnginfo: dict | None) -> dict[str, Any]:
     spec = cls.INPUT_TYPES()
     given = node.get("inputs", {})
+    class_type = node["class_type"]
     kwargs: dict[str, Any] = {}
     for section in ("required", "optional"):
         for name, entry in spec.get(section, {}).items():
             if name not in given:
                 if section == "required":
-                    raise WorkflowError(f"{cls.__name__} (node {node_id}) is missing required input '{name}'.")
+                    raise WorkflowError(f"{class_type} (node {node_id}) is missing required input '{name}'.")
                 continue
             value = given[name]
             if _is_link(value):
                 src, slot = value
                 outputs = produced[src]
                 if slot >= len(outputs):
-                    raise WorkflowError(f"{cls.__name__} (node {node_id}) input '{name}' links to output {slot} "
+                    raise WorkflowError(f"{class_type} (node {node_id}) input '{name}' links to output {slot} "
                                         f"of node {src}, which has only {len(outputs)} outputs.")
                 kwargs[name] = outputs[slot]
             else:
-                kwargs[name] = _validate_value(node_id, cls, name, entry, value)
+                kwargs[name] = _validate_value(node_id, class_type, name, entry, value)
     hidden = {"PROMPT": dict(prompt), "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}
     for name, kind in spec.get("hidden", {}).items():
         kwargs[name] = hidden.get(kind if isinstance(kind, str) else kind[0])
     return kwargs
 
 
-def _split_result(node_id: str, cls: type, result: Any) -> tuple[tuple, dict | None]:
+def _split_result(node_id: str, class_type: str, cls: type, result: Any) -> tuple[tuple, dict | None]:
     ui = None
     if isinstance(result, dict):
         ui = result.get("ui")
@@ -154,9 +174,9 @@ def _split_result(node_id: str, cls: type, result: Any) -> tuple[tuple, dict | N
     if result is None:
         result = ()
     if not isinstance(result, tuple):
-        raise WorkflowError(f"{cls.__name__} (node {node_id}) returned {type(result).__name__}, not a tuple")
+        raise WorkflowError(f"{class_type} (node {node_id}) returned {type(result).__name__}, not a tuple")
     if len(result) != len(cls.RETURN_TYPES):
-        raise WorkflowError(f"{cls.__name__} (node {node_id}) returned {len(result)} values for "
+        raise WorkflowError(f"{class_type} (node {node_id}) returned {len(result)} values for "
                             f"{len(cls.RETURN_TYPES)} outputs")
     return result, ui
 
@@ -186,7 +206,7 @@ def run_workflow(prompt: Mapping[str, dict], mappings: Mapping[str, type],
                 raise WorkflowError(f"{node['class_type']} (node {node_id}): {verdict}")
         started = time.perf_counter()
         log.info("running node %s (%s)", node_id, node["class_type"])
-        outputs, ui = _split_result(node_id, cls, getattr(cls(), cls.FUNCTION)(**kwargs))
+        outputs, ui = _split_result(node_id, node["class_type"], cls, getattr(cls(), cls.FUNCTION)(**kwargs))
         result.outputs[node_id] = outputs
         result.runs.append(NodeRun(node_id, node["class_type"], time.perf_counter() - started, ui))
     return result

@@ -117,6 +117,29 @@ def test_ui_format_file_gets_pointed_to_api_twin(tmp_path):
         load_workflow(ui)
 
 
+def test_unreadable_files_are_workflow_errors(tmp_path):
+    with pytest.raises(WorkflowError, match="no such file"):
+        load_workflow(tmp_path / "missing_api.json")
+    broken = tmp_path / "broken_api.json"
+    broken.write_text('{"1": {"class_type": ')
+    with pytest.raises(WorkflowError, match="not valid JSON"):
+        load_workflow(broken)
+
+
+def test_errors_name_the_node_type_of_the_workflow_and_say_where_files_go():
+    """The workflow names node types by id (what the user sees), not by our Python class name."""
+    aliased = {**MAPPINGS, "SlipstreamMakeImage": MakeImage}
+    bad = {"class_type": "SlipstreamMakeImage", "inputs": {"width": 4, "mode": "tiny.safetensors"}}
+    with pytest.raises(WorkflowError, match=r"SlipstreamMakeImage \(node 1\).*SLIPSTREAM_MODELS.*demo --workdir"):
+        run_workflow(_prompt(**{"1": bad}), aliased)
+
+
+def test_run_command_reports_a_missing_file_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "slipstream", "run", str(tmp_path / "nope_api.json")],
+                         capture_output=True, text=True, cwd=str(tmp_path), env=_env_with_package())
+    assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_nodes_command_lists_registered_nodes():
     out = subprocess.run([sys.executable, "-m", "slipstream", "nodes", "--json"], capture_output=True, text=True,
                          cwd=str(cli.PACKAGE_ROOT.parent), env=_env_with_package())
