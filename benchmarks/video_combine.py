@@ -176,14 +176,14 @@ def main() -> None:
         rows += [(fmt, label, r["frames"], r["seconds"], r["fps"], r["peak_mib"], r["growth_mib"],
                   r["ffmpeg_peak_mib"], r["file_mib"]) for label, r in runs]
         ours, base = runs[0][1], runs[1][1]
-        scaled = runs[2][1]["growth_mib"] if args.scale else float("nan")
+        scaled = f" ({runs[2][1]['growth_mib']:.0f} MiB at ×{args.scale} frames)" if args.scale else ""
         ratios.append(f"{fmt:6} speed ours/baseline {ours['fps'] / base['fps']:5.2f}×   Python memory added: "
-                      f"ours {ours['growth_mib']:.0f} MiB ({scaled:.0f} MiB at ×{args.scale} frames), "
-                      f"baseline {base['growth_mib']:.0f} MiB")
+                      f"ours {ours['growth_mib']:.0f} MiB{scaled}, baseline {base['growth_mib']:.0f} MiB")
     print_table(["format", "run", "frames", "s", "frames/s", "py peak MiB", "py +MiB", "ffmpeg MiB", "file MiB"],
                 rows, ["", "", "d", ".2f", ".1f", ".0f", ".0f", ".0f", ".2f"])
     print()
     print("\n".join(ratios))
+
 
 if __name__ == "__main__":
     main()
