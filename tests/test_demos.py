@@ -25,3 +25,15 @@ def test_demo_runs_end_to_end(case, workdirs):
     assert files, f"{case.name} produced no output file:\n{out.getvalue()}"
     for path in files:
         assert os.path.getsize(path) > 0, path
+
+
+def test_demo_command_says_it_uses_tiny_models_and_reports_each_case(tmp_path, monkeypatch):
+    for var in ("SLIPSTREAM_MODELS", "SLIPSTREAM_INPUT", "SLIPSTREAM_OUTPUT", "SLIPSTREAM_TEMP"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))     # run_demos points them at its workdir; undo after
+    name = CASES[-1].name
+    out = io.StringIO()
+    assert cli.run_demos(str(tmp_path), [name], out=out) == 0
+    text = out.getvalue()
+    assert "No real weights are used" in text and f"== {name}:" in text and "1/1 demo workflow(s) ran" in text
+    assert list((tmp_path / "output").rglob("*_00001_*")), text
+    assert cli.run_demos(str(tmp_path), ["no-such-demo"], out=io.StringIO()) == 1
