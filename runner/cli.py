@@ -88,6 +88,11 @@ def _ui_files(ui: dict[str, Any]) -> list[str]:
     return found
 
 
+def _listed_files(cls: type, outputs: tuple) -> list[str]:
+    """Paths a node returns as SLIP_FILENAMES (e.g. Video Combine's workflow PNG beside the video it previews)."""
+    return [str(p) for kind, value in zip(cls.RETURN_TYPES, outputs, strict=True) if kind == "SLIP_FILENAMES" for p in value]
+
+
 def run_file(path: str | Path, out=sys.stdout) -> list[str]:
     from .graph import load_workflow, run_workflow
 
@@ -96,10 +101,12 @@ def run_file(path: str | Path, out=sys.stdout) -> list[str]:
     started = time.perf_counter()
     result = run_workflow(prompt, pkg.NODE_CLASS_MAPPINGS, extra_pnginfo={"workflow": {"api_file": str(path)}})
     files: list[str] = []
-    for node_id, ui in result.ui_outputs().items():
-        for f in _ui_files(ui):
+    for run in result.runs:
+        cls = pkg.NODE_CLASS_MAPPINGS[run.class_type]
+        shown = _ui_files(run.ui) if run.ui else []
+        for f in shown + [f for f in _listed_files(cls, result.outputs[run.node_id]) if f not in shown]:
             files.append(f)
-            print(f"  node {node_id}: {f}", file=out)
+            print(f"  node {run.node_id}: {f}", file=out)
     print(f"ran {len(result.runs)} node(s) in {time.perf_counter() - started:.1f} s; {len(files)} file(s) written",
           file=out)
     return files

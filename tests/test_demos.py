@@ -25,6 +25,8 @@ def test_demo_runs_end_to_end(case, workdirs):
     assert files, f"{case.name} produced no output file:\n{out.getvalue()}"
     for path in files:
         assert os.path.getsize(path) > 0, path
+    written = {str(p) for p in workdirs["output"].rglob("*") if p.is_file()}
+    assert written == set(files), f"{case.name}: the runner must print every file written:\n{out.getvalue()}"
 
 
 def test_demo_command_says_it_uses_tiny_models_and_reports_each_case(tmp_path, monkeypatch):
