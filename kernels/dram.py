@@ -558,3 +558,23 @@ def memory_stats(cache: DramCache | None = None, *, vram: tuple[int, int] | None
         lines.append("Mode: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
     lines.append(RULE)
     return "\n".join(lines)
+
+
+def load_keyed(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike], load: Callable[[], Any],
+               module_of: Callable[[Any], Any], cache: DramCache | None = None, **options: Any) -> tuple[str, Any]:
+    """(key, object) for a loader: the object the cache or a live registration holds, else `load()`.
+
+    What every loader of the pack calls, so that a CLIP it built gets the stable file-identity key
+    (the Offload node then keeps it in RAM across workflow switches instead of a session key) and
+    a second load of the same file with the same options is served from RAM instead of disk.
+    `module_of(obj)` is the weight module its clones share (clip.patcher.model).
+    """
+    cache = cache or default_cache()
+    key = dram_key(kind, paths, **options)
+    held = cache.lookup(key)
+    if held is None:
+        held = cache.loaded_object(key)
+    if held is None:
+        held = load()
+        cache.register_loaded(key, held, module_of(held))
+    return key, held

@@ -29,6 +29,7 @@ from ..host import (
     text_encoder_device,
 )
 from ..host import paths as host_paths
+from ..kernels import dram
 from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
 
@@ -117,23 +118,32 @@ class SlipstreamAnimaTextEncoderLoader:
 
     def load(self, clip_name):
         path = model_path("text_encoders", clip_name)
-        if HOST_NAME == "comfyui":
-            native = _comfy_adapter().load_native_anima_clip(path)
-            if native is not None:
-                return (native,)
-        from ..host.standalone_objects import CLIP
-        from ..models.anima.text_encoder import load_text_encoder
+        # Keyed by file identity, so Offload CLIP keeps this CLIP in RAM under a stable key and the
+        # next workflow that loads the same file gets it from RAM instead of disk.
+        _, clip = dram.load_keyed("clip", [path], lambda: _load_text_encoder(path), lambda c: c.patcher.model,
+                                  type="anima", host=HOST_NAME)
+        return (clip,)
 
-        search = [os.path.dirname(path), *model_folders("text_encoders"), *bundled_tokenizer_dirs()]
-        encoder = load_text_encoder(path, search, device=offload_device())
-        device = text_encoder_device()
 
-        def encode(tokens):
-            return encoder.encode(tokens, device=device)
+def _load_text_encoder(path: str):
+    """Anima's CLIP from disk: ComfyUI's own loader where it knows Anima, else models/anima/."""
+    if HOST_NAME == "comfyui":
+        native = _comfy_adapter().load_native_anima_clip(path)
+        if native is not None:
+            return native
+    from ..host.standalone_objects import CLIP
+    from ..models.anima.text_encoder import load_text_encoder
 
-        if HOST_NAME == "comfyui":      # so ComfyUI can offload Qwen3 when the DiT needs the room
-            return (_comfy_adapter().managed_clip(encoder.qwen, encoder.tokenize, encode),)
-        return (CLIP(encoder.qwen, encoder.tokenize, encode, device, offload_device()),)
+    search = [os.path.dirname(path), *model_folders("text_encoders"), *bundled_tokenizer_dirs()]
+    encoder = load_text_encoder(path, search, device=offload_device())
+    device = text_encoder_device()
+
+    def encode(tokens):
+        return encoder.encode(tokens, device=device)
+
+    if HOST_NAME == "comfyui":      # so ComfyUI can offload Qwen3 when the DiT needs the room
+        return _comfy_adapter().managed_clip(encoder.qwen, encoder.tokenize, encode)
+    return CLIP(encoder.qwen, encoder.tokenize, encode, device, offload_device())
 
 
 class SlipstreamAnimaVAELoader:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,26 @@ def test_load_reference_image_gives_alpha_as_the_subject_mask(workdirs):
     assert image.shape == (1, 20, 30, 3) and mask.shape == (1, 20, 30)
     assert mask[0, 10, 15] == 1.0 and mask[0, 0, 0] == 0.0 and image[0, 0, 0, 0] == 1.0
     assert SlipstreamLoadReferenceImage.VALIDATE_INPUTS("missing.png") != True  # noqa: E712
+
+
+def test_text_encoder_loader_gives_offload_clip_a_stable_key_and_serves_ram_copy(workdirs, monkeypatch):
+    from slipstream.kernels import dram
+    from slipstream.kernels.sysmem import RamInfo
+    from slipstream.nodes import anima_loaders
+    from slipstream.nodes.memory import OffloadClipToDram
+
+    info = RamInfo(64 << 30, 32 << 30, 64 << 30, 32 << 30, None)
+    previous = dram.set_default_cache(dram.DramCache(budget_bytes=1 << 30, headroom_bytes=0, ram_probe=lambda: info))
+    try:
+        files = write_tiny_anima(workdirs["models"])
+        (clip,) = SlipstreamAnimaTextEncoderLoader().load(files.text_encoder)
+        _, dram_id, _ = OffloadClipToDram().offload(clip.clone(), trigger="cond")
+        assert dram_id.startswith("clip:") and ":anon:" not in dram_id and os.path.basename(files.text_encoder) in dram_id
+        del clip                                           # ComfyUI dropped the loader's output
+        monkeypatch.setattr(anima_loaders, "_load_text_encoder", lambda path: pytest.fail("read from disk again"))
+        (again,) = SlipstreamAnimaTextEncoderLoader().load(files.text_encoder)
+        assert dram.default_cache().lookup(dram_id) is again
+        cond = again.encode_from_tokens_scheduled(again.tokenize("a girl"))
+        assert torch.isfinite(cond[0][0]).all()
+    finally:
+        dram.set_default_cache(previous)
