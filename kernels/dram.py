@@ -4,7 +4,7 @@ Why it exists: ComfyUI drops a loader's output when another workflow is queued, 
 encoder is read from disk again and again. A Python reference kept here survives that; ComfyUI's
 own model management still decides what sits in VRAM (it holds only weak references).
 
-How loaders and nodes share an entry:
+How loaders and nodes share an entry (loaders call `load_keyed`, which does the first three lines):
   key = dram_key("clip", [path], dtype="fp16", device="default")   # file identity + options
   cache = default_cache()
   obj = cache.lookup(key)                 # None on a miss: load from disk, then
