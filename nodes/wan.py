@@ -304,6 +304,8 @@ class WanModelLoader:
             _merge_loras(dit, lora)
         if quantization == "int8_w8a8":
             _quantize_int8(dit, device)
+        elif quantization.endswith("_fast"):   # the device was checked in _weight_dtype
+            log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
         host_blocks = None
         if swapping:
             _log_swap_plan(dit, swap, device)

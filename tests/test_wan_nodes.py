@@ -222,3 +222,27 @@ def test_int8_w8a8_blocks_with_block_swap(wan_dirs):
     assert torch.isfinite(latent["samples"]).all()
     rel = (latent["samples"] - reference).norm() / reference.norm()
     assert rel < 0.2, f"int8 result strays {rel:.3f} from float"
+
+
+def test_fp8_fast_multiplies_in_fp8_where_the_device_can(wan_dirs, monkeypatch):
+    from slipstream.models.wan import layers
+    from slipstream.nodes import wan as wan_nodes
+
+    calls = []
+    real_linear = layers.fp8_linear
+
+    def spy(x, weight, scale, bias, fast=False):
+        calls.append(fast)
+        return real_linear(x, weight, scale, bias, fast)
+
+    # This CPU stands in for an fp8-capable GPU: torch's CPU _scaled_mm runs the same fp8 math.
+    monkeypatch.setattr(wan_nodes, "supports_fp8_matmul", lambda capability: True)
+    monkeypatch.setattr(layers, "fp8_matmul_usable", lambda x, w: w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
+    monkeypatch.setattr(layers, "fp8_linear", spy)
+    (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "bf16", "fp8_e4m3fn_fast", "main_device")
+    ffn = model.dit.blocks[0].ffn[0]
+    assert ffn.weight.dtype == torch.float8_e4m3fn and ffn.fp8_matmul
+    (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 5)
+    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
+                                              True, "auto")
+    assert torch.isfinite(latent["samples"]).all() and calls and all(calls)

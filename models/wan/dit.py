@@ -241,6 +241,11 @@ class WanDiT(nn.Module):
         """Official key -> shape of every tensor a checkpoint of `config` holds."""
         return {k: tuple(v.shape) for k, v in WanDiT.build_meta(config).state_dict().items()}
 
+    def use_fp8_matmul(self) -> int:
+        """Turn on fp8 × fp8 matmul in every block Linear stored in scaled fp8; how many took it."""
+        return sum(mod.use_fp8_matmul() for name, mod in self.named_modules()
+                   if name.startswith("blocks.") and isinstance(mod, CastLinear))
+
     def quantizable_keys(self) -> list[str]:
         """Keys of the block Linear weights: what fp8/int8 storage applies to (norms, biases,
         modulation, embeddings and head stay in the compute dtype, as in kijai's and ComfyUI's loaders)."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.fp8 import fp8_linear, fp8_matmul_usable
 from ..common.layers import RMSNorm as SharedRMSNorm
 from ..common.layers import rope_inv_freqs
 
@@ -81,11 +82,16 @@ def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype, per_row: bool = False
     return out, scale
 
 
+# Activation dtypes the fp8 matmul path takes (the float outputs `torch._scaled_mm` is fast for).
+FAST_FP8_INPUTS = (torch.bfloat16, torch.float16)
+
+
 class CastLinear(nn.Linear):
     """A Linear that may store its weight narrower (fp8, optionally with a scale) than it computes.
 
     The weight is upcast to the activation dtype inside forward, one layer at a time, so fp8
-    storage halves the weights' memory without an fp8 matmul. `dequantize`/`requantize` are the
+    storage halves the weights' memory without an fp8 matmul; after `use_fp8_matmul()` (the
+    loader's `_fast` choice) a supporting GPU multiplies in fp8 instead (kernels/fp8.py). `dequantize`/`requantize` are the
     protocol LoRA merging uses for every quantized layer kind (this one and int8).
     """
 
@@ -94,6 +100,7 @@ class CastLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight_scale", None)
+        self.fp8_matmul = False     # set by use_fp8_matmul()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight as a float tensor of `dtype` (scale applied)."""
@@ -122,7 +129,19 @@ class CastLinear(nn.Linear):
             self.weight.copy_(q)
             self.weight_scale = scale.reshape(self.weight_scale.shape).to(self.weight_scale.device)
 
+    def use_fp8_matmul(self) -> bool:
+        """Switch this layer to fp8 × fp8 matmul (`fp8_e4m3fn_fast`); False where its storage cannot.
+
+        Needs fp8 storage with one scale for the whole weight (what the loader writes): the
+        activations get one dynamic scale per call, and `torch._scaled_mm` takes tensorwise scales.
+        """
+        scalar_scale = self.weight_scale is None or self.weight_scale.numel() == 1
+        self.fp8_matmul = self.weight.dtype in FP8_MAX and scalar_scale
+        return self.fp8_matmul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul and x.dtype in FAST_FP8_INPUTS and fp8_matmul_usable(x, self.weight):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, fast=True)
         weight = self.weight if self.weight.dtype == x.dtype and self.weight_scale is None \
             else self.dequantize(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
