@@ -91,8 +91,9 @@ class CastLinear(nn.Linear):
 
     The weight is upcast to the activation dtype inside forward, one layer at a time, so fp8
     storage halves the weights' memory without an fp8 matmul; after `use_fp8_matmul()` (the
-    loader's `_fast` choice) a supporting GPU multiplies in fp8 instead (kernels/fp8.py). `dequantize`/`requantize` are the
-    protocol LoRA merging uses for every quantized layer kind (this one and int8).
+    loader's `_fast` choice) a supporting GPU multiplies in fp8 instead (kernels/fp8.py).
+    `dequantize`/`requantize` are the protocol LoRA merging uses for every quantized layer kind
+    (this one and int8).
     """
 
     weight_scale: torch.Tensor | None
