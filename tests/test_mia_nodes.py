@@ -160,3 +160,19 @@ def test_a_damaged_bw_normal_file_is_reported_when_the_model_loads(demo_tree, tm
     monkeypatch.setenv("MIA_MODELS_PATH", str(cache))
     with pytest.raises(CheckpointError, match="truncated"):
         NODE_CLASS_MAPPINGS["MIALoadModel"]().load("fp32", "sdpa")
+
+
+def test_importing_the_pack_does_not_import_trimesh():
+    """trimesh costs ~0.7 s of ComfyUI start-up; it loads when a mesh is first touched."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest, slipstream.nodes; "
+             "assert 'trimesh' not in sys.modules, 'imported at start-up'; "
+             "from slipstream.models.mia.mesh import as_triangle_mesh; "
+             "from slipstream.models.mia.lazy_trimesh import trimesh; "
+             "m = as_triangle_mesh(trimesh.creation.box()); assert 'trimesh' in sys.modules and len(m.faces) == 12")
+    done = subprocess.run([sys.executable, "-c", probe, str(root / "tests")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -18,8 +18,8 @@ import json
 import struct
 
 import numpy as np
-import trimesh
 
+from .lazy_trimesh import trimesh
 from .rig import MAX_INFLUENCES, RigResult
 
 GLB_MAGIC = 0x46546C67

@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import torch
-import trimesh
 
+from .lazy_trimesh import trimesh
 from .networks import NETWORK_NAMES, PCAEConfig, build_network
 from .weights import save_network_file
 

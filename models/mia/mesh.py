@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import trimesh
+
+from .lazy_trimesh import trimesh
 
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl")
 

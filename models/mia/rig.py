@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import trimesh
 
 from . import skeleton
+from .lazy_trimesh import trimesh
 from .networks import PCAE, ortho6d_to_matrix
 
 HAND_RESAMPLE_RATIO = 0.5
