@@ -12,7 +12,6 @@ from slipstream.models.wan.bridges import (
     BridgeInputError,
     clip_embeds_from_vision_output,
     real_tokens,
-    text_embeds_from_conditioning,
 )
 from slipstream.models.wan.demo_assets import seeded_state_dict
 from slipstream.models.wan.encoders import WanClipVisionHandle, encode_clip
@@ -67,7 +66,7 @@ def test_batched_rows_become_sections_in_order():
     ([[torch.full((1, 4, 4096), float("nan")), {}]], "NaN"),
 ])
 def test_bad_conditioning_is_named(conditioning, message):
-    with pytest.raises(BridgeInputError, match=None) as err:
+    with pytest.raises(BridgeInputError) as err:
         TEXT.convert(conditioning)
     assert message in str(err.value) and "positive" in str(err.value)
 
