@@ -29,6 +29,7 @@ from .context import ContextOptions, WindowFuser, context_windows, freenoise, wi
 from .dit import WanDiT
 from .feta import FetaArgs, enhance_score
 from .sampling import SOLVERS, make_schedule, make_solver
+from .vace import VaceInput, check_chain, empty_context
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
@@ -94,6 +95,8 @@ class WanImageEmbeds:
 
     y: [20, T, h, w] = 4 mask channels (1 on given frames) + 16 *normalised* image-latent channels.
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
+    vace: VACE inputs for a VACE model (Wan VACE Encode, chained); their reference images are
+    extra latent frames in front, cut off the sampled latent.
     """
 
     width: int
@@ -102,10 +105,16 @@ class WanImageEmbeds:
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
+    vace: tuple[VaceInput, ...] = ()
+
+    @property
+    def ref_frames(self) -> int:
+        """Latent frames in front of the video that only condition it (VACE reference images)."""
+        return self.vace[0].ref_frames if self.vace else 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1 + self.ref_frames, self.height // 8, self.width // 8)
 
 
 @dataclass(frozen=True)
@@ -168,8 +177,23 @@ def swap_units(dit: WanDiT, swap: SwapSettings) -> tuple[list[nn.Module], tuple[
         swapped.append(len(units))
         units.append(dit.img_emb)
     first_block = len(units)
-    units.extend(dit.blocks)
-    swapped.extend(first_block + i for i in swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_blocks = list(getattr(dit, "vace_blocks", ()))
+    # VACE blocks are swapped in the same share as the main blocks and listed where they run
+    # (right after their main block), so the prefetch order is the execution order.
+    vace_swapped = set(swap_indices(len(vace_blocks), round(swap.blocks_to_swap * len(vace_blocks)
+                                                            / max(1, len(dit.blocks)))))
+    swapped_blocks = set(swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_after = {layer: n for n, layer in enumerate(dit.config.vace_layers)}
+    for i, block in enumerate(dit.blocks):
+        if i in swapped_blocks:
+            swapped.append(len(units))
+        units.append(block)
+        n = vace_after.get(i)
+        if n is not None and n < len(vace_blocks):
+            if n in vace_swapped:
+                swapped.append(len(units))
+            units.append(vace_blocks[n])
+    assert len(units) - first_block == len(dit.blocks) + len(vace_blocks)
     return units, tuple(swapped)
 
 
@@ -266,6 +290,11 @@ class _Denoiser:
         self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
         neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
+        self.vace = None              # [N, 96, T, h, w] VACE contexts (VACE models only) and their strengths
+        if handle.config.is_vace:
+            inputs = image.vace or (empty_context(image.latent_shape),)
+            self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
+            self.vace_strengths = [v.strength for v in inputs]
 
     def _block_runner(self):
         check = self.check_interrupt
@@ -288,25 +317,27 @@ class _Denoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on):
+    def _forward(self, x, t, context, clip, y, feta_on, vace=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
+        extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
+                                         "vace_strength": self.vace_strengths}
         return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
-                        self_attn_scale=self._scale(feta_on))
+                        self_attn_scale=self._scale(feta_on), **extra)
 
-    def _cfg(self, x, t, prompt, y, feta_on):
+    def _cfg(self, x, t, prompt, y, feta_on, vace=None):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
         if not self.use_uncond:
-            return self._forward(x, t, prompt[None], self.clip, y, feta_on)
+            return self._forward(x, t, prompt[None], self.clip, y, feta_on, vace)
         if self.batched:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on).chunk(2)
+            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on, vace).chunk(2)
         else:
-            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on)
-            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on)
+            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on, vace)
+            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on, vace)
         return uncond + self.cfg * (cond - uncond)
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
@@ -320,7 +351,7 @@ class _Denoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, self.vace)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
@@ -331,7 +362,8 @@ class _Denoiser:
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on)
+            vace = None if self.vace is None else self.vace.index_select(2, idx)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, vace)
             fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
         return fuser.result()
 
@@ -362,6 +394,10 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if not cfg.has_image_input and image.y is not None:
         raise ValueError(f"{handle.name} is a text-to-video model but the image embeds carry a start image; "
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
+    if image.vace and not cfg.is_vace:
+        raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
+                         "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
+    check_chain(image.vace)
     if image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
         raise ValueError(f"The CLIP embeds are {image.clip.shape[-1]} wide but {handle.name} expects {cfg.clip_dim}.")
     shape = image.latent_shape
@@ -416,4 +452,4 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
             outputs.append(denormalize_latent(x.float()).cpu())
         if session is not None:
             stats.swap = session.stats()
-    return torch.cat(outputs)
+    return torch.cat(outputs)[:, :, image.ref_frames:]   # VACE reference frames only conditioned the video
