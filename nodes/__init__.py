@@ -46,6 +46,8 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
     ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
     ("SlipstreamWanVaceEncode", wan_conditioning.WanVaceEncode, "Wan VACE Encode"),
+    ("SlipstreamWanFunControlEncode", wan_conditioning.WanFunControlEncode, "Wan Fun Control Encode"),
+    ("SlipstreamWanPhantomSubjectEncode", wan_conditioning.WanPhantomSubjectEncode, "Wan Phantom Subject Encode"),
     # int8 family
     ("OTUNetLoaderW8A8", quant.LoadDiffusionModelInt8, "Load Diffusion Model INT8 (W8A8)"),
     ("SlipstreamSaveInt8Model", quant.SaveInt8Model, "Save INT8 Model"),

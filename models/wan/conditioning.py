@@ -1,5 +1,6 @@
 """What the Wan conditioning nodes do: VACE control inputs (control video, mask, reference images)
-turned into the VACE context the sampler passes to a VACE model.
+turned into the VACE context the sampler passes to a VACE model; the Fun Control conditioning
+(control and start-image latents); Phantom's subject latents.
 
 Frames arrive as ComfyUI IMAGE [F, H, W, C] in 0..1 and masks as MASK [F, H, W]; the VAE sees
 -1..1. Sizes are checked, not guessed: a control video or mask of another aspect ratio than the
@@ -134,3 +135,46 @@ def vace_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, dev
     check_chain(chain)
     base = previous if previous is not None else WanImageEmbeds(width, height, num_frames)
     return replace(base, vace=chain)
+
+
+def _encode_frames(model, frames: torch.Tensor, tiling: Tiling | None, progress: Progress | None) -> torch.Tensor:
+    """[3, F, H, W] in -1..1 -> normalised latent [16, T, h, w] (CPU)."""
+    return normalize_latent(model.encode(frames[None], callback=progress, tiling=tiling).cpu())[0]
+
+
+def fun_control_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, device: torch.device,
+                       control_video: torch.Tensor | None = None, start_image: torch.Tensor | None = None,
+                       clip: torch.Tensor | None = None, offload: bool = True, tiling: Tiling | None = None,
+                       progress: Progress | None = None) -> WanImageEmbeds:
+    """Wan Fun Control (in_dim 48): y = [control latent (16), start-image latent (16)], no mask, as
+    core's WanFunControlToVideo. A missing control video or start image is a zero latent; without
+    CLIP features the sampler uses zeros (VideoX-Fun's choice when there is no start image)."""
+    t = latent_frames(num_frames)
+    h, w = height // 8, width // 8
+    control = torch.zeros(16, t, h, w)
+    image = torch.zeros(16, t, h, w)
+    video = None if control_video is None else control_frames(control_video, num_frames, width, height)
+    with torch.no_grad(), on_device(vae.vae, device, vae.resident_device, offload) as model:
+        if video is not None:
+            control = _encode_frames(model, video, tiling, progress)
+        if start_image is not None:
+            first = resize_to(images_to_channels_first(start_image[:1]), width, height) * 2.0 - 1.0
+            image[:, :1] = _encode_frames(model, first.transpose(0, 1), tiling, None)
+    return WanImageEmbeds(width, height, num_frames, y=torch.cat([control, image]), clip=clip)
+
+
+def phantom_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, device: torch.device,
+                   images: torch.Tensor, offload: bool = True, tiling: Tiling | None = None,
+                   progress: Progress | None = None) -> WanImageEmbeds:
+    """Phantom subject-to-video: each subject image fitted on a white canvas of the video's size and
+    encoded as its own latent frame; the sampler appends them after the video's frames."""
+    if images is None or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError("Wan Phantom Subject Encode needs at least one subject image (an IMAGE batch).")
+    refs = reference_frames(images, width, height)
+    with torch.no_grad(), on_device(vae.vae, device, vae.resident_device, offload) as model:
+        latents = []
+        for i, ref in enumerate(refs):
+            latents.append(_encode_frames(model, ref[:, None], tiling, None))
+            if progress is not None:
+                progress(i + 1, refs.shape[0])
+    return WanImageEmbeds(width, height, num_frames, subject=torch.cat(latents, dim=1))

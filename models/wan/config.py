@@ -113,9 +113,16 @@ WAN21_FLF2V_14B = WanDiTConfig("Wan2.1-FLF2V-14B-720P", "flf2v", dim=5120, ffn_d
 WAN21_VACE_1_3B = replace(WAN21_T2V_1_3B, name="Wan2.1-VACE-1.3B", vace_layers=tuple(range(0, 30, 2)), vace_in_dim=96)
 WAN21_VACE_14B = replace(WAN21_T2V_14B, name="Wan2.1-VACE-14B", vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96)
 
+# Fun (VideoX-Fun): i2v models whose extra channels are 4 mask + 16 image (InP, 36) or 16 control +
+# 16 start image (Control, 48). Fun-14B-InP has the I2V-14B architecture and loads as it.
+WAN21_FUN_INP_1_3B = WanDiTConfig("Wan2.1-Fun-1.3B-InP", "i2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+                                  in_dim=36)
+WAN21_FUN_CONTROL_1_3B = replace(WAN21_FUN_INP_1_3B, name="Wan2.1-Fun-1.3B-Control", in_dim=48)
+WAN21_FUN_CONTROL_14B = replace(WAN21_I2V_14B_480P, name="Wan2.1-Fun-14B-Control", in_dim=48)
+
 CONFIGS: dict[str, WanDiTConfig] = {c.name: c for c in (
     WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B,
-    WAN21_VACE_1_3B, WAN21_VACE_14B)}
+    WAN21_VACE_1_3B, WAN21_VACE_14B, WAN21_FUN_INP_1_3B, WAN21_FUN_CONTROL_1_3B, WAN21_FUN_CONTROL_14B)}
 
 
 def tiny(model_type: str = "t2v", *, num_layers: int = 2, text_dim: int = 4096, clip_dim: int = 1280,
@@ -250,6 +257,10 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
     if out_dim == 48:
         raise CheckpointError(f"{what}: in/out channels {in_dim}/{out_dim} belong to Wan 2.2 TI2V-5B, "
                               "which this loader does not support (Wan 2.1 uses 16).")
+    if "ref_conv.weight" in shapes:
+        raise CheckpointError(f"{what}: a Wan Fun Control model with a reference-image adapter ('ref_conv': Fun "
+                              "V1.1 or Wan 2.2 Fun Control), which this loader does not support yet. Use a Wan 2.1 "
+                              "Fun Control V1.0 model (48 input channels) or a VACE model for control videos.")
     vace_layers, vace_in_dim = (), 0
     if "vace_patch_embedding.weight" in shapes:   # VACE: the same blocks plus a VACE stack
         vace_in_dim = shape("vace_patch_embedding.weight")[1]

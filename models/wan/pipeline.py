@@ -97,6 +97,8 @@ class WanImageEmbeds:
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
     vace: VACE inputs for a VACE model (Wan VACE Encode, chained); their reference images are
     extra latent frames in front, cut off the sampled latent.
+    subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
+    for the positive pass (zeros for the negative one) and cut off each prediction.
     """
 
     width: int
@@ -106,6 +108,7 @@ class WanImageEmbeds:
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
     vace: tuple[VaceInput, ...] = ()
+    subject: torch.Tensor | None = None
 
     @property
     def ref_frames(self) -> int:
@@ -287,10 +290,14 @@ class _Denoiser:
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
-        self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
-        neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
+        clip = image.clip
+        if clip is None and handle.config.has_image_input:   # Fun models without a start image (VideoX-Fun)
+            clip = torch.zeros(1, handle.config.clip_tokens, handle.config.clip_dim)
+        self.clip = None if clip is None else clip.to(device=device, dtype=dtype)
+        neg_clip = image.negative_clip if image.negative_clip is not None else clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
         self.vace = None              # [N, 96, T, h, w] VACE contexts (VACE models only) and their strengths
+        self.subject = None if image.subject is None else image.subject.to(device=device, dtype=torch.float32)
         if handle.config.is_vace:
             inputs = image.vace or (empty_context(image.latent_shape),)
             self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
@@ -325,20 +332,30 @@ class _Denoiser:
         return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
                         self_attn_scale=self._scale(feta_on), **extra)
 
+    def _with_subject(self, x, positive: bool):
+        """Phantom: the subject latents after the video's frames (zeros for the negative pass)."""
+        if self.subject is None:
+            return x
+        subject = self.subject if positive else torch.zeros_like(self.subject)
+        return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
+
     def _cfg(self, x, t, prompt, y, feta_on, vace=None):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
+        frames = x.shape[2]
         if not self.use_uncond:
-            return self._forward(x, t, prompt[None], self.clip, y, feta_on, vace)
+            return self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)[:, :, :frames]
         if self.batched:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on, vace).chunk(2)
+            xx = torch.cat([self._with_subject(x, True), self._with_subject(x, False)])
+            cond, uncond = self._forward(xx, t, context, clip, yy, feta_on, vace).chunk(2)
         else:
-            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on, vace)
-            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on, vace)
-        return uncond + self.cfg * (cond - uncond)
+            cond = self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)
+            uncond = self._forward(self._with_subject(x, False), t, self.negative[None], self.negative_clip, y,
+                                   feta_on, vace)
+        return (uncond + self.cfg * (cond - uncond))[:, :, :frames]
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
@@ -388,12 +405,19 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
                          "(umT5-XXL): use the text encoder that belongs to this model.")
-    if cfg.has_image_input and (image.y is None or image.clip is None):
+    if cfg.has_image_input and image.y is None:
         raise ValueError(f"{handle.name} is an image-to-video model: connect Wan Image to Video Encode (with a "
                          "start image and CLIP vision embeds) instead of Wan Empty Embeds.")
     if not cfg.has_image_input and image.y is not None:
         raise ValueError(f"{handle.name} is a text-to-video model but the image embeds carry a start image; "
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
+    if cfg.has_image_input and image.y.shape[0] != cfg.cond_channels:
+        raise ValueError(f"The image embeds carry {image.y.shape[0]} conditioning channels but {handle.name} takes "
+                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48) and "
+                         "Wan Image to Video Encode for I2V and Fun InP models (in_dim 36).")
+    if image.subject is not None and (image.vace or cfg.has_image_input):
+        raise ValueError("Phantom subject images go with a text-to-video (Phantom) model and no other conditioning: "
+                         "load the Phantom checkpoint and connect Wan Phantom Subject Encode alone.")
     if image.vace and not cfg.is_vace:
         raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
                          "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
