@@ -5,6 +5,7 @@ does), chaining, the context builder, and input errors."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,9 +21,19 @@ from slipstream.models.wan.vace import (
     tiny_vace,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-def small() -> object:
-    return tiny_vace(num_layers=4, vace_blocks=2, text_dim=64)
+
+def small():
+    # A 16-token text context (instead of 512) keeps each forward at a few milliseconds.
+    return replace(tiny_vace(num_layers=4, vace_blocks=2, text_dim=64), text_len=16)
+
+
+def build(cfg, sd):
+    """The model of `cfg` with these weights (from_state_dict would read text_len 512 back)."""
+    model = WanDiT.build_meta(cfg).to_empty(device="cpu")
+    model.load_state_dict(sd)
+    return model
 
 
 def make_inputs(cfg, batch=2, frames=3, h=4, w=6, text=10, contexts=1, seed=1):
@@ -60,7 +71,7 @@ def reference_vace_forward(sd, cfg, x, t, context, vace_context, strengths):
     sinus = torch.outer(t.double(), torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half))
     e = lin("time_embedding.2", F.silu(lin("time_embedding.0", torch.cat([sinus.cos(), sinus.sin()], 1))))
     e0 = lin("time_projection.1", F.silu(e)).unflatten(1, (6, dim))
-    ctx = F.pad(context.double(), (0, 0, 0, 512 - context.shape[1]))
+    ctx = F.pad(context.double(), (0, 0, 0, cfg.text_len - context.shape[1]))
     ctx = lin("text_embedding.2", F.gelu(lin("text_embedding.0", ctx), approximate="tanh"))
 
     # complex RoPE over (frame, row, column) with the 44/42/42 split of a 128-wide head
@@ -117,7 +128,7 @@ def reference_vace_forward(sd, cfg, x, t, context, vace_context, strengths):
 def test_forward_matches_the_float64_reference_in_fp32():
     cfg = small()
     sd = random_state_dict(cfg, seed=5)
-    model = WanDiT.from_state_dict(sd)
+    model = build(cfg, sd)
     assert isinstance(model, WanVaceDiT)
     x, t, ctx, vace = make_inputs(cfg)
     out = model(x, t, ctx, vace_context=vace, vace_strength=[0.7])
@@ -131,10 +142,11 @@ def test_forward_matches_the_float64_reference_in_fp32():
 def test_two_chained_inputs_each_add_their_own_hints():
     cfg = small()
     sd = random_state_dict(cfg, seed=6)
-    model = WanDiT.from_state_dict(sd)
+    model = WanDiT.from_state_dict(sd)              # the loader's path: official keys, 512 text tokens
+    assert isinstance(model, WanVaceDiT) and model.config.vace_layers == (0, 2)
     x, t, ctx, vace = make_inputs(cfg, batch=1, contexts=2, seed=4)
     out = model(x, t, ctx, vace_context=vace, vace_strength=[1.0, 0.5])
-    ref = reference_vace_forward(sd, cfg, x, t, ctx, vace, [1.0, 0.5])
+    ref = reference_vace_forward(sd, model.config, x, t, ctx, vace, [1.0, 0.5])
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-4
     # strength 0 on the second input is the first input alone
     alone = model(x, t, ctx, vace_context=vace[:1], vace_strength=[1.0])
@@ -144,7 +156,7 @@ def test_two_chained_inputs_each_add_their_own_hints():
 
 def test_block_runner_sees_the_main_blocks_only_and_vace_runs_after_its_layer():
     cfg = small()
-    model = WanDiT.from_state_dict(random_state_dict(cfg, seed=2))
+    model = build(cfg, random_state_dict(cfg, seed=2))
     order = []
     for n, block in enumerate(model.vace_blocks):
         block.register_forward_pre_hook(lambda mod, args, n=n: order.append(f"vace{n}"))
@@ -236,7 +248,7 @@ def test_context_puts_reference_frames_first_with_zero_reactive_half_and_mask():
 
 def test_bad_vace_context_shapes_get_clear_errors():
     cfg = small()
-    model = WanDiT.from_state_dict(random_state_dict(cfg, seed=0))
+    model = build(cfg, random_state_dict(cfg, seed=0))
     x, t, ctx, vace = make_inputs(cfg, batch=1)
     with pytest.raises(ValueError, match=r"vace_context\[0\] must be \[B, 96, F, H, W\]"):
         model(x, t, ctx, vace_context=[vace[0][:, :, :2]])
