@@ -4,43 +4,27 @@ Encode with a control video and a reference image, the sampler, and the trimmed 
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from slipstream import NODE_CLASS_MAPPINGS as N
 from slipstream.models.wan import demo_assets as assets
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from test_wan_nodes import _node, _text_embeds, tiny_models, wan_dirs  # noqa: E402, F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan_vace")
-    assets.write_tiny_wan_models(root / "models", root / "input", image_to_video=False)
-    return root
-
-
-@pytest.fixture
-def wan_dirs(tiny_models, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
-    return tiny_models
-
-
-def _node(node_id):
-    cls = N[node_id]
-    return getattr(cls(), cls.FUNCTION)
-
-
 def _sample(model, embeds):
-    (encoder,) = _node("SlipstreamWanTextEncoderLoader")(assets.TEXT_ENCODER, "fp32", "offload_device")
-    (text,) = _node("SlipstreamWanTextEncode")(encoder, "a fox in the snow", "blurry", "gpu", True)
-    (latent,) = _node("SlipstreamWanSampler")(model, embeds, text, steps=2, cfg=5.0, shift=16.0, seed=1,
+    (latent,) = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), steps=2, cfg=5.0, shift=16.0, seed=1,
                                               scheduler="unipc", denoise=1.0, force_offload=True, batched_cfg="auto")
     return latent["samples"]
 
 
-def test_vace_runs_through_the_nodes_and_block_swap_changes_nothing(wan_dirs, caplog):
+@pytest.mark.usefixtures("wan_dirs")
+def test_vace_runs_through_the_nodes_and_block_swap_changes_nothing(caplog):
     (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
     g = torch.Generator().manual_seed(0)
     video, ref = torch.rand(9, 48, 64, 3, generator=g), torch.rand(1, 30, 40, 3, generator=g)
