@@ -99,3 +99,19 @@ def test_miswired_vace_inputs_get_clear_errors():
         _run(_handle(vace=False), WanImageEmbeds(32, 32, 9, vace=(_vace(),)))
     with pytest.raises(ValueError, match="same width, height, num_frames and number of reference images"):
         _run(_handle(), WanImageEmbeds(32, 32, 9, vace=(_vace(), _vace(refs=1))))
+
+
+def test_context_windows_keep_the_reference_frames_in_every_window():
+    from slipstream.models.wan.context import ContextOptions
+
+    handle = _handle()
+    image = WanImageEmbeds(32, 32, 33, vace=(_vace(refs=1, frames=33),))        # 9 latent frames + 1 reference
+    seen = []
+    handle.dit.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[2]))
+    stats = RunStats()
+    context = ContextOptions("uniform_standard", 17, 4, 8, False, "linear")      # 5-frame latent windows
+    out = _run(handle, image, context=context, stats=stats)
+    assert out.shape == (1, 16, 9, 4, 4)
+    assert stats.windows_per_step[0] > 1 and set(seen) == {1 + 5}                # reference + window
+    whole = _run(handle, image, context=ContextOptions("uniform_standard", 41, 4, 8, False, "linear"))
+    torch.testing.assert_close(whole, _run(handle, image), atol=1e-5, rtol=1e-5)  # one window = no windows

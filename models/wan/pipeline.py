@@ -252,7 +252,7 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
     kwargs = {"backend": settings.backend, "fullgraph": settings.fullgraph, "dynamic": settings.dynamic}
     if settings.backend == "inductor":
         kwargs["mode"] = settings.mode
-    targets = list(dit.blocks) if settings.blocks_only else [dit]
+    targets = list(dit.blocks) + list(getattr(dit, "vace_blocks", ())) if settings.blocks_only else [dit]
     for module in targets:
         module.compile(**kwargs)
 
@@ -302,6 +302,7 @@ class _Denoiser:
             inputs = image.vace or (empty_context(image.latent_shape),)
             self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
             self.vace_strengths = [v.strength for v in inputs]
+        self.ref_frames = image.ref_frames
 
     def _block_runner(self):
         check = self.check_interrupt
@@ -360,7 +361,8 @@ class _Denoiser:
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
         y = None if self.y is None else self.y[None]
-        frames = x.shape[2]
+        refs = self.ref_frames                # VACE reference frames: part of every window, not windowed
+        frames = x.shape[2] - refs
         windows = None
         if self.context is not None:
             size, stride, overlap = self.context.latent()
@@ -373,15 +375,18 @@ class _Denoiser:
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
         for window in windows:
-            idx = torch.tensor(window, device=x.device)
+            weights = window_weights(window, frames, overlap, self.context.fuse_method, looped)
             prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
+            if refs:
+                window, weights = list(range(refs)) + [refs + i for i in window], torch.cat([torch.ones(refs), weights])
+            idx = torch.tensor(window, device=x.device)
             yw = None
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
             vace = None if self.vace is None else self.vace.index_select(2, idx)
             pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, vace)
-            fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
+            fuser.add(window, pred, weights)
         return fuser.result()
 
 
