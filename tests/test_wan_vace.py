@@ -254,3 +254,17 @@ def test_bad_vace_context_shapes_get_clear_errors():
         model(x, t, ctx, vace_context=[vace[0][:, :, :2]])
     with pytest.raises(ValueError, match="2 strengths"):
         model(x, t, ctx, vace_context=vace, vace_strength=[1.0, 1.0])
+
+
+def test_int8_w8a8_covers_the_vace_blocks():
+    from slipstream.nodes.wan import _quantize_int8
+
+    cfg = small()
+    sd = random_state_dict(cfg, seed=1)
+    model, ref = build(cfg, sd), build(cfg, sd)
+    _quantize_int8(model, torch.device("cpu"))
+    assert type(model.vace_blocks[0].before_proj).__name__ == "Int8Linear"
+    assert type(model.vace_blocks[1].ffn[0]).__name__ == "Int8Linear"
+    x, t, ctx, vace = make_inputs(cfg, batch=1)
+    out, want = model(x, t, ctx, vace_context=vace), ref(x, t, ctx, vace_context=vace)
+    assert ((out - want).abs().max() / want.abs().max()).item() < 0.05        # int8 rounding, same model
