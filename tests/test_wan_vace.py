@@ -31,7 +31,7 @@ def small():
 
 def build(cfg, sd):
     """The model of `cfg` with these weights (from_state_dict would read text_len 512 back)."""
-    model = WanDiT.build_meta(cfg).to_empty(device="cpu")
+    model = WanDiT.build_meta(cfg).to_empty(device="cpu").requires_grad_(False)
     model.load_state_dict(sd)
     return model
 
