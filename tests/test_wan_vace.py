@@ -4,6 +4,7 @@ does), chaining, the context builder, and input errors."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -210,6 +211,13 @@ def test_vace_module_only_file_is_named_with_what_to_load():
     shapes = {k: v for k, v in WanDiT.expected_shapes(small()).items() if k.startswith("vace_")}
     with pytest.raises(CheckpointError, match="only the VACE blocks.*full VACE checkpoint"):
         strip_dit_prefix(shapes, "Wan2_1-VACE_module_14B.safetensors")
+
+
+def test_vace_layers_stored_in_the_metadata_win_over_the_even_spacing():
+    shapes = dict(WanDiT.expected_shapes(small()))
+    config = detect_config(shapes, {"config": json.dumps({"vace_layers": [0, 3], "num_heads": 2})})
+    assert config.vace_layers == (0, 3)
+    assert detect_config(shapes, {"config": json.dumps({"vace_layers": [0, 1, 2]})}).vace_layers == (0, 2)
 
 
 def test_vace_blocks_that_cannot_be_placed_are_refused():

@@ -264,7 +264,8 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
     vace_layers, vace_in_dim = (), 0
     if "vace_patch_embedding.weight" in shapes:   # VACE: the same blocks plus a VACE stack
         vace_in_dim = shape("vace_patch_embedding.weight")[1]
-        vace_layers = vace_layers_for(num_layers, count_numbered(shapes, "vace_blocks."), what)
+        count = count_numbered(shapes, "vace_blocks.")
+        vace_layers = _vace_layers_from_metadata(metadata, count) or vace_layers_for(num_layers, count, what)
     heads = num_heads or heads_from_metadata(metadata)
     if heads is None:
         if dim % HEAD_DIM:
@@ -281,6 +282,20 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
     except ValueError as exc:
         raise CheckpointError(f"{what}: inconsistent Wan 2.1 DiT shapes ({exc}).") from exc
     return replace(config, name=known_name(config))
+
+
+def _vace_layers_from_metadata(metadata: Mapping[str, str] | None, count: int) -> tuple[int, ...] | None:
+    """`vace_layers` from a JSON `config` in the file's metadata (diffusers-style exports keep the
+    official config.json there), when it lists one entry per VACE block."""
+    for key in ("config", "model_config"):
+        try:
+            cfg = json.loads((metadata or {}).get(key) or "null")
+        except (TypeError, json.JSONDecodeError):
+            continue
+        layers = cfg.get("vace_layers") if isinstance(cfg, dict) else None
+        if isinstance(layers, list) and len(layers) == count and all(isinstance(i, int) for i in layers):
+            return tuple(layers)
+    return None
 
 
 def vace_layers_for(num_layers: int, vace_blocks: int, what: str = "checkpoint") -> tuple[int, ...]:
