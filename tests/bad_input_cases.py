@@ -4,7 +4,9 @@ Every bad input a user can give a node (a damaged file, an empty batch, a NaN se
 one of the pack's own error types, with a message that names what was wrong, never in a raw
 exception from torch, PIL, safetensors, json or the OS. Test modules list their cases as
 `BadInput` rows and run each through `assert_bad_input`, so the rule is checked the same way
-everywhere.
+everywhere. Import it the way the MIA tests import their helpers (pytest runs with
+--import-mode=importlib): `sys.path.insert(0, str(Path(__file__).parent))`, then
+`from bad_input_cases import BadInput, assert_bad_input, cases_param`.
 """
 
 from __future__ import annotations
