@@ -8,6 +8,7 @@ standalone stand-ins alike, because both expose the same methods.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 
@@ -127,17 +128,23 @@ def _diffusion_model(model) -> torch.nn.Module:
 def _check_settings(training_steps: int, learning_rate: float, training_image_size: int, num_tokens: int,
                     init_std: float) -> None:
     """Refuse settings no training can use, before any encoding or training time is spent."""
-    if not int(training_steps) >= 1:
+    if not _at_least(training_steps, 1):
         raise InvalidTrainingSetting(f"training_steps is {training_steps}; give at least 1 step.")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
+    if not (_at_least(learning_rate, 0) and learning_rate > 0):
         raise InvalidTrainingSetting(f"learning_rate is {learning_rate}; give a positive finite rate such as 0.005.")
-    if not int(num_tokens) >= 1:
+    if not _at_least(num_tokens, 1):
         raise InvalidTrainingSetting(f"num_tokens is {num_tokens}; give at least 1 token per block (4-16 is typical).")
-    if not (math.isfinite(init_std) and init_std >= 0):
+    if not _at_least(init_std, 0):
         raise InvalidTrainingSetting(f"init_std is {init_std}; give a finite value of 0 or more (0.02 is typical).")
-    if not int(training_image_size) >= refs.PATCH_PIXELS:
+    if not _at_least(training_image_size, refs.PATCH_PIXELS):
         raise InvalidTrainingSetting(f"training_image_size is {training_image_size}; give at least "
                                      f"{refs.PATCH_PIXELS} pixels (512 is typical).")
+
+
+def _at_least(value: object, minimum: float) -> bool:
+    """A finite real number >= minimum (NaN, inf, None and strings are not)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= minimum)
 
 
 def _encode_prompt(clip, prompt: str) -> dict:
