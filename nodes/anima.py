@@ -427,10 +427,11 @@ class SlipstreamAnimaSaveReferenceContext:
         if not isinstance(context, ReferenceContext):
             raise IncompatibleModelArchitecture(
                 f"the context input is a {type(context).__name__}, not an ANIMA_REFERENCE_CONTEXT.")
-        if not bool(torch.isfinite(context.tokens).all()):
-            raise TokenOptimizationFailed("the context's tokens hold NaN or inf values, so nothing was saved. "
-                                          "Train it again with a lower learning rate.")
         tensors, meta = refs.context_to_file_dict(context)
+        broken = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if broken:
+            raise TokenOptimizationFailed(f"the context's {' and '.join(broken)} hold NaN or inf values, so nothing "
+                                          "was saved. Train it again with a lower learning rate.")
         target = save_target(filename_prefix)
         with staged_file(target, "safetensors") as tmp:
             save_file(tensors, tmp, metadata=meta)

@@ -185,6 +185,19 @@ def _anima_dit_with(root: Path, dtype: torch.dtype) -> None:
     SlipstreamAnimaModelLoader().load(files.dit, "default")
 
 
+def _anima_text_encoder_with(root: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file
+    from slipstream.nodes.anima_loaders import SlipstreamAnimaTextEncoderLoader
+
+    files = write_tiny_anima(root / "models")
+    path = root / "models" / "text_encoders" / files.text_encoder
+    sd = load_file(str(path))
+    key = next(k for k in sd if k.endswith("norm.weight"))
+    sd[key] = sd[key].to(dtype)
+    save_file(sd, str(path))
+    SlipstreamAnimaTextEncoderLoader().load(files.text_encoder)
+
+
 def _wan_vae_handle(root: Path):
     from slipstream.nodes.wan_encoders import WanVAELoader
 
@@ -224,14 +237,15 @@ def _anima_model_from_int8_loader(root: Path) -> None:
     AnimaFastTrainReferenceContext().train(model, clip, None, torch.rand(1, 64, 64, 3), **TRAIN)
 
 
-def _save_non_finite_context(root: Path) -> None:
+def _save_non_finite_context(root: Path, history: float | None = None) -> None:
     from slipstream.models.anima.context_tokens import ReferenceContext
     from slipstream.nodes.anima import SlipstreamAnimaSaveReferenceContext
 
     tokens = torch.zeros(2, 4, 8)
-    tokens[0, 0, 0] = float("nan")
-    ctx = ReferenceContext(tokens=tokens, steps=1, learning_rate=0.01, final_loss=float("nan"), reference_count=1,
-                           training_prompt="x", image_sizes=((64, 64),), loss_history=(1.0,))
+    if history is None:
+        tokens[0, 0, 0] = float("nan")
+    ctx = ReferenceContext(tokens=tokens, steps=1, learning_rate=0.01, final_loss=0.5, reference_count=1,
+                           training_prompt="x", image_sizes=((64, 64),), loss_history=(1.0, history or 1.0))
     try:
         SlipstreamAnimaSaveReferenceContext().save(ctx, "anima_context/broken")
     finally:
@@ -346,6 +360,8 @@ CASES = [
              CheckpointError, ("anima_tiny", "bool", "floating-point")),
     BadInput("anima-dit-int64-weight", lambda r: _anima_dit_with(r, torch.int64),
              CheckpointError, ("anima_tiny", "int64")),
+    BadInput("anima-text-encoder-int64-weight", lambda r: _anima_text_encoder_with(r, torch.int64),
+             CheckpointError, ("qwen3", "anima_tiny", "int64")),
     # -- Wan encoders and decoder
     BadInput("wan-i2v-encode-no-images", _i2v_no_images, WanInputError, ("start_image", "empty")),
     BadInput("wan-i2v-encode-not-an-image",
@@ -366,7 +382,9 @@ CASES = [
     BadInput("anima-model-from-int8-loader", _anima_model_from_int8_loader, IncompatibleModelArchitecture,
              ("process_latent_in", "load anima model")),
     BadInput("anima-save-non-finite-context", _save_non_finite_context, TokenOptimizationFailed,
-             ("nan or inf", "nothing was saved")),
+             ("tokens", "nan or inf", "nothing was saved")),
+    BadInput("anima-save-non-finite-loss-history", lambda r: _save_non_finite_context(r, history=float("inf")),
+             TokenOptimizationFailed, ("loss_history", "nothing was saved")),
 ]
 
 
