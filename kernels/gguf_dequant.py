@@ -35,6 +35,7 @@ class QuantType:
     type_size: int
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     float_dtype: torch.dtype | None = None
+    scale_offsets: tuple[int, ...] = ()   # byte offsets of the block's fp16 scale fields
 
     def row_bytes(self, row: int) -> int:
         """Bytes one row of `row` weights takes (row must be a multiple of the block size)."""
@@ -77,8 +78,11 @@ def _split_bits(packed: torch.Tensor, groups: int, shifts: Sequence[int], mask: 
 # ------------------------------------------------------------------------------- 32-weight blocks
 
 
+# The decoders widen the codes once and scale that tensor in place: at a few bytes per weight every
+# full-size temporary costs as much time as the arithmetic.
+
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks[:, 2:].view(torch.int8).float() * _f16(blocks, 0)
+    return blocks[:, 2:].view(torch.int8).float().mul_(_f16(blocks, 0))
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -92,21 +96,21 @@ def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    return (_nibbles(blocks[:, 2:]).float() - 8.0) * _f16(blocks, 0)
+    return _nibbles(blocks[:, 2:]).float().sub_(8.0).mul_(_f16(blocks, 0))
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    return _nibbles(blocks[:, 4:]).float() * _f16(blocks, 0) + _f16(blocks, 2)
+    return _nibbles(blocks[:, 4:]).float().mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 6:]) | (_fifth_bits(blocks[:, 2:6]) << 4)
-    return (q.float() - 16.0) * _f16(blocks, 0)
+    return q.float().sub_(16.0).mul_(_f16(blocks, 0))
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 8:]) | (_fifth_bits(blocks[:, 4:8]) << 4)
-    return q.float() * _f16(blocks, 0) + _f16(blocks, 2)
+    return q.float().mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
 
 
 # ------------------------------------------------------------------------------- K types (256 weights)
@@ -117,9 +121,9 @@ def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     scales = blocks[:, :16]
     q = _split_bits(blocks[:, 16:80], 2, (0, 2, 4, 6), 0x03).reshape(n, 16, 16).float()
-    d = _f16(blocks, 80)[:, :, None]
-    dmin = _f16(blocks, 82)[:, :, None]
-    return (d * (scales & 0x0F).float()[:, :, None] * q - dmin * (scales >> 4).float()[:, :, None]).reshape(n, QK_K)
+    step = _f16(blocks, 80) * (scales & 0x0F).float()
+    offset = _f16(blocks, 82) * (scales >> 4).float()
+    return q.mul_(step[:, :, None]).sub_(offset[:, :, None]).reshape(n, QK_K)
 
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -127,13 +131,13 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     low = _split_bits(blocks[:, 32:96], 2, (0, 2, 4, 6), 0x03).reshape(n, QK_K)
     high = _split_bits(blocks[:, :32], 1, range(8), 1).reshape(n, QK_K)
-    q = low.to(torch.int32) - 4 * (1 - high.to(torch.int32))
+    codes = low | (high << 2)          # 0..7; minus 4 is the signed code (bit clear = offset -4)
     packed = blocks[:, 96:108]
     lo4 = _split_bits(packed[:, :8], 1, (0, 4), 0x0F).reshape(n, 16)
     hi2 = _split_bits(packed[:, 8:12], 1, (0, 2, 4, 6), 0x03).reshape(n, 16)
     scale = (lo4 | (hi2 << 4)).to(torch.int32) - 32
-    d = _f16(blocks, 108)[:, :, None]
-    return (d * scale.float()[:, :, None] * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+    step = _f16(blocks, 108) * scale.float()
+    return codes.reshape(n, 16, 16).float().sub_(4.0).mul_(step[:, :, None]).reshape(n, QK_K)
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +156,7 @@ def _scaled_with_min(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     scale, minimum = _k_scales(blocks[:, 4:16])
     d = _f16(blocks, 0)
     dmin = _f16(blocks, 2)
-    out = (d * scale.float())[:, :, None] * q.float() - (dmin * minimum.float())[:, :, None]
-    return out.reshape(n, QK_K)
+    return q.float().mul_((d * scale.float())[:, :, None]).sub_((dmin * minimum.float())[:, :, None]).reshape(n, QK_K)
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -175,28 +178,38 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     low = _split_bits(blocks[:, :128], 2, (0, 4), 0x0F).reshape(n, QK_K)
     high = _split_bits(blocks[:, 128:192], 2, (0, 2, 4, 6), 0x03).reshape(n, QK_K)
-    q = (low | (high << 4)).to(torch.int32) - 32
+    codes = low | (high << 4)          # 0..63; minus 32 is the signed code
     scale = blocks[:, 192:208].view(torch.int8).float()
-    d = _f16(blocks, 208)[:, :, None]
-    return (d * scale[:, :, None] * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+    step = _f16(blocks, 208) * scale
+    return codes.reshape(n, 16, 16).float().sub_(32.0).mul_(step[:, :, None]).reshape(n, QK_K)
 
 
 QUANT_TYPES: dict[int, QuantType] = {t.ggml_id: t for t in (
     QuantType("F32", 0, 1, 4, float_dtype=torch.float32),
     QuantType("F16", 1, 1, 2, float_dtype=torch.float16),
-    QuantType("Q4_0", 2, 32, 18, _q4_0),
-    QuantType("Q4_1", 3, 32, 20, _q4_1),
-    QuantType("Q5_0", 6, 32, 22, _q5_0),
-    QuantType("Q5_1", 7, 32, 24, _q5_1),
-    QuantType("Q8_0", 8, 32, 34, _q8_0),
-    QuantType("Q2_K", 10, QK_K, 84, _q2_k),
-    QuantType("Q3_K", 11, QK_K, 110, _q3_k),
-    QuantType("Q4_K", 12, QK_K, 144, _q4_k),
-    QuantType("Q5_K", 13, QK_K, 176, _q5_k),
-    QuantType("Q6_K", 14, QK_K, 210, _q6_k),
+    QuantType("Q4_0", 2, 32, 18, _q4_0, scale_offsets=(0,)),
+    QuantType("Q4_1", 3, 32, 20, _q4_1, scale_offsets=(0, 2)),
+    QuantType("Q5_0", 6, 32, 22, _q5_0, scale_offsets=(0,)),
+    QuantType("Q5_1", 7, 32, 24, _q5_1, scale_offsets=(0, 2)),
+    QuantType("Q8_0", 8, 32, 34, _q8_0, scale_offsets=(0,)),
+    QuantType("Q2_K", 10, QK_K, 84, _q2_k, scale_offsets=(80, 82)),
+    QuantType("Q3_K", 11, QK_K, 110, _q3_k, scale_offsets=(108,)),
+    QuantType("Q4_K", 12, QK_K, 144, _q4_k, scale_offsets=(0, 2)),
+    QuantType("Q5_K", 13, QK_K, 176, _q5_k, scale_offsets=(0, 2)),
+    QuantType("Q6_K", 14, QK_K, 210, _q6_k, scale_offsets=(208,)),
     QuantType("BF16", 30, 1, 2, float_dtype=torch.bfloat16),
 )}
 QUANT_BY_NAME: dict[str, QuantType] = {t.name: t for t in QUANT_TYPES.values()}
+
+
+def random_blocks(qtype: QuantType, n_blocks: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [n_blocks, type_size] of random codes with finite fp16 scales in [-2, 2): every bit pattern
+    a real file can hold, for checking decoders against a reference and for timing them."""
+    raw = torch.randint(0, 256, (n_blocks, qtype.type_size), dtype=torch.uint8, generator=generator)
+    for start in qtype.scale_offsets:
+        scales = (torch.rand(n_blocks, 1, generator=generator) * 4 - 2).to(torch.float16)
+        raw[:, start:start + 2] = scales.view(torch.uint8)
+    return raw
 
 
 def quant_type(ggml_id: int, name: str | None = None) -> QuantType:
