@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
-from ..kernels.gguf_linear import GGUFLinear
 from .checkpoint import CheckpointError, check_state_dict
+from .gguf_build import default_compute_dtype, describe_types, fill_from_gguf
 from .gguf_file import GGUFFile
 from .wan.config import detect_config, strip_dit_prefix
 from .wan.dit import WanDiT
@@ -49,36 +48,10 @@ def load_wan_dit_gguf(path: str, dtype: torch.dtype | None = None, device: torch
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()},
                      f"the {config.name} Wan DiT ({path})")
-    probe = tensors["blocks.0.self_attn.q.weight"].qtype
-    compute = dtype or (probe.float_dtype if probe.float_dtype in (torch.float16, torch.bfloat16, torch.float32)
-                        else torch.bfloat16)
-    block_linears = {key[: -len(".weight")] for key in model.quantizable_keys()}
-    quantized = {name for name in block_linears if tensors[name + ".weight"].quantized}
-    for name in quantized:
-        _replace(model, name, _gguf_linear_like(model.get_submodule(name), tensors[name + ".weight"].qtype))
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    state = {}
-    for key, tensor in tensors.items():
-        layer = key.rsplit(".", 1)[0]
-        if layer in quantized and key.endswith(".weight"):
-            state[key] = tensor.packed().to(target)
-        else:
-            # half-precision block weights stay as stored; CastLinear upcasts them per layer
-            stored = tensor.qtype.float_dtype
-            keep = layer in block_linears and key.endswith(".weight") and stored in (torch.float16, torch.bfloat16)
-            state[key] = tensor.to_float(stored if keep else compute).to(target)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False)
+    compute = dtype or default_compute_dtype(tensors["blocks.0.self_attn.q.weight"].qtype)
+    block_linears = [key[: -len(".weight")] for key in model.quantizable_keys()]
+    packed = fill_from_gguf(model, tensors, block_linears, compute, device)
     log.info("GGUF %s: %s; %d block Linears dequantize at run time", path.rsplit("/", 1)[-1],
-             ", ".join(f"{k} x{v}" for k, v in sorted(file.type_counts().items())), len(quantized))
-    return model.eval()
+             describe_types(file.type_counts()), packed)
+    return model
 
-
-def _gguf_linear_like(linear: nn.Linear, qtype) -> GGUFLinear:
-    with torch.device("meta"):
-        return GGUFLinear(linear.in_features, linear.out_features, qtype, bias=linear.bias is not None)
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -103,6 +103,9 @@ def write_gguf(path, tensors: Mapping[str, tuple[np.ndarray, Q]], arch: str | No
         elif qtype == Q.F16:
             writer.add_tensor(name, stored.astype(np.float16))
             back = stored.astype(np.float16).astype(np.float32)
+        elif stored.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:   # rows that fill no block: kept F16
+            writer.add_tensor(name, stored.astype(np.float16))
+            back = stored.astype(np.float16).astype(np.float32)
         else:
             packed = quantize(stored, qtype)
             writer.add_tensor(name, packed, raw_dtype=qtype)
@@ -130,3 +133,35 @@ def write_wan_dit(path, sd: Mapping[str, torch.Tensor], mix: str, prefix: str = 
             plan[prefix + name] = (array, Q.F32)
     held = write_gguf(path, plan)
     return {k[len(prefix):]: v for k, v in held.items()}
+
+
+# Official umT5 names -> llama.cpp's (what its converter writes for T5 encoders).
+_UMT5_LLAMA_CPP = {"attn.q.weight": "attn_q.weight", "attn.k.weight": "attn_k.weight", "attn.v.weight": "attn_v.weight",
+                   "attn.o.weight": "attn_o.weight", "pos_embedding.embedding.weight": "attn_rel_b.weight",
+                   "norm1.weight": "attn_norm.weight", "norm2.weight": "ffn_norm.weight",
+                   "ffn.gate.0.weight": "ffn_gate.weight", "ffn.fc1.weight": "ffn_up.weight",
+                   "ffn.fc2.weight": "ffn_down.weight"}
+
+
+def llama_cpp_umt5_name(name: str) -> str:
+    if name == "token_embedding.weight":
+        return "token_embd.weight"
+    if name == "norm.weight":
+        return "enc.output_norm.weight"
+    _, index, rest = name.split(".", 2)
+    return f"enc.blk.{index}.{_UMT5_LLAMA_CPP[rest]}"
+
+
+def write_umt5(path, sd: Mapping[str, torch.Tensor], mix: str, arch: str = "t5encoder") -> dict[str, torch.Tensor]:
+    """An official-name umT5 state dict as a llama.cpp-named GGUF; returns the held values under
+    official names. Block Linears and the embedding get the mix's types, norms and biases F32."""
+    choose = wan_mix(mix)
+    plan = {}
+    for name, value in sd.items():
+        array = value.float().numpy()
+        linear = name.startswith("blocks.") and (".attn." in name or ".ffn." in name)
+        qtype = choose(name) if linear or name == "token_embedding.weight" else Q.F32
+        plan[llama_cpp_umt5_name(name)] = (array, qtype)
+    held = write_gguf(path, plan, arch=arch)
+    back = {llama_cpp_umt5_name(name): name for name in sd}
+    return {back[k]: v for k, v in held.items()}

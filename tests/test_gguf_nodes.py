@@ -12,14 +12,17 @@ from safetensors.torch import load_file
 from slipstream import NODE_CLASS_MAPPINGS as N
 from slipstream.kernels.gguf_linear import GGUFLinear
 from slipstream.kernels.precision import UnsupportedDtypeError
+from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import demo_assets as assets
+from slipstream.models.wan.t5 import UMT5Encoder
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
-from gguf_fixtures import write_wan_dit  # noqa: E402
+from gguf_fixtures import write_umt5, write_wan_dit  # noqa: E402
 from test_wan_nodes import _text_embeds, _write_lora  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 GGUF_T2V = "wan_tiny_t2v-Q8_0.gguf"
+GGUF_UMT5 = "umt5_tiny-Q8_0.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,12 @@ def tiny_models(tmp_path_factory):
     assets.write_tiny_wan_models(root / "models", root / "input", image_to_video=False)
     folder = root / "models" / "diffusion_models"
     write_wan_dit(folder / GGUF_T2V, load_file(str(folder / assets.DIT_T2V)), "Q8_0")
+    text = root / "models" / "text_encoders"
+    (text / "gguf").mkdir()
+    official = UMT5Encoder.from_file(str(text / assets.TEXT_ENCODER), dtype=torch.float32).state_dict()
+    write_umt5(text / "gguf" / GGUF_UMT5, official, "Q8_0")
+    (text / "gguf" / "spiece.model").write_bytes(assets.tiny_spiece_model())
+    write_umt5(text / "no_tokenizer.gguf", official, "Q8_0")
     return root
 
 
@@ -92,3 +101,25 @@ def test_lora_merges_into_packed_layers(gguf_dirs):
 def test_quantizing_a_gguf_again_is_refused(gguf_dirs):
     with pytest.raises(UnsupportedDtypeError, match="GGUF file, already quantized.*'disabled'"):
         _load(GGUF_T2V, "fp8_e4m3fn")
+
+
+def _encode(name, prompt="a red fox runs through fresh snow"):
+    (encoder,) = _node("SlipstreamWanTextEncoderLoader")(name, "fp32", "offload_device")
+    (embeds,) = _node("SlipstreamWanTextEncode")(encoder, prompt, "blurry", "gpu", True)
+    return encoder, embeds
+
+
+def test_gguf_text_encoder_is_listed_and_encodes_like_the_float_file(gguf_dirs):
+    choices = N["SlipstreamWanTextEncoderLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert f"gguf/{GGUF_UMT5}" in choices and assets.TEXT_ENCODER in choices
+    handle, embeds = _encode(f"gguf/{GGUF_UMT5}")
+    assert isinstance(handle.encoder.blocks[0].attn.q, GGUFLinear)
+    _, reference = _encode(assets.TEXT_ENCODER)
+    assert [t.shape for t in embeds.positive] == [t.shape for t in reference.positive]
+    rel = float((embeds.positive[0] - reference.positive[0]).norm() / reference.positive[0].norm())
+    assert 0 < rel < 0.05, f"Q8_0 umT5 strays {rel:.4f} from the float file"
+
+
+def test_gguf_text_encoder_without_a_tokenizer_says_what_to_add(gguf_dirs):
+    with pytest.raises(CheckpointError, match="spiece.model"):
+        _encode("no_tokenizer.gguf")
