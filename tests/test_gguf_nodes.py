@@ -18,9 +18,11 @@ from slipstream.models.wan.t5 import UMT5Encoder
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
 from gguf_fixtures import write_umt5, write_wan_dit  # noqa: E402
-from test_wan_nodes import _text_embeds, _write_lora  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+# wan_dirs points the host at this module's tiny_models (pytest resolves the fixture it asks for here)
+from test_wan_nodes import _node, _text_embeds, _write_lora, wan_dirs  # noqa: E402, F401
+
+pytestmark = pytest.mark.usefixtures("single_thread", "wan_dirs")
 GGUF_T2V = "wan_tiny_t2v-Q8_0.gguf"
 GGUF_UMT5 = "umt5_tiny-Q8_0.gguf"
 
@@ -40,20 +42,6 @@ def tiny_models(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def gguf_dirs(tiny_models, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
-    monkeypatch.setenv("SLIPSTREAM_INPUT", str(tiny_models / "input"))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
-    monkeypatch.setenv("SLIPSTREAM_TEMP", str(tmp_path / "temp"))
-    return tiny_models
-
-
-def _node(node_id):
-    cls = N[node_id]
-    return getattr(cls(), cls.FUNCTION)
-
-
 def _sample(model, embeds):
     (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 9)
     (latent,) = _node("SlipstreamWanSampler")(model, empty, embeds, 2, 5.0, 5.0, 3, "unipc", 1.0, True, "auto")
@@ -65,12 +53,12 @@ def _load(name, quantization="disabled", **kw):
     return model
 
 
-def test_gguf_files_are_listed_with_the_others(gguf_dirs):
+def test_gguf_files_are_listed_with_the_others():
     choices = N["SlipstreamWanModelLoader"].INPUT_TYPES()["required"]["model"][0]
     assert GGUF_T2V in choices and assets.DIT_T2V in choices
 
 
-def test_gguf_samples_like_the_float_file_with_and_without_block_swap(gguf_dirs):
+def test_gguf_samples_like_the_float_file_with_and_without_block_swap():
     embeds = _text_embeds()
     model = _load(GGUF_T2V)
     assert isinstance(model.dit.blocks[0].self_attn.q, GGUFLinear)
@@ -84,8 +72,8 @@ def test_gguf_samples_like_the_float_file_with_and_without_block_swap(gguf_dirs)
     assert 0 < rel < 0.05, f"Q8_0 strays {rel:.4f} from the float file"
 
 
-def test_lora_merges_into_packed_layers(gguf_dirs):
-    _write_lora(gguf_dirs / "models" / "loras" / "tiny_lora.safetensors")
+def test_lora_merges_into_packed_layers(tiny_models):
+    _write_lora(tiny_models / "models" / "loras" / "tiny_lora.safetensors")
     (chain,) = _node("SlipstreamWanLoraSelect")("tiny_lora.safetensors", 0.5)
     plain, patched = _load(GGUF_T2V), _load(GGUF_T2V, lora=chain)
     float_plain, float_patched = _load(assets.DIT_T2V), _load(assets.DIT_T2V, lora=chain)
@@ -98,7 +86,7 @@ def test_lora_merges_into_packed_layers(gguf_dirs):
     assert torch.equal(untouched.weight, plain.dit.blocks[1].self_attn.q.weight)
 
 
-def test_quantizing_a_gguf_again_is_refused(gguf_dirs):
+def test_quantizing_a_gguf_again_is_refused():
     with pytest.raises(UnsupportedDtypeError, match="GGUF file, already quantized.*'disabled'"):
         _load(GGUF_T2V, "fp8_e4m3fn")
 
@@ -109,7 +97,7 @@ def _encode(name, prompt="a red fox runs through fresh snow"):
     return encoder, embeds
 
 
-def test_gguf_text_encoder_is_listed_and_encodes_like_the_float_file(gguf_dirs):
+def test_gguf_text_encoder_is_listed_and_encodes_like_the_float_file():
     choices = N["SlipstreamWanTextEncoderLoader"].INPUT_TYPES()["required"]["model_name"][0]
     assert f"gguf/{GGUF_UMT5}" in choices and assets.TEXT_ENCODER in choices
     handle, embeds = _encode(f"gguf/{GGUF_UMT5}")
@@ -120,6 +108,6 @@ def test_gguf_text_encoder_is_listed_and_encodes_like_the_float_file(gguf_dirs):
     assert 0 < rel < 0.05, f"Q8_0 umT5 strays {rel:.4f} from the float file"
 
 
-def test_gguf_text_encoder_without_a_tokenizer_says_what_to_add(gguf_dirs):
+def test_gguf_text_encoder_without_a_tokenizer_says_what_to_add():
     with pytest.raises(CheckpointError, match="spiece.model"):
         _encode("no_tokenizer.gguf")
