@@ -38,7 +38,10 @@ from ..models.quant_presets import BY_NAME, MODEL_TYPES, detect, resolve
 log = logging.getLogger("slipstream.int8")
 
 CATEGORY = "Slipstream/INT8"
-WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16", "bf16", "fp32")
+# The INT8-Fast pack's float weight_dtype values (its workflows store them): the precision the layers that
+# stay floating point are kept and computed in.
+FLOAT_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # ConvRot for on-the-fly layers: channel outliers in real DiT activations cost plain W8A8 ~5×
 # its error (int8.md §4.5); rotation brings it back to the Gaussian floor.
 ROTATE_ON_THE_FLY = True
@@ -51,6 +54,8 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
         raise UnsupportedDtypeError(f"Unknown weight_dtype '{weight_dtype}'. Valid choices: {', '.join(WEIGHT_DTYPES)}.")
     if weight_dtype == "default":
         return None, False, "float layers keep the file's precision"
+    if weight_dtype in FLOAT_WEIGHT_DTYPES:
+        return None, False, f"float layers in {weight_dtype}"
     dtype = fp8_dtype(weight_dtype)
     note = f"float layers stored in scaled {weight_dtype.removesuffix('_fast')}"
     if weight_dtype == "fp8_e5m2":
@@ -95,7 +100,9 @@ class LoadDiffusionModelInt8:
                     "default": "default",
                     "tooltip": "Storage of the layers that stay floating point (never the int8 ones). default: as "
                                "in the file. fp8_e4m3fn / fp8_e5m2: scaled fp8, saving memory. fp8_e4m3fn_fast: "
-                               "also multiplies those layers in fp8 on GPUs that can (RTX 40xx, H100)."}),
+                               "also multiplies those layers in fp8 on GPUs that can (RTX 40xx, H100). fp16 / "
+                               "bf16 / fp32: those layers converted to that precision (as INT8-Fast workflows "
+                               "set it)."}),
                 "model_type": (list(MODEL_TYPES), {
                     "default": "auto",
                     "tooltip": "Which family's layers to keep float when quantizing on the fly. auto detects it "
@@ -106,20 +113,30 @@ class LoadDiffusionModelInt8:
                     "tooltip": "Quantize float layers to int8 while loading (with ConvRot rotation for accuracy). "
                                "Layers already int8 in the file always load as int8. Save the result with "
                                "'Save INT8 Model' to skip this step next time."}),
-            }
+            },
+            "optional": {
+                "enable_convrot": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "ConvRot (Hadamard rotation) for layers quantized on the fly: about GGUF Q8 quality "
+                               "at ~1.1x the time. Off: plain W8A8, faster, larger error on real activations. "
+                               "Pre-quantized layers keep the rotation their file records."}),
+            },
         }
 
-    def load_unet(self, unet_name: str, weight_dtype: str, model_type: str, on_the_fly_quantization: bool):
+    def load_unet(self, unet_name: str, weight_dtype: str, model_type: str, on_the_fly_quantization: bool,
+                  enable_convrot: bool = True):
         path = model_path("diffusion_models", unet_name)
         device = compute_device()
         storage, fast, storage_note = storage_plan(weight_dtype, device)
         metadata = read_metadata(path)
         sd, fmt = normalize(load_state_dict(path), metadata)
+        if weight_dtype in FLOAT_WEIGHT_DTYPES:
+            _convert_float_tensors(sd, FLOAT_WEIGHT_DTYPES[weight_dtype])
         resolution = resolve(model_type, sd.keys())
         if not fmt.prequantized and not on_the_fly_quantization:
             log.warning("%s has no int8 layers and on_the_fly_quantization is off: it loads as a float model. "
                         "Turn on on_the_fly_quantization to get int8.", unet_name)
-        plan = QuantPlan(on_the_fly=bool(on_the_fly_quantization), rotation=ROTATE_ON_THE_FLY,
+        plan = QuantPlan(on_the_fly=bool(on_the_fly_quantization), rotation=ROTATE_ON_THE_FLY and bool(enable_convrot),
                          exclude=resolution.rules, float_storage=storage, fp8_fast=fast,
                          work_device=device if device.type == "cuda" else None)
         pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
@@ -149,6 +166,18 @@ class LoadDiffusionModelInt8:
         module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
         wrapper = QuantizedDiffusionModel(module, family, report)
         return ModelPatcher(wrapper, device, offload_device()), report
+
+
+def _convert_float_tensors(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Plain float tensors to `dtype`, in place, one at a time; int8, fp8 and scale tensors stay as they are
+    (their precision is the quantized format's)."""
+    for key, value in sd.items():
+        if value.dtype in (torch.float16, torch.bfloat16, torch.float32) and not key.endswith(_SCALE_SUFFIXES):
+            sd[key] = value.to(dtype)
+
+
+# Tensors that belong to a quantized layer's format (kept float32 by every producer).
+_SCALE_SUFFIXES = (".weight_scale", ".scale_weight", ".input_scale", ".scale_input")
 
 
 class SaveInt8Model:

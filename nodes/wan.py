@@ -19,11 +19,13 @@ from ..host import (
     compute_device,
     list_models,
     make_room,
+    model_folders,
     model_path,
     offload_device,
     soft_empty_cache,
     vram_info,
 )
+from ..host.paths import list_model_files
 from ..kernels.attention import backend_choices, require_backend
 from ..kernels.blockswap import plan_block_swap, unit_bytes
 from ..kernels.precision import (
@@ -34,6 +36,7 @@ from ..kernels.precision import (
     supports_fp8_matmul,
 )
 from ..models.checkpoint import load_state_dict
+from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
 from ..models.wan.feta import FetaArgs
@@ -252,10 +255,26 @@ def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -
     return fp8_dtype(quantization)
 
 
+def _diffusion_model_files() -> list[str]:
+    """The diffusion_models folder's files, GGUF included (ComfyUI's own list leaves .gguf out)."""
+    gguf_files = list_model_files(model_folders("diffusion_models"), GGUF_EXTS)
+    return sorted(set(list_models("diffusion_models")) | set(gguf_files))
+
+
+def _load_gguf_dit(path: str, quantization: str, dtype: torch.dtype, device, attention_mode: str) -> WanDiT:
+    """A GGUF DiT: its block weights stay quantized as the file has them (per-layer dequant)."""
+    if quantization != "disabled":
+        raise UnsupportedDtypeError(f"{path.rsplit('/', 1)[-1]} is a GGUF file, already quantized; set "
+                                    f"quantization to 'disabled' (it was '{quantization}').")
+    from ..models.gguf_wan import load_wan_dit_gguf
+    return load_wan_dit_gguf(path, dtype=dtype, device=device, attention_backend=attention_mode)
+
+
 class WanModelLoader:
     DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V or I2V, 1.3B or 14B, VACE, Fun InP/Control, Phantom; "
-                   "official, ComfyUI or kijai file names and fp8 files) for the Wan Sampler. fp8 storage halves VRAM; block swap keeps blocks "
-                   "in RAM; LoRAs are merged at load.")
+                   "official, ComfyUI or kijai file names, fp8 files and GGUF files) for the Wan Sampler. fp8 "
+                   "storage halves VRAM; GGUF files stay quantized and are expanded layer by layer; block swap "
+                   "keeps blocks in RAM; LoRAs are merged at load.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("SLIP_WAN_MODEL",)
@@ -265,9 +284,10 @@ class WanModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (list_models("diffusion_models") or ["(no models found)"],
+            "model": (_diffusion_model_files() or ["(no models found)"],
                       {"tooltip": "Wan 2.1 DiT file from models/diffusion_models, e.g. "
-                                  "wan2.1_t2v_1.3B_fp16.safetensors."}),
+                                  "wan2.1_t2v_1.3B_fp16.safetensors, or a GGUF such as "
+                                  "wan2.1-t2v-14b-Q4_K_M.gguf (keep quantization 'disabled')."}),
             "base_precision": (list(PRECISIONS), {"default": "bf16",
                                                   "tooltip": "Compute precision. bf16 on RTX 30xx and newer, fp16 on "
                                                              "older GPUs, fp32 on CPU."}),
@@ -294,13 +314,16 @@ class WanModelLoader:
         path = model_path("diffusion_models", model)
         device = compute_device()
         dtype = resolve_dtype(base_precision, device)
-        weight_dtype = _weight_dtype(quantization, device, dtype)
+        weight_dtype = None if is_gguf(path) else _weight_dtype(quantization, device, dtype)
         resident = device if load_device == "main_device" else offload_device()
         swap = block_swap_args
         swapping = swap is not None and (swap.blocks_to_swap > 0 or swap.offload_txt_emb or swap.offload_img_emb)
         staging = offload_device() if (swapping or lora) else resident
-        dit = WanDiT.from_file(path, dtype=dtype, device=staging, weight_dtype=weight_dtype,
-                               attention_backend=attention_mode)
+        if is_gguf(path):
+            dit = _load_gguf_dit(path, quantization, dtype, staging, attention_mode)
+        else:
+            dit = WanDiT.from_file(path, dtype=dtype, device=staging, weight_dtype=weight_dtype,
+                                   attention_backend=attention_mode)
         if lora:
             _merge_loras(dit, lora)
         if quantization == "int8_w8a8":

@@ -14,12 +14,15 @@ from ..host import (
     ProgressBar,
     compute_device,
     list_models,
+    model_folders,
     model_path,
     offload_device,
     soft_empty_cache,
 )
+from ..host.paths import list_model_files
 from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
+from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.encoders import (
     WanClipVisionHandle,
     WanTextEncoderHandle,
@@ -33,7 +36,7 @@ from ..models.wan.encoders import (
 from ..models.wan.pipeline import WanImageEmbeds, round_video_size
 from ..models.wan.t5 import UMT5Encoder
 from ..models.wan.tiling import Tiling
-from ..models.wan.tokenizer import load_tokenizer
+from ..models.wan.tokenizer import UMT5Tokenizer, load_tokenizer
 from ..models.wan.vae import WanVAE
 from .wan import CATEGORY, LOAD_DEVICES, PRECISIONS
 
@@ -75,9 +78,22 @@ def _tiling(enabled: bool, tile_size: int, tile_overlap: int) -> Tiling | None:
 # ---------------------------------------------------------------------------------- text
 
 
+def _text_encoder_files() -> list[str]:
+    """The text_encoders folder's files, GGUF included (ComfyUI's own list leaves .gguf out)."""
+    return sorted(set(list_models("text_encoders")) | set(list_model_files(model_folders("text_encoders"), GGUF_EXTS)))
+
+
+def _load_gguf_umt5(path: str, dtype: torch.dtype, device) -> tuple[UMT5Encoder, UMT5Tokenizer]:
+    """A GGUF umT5 (llama.cpp naming): Linears stay quantized; the tokenizer is spiece.model beside it."""
+    from ..models.gguf_t5 import load_umt5_gguf
+    tokenizer = load_tokenizer(path)   # before the weights: a missing tokenizer fails fast
+    return load_umt5_gguf(path, dtype=dtype, device=device), tokenizer
+
+
 class WanTextEncoderLoader:
     DESCRIPTION = ("Loads the umT5-XXL text encoder Wan 2.1 uses (ComfyUI's umt5_xxl_*.safetensors with its "
-                   "tokenizer inside, or the official .pth with spiece.model beside it).")
+                   "tokenizer inside, the official .pth with spiece.model beside it, or a GGUF encoder such as "
+                   "umt5-xxl-encoder-Q8_0.gguf with spiece.model beside it).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("SLIP_WAN_TEXT_ENCODER",)
@@ -87,9 +103,10 @@ class WanTextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (list_models("text_encoders") or ["(no text encoders found)"],
+            "model_name": (_text_encoder_files() or ["(no text encoders found)"],
                            {"tooltip": "umT5-XXL file from models/text_encoders, e.g. umt5_xxl_fp8_e4m3fn_scaled."
-                                       "safetensors."}),
+                                       "safetensors, or a GGUF (umt5-xxl-encoder-Q8_0.gguf) with spiece.model "
+                                       "beside it."}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Compute precision of the encoder."}),
             "load_device": (list(OFFLOAD_FIRST), {"default": "offload_device",
                                                   "tooltip": "Where it waits between uses (RAM keeps VRAM free "
@@ -99,6 +116,9 @@ class WanTextEncoderLoader:
     def load(self, model_name, precision, load_device):
         path = model_path("text_encoders", model_name)
         resident = _device(load_device)
+        if is_gguf(path):
+            encoder, tokenizer = _load_gguf_umt5(path, resolve_dtype(precision, compute_device()), resident)
+            return (WanTextEncoderHandle(encoder, tokenizer, model_name, resident),)
         sd = load_state_dict(path)
         tokenizer = load_tokenizer(path, sd)
         encoder = UMT5Encoder.from_state_dict(sd, dtype=resolve_dtype(precision, compute_device()),

@@ -173,11 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run the CPU-runnable example workflows on tiny models")
     p_demo.add_argument("names", nargs="*", help="demo names to run (default: all)")
     p_demo.add_argument("--workdir", help="where models/input/output go (default: a new temp folder)")
+    p_migrate = sub.add_parser("migrate-int8", help="rewrite a ComfyUI-INT8-Fast workflow's LoRA loaders as "
+                                                    "core LoraLoaderModelOnly nodes")
+    p_migrate.add_argument("workflow", help="the workflow JSON (UI or API format)")
+    p_migrate.add_argument("output", help="where the migrated workflow is written")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
     if args.command == "nodes":
         print(nodes_markdown() if args.markdown else list_nodes(args.json))
+        return 0
+    if args.command == "migrate-int8":
+        from .migrate import migrate_file
+
+        print(migrate_file(args.workflow, args.output).summary())
         return 0
     _install_sigint()
     from .graph import WorkflowError

@@ -42,8 +42,19 @@ def _alias_for_pytest_package_setup(package) -> None:
     sys.modules under that name, so both names point at the package loaded above.
     """
     for alias in (REPO_ROOT.name, "__init__"):
-        if alias.isidentifier():
+        if alias.isidentifier() and not _installed_elsewhere(alias):
             sys.modules.setdefault(alias, package)
+
+
+def _installed_elsewhere(name: str) -> bool:
+    """True when `name` is an installed module other than this clone (a clone folder named like a
+    dependency, e.g. "gguf", must not hide that dependency from the tests)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None)
+    return origin is not None and Path(origin).resolve() != (REPO_ROOT / "__init__.py").resolve()
 
 
 _load_repo_as_package()
