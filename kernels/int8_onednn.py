@@ -9,7 +9,6 @@ Exact per-row activation scales: the kernel takes one activation scale per call.
 quantized per row as everywhere else, the kernel runs with a unit activation scale and the
 weight scales (so it returns `acc · w_scale` in fp32, the same product the `_int_mm` path forms),
 and the row scales and bias are applied after it, in row chunks whose fp32 block stays in cache.
-A single row passes its scale and bias to the kernel directly: one call, no epilogue.
 
 When it is used — by CPU features, read at run time, never by vendor: AMX (`amx_int8`) or an
 int8 dot-product instruction (AVX512-VNNI / AVX-VNNI). Without one, oneDNN's u8×s8 multiply
@@ -242,40 +241,32 @@ def _weight_scales(weight_scale: torch.Tensor, n: int) -> torch.Tensor:
     return scale.expand(n).contiguous() if scale.numel() == 1 else scale
 
 
+def _pointwise(x8: torch.Tensor, packed: PackedInt8Weight, w_scales: torch.Tensor) -> torch.Tensor:
+    """fp32 x8 · Wᵀ · w_scales from oneDNN's packed kernel (unit activation scale, no bias)."""
+    return torch.ops.onednn.qlinear_pointwise(x8, 1.0, 0, packed.packed, w_scales, packed.zero_points, None,
+                                              1.0, 0, torch.float32, "none", [], "")
+
+
 def linear(x8: torch.Tensor, act_scale: torch.Tensor, weight: PackedInt8Weight, weight_scale: torch.Tensor,
            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor | None:
-    """[M, N] in `out_dtype` = (x8 · Wᵀ) · act_scale · weight_scale + bias, or None if oneDNN refuses.
+    """[M, N] in `out_dtype` = (x8 · Wᵀ) · weight_scale · act_scale + bias, or None if oneDNN refuses.
 
-    `x8` int8 [M, K] and `act_scale` fp32 [M, 1] come from the per-row quantizer.
+    `x8` int8 [M, K] and `act_scale` fp32 [M, 1] come from the per-row quantizer. The products
+    are formed in the same order and precision as the `_int_mm` path's epilogue (acc · w_scale,
+    then · act_scale + bias in fp32), so both paths give the same output.
     """
     m = x8.shape[0]
     n = weight.shape[0]
     w_scales = _weight_scales(weight_scale, n)
-    op = torch.ops.onednn.qlinear_pointwise
+    b = None if bias is None else bias.to(torch.float32)
+    out = torch.empty(m, n, dtype=out_dtype)
+    step = max(16, _EPILOGUE_BLOCK_BYTES // (4 * n) // 16 * 16)
     try:
-        if m == 1:
-            b = None if bias is None else bias.float()
-            return op(x8, float(act_scale.reshape(())), 0, weight.packed, w_scales, weight.zero_points, b,
-                      1.0, 0, out_dtype, "none", [], "")
-        out = torch.empty(m, n, dtype=out_dtype)
-        step = max(16, _EPILOGUE_BLOCK_BYTES // (4 * n) // 16 * 16)
-        b = None if bias is None else bias.to(torch.float32)
         for i in range(0, m, step):
-            y = op(x8[i:i + step], 1.0, 0, weight.packed, w_scales, weight.zero_points, None, 1.0, 0,
-                   torch.float32, "none", [], "")
-            rows = act_scale[i:i + step]
-            if out_dtype == torch.float32:
-                if b is None:
-                    torch.mul(y, rows, out=out[i:i + step])
-                else:
-                    torch.addcmul(b, y, rows, out=out[i:i + step])
-            else:
-                if b is None:
-                    y.mul_(rows)
-                else:
-                    torch.addcmul(b, y, rows, out=y)
-                out[i:i + step].copy_(y)
-        return out
+            y = _pointwise(x8[i:i + step], weight, w_scales)
+            rows, dst = act_scale[i:i + step], out[i:i + step]   # computed in fp32, rounded once to dst
+            torch.mul(y, rows, out=dst) if b is None else torch.addcmul(b, y, rows, out=dst)
     except Exception as exc:
         _report_refusal(f"an input of {m} rows for a {n}x{x8.shape[1]} layer", exc)
         return None
+    return out
