@@ -50,7 +50,7 @@ from ..kernels.int8 import (
 )
 from ..kernels.int8_onednn import PackedInt8Weight
 from ..kernels.precision import is_fp8
-from ..kernels.quant_layer import QuantPlan, QuantReport, prepare_linear
+from ..kernels.quant_layer import QuantPlan, QuantReport, main_float_dtype, prepare_linear
 
 
 def _lora_seed(key: str) -> int:
@@ -256,8 +256,11 @@ def load_int8_diffusion_model(sd: dict, plan: QuantPlan, metadata: dict | None =
     """(ModelPatcher, QuantReport): ComfyUI builds the architecture, our ops quantize its Linears."""
     report = QuantReport()
     options = {"custom_operations": make_operations(plan, report, on_layer)}
-    if plan.float_storage is not None:
-        options["dtype"] = plan.float_storage
+    # The layers that stay float keep the file's dtype (or the chosen fp8): left to itself ComfyUI
+    # builds the model in fp32 on CPU, and a saved int8 file then carried fp32 copies of bf16 layers.
+    kept = plan.float_storage or main_float_dtype(sd)
+    if kept is not None:
+        options["dtype"] = kept
     if plan.fp8_fast:
         options["fp8_optimizations"] = True
     loader = comfy.sd.load_diffusion_model_state_dict

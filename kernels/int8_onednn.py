@@ -36,7 +36,9 @@ log = logging.getLogger("slipstream.int8")
 
 BACKEND_PREPACKED = "onednn-prepacked"
 BACKEND_INT_MM = "torch._int_mm"
-_EPILOGUE_BLOCK_BYTES = 2 * 1024 * 1024   # fp32 rows rescaled per chunk: about one core's L2
+# Rows per kernel call: the fp32 block is rescaled while it is still in cache, and 256 rows keep
+# the AMX tiles busy (64-row calls lost more to per-call overhead than the cache saved).
+_ROWS_PER_CALL = 256
 _lock = threading.Lock()
 _state: dict[str, object] = {}            # "backend", "why", "features", "refused" (reported once)
 
@@ -260,7 +262,7 @@ def linear(x8: torch.Tensor, act_scale: torch.Tensor, weight: PackedInt8Weight, 
     w_scales = _weight_scales(weight_scale, n)
     b = None if bias is None else bias.to(torch.float32)
     out = torch.empty(m, n, dtype=out_dtype)
-    step = max(16, _EPILOGUE_BLOCK_BYTES // (4 * n) // 16 * 16)
+    step = m if m <= _ROWS_PER_CALL * 5 // 4 else _ROWS_PER_CALL
     try:
         for i in range(0, m, step):
             y = _pointwise(x8[i:i + step], weight, w_scales)
