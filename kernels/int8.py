@@ -255,6 +255,19 @@ def cpu_packed(weight: torch.Tensor) -> torch.Tensor:
     return weight if packed is None else packed
 
 
+def kernel_note(device: torch.device, rotated_layers: int = 0) -> str:
+    """What the loader's log says about how int8 layers will run on `device` (CPU: the backend this
+    machine selected and its features; ConvRot's extra work when layers are rotated)."""
+    if device.type != "cpu":
+        return ""
+    note = f"int8 CPU kernel: {int8_onednn.describe()}"
+    if rotated_layers:
+        note += (f"; ConvRot on {rotated_layers} layers rotates each activation row in fp32 before quantizing "
+                 "(two 16x16 Hadamard products per 256 channels): on CPU that is a visible share of each int8 "
+                 "layer's time (benchmarks/int8_model.py measures it)")
+    return note
+
+
 def backend_calls() -> dict[str, int]:
     """{backend name: int8 layer calls} in this process so far (int8_onednn's names; "float" for
     the dequantized fallback)."""

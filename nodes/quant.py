@@ -28,6 +28,7 @@ from ..host import (
     ui_file,
 )
 from ..host.standalone_objects import ModelPatcher
+from ..kernels.int8 import kernel_note
 from ..kernels.precision import UnsupportedDtypeError, device_capability, fp8_dtype, supports_fp8_matmul
 from ..kernels.quant_layer import QuantPlan
 from ..models.checkpoint import load_state_dict, read_metadata
@@ -125,8 +126,9 @@ class LoadDiffusionModelInt8:
         pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
         model, report = self._build(sd, plan, metadata, resolution, device, pbar)
         pbar.update_absolute(pbar.total)
-        log.info("Loaded %s: %s. %s. %s; %s.", unet_name, resolution.message, fmt.summary(), report.summary(),
-                 storage_note)
+        kernel = kernel_note(device, sum(1 for _, note in report.entries.values() if ", ConvRot " in note))
+        log.info("Loaded %s: %s. %s. %s; %s%s.", unet_name, resolution.message, fmt.summary(), report.summary(),
+                 storage_note, f". {kernel}" if kernel else "")
         return (model,)
 
     @staticmethod

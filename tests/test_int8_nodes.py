@@ -181,3 +181,16 @@ def test_standalone_builds_anima_too(unet_dir):
     x, t, ctx = torch.randn(1, 16, 1, 8, 8, generator=gen), torch.tensor([0.5]), torch.randn(1, 6, 32, generator=gen)
     with torch.no_grad():
         assert _rel(dit(x, t, ctx), reference(x, t, ctx)) < 0.05
+
+
+def test_loader_note_names_the_cpu_int8_kernel_and_layers_hold_it(wan_file, caplog):
+    from slipstream.kernels import int8_onednn
+    from slipstream.kernels.int8 import int8_report
+
+    with caplog.at_level(logging.INFO, logger="slipstream.int8"):
+        model = _load(wan_file)
+    assert f"int8 CPU kernel: {int8_onednn.describe()}" in caplog.text
+    assert "ConvRot on 20 layers" in caplog.text
+    report = int8_report(model.model.diffusion_model)
+    expected = report["int8_layers"] if int8_onednn.backend() == int8_onednn.BACKEND_PREPACKED else 0
+    assert report["int8_layers"] == 20 and report["packed_layers"] == expected
