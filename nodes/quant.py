@@ -77,7 +77,8 @@ class LoadDiffusionModelInt8:
                    "files and scaled fp8 files (fp8 weights are dequantized with their scale first); with "
                    "on_the_fly_quantization it quantizes a float checkpoint while loading, keeping sensitive "
                    "layers (embedders, modulation, final layers) in floating point. Fastest on NVIDIA 20/30/40 "
-                   "series and on CPUs with VNNI; little gain on A100/H100, where fp8 is as fast.")
+                   "series and on CPUs with AMX or VNNI (weights prepacked once for oneDNN); little gain on "
+                   "A100/H100, where fp8 is as fast.")
     CATEGORY = CATEGORY
     FUNCTION = "load_unet"
     RETURN_TYPES = ("MODEL",)
