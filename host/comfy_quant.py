@@ -71,6 +71,9 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
     `on_layer(done, None)` is called after each Linear is loaded (progress and interrupt).
     """
     base = comfy.ops.manual_cast
+    # Prepack only where the int8 layers will run on the CPU: on a GPU machine ComfyUI keeps
+    # offloaded weights on the CPU and copies them over per call, which wants the plain layout.
+    pack = cpu_packed if mm.get_torch_device().type == "cpu" else (lambda t: t)
 
     class Int8Operations(base):
         class Linear(base.Linear):
@@ -131,7 +134,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
 
             def _install(self, name, tensor):
                 if name == "weight" and self.layer_kind == "int8":
-                    tensor = cpu_packed(tensor)       # the plain int8 copy is not kept beside it
+                    tensor = pack(tensor)             # the plain int8 copy is not kept beside it
                 self.__dict__["_unpacked"] = None
                 self.__dict__["_installing"] = True
                 try:
@@ -150,7 +153,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                     self.__dict__["_padded"] = None
                 if name == "weight" and not self.__dict__.get("_installing") and \
                         self.__dict__.get("layer_kind") == "int8" and isinstance(value, torch.Tensor):
-                    packed = cpu_packed(value.data)
+                    packed = pack(value.data)
                     if packed is not value.data:
                         value = torch.nn.Parameter(packed, requires_grad=False)
                     self.__dict__["_unpacked"] = None
@@ -160,7 +163,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 super()._apply(fn, recurse)
                 if self.weight_scale is not None and self.weight_scale.dtype != torch.float32:
                     self.weight_scale = torch.nn.Parameter(self.weight_scale.float(), requires_grad=False)
-                if self.layer_kind == "int8" and self.weight.device.type == "cpu" and \
+                if self.layer_kind == "int8" and pack is cpu_packed and self.weight.device.type == "cpu" and \
                         not isinstance(self.weight, PackedInt8Weight):
                     self._install("weight", self.weight.data)      # back on the CPU: pack again
                 self.__dict__["_padded"] = None
