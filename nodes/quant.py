@@ -69,6 +69,13 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
     return dtype, fast, note
 
 
+def _float_dtypes(sd: dict, prefix: str) -> dict[str, torch.dtype]:
+    """{key under the diffusion model: dtype} of the file's float tensors, so a save writes them back
+    as they came (a host may widen some: ComfyUI keeps Wan's patch embedding in fp32)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v.dtype for k, v in sd.items()
+            if v.is_floating_point() and v.element_size() > 1}
+
+
 class LoadDiffusionModelInt8:
     """OTUNetLoaderW8A8 — the node id and inputs users know from the original INT8 pack."""
 
@@ -125,7 +132,9 @@ class LoadDiffusionModelInt8:
                          exclude=resolution.rules, float_storage=storage, fp8_fast=fast,
                          work_device=device if device.type == "cuda" else None)
         pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
+        source_dtypes = _float_dtypes(sd, resolution.prefix)
         model, report = self._build(sd, plan, metadata, resolution, device, pbar)
+        model.model.source_float_dtypes = source_dtypes
         pbar.update_absolute(pbar.total)
         kernel = kernel_note(device, sum(1 for _, note in report.entries.values() if ", ConvRot " in note))
         log.info("Loaded %s: %s. %s. %s; %s%s.", unet_name, resolution.message, fmt.summary(), report.summary(),
@@ -195,7 +204,9 @@ class SaveInt8Model:
         if not family_name:             # a MODEL ComfyUI built: recognise the family from its keys
             found = detect(sd.keys()).family
             family_name = found.name if found is not None else "unknown"
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        source = getattr(model.model, "source_float_dtypes", None) or {}
+        sd = {k: v.detach().to(device="cpu", dtype=source.get(k, v.dtype) if v.is_floating_point() else v.dtype)
+              .contiguous() for k, v in sd.items()}
         target = save_target(filename_prefix)
         with staged_file(target, "safetensors") as tmp:
             save_file(sd, tmp, metadata=file_metadata(family_name, f"{int8_layers} int8 layers"))
