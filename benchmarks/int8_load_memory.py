@@ -19,12 +19,21 @@ import os
 import sys
 import tempfile
 
-from _common import MIB, import_package, peak_rss_bytes, print_table, run_child
+from _common import MIB, import_package, print_table, run_child
+
+
+def _status_bytes(field: str) -> int:
+    """VmRSS / VmHWM of this process (Linux). VmHWM, not ru_maxrss: ru_maxrss survives execve, so a
+    child would report the peak of the parent that generated the file."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (this benchmark needs Linux)")
 
 
 def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _status_bytes("VmRSS")
 
 
 def write_file(path: str) -> dict:
@@ -67,7 +76,7 @@ def measure(path: str, backend: str) -> None:
     with onednn.use_backend(backend):
         sd, _ = formats.normalize(checkpoint.load_state_dict(path))
         model, _ = build.build_quantized(sd, arch, ql.QuantPlan())
-    peak = peak_rss_bytes()
+    peak = _status_bytes("VmHWM")
     report = int8.int8_report(model)
     print(json.dumps({"rise": peak - before, "packed_layers": report["packed_layers"],
                       "int8_layers": report["int8_layers"], "after": _current_rss() - before}))
