@@ -3,7 +3,7 @@
 A prepacked layer must not hold its weight twice (oneDNN's packed layout beside the plain int8
 tensor). This writes a 2-block Wan 2.1 1.3B DiT (real widths) as an int8 file in ComfyUI's layout,
 then loads it in fresh child processes — once with the backend this machine selects, once on
-plain `torch._int_mm` — and reports the rise of peak RSS (ru_maxrss) over the RSS just before the
+plain `torch._int_mm` — and reports the rise of peak RSS (VmHWM) over the RSS just before the
 load, against the file's int8 weight bytes and its total bytes.
 Goal: peak rise <= 1.25x the int8 weight bytes (plus the file's float tensors).
 
