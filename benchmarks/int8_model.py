@@ -27,7 +27,7 @@ def block_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.blocks.parameters(), *model.blocks.buffers()])
 
 
-FAMILIES = (("int8 GEMM", ("aten::_int_mm",)), ("float GEMM", ("aten::addmm", "aten::mm", "aten::bmm")),
+FAMILIES = (("int8 GEMM", ("aten::_int_mm", "onednn::qlinear_pointwise")), ("float GEMM", ("aten::addmm", "aten::mm", "aten::bmm")),
             ("attention", ("aten::_scaled_dot_product",)), ("int8 quantize (compiled)", ("Torch-Compiled", "## Call")))
 
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     dit = importlib.import_module("slipstream.models.wan.dit")
     ql = importlib.import_module("slipstream.kernels.quant_layer")
     presets = importlib.import_module("slipstream.models.quant_presets")
+    onednn = importlib.import_module("slipstream.kernels.int8_onednn")
 
     config = wan_config.WanDiTConfig("Wan2.1-1.3B, 2 blocks", "t2v", dim=1536, ffn_dim=8960, num_heads=12,
                                      num_layers=2)
@@ -74,10 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     models = {"fp32": dit.WanDiT.from_state_dict(sd, dtype=torch.float32),
               "bf16": dit.WanDiT.from_state_dict(sd, dtype=torch.bfloat16)}
     rules = presets.BY_NAME["wan"].rules()
-    for name, base, rotation in (("int8", "bf16", False), ("int8+ConvRot", "bf16", True),
-                                 ("int8 (fp32 act)", "fp32", False)):
+    selected = onednn.backend()
+    for name, base, rotation, backend in (("int8", "bf16", False, selected), ("int8+ConvRot", "bf16", True, selected),
+                                          ("int8 (fp32 act)", "fp32", False, selected),
+                                          ("int8 on _int_mm", "bf16", False, onednn.BACKEND_INT_MM)):
+        if name == "int8 on _int_mm" and selected == onednn.BACKEND_INT_MM:
+            continue
         model = copy.deepcopy(models[base])
-        ql.convert_linears(model, ql.QuantPlan(on_the_fly=True, rotation=rotation, exclude=rules))
+        with onednn.use_backend(backend):
+            ql.convert_linears(model, ql.QuantPlan(on_the_fly=True, rotation=rotation, exclude=rules))
         models[name] = model
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, 4, 32, 32, generator=gen)
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {config.name}; "
           f"1024 tokens, 512 text tokens; min over {args.rounds} interleaved rounds (median in brackets)")
+    print(onednn.cpu_features_line())
     ref_bytes = block_bytes(models["bf16"])
     rows = []
     for name, model in models.items():
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     speed = times[("bf16", "blocks")][0] / times[("int8", "blocks")][0]
     ratio = block_bytes(models["int8"]) / ref_bytes
     err = rel_error(block_out["int8"], block_out["fp32"])
-    print(f"int8_model: speedup vs bf16 {speed:.2f}, weight bytes vs bf16 {ratio:.2f}, rel error {err:.4f}")
+    rot = times[("bf16", "blocks")][0] / times[("int8+ConvRot", "blocks")][0]
+    print(f"int8_model [{onednn.describe()}]: speedup vs bf16 {speed:.2f} (ConvRot {rot:.2f}), weight bytes vs bf16 {ratio:.2f}, rel error {err:.4f}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from ..kernels.fp8 import (
 )
 from ..kernels.int8 import (
     comfy_quant_config,
+    cpu_packed,
     decode_comfy_quant,
     dequantize_weight,
     encode_comfy_quant,
@@ -47,8 +48,9 @@ from ..kernels.int8 import (
     requantize_weight,
     run_int8,
 )
+from ..kernels.int8_onednn import PackedInt8Weight
 from ..kernels.precision import is_fp8
-from ..kernels.quant_layer import QuantPlan, QuantReport, prepare_linear
+from ..kernels.quant_layer import QuantPlan, QuantReport, main_float_dtype, prepare_linear
 
 
 def _lora_seed(key: str) -> int:
@@ -69,6 +71,9 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
     `on_layer(done, None)` is called after each Linear is loaded (progress and interrupt).
     """
     base = comfy.ops.manual_cast
+    # Prepack only where the int8 layers will run on the CPU: on a GPU machine ComfyUI keeps
+    # offloaded weights on the CPU and copies them over per call, which wants the plain layout.
+    pack = cpu_packed if mm.get_torch_device().type == "cpu" else (lambda t: t)
 
     class Int8Operations(base):
         class Linear(base.Linear):
@@ -77,6 +82,7 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 self.layer_kind = "float"
                 self.rotation_group = 0
                 self.fallback_calls = 0
+                self.int_mm_fallback_calls = 0
                 self.register_parameter("weight_scale", None)
                 self._float_dtype = dtype if dtype is not None and not is_fp8(dtype) else None
                 self._lora_seed = 0
@@ -116,6 +122,8 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
 
             def _save_to_state_dict(self, destination, prefix, keep_vars):
                 super()._save_to_state_dict(destination, prefix, keep_vars)
+                if isinstance(self.weight, PackedInt8Weight):   # savers need the plain layout
+                    destination[prefix + "weight"] = self.weight.dense()
                 if self.layer_kind == "int8":
                     conf = comfy_quant_config(self.rotation_group)
                 elif self.layer_kind == "fp8":
@@ -125,6 +133,9 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                 destination[prefix + "comfy_quant"] = encode_comfy_quant(conf)
 
             def _install(self, name, tensor):
+                if name == "weight" and self.layer_kind == "int8":
+                    tensor = pack(tensor)             # the plain int8 copy is not kept beside it
+                self.__dict__["_unpacked"] = None
                 self.__dict__["_installing"] = True
                 try:
                     setattr(self, name, torch.nn.Parameter(tensor, requires_grad=False))
@@ -140,12 +151,21 @@ def make_operations(plan: QuantPlan, report: QuantReport, on_layer=None) -> type
                     self.__dict__["_scale_backup"] = None
                     super().__setattr__("weight_scale", backup)
                     self.__dict__["_padded"] = None
+                if name == "weight" and not self.__dict__.get("_installing") and \
+                        self.__dict__.get("layer_kind") == "int8" and isinstance(value, torch.Tensor):
+                    packed = pack(value.data)
+                    if packed is not value.data:
+                        value = torch.nn.Parameter(packed, requires_grad=False)
+                    self.__dict__["_unpacked"] = None
                 super().__setattr__(name, value)
 
             def _apply(self, fn, recurse=True):
                 super()._apply(fn, recurse)
                 if self.weight_scale is not None and self.weight_scale.dtype != torch.float32:
                     self.weight_scale = torch.nn.Parameter(self.weight_scale.float(), requires_grad=False)
+                if self.layer_kind == "int8" and pack is cpu_packed and self.weight.device.type == "cpu" and \
+                        not isinstance(self.weight, PackedInt8Weight):
+                    self._install("weight", self.weight.data)      # back on the CPU: pack again
                 self.__dict__["_padded"] = None
                 return self
 
@@ -239,8 +259,11 @@ def load_int8_diffusion_model(sd: dict, plan: QuantPlan, metadata: dict | None =
     """(ModelPatcher, QuantReport): ComfyUI builds the architecture, our ops quantize its Linears."""
     report = QuantReport()
     options = {"custom_operations": make_operations(plan, report, on_layer)}
-    if plan.float_storage is not None:
-        options["dtype"] = plan.float_storage
+    # The layers that stay float keep the file's dtype (or the chosen fp8): left to itself ComfyUI
+    # builds the model in fp32 on CPU, and a saved int8 file then carried fp32 copies of bf16 layers.
+    kept = plan.float_storage or main_float_dtype(sd)
+    if kept is not None:
+        options["dtype"] = kept
     if plan.fp8_fast:
         options["fp8_optimizations"] = True
     loader = comfy.sd.load_diffusion_model_state_dict

@@ -17,18 +17,21 @@ the kernel must page-fault in, and that alone cost as much as the GEMM (int8.md 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hadamard, int8_fused, int8_kitchen
+from . import hadamard, int8_fused, int8_kitchen, int8_onednn
 from .int8_gemm import GemmRules, gemm_rescale, pad_weight, rules_for, scratch
 
 INT8_MAX = 127
 MIN_SCALE = 1e-30          # all-zero rows keep a finite scale and quantize to zeros
 _CHUNK_BYTES = 1024 * 1024  # fp32 bytes per row chunk on CPU: stays in L2/L3 between the passes
 FORMAT = "int8_tensorwise"  # ComfyUI's format name; granularity comes from the scale's shape
+# int8 layer calls per GEMM backend in this process (what ran, for notes and tests; one dict add per call)
+_BACKEND_CALLS: Counter = Counter()
 
 
 class QuantizationError(ValueError):
@@ -242,23 +245,78 @@ def padded_weight(owner, weight: torch.Tensor, rules: GemmRules) -> torch.Tensor
     return cached[2]
 
 
+def cpu_packed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in the CPU's prepacked int8 layout where that backend runs here, else unchanged.
+
+    Call it wherever a layer takes a new int8 weight (load, LoRA re-quantization, move to CPU):
+    the plain tensor is then free to go, so a packed layer costs one copy of its weight.
+    """
+    packed = int8_onednn.pack(weight)
+    return weight if packed is None else packed
+
+
+def kernel_note(device: torch.device, rotated_layers: int = 0) -> str:
+    """What the loader's log says about how int8 layers will run on `device` (CPU: the backend this
+    machine selected and its features; ConvRot's extra work when layers are rotated)."""
+    if device.type != "cpu":
+        return ""
+    note = f"int8 CPU kernel: {int8_onednn.describe()}"
+    if rotated_layers:
+        note += (f"; ConvRot on {rotated_layers} layers rotates each activation row in fp32 before quantizing "
+                 "(two 16x16 Hadamard products per 256 channels): on CPU that is a visible share of each int8 "
+                 "layer's time (benchmarks/int8_model.py measures it)")
+    return note
+
+
+def backend_calls() -> dict[str, int]:
+    """{backend name: int8 layer calls} in this process so far (int8_onednn's names; "float" for
+    the dequantized fallback)."""
+    return dict(_BACKEND_CALLS)
+
+
+def _packed_linear(x: torch.Tensor, weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                   rotation_group: int) -> torch.Tensor | None:
+    k = x.shape[-1]
+    x8, act_scale = quantize_activation(x.reshape(-1, k), rotation_group, temporary=True)
+    out = int8_onednn.linear(x8, act_scale, weight, weight_scale, bias, x.dtype)
+    return None if out is None else out.view(*x.shape[:-1], weight.shape[0])
+
+
 def run_int8(owner, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
              rotation_group: int) -> torch.Tensor:
-    """The forward of any int8 layer (`owner` keeps the padding cache and the fallback counter).
+    """The forward of any int8 layer (`owner` keeps the padding cache and the fallback counters).
 
-    Where the device has no int8 GEMM, the weight is dequantized and a float matmul runs — counted
-    in `owner.fallback_calls` so a report can say so instead of the slowdown going unnoticed.
+    A prepacked weight (cpu_packed) runs oneDNN's packed kernel; if oneDNN refuses the call, the
+    layer keeps a plain copy and runs `torch._int_mm` from then on, counted in
+    `owner.int_mm_fallback_calls` (and logged once per process). Where the device has no int8
+    GEMM, the weight is dequantized and a float matmul runs — counted in `owner.fallback_calls`
+    — so a report can say so instead of the slowdown going unnoticed.
     """
     if bias is not None and bias.device != x.device:
         bias = bias.to(x.device)
+    if isinstance(weight, int8_onednn.PackedInt8Weight):
+        if x.device.type == "cpu" and x.is_floating_point() and getattr(owner, "_unpacked", None) is None:
+            out = _packed_linear(x, weight, weight_scale, bias, rotation_group)
+            if out is not None:
+                _BACKEND_CALLS[int8_onednn.BACKEND_PREPACKED] += 1
+                return out
+        cached = getattr(owner, "_unpacked", None)
+        if cached is None or cached[0] is not weight.packed:
+            cached = (weight.packed, weight.dense())
+            owner._unpacked = cached
+        owner.int_mm_fallback_calls = getattr(owner, "int_mm_fallback_calls", 0) + 1
+        weight = cached[1].to(x.device)
     rules = rules_for(x.device)
     if rules is not None and x.is_floating_point():
         fused = int8_kitchen.linear(x, weight, weight_scale, bias, rotation_group)
         if fused is not None:
+            _BACKEND_CALLS["comfy_kitchen"] += 1
             return fused
+        _BACKEND_CALLS[int8_onednn.BACKEND_INT_MM] += 1
         return int8_linear(x, padded_weight(owner, weight, rules), weight_scale, bias, rotation_group, rules,
                            out_features=weight.shape[0])
     owner.fallback_calls = getattr(owner, "fallback_calls", 0) + 1
+    _BACKEND_CALLS["float"] += 1
     dtype = x.dtype if x.is_floating_point() else torch.float32
     w = dequantize_weight(weight, weight_scale, dtype, rotation_group).to(x.device)
     return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
@@ -290,7 +348,9 @@ class Int8Linear(nn.Module):
             self.register_parameter("bias", None)
         # Per-instance counters of the rare paths, read by int8_report(); never touched per int8 call.
         self.fallback_calls = 0
+        self.int_mm_fallback_calls = 0
         self._padded: tuple[torch.Tensor, GemmRules, torch.Tensor] | None = None
+        self._unpacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -313,7 +373,7 @@ class Int8Linear(nn.Module):
             raise QuantizationError(f"ConvRot group {rotation_group} does not divide {k} input channels")
         layer = cls(k, n, bias=bias is not None, device="meta", per_row=scale.dim() > 0,
                     rotation_group=rotation_group)
-        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight = nn.Parameter(cpu_packed(q), requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.to(q.device), requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(q.device), requires_grad=False)
@@ -331,9 +391,9 @@ class Int8Linear(nn.Module):
         snap back onto the old int8 grid and the LoRA would seem to do nothing.
         """
         q, scale = requantize_weight(weight.to(self.weight.device), self.weight_scale, self.rotation_group, seed)
-        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight = nn.Parameter(cpu_packed(q), requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        self._padded = None
+        self._padded = self._unpacked = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in the original basis (rotation undone)."""
@@ -353,11 +413,15 @@ class Int8Linear(nn.Module):
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != torch.float32:
             self.weight_scale = nn.Parameter(self.weight_scale.float(), requires_grad=False)
-        self._padded = None
+        if self.weight.device.type == "cpu" and not isinstance(self.weight, int8_onednn.PackedInt8Weight):
+            self.weight = nn.Parameter(cpu_packed(self.weight.data), requires_grad=False)   # back from a GPU
+        self._padded = self._unpacked = None
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if isinstance(self.weight, int8_onednn.PackedInt8Weight):   # savers need the plain layout
+            destination[prefix + "weight"] = self.weight.dense()
         destination[prefix + "comfy_quant"] = encode_comfy_quant(comfy_quant_config(self.rotation_group))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -381,22 +445,25 @@ class Int8Linear(nn.Module):
                 raise QuantizationError(f"expected int8 weight {(self.out_features, self.in_features)}, got "
                                         f"{weight.dtype} {tuple(weight.shape)}")
             rotation = rotation_group_of(conf)
-            self.weight = nn.Parameter(weight.to(self.weight.device), requires_grad=False)
+            self.weight = nn.Parameter(cpu_packed(weight.to(self.weight.device)), requires_grad=False)
             self.weight_scale = nn.Parameter(canonical_scale(scale, self.out_features).to(self.weight.device),
                                              requires_grad=False)
             self.rotation_group = rotation
             if bias is not None:
                 self.bias = nn.Parameter(bias.to(self.weight.device), requires_grad=False)
-            self._padded = None
+            self._padded = self._unpacked = None
         except QuantizationError as exc:
             error_msgs.append(f"{prefix.rstrip('.')}: {exc}")
 
 
 def int8_report(model: nn.Module) -> dict[str, int]:
-    """Counts over a model: int8 layers, their weight bytes, and float-fallback calls so far."""
+    """Counts over a model: int8 layers, their weight bytes, how many hold a prepacked CPU weight,
+    and the calls so far that fell back (to a float matmul; from the packed kernel to `_int_mm`)."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     return {
         "int8_layers": len(layers),
         "int8_weight_bytes": sum(m.weight.numel() for m in layers),
+        "packed_layers": sum(isinstance(m.weight, int8_onednn.PackedInt8Weight) for m in layers),
         "fallback_calls": sum(m.fallback_calls for m in layers),
+        "int_mm_fallback_calls": sum(m.int_mm_fallback_calls for m in layers),
     }

@@ -5,8 +5,12 @@ kernel; on the 2-core test machine that was 15-25 % of a layer's time, and bf16 
 extra hidden upcast per pass. Inductor turns the same math into one vectorised loop per row
 block: 2-4× faster, bit-identical (the tests check that). The rescale epilogue (int32 → scaled
 fp32 + bias) likewise becomes one pass instead of two. It needs a working C++ compiler and
-costs ~15 s the first time in a process (a few more seconds per new dtype; inductor caches on
-disk), so it is used only for activations big enough to gain from it, and any compile failure
+costs ~15 s the first time on a machine (a few more seconds per new dtype); inductor keeps the
+compiled code in its on-disk cache (TORCHINDUCTOR_CACHE_DIR, on by default), so later processes
+take a few seconds. The first compile of a process is announced once in the log, with its time,
+so the first int8 run is not a silent wait; torch's own import-time chatter during it ("No CUDA
+runtime is found" from cpp_extension on CPU-only machines with CUDA wheels) is kept out of the
+log. It is used only for activations big enough to gain from it, and any compile failure
 switches it off for the rest of the process with one log line. SLIPSTREAM_INT8_COMPILE=0 turns it
 off (environments where torch.compile misbehaves).
 
@@ -15,9 +19,12 @@ The compiled functions are a process-wide cache, not configuration: they hold no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
+from collections.abc import Iterator
 
 import torch
 
@@ -72,6 +79,46 @@ def rescale_reference(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.T
 
 
 _REFERENCES = {"quantize": quantize_rows_reference, "rescale": rescale_reference}
+_NOISY_LOGGERS = {"torch.utils.cpp_extension": ("No CUDA runtime is found",)}
+_announced: set[str] = set()     # kernels whose first (compiling) call has run in this process
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Drop torch's known irrelevant warnings while inductor imports its toolchain."""
+    installed = []
+    for name, fragments in _NOISY_LOGGERS.items():
+        flt = _DropMessages(fragments)
+        logging.getLogger(name).addFilter(flt)
+        installed.append((name, flt))
+    try:
+        yield
+    finally:
+        for name, flt in installed:
+            logging.getLogger(name).removeFilter(flt)
+
+
+def _first_call(name: str, fn, args):
+    """A kernel's first call compiles it: say so once per process, say how long it took."""
+    if not _announced:
+        log.info("int8: compiling the fused CPU int8 kernels for this process (the first int8 run on a machine "
+                 "usually takes 10-20 s; torch caches the result on disk, later runs take a few seconds)...")
+    _announced.add(name)
+    start = time.perf_counter()
+    with _quiet_third_party():
+        result = fn(*args)
+    log.info("int8: fused CPU kernel '%s' ready in %.1f s.", name, time.perf_counter() - start)
+    return result
 
 
 def _compiled(name: str):
@@ -99,7 +146,7 @@ def _call(name: str, *args):
     if fn is None:
         return None
     try:
-        return fn(*args)
+        return fn(*args) if name in _announced else _first_call(name, fn, args)
     except Exception as exc:  # no compiler, unsupported platform: eager is always correct
         for key in _REFERENCES:
             _state.pop(key, None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +149,16 @@ def _prepare(path, weight, bias, plan, float_dtype, scale, conf) -> PreparedLine
         return PreparedLinear("fp8", w8, s, bias, note=reason + "; scaled fp8 storage")
     w = dequantize_scaled_fp8(weight, scale, float_dtype) if fmt == "fp8" else weight.to(float_dtype)
     return PreparedLinear("float", w, None, bias, note=reason)
+
+
+def main_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The float dtype holding most of a state dict's float values (fp8 and int8 not counted), or
+    None. Layers that stay float are kept in it: "float layers unchanged" in every host."""
+    counts: dict[torch.dtype, int] = {}
+    for v in tensors.values():
+        if v.is_floating_point() and not is_fp8(v.dtype):
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _float_reason(path: str, weight: torch.Tensor, plan: QuantPlan) -> str | None:

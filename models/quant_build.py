@@ -18,7 +18,14 @@ from torch import nn
 
 from ..kernels.int8 import decode_comfy_quant
 from ..kernels.precision import is_fp8
-from ..kernels.quant_layer import PreparedLinear, QuantPlan, QuantReport, prepare_linear, set_submodule
+from ..kernels.quant_layer import (
+    PreparedLinear,
+    QuantPlan,
+    QuantReport,
+    main_float_dtype,
+    prepare_linear,
+    set_submodule,
+)
 from .checkpoint import CheckpointError, check_state_dict
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -71,11 +78,7 @@ class QuantizedDiffusionModel(nn.Module):
 
 def _float_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The dtype float layers keep: the file's main float dtype (fp8 and int8 files compute in bf16)."""
-    counts: dict[torch.dtype, int] = {}
-    for v in sd.values():
-        if v.is_floating_point() and not is_fp8(v.dtype):
-            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
-    return max(counts, key=counts.get) if counts else torch.bfloat16
+    return main_float_dtype(sd) or torch.bfloat16
 
 
 def _linear_names(module: nn.Module) -> list[str]:

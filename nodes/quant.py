@@ -28,6 +28,7 @@ from ..host import (
     ui_file,
 )
 from ..host.standalone_objects import ModelPatcher
+from ..kernels.int8 import kernel_note
 from ..kernels.precision import UnsupportedDtypeError, device_capability, fp8_dtype, supports_fp8_matmul
 from ..kernels.quant_layer import QuantPlan
 from ..models.checkpoint import load_state_dict, read_metadata
@@ -73,6 +74,13 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
     return dtype, fast, note
 
 
+def _float_dtypes(sd: dict, prefix: str) -> dict[str, torch.dtype]:
+    """{key under the diffusion model: dtype} of the file's float tensors, so a save writes them back
+    as they came (a host may widen some: ComfyUI keeps Wan's patch embedding in fp32)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v.dtype for k, v in sd.items()
+            if v.is_floating_point() and v.element_size() > 1}
+
+
 class LoadDiffusionModelInt8:
     """OTUNetLoaderW8A8 — the node id and inputs users know from the original INT8 pack."""
 
@@ -81,7 +89,8 @@ class LoadDiffusionModelInt8:
                    "files and scaled fp8 files (fp8 weights are dequantized with their scale first); with "
                    "on_the_fly_quantization it quantizes a float checkpoint while loading, keeping sensitive "
                    "layers (embedders, modulation, final layers) in floating point. Fastest on NVIDIA 20/30/40 "
-                   "series and on CPUs with VNNI; little gain on A100/H100, where fp8 is as fast.")
+                   "series and on CPUs with AMX or VNNI (weights prepacked once for oneDNN); little gain on "
+                   "A100/H100, where fp8 is as fast.")
     CATEGORY = CATEGORY
     FUNCTION = "load_unet"
     RETURN_TYPES = ("MODEL",)
@@ -140,10 +149,13 @@ class LoadDiffusionModelInt8:
                          exclude=resolution.rules, float_storage=storage, fp8_fast=fast,
                          work_device=device if device.type == "cuda" else None)
         pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
+        source_dtypes = _float_dtypes(sd, resolution.prefix)
         model, report = self._build(sd, plan, metadata, resolution, device, pbar)
+        model.model.source_float_dtypes = source_dtypes
         pbar.update_absolute(pbar.total)
-        log.info("Loaded %s: %s. %s. %s; %s.", unet_name, resolution.message, fmt.summary(), report.summary(),
-                 storage_note)
+        kernel = kernel_note(device, sum(1 for _, note in report.entries.values() if ", ConvRot " in note))
+        log.info("Loaded %s: %s. %s. %s; %s%s.", unet_name, resolution.message, fmt.summary(), report.summary(),
+                 storage_note, f". {kernel}" if kernel else "")
         return (model,)
 
     @staticmethod
@@ -221,7 +233,9 @@ class SaveInt8Model:
         if not family_name:             # a MODEL ComfyUI built: recognise the family from its keys
             found = detect(sd.keys()).family
             family_name = found.name if found is not None else "unknown"
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        source = getattr(model.model, "source_float_dtypes", None) or {}
+        sd = {k: v.detach().to(device="cpu", dtype=source.get(k, v.dtype) if v.is_floating_point() else v.dtype)
+              .contiguous() for k, v in sd.items()}
         target = save_target(filename_prefix)
         with staged_file(target, "safetensors") as tmp:
             save_file(sd, tmp, metadata=file_metadata(family_name, f"{int8_layers} int8 layers"))

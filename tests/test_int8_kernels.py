@@ -252,8 +252,10 @@ def test_padded_layers_without_bias_or_row_scales_keep_their_out_features(monkey
 
 def test_devices_without_an_int8_gemm_fall_back_and_are_counted(monkeypatch):
     import slipstream.kernels.int8 as K
+    from slipstream.kernels import int8_onednn
 
-    layer = Int8Linear.from_float(_linear(32, 16))
+    with int8_onednn.use_backend(int8_onednn.BACKEND_INT_MM):   # a plain weight, as on such devices
+        layer = Int8Linear.from_float(_linear(32, 16))
     x = torch.randn(4, 32)
     expected = layer(x)
     monkeypatch.setattr(K, "rules_for", lambda device: None)
@@ -369,6 +371,36 @@ def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
     monkeypatch.setattr(int8_fused, "_state", {})
     monkeypatch.setenv("SLIPSTREAM_INT8_COMPILE", "0")
     assert int8_fused.quantize_rows(x, 0) is None and int8_fused.status() == "off: SLIPSTREAM_INT8_COMPILE=0"
+
+
+def test_the_first_compile_is_announced_once_with_its_time_and_torch_noise_is_dropped(monkeypatch, caplog):
+    """The first int8 run on CPU compiles for ~15 s: the log says so before, and how long after;
+    cpp_extension's "No CUDA runtime is found" (CUDA wheels on CPU machines) never reaches it."""
+    import logging
+
+    from slipstream.kernels import int8_fused
+
+    calls = []
+
+    def compiling(x2d, group, h):
+        if not calls:                   # what inductor's first import of cpp_extension logs
+            logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='x'")
+            logging.getLogger("torch.utils.cpp_extension").warning("a real cpp_extension problem")
+        calls.append(x2d.shape)
+        return int8_fused.quantize_rows_reference(x2d, group)
+
+    monkeypatch.setattr(int8_fused, "_state", {"quantize": compiling, "rescale": compiling})
+    monkeypatch.setattr(int8_fused, "_announced", set())
+    x = torch.randn(512, 1024)
+    with caplog.at_level("INFO"):
+        first = int8_fused.quantize_rows(x, 0)
+        second = int8_fused.quantize_rows(x, 0)
+    assert len(calls) == 2 and torch.equal(first[0], second[0])
+    text = caplog.text
+    assert text.count("compiling the fused CPU int8 kernels") == 1 and "10-20 s" in text
+    assert text.count("ready in") == 1
+    assert "No CUDA runtime is found" not in text and "a real cpp_extension problem" in text
+    assert not logging.getLogger("torch.utils.cpp_extension").filters     # the filter does not outlive it
 
 
 def test_fused_rotation_equals_the_full_hadamard():

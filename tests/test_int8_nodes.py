@@ -181,3 +181,36 @@ def test_standalone_builds_anima_too(unet_dir):
     x, t, ctx = torch.randn(1, 16, 1, 8, 8, generator=gen), torch.tensor([0.5]), torch.randn(1, 6, 32, generator=gen)
     with torch.no_grad():
         assert _rel(dit(x, t, ctx), reference(x, t, ctx)) < 0.05
+
+
+def test_loader_note_names_the_cpu_int8_kernel_and_layers_hold_it(wan_file, caplog):
+    from slipstream.kernels import int8_onednn
+    from slipstream.kernels.int8 import int8_report
+
+    with caplog.at_level(logging.INFO, logger="slipstream.int8"):
+        model = _load(wan_file)
+    assert f"int8 CPU kernel: {int8_onednn.describe()}" in caplog.text
+    assert "ConvRot on 20 layers" in caplog.text
+    report = int8_report(model.model.diffusion_model)
+    expected = report["int8_layers"] if int8_onednn.backend() == int8_onednn.BACKEND_PREPACKED else 0
+    assert report["int8_layers"] == 20 and report["packed_layers"] == expected
+
+
+def test_save_writes_float_layers_in_the_file_dtype_even_if_the_host_widened_them(unet_dir, workdirs):
+    """ComfyUI keeps some layers wider than the file (Wan's patch embedding in fp32): the saved file
+    carries every float tensor in the dtype it had in the source, with its value."""
+    sd = random_state_dict(CONFIG, seed=2, dtype=torch.bfloat16)
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(unet_dir / "tiny_bf16.safetensors"))
+    model = _load("tiny_bf16.safetensors")
+    dit = model.model.diffusion_model
+    dit.patch_embedding.float()                             # what a host may do to a layer it keeps wide
+    SaveInt8Model().save(model, "diffusion_models/bf16_kept")
+    saved = workdirs["output"] / "diffusion_models" / "bf16_kept_00001_.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        for key, value in sd.items():
+            got = f.get_tensor(key)
+            if got.dtype == torch.int8:
+                continue
+            assert got.dtype == value.dtype and torch.equal(got, value), key
+        widened = [k for k in f.keys() if f.get_tensor(k).dtype == torch.float32 and not k.endswith("weight_scale")]
+    assert widened == []

@@ -61,10 +61,17 @@ def wan_int8(ctx) -> dict:
     out["out_dtype"] = str(yq.dtype)
     out["rel_vs_float"] = _rel(yq, yf)
 
-    # 2. One sampling step through core KSampler code.
+    # 2. One sampling step through core KSampler code, counting which int8 kernel ran.
+    kernels = ctx.pack_module("kernels.int8")
+    out["int8_backend"] = ctx.pack_module("kernels.int8_onednn").describe()
+    out["packed_layers"] = sum(type(m.weight).__name__ == "PackedInt8Weight" for m in dq.modules()
+                               if getattr(m, "layer_kind", None) == "int8")
     cond = [[context, {}]]
     latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    before = kernels.backend_calls()
     (sampled,) = nodes.common_ksampler(q_model, 7, 1, 1.0, "euler", "simple", cond, cond, latent)
+    after = kernels.backend_calls()
+    out["ksampler_kernel_calls"] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     (sampled_f,) = nodes.common_ksampler(f_model, 7, 1, 1.0, "euler", "simple", cond, cond, latent)
     out["sample_finite"] = bool(torch.isfinite(sampled["samples"]).all())
     out["sample_rel_vs_float"] = _rel(sampled["samples"], sampled_f["samples"])
@@ -147,6 +154,38 @@ def wan_int8(ctx) -> dict:
     out["second_load_kinds"] = _layer_kinds(plain.model.diffusion_model)
     out["ops_classes_distinct"] = type(plain.model.diffusion_model.blocks[0].self_attn.q) is not type(layer)
     return out
+
+
+def save_keeps_float_dtype(ctx) -> dict:
+    """A bf16 checkpoint quantized on the fly and saved by our nodes inside ComfyUI on CPU: every
+    tensor that is not an int8 layer's weight or scale must come out as it went in (dtype and value)."""
+    import torch
+    from safetensors import safe_open
+
+    _use_scenario_folders(ctx)
+    p = ctx.params
+    loader = ctx.pack.NODE_CLASS_MAPPINGS["OTUNetLoaderW8A8"]()
+    saver = ctx.pack.NODE_CLASS_MAPPINGS["SlipstreamSaveInt8Model"]()
+    (model,) = loader.load_unet(p["float_file"], "default", "auto", True)
+    saver.save(model, "int8/bf16_kept")
+    saved = sorted((ctx.output / "int8").glob("bf16_kept_*.safetensors"))[-1]
+    source = ctx.models / "diffusion_models" / p["float_file"]
+    changed, int8_layers, kept = [], 0, 0
+    with safe_open(str(source), "pt") as src, safe_open(str(saved), "pt") as dst:
+        dst_keys = set(dst.keys())
+        for key in src.keys():
+            a = src.get_tensor(key)
+            b = dst.get_tensor(key) if key in dst_keys else None
+            if b is not None and b.dtype == torch.int8:
+                int8_layers += 1
+                continue
+            if b is None or b.dtype != a.dtype or not torch.equal(a, b):
+                changed.append(f"{key}: {a.dtype} -> {None if b is None else b.dtype}")
+            else:
+                kept += 1
+        f32 = [k for k in dst_keys if dst.get_tensor(k).dtype == torch.float32 and not k.endswith(".weight_scale")]
+    return {"changed": changed[:10], "n_changed": len(changed), "kept": kept, "int8_layers": int8_layers,
+            "f32_tensors": sorted(f32)[:10], "saved_bytes": saved.stat().st_size, "source_bytes": source.stat().st_size}
 
 
 def write_tiny_sd15(ctx) -> dict:

@@ -62,6 +62,36 @@ def test_one_core_ksampler_step(wan_result):
     assert wan_result["sample_finite"] and wan_result["sample_rel_vs_float"] < 0.05
 
 
+def test_the_ksampler_step_runs_the_cpu_backend_this_machine_selects(wan_result):
+    """On CPUs with AMX or VNNI every int8 call of the step goes through the prepacked oneDNN kernel."""
+    from slipstream.kernels import int8_onednn
+
+    r = wan_result
+    calls = r["ksampler_kernel_calls"]
+    if int8_onednn.backend() != int8_onednn.BACKEND_PREPACKED:
+        assert calls.get(int8_onednn.BACKEND_INT_MM, 0) > 0
+        pytest.skip(f"this machine runs {int8_onednn.describe()}")
+    assert r["int8_backend"].startswith("onednn-prepacked (")
+    assert r["packed_layers"] == 20
+    assert calls.get("onednn-prepacked", 0) >= 20 and set(calls) == {"onednn-prepacked"}, calls
+
+
+def test_saved_file_keeps_float_layers_as_they_were(comfy_inprocess):
+    """Save INT8 Model inside ComfyUI on CPU: bf16 layers stay bf16 (ComfyUI builds CPU models in fp32)."""
+    from slipstream.models.wan.config import tiny
+    from slipstream.models.wan.dit import random_state_dict
+
+    name = "slipstream_tiny_wan_bf16.safetensors"
+    target = comfy_inprocess.models_dir / "diffusion_models" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_state_dict(tiny("t2v"), seed=5, dtype=torch.bfloat16), str(target))
+    r = comfy_inprocess.run(HERE / "scenarios_int8.py", "save_keeps_float_dtype", {"float_file": name})
+    assert r["int8_layers"] == 20 and r["kept"] > 0
+    assert r["n_changed"] == 0, r["changed"]
+    assert r["f32_tensors"] == [], r["f32_tensors"]
+    assert r["saved_bytes"] < r["source_bytes"]
+
+
 def test_lora_dequantize_patch_requantize_and_unpatch(wan_result):
     r = wan_result
     assert r["scale_changed"]                               # re-quantized with a fresh scale
