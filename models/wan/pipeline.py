@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -27,8 +27,11 @@ from torch import nn
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
 from .context import ContextOptions, WindowFuser, context_windows, freenoise, window_weights
 from .dit import WanDiT
+from .experts import check_expert_pair, expert_variant, plan_experts
 from .feta import FetaArgs, enhance_score
-from .sampling import SOLVERS, make_schedule, make_solver
+from .guidance import GuidanceArgs, SLGArgs, check_cfg_list, combine
+from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
+from .step_cache import CacheArgs, StepCache
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
@@ -108,8 +111,20 @@ class WanImageEmbeds:
         return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
 
 
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
+    """What the user asked the sampler for.
+
+    `start_step` / `end_step` run only part of the `steps`-step schedule (end_step -1: to the end),
+    as core's KSamplerAdvanced does; `add_noise` False takes `samples` as already noisy at the
+    start step (the second half of a split run). `sigmas` (steps + 1 values ending at 0, the core
+    SIGMAS type) replaces the schedule. `cfg_per_step` (one value per step) replaces `cfg`.
+    `boundary` / `cfg_low_noise` are for two-expert (Wan 2.2 A14B) runs; None = the official value.
+    """
+
     steps: int = 30
     cfg: float = 6.0
     shift: float = 5.0
@@ -117,12 +132,37 @@ class SamplerSettings:
     scheduler: str = "unipc"
     denoise: float = 1.0
     batched_cfg: str = "auto"   # "auto" | "on" | "off"
+    start_step: int = 0
+    end_step: int = -1
+    add_noise: bool = True
+    sigmas: tuple[float, ...] | None = None
+    cfg_per_step: tuple[float, ...] | None = None
+    boundary: float | None = None
+    cfg_low_noise: float | None = None
 
     def __post_init__(self):
-        if self.scheduler not in SOLVERS:
-            raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SOLVERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SCHEDULERS)}.")
         if self.batched_cfg not in ("auto", "on", "off"):
             raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}'")
+        for name in ("cfg", "shift", "denoise"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.cfg < 0:
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}.")
+        if not 0 <= int(self.seed) <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}.")
+        if self.cfg_per_step is not None and any(not math.isfinite(c) or c < 0 for c in self.cfg_per_step):
+            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}.")
+
+    def step_range(self, steps: int) -> tuple[int, int]:
+        """[start, end) of the steps this run takes, checked against a schedule of `steps` steps."""
+        end = steps if self.end_step < 0 else min(self.end_step, steps)
+        if not 0 <= self.start_step < end:
+            raise ValueError(f"start_step {self.start_step} / end_step {self.end_step} leave no step to run "
+                             f"in a {steps}-step schedule: start_step must be below end_step (and below {steps}).")
+        return self.start_step, end
 
 
 @dataclass
@@ -133,6 +173,9 @@ class RunStats:
     batched_cfg: bool = False
     windows_per_step: list[int] = field(default_factory=list)
     swap: dict[str, int] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)          # per step: "single", "high" or "low"
+    cache_skipped: int = 0                                    # DiT forwards a step cache replaced
+    cache_by_branch: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- sizes
@@ -244,20 +287,24 @@ def _prompt_for_window(window: Sequence[int], frames: int, prompts: int) -> int:
 
 
 class _Denoiser:
-    """One model evaluation with CFG (batched or not), context windows and FETA."""
+    """One model evaluation with CFG (batched or not), context windows, FETA, SLG, CFG-Zero* and a
+    step cache. A cache or an active SLG runs the two CFG branches as separate passes (each branch
+    has its own cache state; SLG changes only the negative one)."""
 
-    def __init__(self, handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds, cfg: float,
+    def __init__(self, handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds,
                  batched: bool, device: torch.device, context: ContextOptions | None, feta: FetaArgs | None,
-                 check_interrupt: Callable[[], None] | None, stats: RunStats):
+                 check_interrupt: Callable[[], None] | None, stats: RunStats, extras: SamplingExtras):
         self.dit = handle.dit
-        self.cfg = cfg
-        self.use_uncond = not math.isclose(cfg, 1.0)
-        self.batched = batched and self.use_uncond
+        self.name = handle.name
+        self.batched = batched
         self.device = device
         self.context = context
         self.feta = feta
         self.check_interrupt = check_interrupt
         self.stats = stats
+        self.slg = extras.slg
+        self.zero_star = extras.guidance is not None and extras.guidance.cfg_zero_star
+        self.cache: StepCache | None = extras.cache
         dtype = self.dit.compute_dtype
         self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
@@ -267,14 +314,31 @@ class _Denoiser:
         neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
 
-    def _block_runner(self):
+    def _block_runner(self, skip: frozenset[int] = frozenset(), cache_key=None, branch: int = 0, step: int = 0):
+        """The per-block hook: interrupt checks, SLG's skipped blocks, and the token-level caches
+        (decided at block 0 from the time modulation, the residual stored after the last block)."""
         check = self.check_interrupt
-        if check is None:
+        cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
+        if check is None and not skip and cache is None:
             return None
+        last = len(self.dit.blocks) - 1
+        reuse = {"on": False, "start": None}
 
         def run(index, block, tokens, inputs):
-            check()
-            return block(tokens, inputs)
+            if check is not None:
+                check()
+            if cache is not None and index == 0:
+                reuse["on"] = cache.skip_blocks(cache_key, branch, step, inputs.e0)
+                reuse["start"] = tokens
+                if reuse["on"]:
+                    return tokens + cache.residual(cache_key, tokens)
+            if reuse["on"] or index in skip:
+                out = tokens
+            else:
+                out = block(tokens, inputs)
+            if cache is not None and index == last and not reuse["on"]:
+                cache.remember_residual(cache_key, out - reuse["start"])
+            return out
         return run
 
     def _scale(self, feta_on: bool):
@@ -288,28 +352,42 @@ class _Denoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on):
+    def _forward(self, x, t, context, clip, y, feta_on, runner):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
-        return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
-                        self_attn_scale=self._scale(feta_on))
+        return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on))
 
-    def _cfg(self, x, t, prompt, y, feta_on):
+    def _branch(self, x, t, context, clip, y, feta_on, branch, key, step, skip=frozenset()):
+        """One CFG branch alone, through the cache when there is one."""
+        cache = self.cache
+        if cache is not None and cache.args.method == "easycache":
+            reused = cache.skip_forward((branch, key), branch, step, x)
+            if reused is not None:
+                return reused
+        v = self._forward(x, t, context, clip, y, feta_on, self._block_runner(skip, (branch, key), branch, step))
+        if cache is not None and cache.args.method == "easycache":
+            cache.remember_output((branch, key), x, v)
+        return v
+
+    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
-        if not self.use_uncond:
-            return self._forward(x, t, prompt[None], self.clip, y, feta_on)
-        if self.batched:
+        if math.isclose(cfg, 1.0):
+            return self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
+        slg_on = self.slg is not None and self.slg.active_at(step, steps)
+        if self.batched and self.cache is None and not slg_on:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on).chunk(2)
+            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on,
+                                         self._block_runner()).chunk(2)
         else:
-            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on)
-            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on)
-        return uncond + self.cfg * (cond - uncond)
+            skip = frozenset(self.slg.blocks) if slg_on else frozenset()
+            cond = self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
+            uncond = self._branch(x, t, self.negative[None], self.negative_clip, y, feta_on, 1, key, step, skip)
+        return combine(cond, uncond, cfg, self.zero_star)
 
-    def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
         y = None if self.y is None else self.y[None]
         frames = x.shape[2]
@@ -320,7 +398,7 @@ class _Denoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,))
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
@@ -331,7 +409,7 @@ class _Denoiser:
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, (item, *window))
             fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
         return fuser.result()
 
@@ -369,22 +447,135 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
         if samples.dim() != 5 or tuple(samples.shape[1:]) != shape:
             raise ValueError(f"The samples latent {tuple(samples.shape)} does not match the size the embeds ask "
                              f"for ({image.width}x{image.height}, {image.num_frames} frames → [B, {', '.join(map(str, shape))}]).")
+        if not torch.isfinite(samples).all():
+            raise ValueError("The samples latent contains NaN or inf values: re-encode it (or check the node that "
+                             "made it); nothing was sampled.")
     elif settings.denoise < 1.0:
         raise ValueError("denoise below 1.0 needs a latent to start from: connect 'samples' (or set denoise to 1.0).")
+    elif not settings.add_noise:
+        raise ValueError("add_noise off needs a noisy latent to continue from: connect 'samples' (the output of "
+                         "a first sampler that stopped at end_step), or turn add_noise on.")
+    batch = 1 if samples is None else samples.shape[0]
+    if int(settings.seed) + batch - 1 > MAX_SEED:
+        raise ValueError(f"seed {settings.seed} with a batch of {batch} runs past 2^64-1 (each item uses seed + "
+                         f"its index): use a seed of at most {MAX_SEED - batch + 1}.")
+
+
+class NonFiniteError(ValueError):
+    """The latent became NaN/inf during sampling."""
+
+
+def _check_finite(x: torch.Tensor, step: int, steps: int, handle: WanModelHandle) -> None:
+    if torch.isfinite(x).all():
+        return
+    dtype = handle.dit.compute_dtype
+    cause = ("the model runs in fp16, whose range Wan's activations overflow: load it with base_precision bf16 "
+             "(or fp32)") if dtype == torch.float16 else \
+        ("check the model and LoRA files for NaN weights (a broken download or merge) and the input embeds/latent "
+         "for NaN")
+    raise NonFiniteError(f"Wan Sampler: step {step + 1} of {steps} produced NaN/inf values with {handle.name}; "
+                         f"stopped there. Likely cause: {cause}.")
+
+
+@dataclass(frozen=True)
+class SamplingExtras:
+    """Optional sampler features travelling together (caches, SLG, CFG-Zero*)."""
+
+    cache_args: CacheArgs | None = None
+    slg: SLGArgs | None = None
+    guidance: GuidanceArgs | None = None
+    cache: StepCache | None = None           # built per expert by the sampler
+
+
+@dataclass
+class SampleResult:
+    latent: torch.Tensor                     # raw latent [B, 16, T, h, w] after end_step
+    denoised: torch.Tensor                   # raw x0 prediction of the last step run
+    resume: dict | None = None               # solver history for a sampler continuing at end_step
+
+
+RESUME_KEY = "slipstream_wan_resume"
+
+
+def _resume_states(resume: dict | None, scheduler: str, sigmas, start: int, batch: int) -> list[dict] | None:
+    """The solver states to continue with, when `resume` came from the same schedule at this step."""
+    if not resume or resume.get("scheduler") != scheduler or resume.get("step") != start:
+        return None
+    if tuple(resume.get("sigmas", ())) != tuple(sigmas) or len(resume.get("states", ())) != batch:
+        return None
+    return resume["states"]
 
 
 def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds, settings: SamplerSettings,
-                 *, device: torch.device, samples: torch.Tensor | None = None,
-                 context: ContextOptions | None = None, feta: FetaArgs | None = None, force_offload: bool = True,
-                 free_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
-                 check_interrupt: Callable[[], None] | None = None,
-                 stats: RunStats | None = None) -> torch.Tensor:
-    """Generate a raw video latent [B, 16, T, h, w] (float32, CPU). `samples` (raw, optional) is the
-    latent to start from (vid2vid, with denoise < 1); batch items are sampled one after another."""
+                 **kwargs) -> torch.Tensor:
+    """Generate a raw video latent [B, 16, T, h, w] (float32, CPU); see `sample_video_full`."""
+    return sample_video_full(handle, text, image, settings, **kwargs).latent
+
+
+def _schedule_for(settings: SamplerSettings, handle: WanModelHandle) -> Schedule:
+    if settings.sigmas is not None:
+        return schedule_from_sigmas(settings.sigmas)
+    return make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise, handle.config.dim)
+
+
+class _Experts:
+    """Which DiT is on the compute device: at most one of the two A14B experts at a time."""
+
+    def __init__(self, device: torch.device, force_offload: bool):
+        self.device = device
+        self.force_offload = force_offload
+        self.active: WanModelHandle | None = None
+        self.stack: ExitStack | None = None
+        self.swap: dict[str, int] = {}
+
+    def activate(self, handle: WanModelHandle, more_after: bool) -> None:
+        if self.active is handle:
+            return
+        self.release()
+        self.stack = ExitStack()
+        session = self.stack.enter_context(model_on_device(handle, self.device, self.force_offload or more_after))
+        self.stack.callback(lambda: self.swap.update(session.stats()) if session is not None else None)
+        self.active = handle
+
+    def release(self) -> None:
+        if self.stack is not None:
+            stack, self.stack, self.active = self.stack, None, None
+            stack.close()
+
+
+def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds,
+                      settings: SamplerSettings, *, device: torch.device, samples: torch.Tensor | None = None,
+                      context: ContextOptions | None = None, feta: FetaArgs | None = None,
+                      force_offload: bool = True, free_memory: int | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      check_interrupt: Callable[[], None] | None = None, stats: RunStats | None = None,
+                      low_noise: WanModelHandle | None = None, extras: SamplingExtras | None = None,
+                      resume: dict | None = None,
+                      preview: Callable[[torch.Tensor], None] | None = None) -> SampleResult:
+    """Sample steps [start_step, end_step) of the schedule. `samples` (raw, optional) is the latent to
+    start from: noised to the start step's σ when `add_noise`, taken as it is otherwise. With
+    `low_noise` (a Wan 2.2 A14B low-noise expert) the steps below the boundary run on it, and only
+    the expert in use sits on `device`. `preview(x0)` receives each step's raw x0 prediction."""
     check_inputs(handle, text, image, samples, settings)
+    extras = extras or SamplingExtras()
+    if low_noise is not None:
+        check_expert_pair(handle, low_noise)
+        check_inputs(low_noise, text, image, samples, settings)
+    if extras.slg is not None:
+        extras.slg.check_model(len(handle.dit.blocks), handle.name)
     stats = stats if stats is not None else RunStats()
     shape = image.latent_shape
-    schedule = make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise)
+    schedule = _schedule_for(settings, handle)
+    start, end = settings.step_range(schedule.steps)
+    if settings.sigmas is not None and settings.end_step > schedule.steps:
+        raise ValueError(f"end_step {settings.end_step} is past the {schedule.steps} steps the SIGMAS input holds "
+                         f"({schedule.steps + 1} values): set end_step to {schedule.steps} or -1, or give more sigmas.")
+    cfg_list = settings.cfg_per_step or (extras.guidance.cfg_per_step if extras.guidance else None)
+    check_cfg_list(cfg_list, schedule.steps)
+    plan = None
+    if low_noise is not None:
+        plan = plan_experts(expert_variant(handle.config), schedule.timesteps, settings.cfg, settings.boundary,
+                            settings.cfg_low_noise)
     cfg = handle.config
     tokens = shape[1] * shape[2] * shape[3] // 4
     if context is not None:
@@ -392,28 +583,90 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     dtype_bytes = torch.finfo(handle.dit.compute_dtype).bits // 8
     batched = {"on": True, "off": False}.get(settings.batched_cfg) if settings.batched_cfg != "auto" else \
         cfg_batch_fits(tokens, cfg.dim, cfg.ffn_dim, dtype_bytes, free_memory)
-    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
+    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0) and extras.cache_args is None
     batch = 1 if samples is None else samples.shape[0]
-    outputs = []
-    with torch.no_grad(), model_on_device(handle, device, force_offload) as session:
-        denoise = _Denoiser(handle, text, image, settings.cfg, batched, device, context, feta, check_interrupt, stats)
-        for item in range(batch):
-            noise = initial_noise(shape, settings.seed + item, context)
+    zero_init = extras.guidance.zero_init_steps if extras.guidance is not None and extras.guidance.cfg_zero_star \
+        else 0
+    store = offload_device_for(extras.cache_args)
+    placement = _Experts(device, force_offload)
+    denoisers: dict[int, _Denoiser] = {}
+
+    def denoiser_for(model: WanModelHandle) -> _Denoiser:
+        if id(model) not in denoisers:
+            cache = None
+            if extras.cache_args is not None:
+                cache = StepCache(extras.cache_args, model.config.dim, model.config.model_type,
+                                  image.width * image.height, schedule.steps, store)
+            denoisers[id(model)] = _Denoiser(model, text, image, batched, device, context, feta, check_interrupt,
+                                             stats, replace(extras, cache=cache))
+        return denoisers[id(model)]
+
+    states = _resume_states(resume, settings.scheduler, schedule.sigmas, start, batch) \
+        if not settings.add_noise else None
+    xs, solvers = [], []
+    for item in range(batch):
+        noise = initial_noise(shape, settings.seed + item, context)
+        sigma0 = schedule.sigmas[start]
+        if samples is None:
             x = noise
-            if samples is not None:
-                start = normalize_latent(samples[item:item + 1].float())
-                sigma0 = schedule.sigmas[0]
-                x = sigma0 * noise + (1.0 - sigma0) * start
-            x = x.to(device)
-            solver = make_solver(settings.scheduler, schedule)
-            for i, t in enumerate(schedule.timesteps):
-                if check_interrupt is not None:
-                    check_interrupt()
-                v = denoise(x, t, i, schedule.steps)
-                x = solver.step(v, x)
-                if progress is not None:
-                    progress(item * schedule.steps + i + 1, batch * schedule.steps)
-            outputs.append(denormalize_latent(x.float()).cpu())
-        if session is not None:
-            stats.swap = session.stats()
-    return torch.cat(outputs)
+        else:
+            latent_in = normalize_latent(samples[item:item + 1].float())
+            x = sigma0 * noise + (1.0 - sigma0) * latent_in if settings.add_noise else latent_in
+        x = x.to(device)
+        solver = make_solver(settings.scheduler, schedule)
+        solver.index = start
+        if states is not None:
+            solver.import_state(states[item], device)
+        generator = torch.Generator("cpu").manual_seed((int(settings.seed) + item) ^ 0x5EED)
+        solver.noise = lambda like, g=generator: torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+        xs.append(x)
+        solvers.append(solver)
+    x0s: list[torch.Tensor | None] = [None] * batch
+    try:
+        with torch.no_grad():
+            for i in range(start, end):
+                high = plan is None or plan.uses_high(i)
+                model = handle if high else low_noise
+                more_after = plan is not None and high and any(not plan.uses_high(j) for j in range(i, end))
+                placement.activate(model, more_after)
+                stats.experts.append("high" if plan is not None and high else "low" if plan is not None else "single")
+                step_cfg = cfg_list[i] if cfg_list is not None else plan.cfg(i) if plan is not None else settings.cfg
+                denoise = denoiser_for(model)
+                t = schedule.timesteps[i]
+                for item in range(batch):
+                    if check_interrupt is not None:
+                        check_interrupt()
+                    x = xs[item]
+                    v = denoise(x, t, i, schedule.steps, step_cfg, item)
+                    if i < zero_init:
+                        v = torch.zeros_like(v)
+                    x0s[item] = solvers[item].denoised(v, x)
+                    xs[item] = solvers[item].step(v, x)
+                    _check_finite(xs[item], i, schedule.steps, model)
+                    if preview is not None and item == 0:
+                        preview(denormalize_latent(x0s[0].float()))
+                    if progress is not None:
+                        progress((i - start) * batch + item + 1, batch * (end - start))
+    finally:
+        placement.release()
+        stats.swap = placement.swap
+    for d in denoisers.values():
+        if d.cache is not None:
+            stats.cache_skipped += sum(d.cache.report.skipped.values())
+            for branch, n in d.cache.report.skipped.items():
+                stats.cache_by_branch[branch] = stats.cache_by_branch.get(branch, 0) + n
+            log.info("%s (%s)", d.cache.report.summary(d.cache.args.method), d.name)
+    latent = torch.cat([denormalize_latent(x.float()).cpu() for x in xs])
+    denoised = torch.cat([denormalize_latent(x.float()).cpu() for x in x0s])
+    resume_out = None
+    if end < schedule.steps:
+        resume_out = {"scheduler": settings.scheduler, "sigmas": tuple(schedule.sigmas), "step": end,
+                      "states": [s.export_state() for s in solvers]}
+    return SampleResult(latent, denoised, resume_out)
+
+
+def offload_device_for(cache_args: CacheArgs | None) -> torch.device | None:
+    """Where cached residuals wait between steps: None keeps them on the compute device."""
+    if cache_args is None or cache_args.cache_device == "main_device":
+        return None
+    return torch.device("cpu")
