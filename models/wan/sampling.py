@@ -133,14 +133,20 @@ class Solver:
 
     def export_state(self) -> dict:
         """History (everything but the schedule and the noise source), tensors moved to the CPU."""
-        return {k: (v.cpu() if isinstance(v, torch.Tensor) else
-                    [t.cpu() for t in v] if isinstance(v, list) else v)
-                for k, v in vars(self).items() if k not in ("sigmas", "noise")}
+        return {k: _move(v, torch.device("cpu")) for k, v in vars(self).items() if k not in ("sigmas", "noise")}
 
     def import_state(self, state: dict, device: torch.device) -> None:
         for k, v in state.items():
-            setattr(self, k, v.to(device) if isinstance(v, torch.Tensor) else
-                    [t.to(device) for t in v] if isinstance(v, list) else v)
+            setattr(self, k, _move(v, device))
+
+
+def _move(value, device: torch.device):
+    """A tensor, or a list of tensors and numbers, on `device` (numbers unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    return value
 
 
 class EulerSolver(Solver):
