@@ -187,5 +187,5 @@ def test_beta_schedule():
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_menu_entry_builds_a_descending_schedule(name):
     schedule = make_schedule(name, 4, 5.0)
-    assert schedule.sigmas[-1] == 0.0 and all(b < a for a, b in zip(schedule.sigmas, schedule.sigmas[1:]))
+    assert schedule.sigmas[-1] == 0.0 and all(b < a for a, b in zip(schedule.sigmas, schedule.sigmas[1:], strict=False))
     make_solver(name, schedule)
