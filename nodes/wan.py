@@ -441,7 +441,8 @@ class WanSkipLayerGuidance:
 
 class WanGuidanceOptions:
     DESCRIPTION = ("Guidance options for the Wan Sampler: CFG-Zero* (optimised guidance scale, and zeroed "
-                   "velocity for the first steps) and a cfg value per step.")
+                   "velocity for the first steps), a cfg value per step, and RIFLEx for videos longer than "
+                   "the trained length.")
     CATEGORY = CATEGORY
     FUNCTION = "make"
     RETURN_TYPES = ("SLIP_WAN_GUIDANCE_ARGS",)
@@ -458,10 +459,14 @@ class WanGuidanceOptions:
                                         "tooltip": "CFG-Zero*: the first N steps output zero velocity."}),
             "cfg_per_step": ("STRING", {"default": "", "tooltip": "Comma-separated cfg, one per step (e.g. "
                                                                    "'6,6,5,4'); empty: the sampler's cfg."}),
+            "riflex_freq_index": ("INT", {"default": 0, "min": 0, "max": 22,
+                                          "tooltip": "RIFLEx for videos longer than the trained 81 frames: the "
+                                                     "temporal RoPE frequency to retune (6 for Wan); 0 = off."}),
         }}
 
-    def make(self, cfg_zero_star, zero_init_steps, cfg_per_step):
-        return (GuidanceArgs(bool(cfg_zero_star), int(zero_init_steps), parse_cfg_list(cfg_per_step)),)
+    def make(self, cfg_zero_star, zero_init_steps, cfg_per_step, riflex_freq_index=0):
+        return (GuidanceArgs(bool(cfg_zero_star), int(zero_init_steps), parse_cfg_list(cfg_per_step),
+                             int(riflex_freq_index)),)
 
 
 def _latent_tensor(latent, name: str) -> torch.Tensor:

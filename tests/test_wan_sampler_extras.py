@@ -218,3 +218,25 @@ def test_cfg_per_step_list():
         _run(handle, settings, extras=SamplingExtras(guidance=GuidanceArgs(cfg_per_step=(4.0, 3.0))))
     with pytest.raises(ValueError, match="comma-separated numbers"):
         parse_cfg_list("6;5")
+
+
+def test_riflex_retunes_one_temporal_frequency_to_under_one_period():
+    from slipstream.models.wan.guidance import riflex_cos_sin
+    from slipstream.models.wan.layers import rope_angles
+
+    grid, axes, k = (5, 2, 3), (44, 42, 42), 6
+    cos, sin = riflex_cos_sin(grid, axes, k, CPU)
+    plain = rope_angles(grid, axes, CPU)
+    angle = torch.atan2(sin[0, :, 0, k - 1].double(), cos[0, :, 0, k - 1].double()) % (2 * math.pi)
+    frames = torch.arange(5, dtype=torch.float64).repeat_interleave(6)
+    assert torch.allclose(angle, (frames * 0.9 * 2 * math.pi / 5) % (2 * math.pi), atol=1e-5)
+    others = [j for j in range(plain.shape[1]) if j != k - 1]
+    assert torch.allclose(cos[0, :, 0, others], torch.cos(plain[:, others]).float())
+    with pytest.raises(ValueError, match="between 1 and 22"):
+        riflex_cos_sin(grid, axes, 23, CPU)
+    handle = _handle()
+    settings = SamplerSettings(steps=2, cfg=4.0, seed=5)
+    image = WanImageEmbeds(32, 32, 9)
+    with_riflex = _run(handle, settings, image=image,
+                       extras=SamplingExtras(guidance=GuidanceArgs(riflex_freq_index=k)))
+    assert not torch.allclose(with_riflex, _run(handle, settings, image=image), atol=1e-5)

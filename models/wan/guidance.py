@@ -1,4 +1,4 @@
-"""Guidance extras for the Wan sampler: Skip Layer Guidance, CFG-Zero*, and per-step cfg.
+"""Guidance extras for the Wan sampler: Skip Layer Guidance, CFG-Zero*, RIFLEx and per-step cfg.
 
 SLG (as Wan samplers apply it): in the steps between start and end percent, the negative branch
 runs without the chosen blocks; guidance then pushes away from that weakened prediction as well
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .layers import rope_angles
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,27 @@ class GuidanceArgs:
     cfg_zero_star: bool = False
     zero_init_steps: int = 0
     cfg_per_step: tuple[float, ...] | None = None
+    riflex_freq_index: int = 0      # RIFLEx: 1-based temporal RoPE frequency to retune; 0 = off
 
     def __post_init__(self):
         if self.zero_init_steps < 0:
             raise ValueError(f"zero_init_steps must be >= 0, got {self.zero_init_steps}.")
+        if self.riflex_freq_index < 0:
+            raise ValueError(f"riflex_freq_index must be >= 0 (0 = off), got {self.riflex_freq_index}.")
+
+
+def riflex_cos_sin(grid: tuple[int, int, int], axes: tuple[int, int, int], k: int, device: torch.device):
+    """RoPE tables with RIFLEx (Zhao et al. 2025): the k-th temporal frequency (the video's intrinsic
+    one, 1-based) is set to 0.9·2π / F for F latent frames, so that it completes less than one period
+    over the video and a longer-than-trained video does not repeat itself."""
+    if not 1 <= k <= axes[0] // 2:
+        raise ValueError(f"riflex_freq_index must be between 1 and {axes[0] // 2} (the temporal RoPE pairs), "
+                         f"got {k}; 0 turns RIFLEx off (6 is the usual value for Wan).")
+    angles = rope_angles(grid, axes, device)
+    frames, rows, cols = grid
+    frame_of_token = torch.arange(frames, device=device, dtype=angles.dtype).repeat_interleave(rows * cols)
+    angles[:, k - 1] = frame_of_token * (0.9 * 2 * math.pi / frames)
+    return torch.cos(angles).float()[None, :, None, :], torch.sin(angles).float()[None, :, None, :]
 
 
 def check_cfg_list(values: Sequence[float] | None, steps: int) -> None:

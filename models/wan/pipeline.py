@@ -29,7 +29,7 @@ from .context import ContextOptions, WindowFuser, context_windows, freenoise, wi
 from .dit import WanDiT
 from .experts import check_expert_pair, expert_variant, plan_experts
 from .feta import FetaArgs, enhance_score
-from .guidance import GuidanceArgs, SLGArgs, check_cfg_list, combine
+from .guidance import GuidanceArgs, SLGArgs, check_cfg_list, combine, riflex_cos_sin
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
 from .step_cache import CacheArgs, StepCache
 from .vae import denormalize_latent, normalize_latent
@@ -305,6 +305,8 @@ class _Denoiser:
         self.slg = extras.slg
         self.zero_star = extras.guidance is not None and extras.guidance.cfg_zero_star
         self.cache: StepCache | None = extras.cache
+        self.riflex = extras.guidance.riflex_freq_index if extras.guidance is not None else 0
+        self._riflex_tables: dict = {}
         dtype = self.dit.compute_dtype
         self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
@@ -319,7 +321,8 @@ class _Denoiser:
         (decided at block 0 from the time modulation, the residual stored after the last block)."""
         check = self.check_interrupt
         cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
-        if check is None and not skip and cache is None:
+        riflex = self.riflex
+        if check is None and not skip and cache is None and not riflex:
             return None
         last = len(self.dit.blocks) - 1
         reuse = {"on": False, "start": None}
@@ -327,6 +330,8 @@ class _Denoiser:
         def run(index, block, tokens, inputs):
             if check is not None:
                 check()
+            if riflex:
+                inputs = self._riflex_inputs(inputs)
             if cache is not None and index == 0:
                 reuse["on"] = cache.skip_blocks(cache_key, branch, step, inputs.e0)
                 reuse["start"] = tokens
@@ -340,6 +345,15 @@ class _Denoiser:
                 cache.remember_residual(cache_key, out - reuse["start"])
             return out
         return run
+
+    def _riflex_inputs(self, inputs):
+        """The block inputs with RIFLEx's RoPE tables (built once per latent grid)."""
+        grid = inputs.grid
+        if grid not in self._riflex_tables:
+            self._riflex_tables[grid] = riflex_cos_sin(grid, self.dit.config.rope_axes, self.riflex,
+                                                       inputs.rope_cos.device)
+        cos, sin = self._riflex_tables[grid]
+        return replace(inputs, rope_cos=cos, rope_sin=sin)
 
     def _scale(self, feta_on: bool):
         if not feta_on:
