@@ -1,4 +1,6 @@
-"""Flow-matching solvers for Wan 2.1: schedules with shift, and UniPC / DPM++ / Euler steps.
+"""Flow-matching solvers for Wan: schedules with shift, and UniPC / DPM++ / Euler steps (DEIS, RES,
+LCM, DPM++ SDE and ER-SDE in models/wan/solvers_extra.py; beta, distill and user schedules in
+models/wan/schedules.py).
 
 Wan is a rectified flow: x_σ = (1−σ)·x0 + σ·ε and the DiT predicts v = ε − x0, so x0 = x_σ − σ·v.
 The schedule follows the official Wan code: σ runs from σ_max to 0 in `steps` uniform steps,
@@ -7,7 +9,8 @@ given the integer timestep trunc(σ'·1000) (999, 992, … for 30 steps at shift
 σ_max = 0.999 (the official training schedule's first value), DPM++ and Euler at 1.0.
 
 A solver is a small stateful object: `step(v, x)` advances x from σ[i] to σ[i+1] given the model's
-velocity at σ[i]. The multistep solvers keep the last x0 predictions; a fresh solver per run.
+velocity at σ[i]. The multistep solvers keep the last x0 predictions; a fresh solver per run, or
+one given the exported history of the run it continues.
 """
 
 from __future__ import annotations

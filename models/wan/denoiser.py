@@ -1,0 +1,185 @@
+"""One guided model evaluation of the Wan sampler: CFG (batched or as two passes), context windows,
+FETA, Skip Layer Guidance, CFG-Zero*, RIFLEx and the step caches, all through the DiT's block hook.
+
+A step cache or an active SLG runs the two CFG branches as separate passes (each branch has its own
+cache state; SLG changes only the negative one). Cache state is keyed by (branch, batch item,
+context window), so windows that move between steps never reuse another window's residual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from .context import ContextOptions, WindowFuser, context_windows, window_weights
+from .feta import FetaArgs, enhance_score
+from .guidance import GuidanceArgs, SLGArgs, combine, riflex_cos_sin
+from .step_cache import CacheArgs, StepCache
+
+if TYPE_CHECKING:
+    from .pipeline import RunStats, WanImageEmbeds, WanModelHandle, WanTextEmbeds
+
+
+@dataclass(frozen=True)
+class SamplingExtras:
+    """Optional sampler features travelling together (caches, SLG, CFG-Zero*)."""
+
+    cache_args: CacheArgs | None = None
+    slg: SLGArgs | None = None
+    guidance: GuidanceArgs | None = None
+    cache: StepCache | None = None           # built per expert by the sampler
+
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
+
+
+def _prompt_for_window(window: Sequence[int], frames: int, prompts: int) -> int:
+    """Which of several '|'-separated prompts a window uses: the section its last frame falls in."""
+    section = frames / prompts
+    return min(int(max(window) / section), prompts - 1)
+
+
+class WanDenoiser:
+    """Guided velocity for one latent (or its context windows) at one step; see the module docstring."""
+
+    def __init__(self, handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds,
+                 batched: bool, device: torch.device, context: ContextOptions | None, feta: FetaArgs | None,
+                 check_interrupt: Callable[[], None] | None, stats: RunStats, extras: SamplingExtras):
+        self.dit = handle.dit
+        self.name = handle.name
+        self.batched = batched
+        self.device = device
+        self.context = context
+        self.feta = feta
+        self.check_interrupt = check_interrupt
+        self.stats = stats
+        self.slg = extras.slg
+        self.zero_star = extras.guidance is not None and extras.guidance.cfg_zero_star
+        self.cache: StepCache | None = extras.cache
+        self.riflex = extras.guidance.riflex_freq_index if extras.guidance is not None else 0
+        self._riflex_tables: dict = {}
+        dtype = self.dit.compute_dtype
+        self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
+        negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
+        self.negative = negative.to(device=device, dtype=dtype)
+        self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
+        self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
+        neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
+        self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
+
+    def _block_runner(self, skip: frozenset[int] = frozenset(), cache_key=None, branch: int = 0, step: int = 0):
+        """The per-block hook: interrupt checks, SLG's skipped blocks, and the token-level caches
+        (decided at block 0 from the time modulation, the residual stored after the last block)."""
+        check = self.check_interrupt
+        cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
+        riflex = self.riflex
+        if check is None and not skip and cache is None and not riflex:
+            return None
+        last = len(self.dit.blocks) - 1
+        reuse = {"on": False, "start": None}
+
+        def run(index, block, tokens, inputs):
+            if check is not None:
+                check()
+            if riflex:
+                inputs = self._riflex_inputs(inputs)
+            if cache is not None and index == 0:
+                reuse["on"] = cache.skip_blocks(cache_key, branch, step, inputs.e0)
+                reuse["start"] = tokens
+                if reuse["on"]:
+                    return tokens + cache.residual(cache_key, tokens)
+            if reuse["on"] or index in skip:
+                out = tokens
+            else:
+                out = block(tokens, inputs)
+            if cache is not None and index == last and not reuse["on"]:
+                cache.remember_residual(cache_key, out - reuse["start"])
+            return out
+        return run
+
+    def _riflex_inputs(self, inputs):
+        """The block inputs with RIFLEx's RoPE tables (built once per latent grid)."""
+        grid = inputs.grid
+        if grid not in self._riflex_tables:
+            self._riflex_tables[grid] = riflex_cos_sin(grid, self.dit.config.rope_axes, self.riflex,
+                                                       inputs.rope_cos.device)
+        cos, sin = self._riflex_tables[grid]
+        return replace(inputs, rope_cos=cos, rope_sin=sin)
+
+    def _scale(self, feta_on: bool):
+        if not feta_on:
+            return None
+        weight = self.feta.weight
+
+        def scale(q, k, grid):
+            if grid[0] < 2:
+                return 1.0
+            return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
+        return scale
+
+    def _forward(self, x, t, context, clip, y, feta_on, runner):
+        self.stats.forwards += 1
+        timestep = torch.full((x.shape[0],), float(t), device=self.device)
+        return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on))
+
+    def _branch(self, x, t, context, clip, y, feta_on, branch, key, step, skip=frozenset()):
+        """One CFG branch alone, through the cache when there is one."""
+        cache = self.cache
+        if cache is not None and cache.args.method == "easycache":
+            reused = cache.skip_forward((branch, key), branch, step, x)
+            if reused is not None:
+                return reused
+        v = self._forward(x, t, context, clip, y, feta_on, self._block_runner(skip, (branch, key), branch, step))
+        if cache is not None and cache.args.method == "easycache":
+            cache.remember_output((branch, key), x, v)
+        return v
+
+    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key):
+        """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
+        if math.isclose(cfg, 1.0):
+            return self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
+        slg_on = self.slg is not None and self.slg.active_at(step, steps)
+        if self.batched and self.cache is None and not slg_on:
+            rows = max(prompt.shape[0], self.negative.shape[0])
+            context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
+            clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
+            yy = None if y is None else torch.cat([y, y])
+            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on,
+                                         self._block_runner()).chunk(2)
+        else:
+            skip = frozenset(self.slg.blocks) if slg_on else frozenset()
+            cond = self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
+            uncond = self._branch(x, t, self.negative[None], self.negative_clip, y, feta_on, 1, key, step, skip)
+        return combine(cond, uncond, cfg, self.zero_star)
+
+    def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:
+        feta_on = self.feta is not None and self.feta.active_at(step, steps)
+        y = None if self.y is None else self.y[None]
+        frames = x.shape[2]
+        windows = None
+        if self.context is not None:
+            size, stride, overlap = self.context.latent()
+            if frames > size:
+                windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
+        if windows is None:
+            self.stats.windows_per_step.append(1)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,))
+        self.stats.windows_per_step.append(len(windows))
+        fuser = WindowFuser(x, frame_dim=2)
+        looped = self.context.schedule == "uniform_looped"
+        for window in windows:
+            idx = torch.tensor(window, device=x.device)
+            prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
+            yw = None
+            if y is not None:
+                yw = y.index_select(2, idx).clone()
+                yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, (item, *window))
+            fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
+        return fuser.result()
