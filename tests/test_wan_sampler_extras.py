@@ -5,14 +5,14 @@ windows, block swap)."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
-from slipstream.models.wan import config as wan_config
 from slipstream.models.wan.cache_tables import MAG_RATIOS, TEACACHE_COEFFICIENTS
 from slipstream.models.wan.context import ContextOptions
-from slipstream.models.wan.dit import WanDiT, random_state_dict
 from slipstream.models.wan.guidance import GuidanceArgs, SLGArgs, combine, parse_blocks, parse_cfg_list
 from slipstream.models.wan.pipeline import (
     RunStats,
@@ -20,31 +20,24 @@ from slipstream.models.wan.pipeline import (
     SamplingExtras,
     SwapSettings,
     WanImageEmbeds,
-    WanModelHandle,
-    WanTextEmbeds,
-    build_host_blocks,
     initial_noise,
     sample_video,
 )
 from slipstream.models.wan.step_cache import CacheArgs, StepCache
 from slipstream.models.wan.vae import denormalize_latent
 
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_sampler_fixtures import CPU, tiny_handle, tiny_text
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CPU = torch.device("cpu")
-TEXT_DIM = 32
 
 
-def _handle(layers=3, swap=None) -> WanModelHandle:
-    cfg = replace(wan_config.tiny("t2v", num_layers=layers, text_dim=TEXT_DIM), text_len=16)
-    dit = WanDiT(cfg).eval().requires_grad_(False)
-    dit.load_state_dict(random_state_dict(cfg, seed=1))
-    return WanModelHandle(dit, cfg.name, CPU, swap=swap, host_blocks=build_host_blocks(dit, swap) if swap else None)
+def _handle(layers=3, swap=None):
+    return tiny_handle(layers, swap=swap)
 
 
-def _text() -> WanTextEmbeds:
-    g = torch.Generator().manual_seed(0)
-    return WanTextEmbeds((torch.randn(5, TEXT_DIM, generator=g),), torch.randn(3, TEXT_DIM, generator=g))
+_text = tiny_text
 
 
 def _run(handle, settings, image=None, **kw):

@@ -3,27 +3,22 @@ new args nodes and the node-level bad-input errors."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from slipstream.models.wan import config as wan_config
-from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.pipeline import RESUME_KEY, WanImageEmbeds, WanModelHandle, WanTextEmbeds
+from slipstream.models.wan.pipeline import RESUME_KEY, WanImageEmbeds
 from slipstream.nodes import wan
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_sampler_fixtures import tiny_handle, tiny_text
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _handle():
-    cfg = replace(wan_config.tiny("t2v", num_layers=2, text_dim=32), text_len=16)
-    dit = WanDiT(cfg).eval().requires_grad_(False)
-    dit.load_state_dict(random_state_dict(cfg, seed=1))
-    return WanModelHandle(dit, cfg.name, torch.device("cpu"))
-
-
-TEXT = WanTextEmbeds((torch.randn(5, 32, generator=torch.Generator().manual_seed(0)),),
-                     torch.randn(3, 32, generator=torch.Generator().manual_seed(1)))
+_handle = tiny_handle
+TEXT = tiny_text()
 IMAGE = WanImageEmbeds(32, 32, 5)
 
 

@@ -4,12 +4,14 @@ sampler's bad-input checks, on tiny random-weight DiTs."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from slipstream.models.wan import config as wan_config
-from slipstream.models.wan.dit import WanDiT, random_state_dict
+from slipstream.models.wan.dit import WanDiT
 from slipstream.models.wan.experts import expert_variant, plan_experts
 from slipstream.models.wan.pipeline import (
     NonFiniteError,
@@ -17,28 +19,20 @@ from slipstream.models.wan.pipeline import (
     SamplerSettings,
     WanImageEmbeds,
     WanModelHandle,
-    WanTextEmbeds,
     sample_video,
     sample_video_full,
 )
 from slipstream.models.wan.sampling import DETERMINISTIC, make_schedule
 
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from wan_sampler_fixtures import CPU, TEXT_DIM, tiny_handle, tiny_text
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CPU = torch.device("cpu")
-TEXT_DIM = 32
 
 
-def _handle(layers=2, seed=1, name=None, resident=CPU) -> WanModelHandle:
-    cfg = replace(wan_config.tiny("t2v", num_layers=layers, text_dim=TEXT_DIM), text_len=16)
-    dit = WanDiT(cfg).eval().requires_grad_(False)
-    dit.load_state_dict(random_state_dict(cfg, seed=seed))
-    return WanModelHandle(dit, name or cfg.name, resident)
-
-
-def _text() -> WanTextEmbeds:
-    g = torch.Generator().manual_seed(0)
-    return WanTextEmbeds((torch.randn(5, TEXT_DIM, generator=g),), torch.randn(3, TEXT_DIM, generator=g))
+_handle = tiny_handle
+_text = tiny_text
 
 
 IMAGE = WanImageEmbeds(32, 32, 5)
