@@ -127,10 +127,11 @@ def test_cache_arguments_out_of_range_are_refused():
 # ------------------------------------------------------------------------------ caches in a run
 
 
+@pytest.mark.parametrize("batched", ["off", "on"])
 @pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
-def test_a_cache_skips_forwards_per_branch_and_a_strict_one_changes_nothing(method):
+def test_a_cache_skips_forwards_per_branch_and_a_strict_one_changes_nothing(method, batched):
     handle = _handle()
-    settings = SamplerSettings(steps=8, cfg=4.0, seed=2, batched_cfg="off")
+    settings = SamplerSettings(steps=8, cfg=4.0, seed=2, batched_cfg=batched)
     plain = _run(handle, settings)
     strict, loose = RunStats(), RunStats()
     # TeaCache's published polynomial is negative near 0 (as in the reference), so a tiny threshold still
@@ -141,6 +142,7 @@ def test_a_cache_skips_forwards_per_branch_and_a_strict_one_changes_nothing(meth
     fast = _run(handle, settings, extras=SamplingExtras(CacheArgs(method, 1.0, start_step=1, magcache_k=8,
                                                                   retention=0.0)), stats=loose)
     assert loose.cache_skipped > 0 and set(loose.cache_by_branch) <= {"cond", "uncond"}
+    assert loose.branches_computed + loose.cache_skipped == 2 * 8 == strict.branches_computed
     assert torch.isfinite(fast).all() and not torch.equal(fast, plain)
 
 

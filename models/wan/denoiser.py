@@ -1,9 +1,10 @@
 """One guided model evaluation of the Wan sampler: CFG (batched or as two passes), context windows,
 FETA, Skip Layer Guidance, CFG-Zero*, RIFLEx and the step caches, all through the DiT's block hook.
 
-A step cache or an active SLG runs the two CFG branches as separate passes (each branch has its own
-cache state; SLG changes only the negative one). Cache state is keyed by (branch, batch item,
-context window), so windows that move between steps never reuse another window's residual.
+With batched CFG both branches run as one batch and a step cache skips the batch only when both
+branches may reuse their results; an active SLG runs the branches as two passes (it changes only the
+negative one). Cache state is keyed by (branch, batch item, context window), so windows that move
+between steps never reuse another window's residual.
 """
 
 from __future__ import annotations
@@ -73,16 +74,21 @@ class WanDenoiser:
         neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
 
-    def _block_runner(self, skip: frozenset[int] = frozenset(), cache_key=None, branch: int = 0, step: int = 0):
-        """The per-block hook: interrupt checks, SLG's skipped blocks, and the token-level caches
-        (decided at block 0 from the time modulation, the residual stored after the last block)."""
+    def _block_runner(self, skip: frozenset[int] = frozenset(), rows: Sequence[tuple] = (), step: int = 0,
+                      outcome: dict | None = None):
+        """The per-block hook: interrupt checks, RIFLEx, SLG's skipped blocks, and the token-level caches.
+
+        `rows` names the cache state of each batch row ((branch, key) tuples). The cache decides at
+        block 0 from the time modulation: when every row may reuse its residual the blocks are
+        skipped; when only some may, the batch runs anyway and those rows count as computed."""
         check = self.check_interrupt
         cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
+        cache = cache if rows else None
         riflex = self.riflex
         if check is None and not skip and cache is None and not riflex:
             return None
         last = len(self.dit.blocks) - 1
-        reuse = {"on": False, "start": None}
+        state = {"reuse": False, "start": None}
 
         def run(index, block, tokens, inputs):
             if check is not None:
@@ -90,16 +96,24 @@ class WanDenoiser:
             if riflex:
                 inputs = self._riflex_inputs(inputs)
             if cache is not None and index == 0:
-                reuse["on"] = cache.skip_blocks(cache_key, branch, step, inputs.e0)
-                reuse["start"] = tokens
-                if reuse["on"]:
-                    return tokens + cache.residual(cache_key, tokens)
-            if reuse["on"] or index in skip:
+                decisions = [cache.skip_blocks(row, row[0], step, inputs.e0[i:i + 1]) for i, row in enumerate(rows)]
+                state["start"] = tokens
+                if all(decisions):
+                    state["reuse"] = True
+                    if outcome is not None:
+                        outcome["reused"] = True
+                    return tokens + torch.cat([cache.residual(row, tokens) for row in rows])
+                for row, decided in zip(rows, decisions, strict=True):
+                    if decided:
+                        cache.revoke_skip(row, row[0])
+            if state["reuse"] or index in skip:
                 out = tokens
             else:
                 out = block(tokens, inputs)
-            if cache is not None and index == last and not reuse["on"]:
-                cache.remember_residual(cache_key, out - reuse["start"])
+            if cache is not None and index == last and not state["reuse"]:
+                residual = out - state["start"]
+                for i, row in enumerate(rows):
+                    cache.remember_residual(row, residual[i:i + 1])
             return out
         return run
 
@@ -128,34 +142,44 @@ class WanDenoiser:
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
         return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on))
 
-    def _branch(self, x, t, context, clip, y, feta_on, branch, key, step, skip=frozenset()):
-        """One CFG branch alone, through the cache when there is one."""
+    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset()):
+        """One forward of the CFG rows `rows` ((branch, key) each, batched in that order) for the
+        latent x [1, ...], through the cache when there is one."""
         cache = self.cache
-        if cache is not None and cache.args.method == "easycache":
-            reused = cache.skip_forward((branch, key), branch, step, x)
-            if reused is not None:
-                return reused
-        v = self._forward(x, t, context, clip, y, feta_on, self._block_runner(skip, (branch, key), branch, step))
-        if cache is not None and cache.args.method == "easycache":
-            cache.remember_output((branch, key), x, v)
+        easy = cache is not None and cache.args.method == "easycache"
+        if easy:
+            reused = [cache.skip_forward(row, row[0], step, x) for row in rows]
+            if all(v is not None for v in reused):
+                return torch.cat(reused)
+            for row, v in zip(rows, reused, strict=True):
+                if v is not None:
+                    cache.revoke_skip(row, row[0])
+        outcome = {"reused": False}
+        batch = x if len(rows) == 1 else torch.cat([x] * len(rows))
+        v = self._forward(batch, t, context, clip, y, feta_on,
+                          self._block_runner(skip, rows if cache is not None else (), step, outcome))
+        if not outcome["reused"]:
+            self.stats.branches_computed += len(rows)
+        if easy:
+            for i, row in enumerate(rows):
+                cache.remember_output(row, x, v[i:i + 1])
         return v
 
     def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
         if math.isclose(cfg, 1.0):
-            return self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
+            return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step)
         slg_on = self.slg is not None and self.slg.active_at(step, steps)
-        if self.batched and self.cache is None and not slg_on:
+        if self.batched and not slg_on:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on,
-                                         self._block_runner()).chunk(2)
+            cond, uncond = self._rows(x, t, context, clip, yy, feta_on, [(0, key), (1, key)], step).chunk(2)
         else:
             skip = frozenset(self.slg.blocks) if slg_on else frozenset()
-            cond = self._branch(x, t, prompt[None], self.clip, y, feta_on, 0, key, step)
-            uncond = self._branch(x, t, self.negative[None], self.negative_clip, y, feta_on, 1, key, step, skip)
+            cond = self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step)
+            uncond = self._rows(x, t, self.negative[None], self.negative_clip, y, feta_on, [(1, key)], step, skip)
         return combine(cond, uncond, cfg, self.zero_star)
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:

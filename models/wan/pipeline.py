@@ -181,7 +181,8 @@ class RunStats:
     windows_per_step: list[int] = field(default_factory=list)
     swap: dict[str, int] = field(default_factory=dict)
     experts: list[str] = field(default_factory=list)          # per step: "single", "high" or "low"
-    cache_skipped: int = 0                                    # DiT forwards a step cache replaced
+    branches_computed: int = 0                                # CFG branches whose blocks really ran
+    cache_skipped: int = 0                                    # branch evaluations a step cache replaced
     cache_by_branch: dict[str, int] = field(default_factory=dict)
 
 
@@ -442,7 +443,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     dtype_bytes = torch.finfo(handle.dit.compute_dtype).bits // 8
     batched = {"on": True, "off": False}.get(settings.batched_cfg) if settings.batched_cfg != "auto" else \
         cfg_batch_fits(tokens, cfg.dim, cfg.ffn_dim, dtype_bytes, free_memory)
-    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0) and extras.cache_args is None
+    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
     batch = 1 if samples is None else samples.shape[0]
     zero_init = extras.guidance.zero_init_steps if extras.guidance is not None and extras.guidance.cfg_zero_star \
         else 0

@@ -171,6 +171,15 @@ class StepCache:
         self.report.count(("cond", "uncond")[branch], decision)
         return decision
 
+    def revoke_skip(self, key, branch: int) -> None:
+        """A skip this branch was granted but cannot take (its batch partner must compute): it is
+        computed after all, so its predicted error starts again from zero."""
+        state = self.states[key]
+        state.accumulated, state.ratio, state.skipped_in_row = 0.0, 1.0, 0
+        name = ("cond", "uncond")[branch]
+        self.report.skipped[name] -= 1
+        self.report.computed[name] = self.report.computed.get(name, 0) + 1
+
     def residual(self, key, like: torch.Tensor) -> torch.Tensor:
         return self._load(self.states[key].residual, like)
 
