@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
@@ -104,6 +103,7 @@ class ProgressBar:
 def latent_previewer(kind: str):
     """fn(raw latent) -> a preview for ProgressBar.update_absolute, via ComfyUI's latent previewer
     (its --preview-method) with the latent format of `kind` ("wan21"); None when previews are off."""
+    import comfy.latent_formats
     import latent_preview
 
     formats = {"wan21": comfy.latent_formats.Wan21}
