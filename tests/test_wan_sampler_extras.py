@@ -104,15 +104,16 @@ def test_easycache_weights_the_input_change_by_the_measured_output_ratio():
     x1, v1 = torch.tensor([1.1, 0.0]), torch.tensor([0.0, 2.1])
     assert cache.skip_forward("k", 0, 1, x1) is None, "no k measured yet"
     cache.remember_output("k", x1, v1)
-    k = (0.1 / 2.0) / (0.1 / 1.0)                                # output change 5 %, input change 10 %
+    k = (0.1 / 2) / (0.1 / 2)                      # mean |Δv| = 0.05 over mean |Δx| = 0.05
     assert cache.states["k"].k == pytest.approx(k, rel=1e-5)
     x2 = torch.tensor([1.15, 0.0])
-    change = 0.05 / 1.1
+    predicted = k * (0.05 / 2) / (2.1 / 2)         # k · mean|Δx| / mean|v_last|
     reused = cache.skip_forward("k", 0, 2, x2)
-    assert (k * change < 0.05) and reused is not None
+    assert predicted < 0.05 and reused is not None
+    assert cache.states["k"].accumulated == pytest.approx(predicted, rel=1e-5)
     assert torch.allclose(reused, x2 + (v1 - x1))
-    x3 = torch.tensor([1.3, 0.0])
-    assert cache.skip_forward("k", 0, 3, x3) is None, "accumulated k·change crossed the threshold"
+    x3 = torch.tensor([1.3, 0.0])                  # + k · 0.075 / 1.05 = 0.071: over the threshold
+    assert cache.skip_forward("k", 0, 3, x3) is None, "accumulated prediction crossed the threshold"
 
 
 def test_cache_arguments_out_of_range_are_refused():

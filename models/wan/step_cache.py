@@ -7,9 +7,11 @@ small, reusing that step's residual. One state per CFG branch and context window
   magcache  (Ma et al. 2025): the calibrated magnitude ratio of consecutive residuals γ_t is
             multiplied up over skipped steps; |1 − Πγ| is accumulated as the error; skip while it
             is below `threshold` and at most K steps in a row, never in the first `retention` part.
-  easycache (Zhou et al. 2025): the relative change of the model *input* x, weighted by the last
-            measured output/input change ratio k, is accumulated; below `threshold` the output is
-            the input plus the cached transformation (v − x) of the last computed step.
+  easycache (Zhou et al. 2025): the change of the model *input* x since the previous step (mean
+            |Δx|), times the transformation rate k = mean|Δv| / mean|Δx| measured between the last
+            two computed steps, relative to the last output (mean |v|), is accumulated as the
+            predicted output change; below `threshold` the output is the input plus the cached
+            transformation (v − x) of the last computed step.
 
 Every method always computes the first step of its window and the last step of the schedule.
 """
@@ -193,7 +195,8 @@ class StepCache:
         decision = False
         if state.previous is not None and state.k is not None and self._window(step):
             prev = state.previous.to(x.device)
-            change = ((x - prev).norm() / prev.norm().clamp_min(1e-12)).item()
+            output = state.last_output.to(x.device)
+            change = ((x - prev).abs().mean() / output.abs().mean().clamp_min(1e-12)).item()
             state.accumulated += state.k * change
             decision = state.accumulated < self.args.threshold
         state.previous = self._store(x)
@@ -207,8 +210,8 @@ class StepCache:
         state = self._state(key)
         if state.last_output is not None:
             last_out, last_in = state.last_output.to(v.device), state.last_input.to(x.device)
-            out_change = (v - last_out).norm() / last_out.norm().clamp_min(1e-12)
-            in_change = (x - last_in).norm() / last_in.norm().clamp_min(1e-12)
+            out_change = (v - last_out).abs().mean()
+            in_change = (x - last_in).abs().mean()
             state.k = (out_change / in_change.clamp_min(1e-12)).item()
         state.last_output, state.last_input = self._store(v), self._store(x)
         state.residual = self._store(v - x)
