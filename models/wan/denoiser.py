@@ -20,6 +20,7 @@ from .context import ContextOptions, WindowFuser, context_windows, window_weight
 from .feta import FetaArgs, enhance_score
 from .guidance import GuidanceArgs, SLGArgs, combine, riflex_cos_sin
 from .step_cache import CacheArgs, StepCache
+from .vace import empty_context
 
 if TYPE_CHECKING:
     from .pipeline import RunStats, WanImageEmbeds, WanModelHandle, WanTextEmbeds
@@ -70,9 +71,19 @@ class WanDenoiser:
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
-        self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
-        neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
+        clip = image.clip
+        if clip is None and handle.config.has_image_input:   # Fun models without a start image (VideoX-Fun)
+            clip = torch.zeros(1, handle.config.clip_tokens, handle.config.clip_dim)
+        self.clip = None if clip is None else clip.to(device=device, dtype=dtype)
+        neg_clip = image.negative_clip if image.negative_clip is not None else clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
+        self.vace = None              # [N, 96, T, h, w] VACE contexts (VACE models only) and their strengths
+        self.subject = None if image.subject is None else image.subject.to(device=device, dtype=torch.float32)
+        if handle.config.is_vace:
+            inputs = image.vace or (empty_context(image.latent_shape),)
+            self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
+            self.vace_strengths = [v.strength for v in inputs]
+        self.ref_frames = image.ref_frames
 
     def _block_runner(self, skip: frozenset[int] = frozenset(), rows: Sequence[tuple] = (), step: int = 0,
                       outcome: dict | None = None):
@@ -137,14 +148,26 @@ class WanDenoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on, runner):
+    def _forward(self, x, t, context, clip, y, feta_on, runner, vace=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
-        return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on))
+        extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
+                                         "vace_strength": self.vace_strengths}
+        return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on),
+                        **extra)
 
-    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset()):
+    def _with_subject(self, x, positive: bool):
+        """Phantom: the subject latents after the video's frames (zeros for the negative pass)."""
+        if self.subject is None:
+            return x
+        subject = self.subject if positive else torch.zeros_like(self.subject)
+        return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
+
+    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset(), vace=None):
         """One forward of the CFG rows `rows` ((branch, key) each, batched in that order) for the
-        latent x [1, ...], through the cache when there is one."""
+        latent x [1, ...], through the cache when there is one. Phantom's subject frames join the
+        model input (zeros for the negative branch) and are cut off its prediction."""
+        frames = x.shape[2]
         cache = self.cache
         easy = cache is not None and cache.args.method == "easycache"
         if easy:
@@ -155,9 +178,10 @@ class WanDenoiser:
                 if v is not None:
                     cache.revoke_skip(row, row[0])
         outcome = {"reused": False}
-        batch = x if len(rows) == 1 else torch.cat([x] * len(rows))
+        batch = torch.cat([self._with_subject(x, row[0] == 0) for row in rows])
         v = self._forward(batch, t, context, clip, y, feta_on,
-                          self._block_runner(skip, rows if cache is not None else (), step, outcome))
+                          self._block_runner(skip, rows if cache is not None else (), step, outcome),
+                          vace)[:, :, :frames]
         if not outcome["reused"]:
             self.stats.branches_computed += len(rows)
         if easy:
@@ -165,27 +189,30 @@ class WanDenoiser:
                 cache.remember_output(row, x, v[i:i + 1])
         return v
 
-    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key):
+    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
         if math.isclose(cfg, 1.0):
-            return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step)
+            return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace)
         slg_on = self.slg is not None and self.slg.active_at(step, steps)
         if self.batched and not slg_on:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._rows(x, t, context, clip, yy, feta_on, [(0, key), (1, key)], step).chunk(2)
+            cond, uncond = self._rows(x, t, context, clip, yy, feta_on, [(0, key), (1, key)], step,
+                                      vace=vace).chunk(2)
         else:
             skip = frozenset(self.slg.blocks) if slg_on else frozenset()
-            cond = self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step)
-            uncond = self._rows(x, t, self.negative[None], self.negative_clip, y, feta_on, [(1, key)], step, skip)
+            cond = self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace)
+            uncond = self._rows(x, t, self.negative[None], self.negative_clip, y, feta_on, [(1, key)], step, skip,
+                                vace=vace)
         return combine(cond, uncond, cfg, self.zero_star)
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
         y = None if self.y is None else self.y[None]
-        frames = x.shape[2]
+        refs = self.ref_frames                # VACE reference frames: part of every window, not windowed
+        frames = x.shape[2] - refs
         windows = None
         if self.context is not None:
             size, stride, overlap = self.context.latent()
@@ -193,17 +220,22 @@ class WanDenoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,))
+            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,), self.vace)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
         for window in windows:
-            idx = torch.tensor(window, device=x.device)
+            weights = window_weights(window, frames, overlap, self.context.fuse_method, looped)
             prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
+            key = (item, *window)
+            if refs:
+                window, weights = list(range(refs)) + [refs + i for i in window], torch.cat([torch.ones(refs), weights])
+            idx = torch.tensor(window, device=x.device)
             yw = None
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, (item, *window))
-            fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
+            vace = None if self.vace is None else self.vace.index_select(2, idx)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, key, vace)
+            fuser.add(window, pred, weights)
         return fuser.result()

@@ -39,6 +39,7 @@ from .feta import FetaArgs
 from .guidance import check_cfg_list
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
 from .step_cache import CacheArgs, StepCache
+from .vace import VaceInput, check_chain
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
@@ -104,6 +105,10 @@ class WanImageEmbeds:
 
     y: [20, T, h, w] = 4 mask channels (1 on given frames) + 16 *normalised* image-latent channels.
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
+    vace: VACE inputs for a VACE model (Wan VACE Encode, chained); their reference images are
+    extra latent frames in front, cut off the sampled latent.
+    subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
+    for the positive pass (zeros for the negative one) and cut off each prediction.
     """
 
     width: int
@@ -112,10 +117,17 @@ class WanImageEmbeds:
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
+    vace: tuple[VaceInput, ...] = ()
+    subject: torch.Tensor | None = None
+
+    @property
+    def ref_frames(self) -> int:
+        """Latent frames in front of the video that only condition it (VACE reference images)."""
+        return self.vace[0].ref_frames if self.vace else 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1 + self.ref_frames, self.height // 8, self.width // 8)
 
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -219,8 +231,23 @@ def swap_units(dit: WanDiT, swap: SwapSettings) -> tuple[list[nn.Module], tuple[
         swapped.append(len(units))
         units.append(dit.img_emb)
     first_block = len(units)
-    units.extend(dit.blocks)
-    swapped.extend(first_block + i for i in swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_blocks = list(getattr(dit, "vace_blocks", ()))
+    # VACE blocks are swapped in the same share as the main blocks and listed where they run
+    # (right after their main block), so the prefetch order is the execution order.
+    vace_swapped = set(swap_indices(len(vace_blocks), round(swap.blocks_to_swap * len(vace_blocks)
+                                                            / max(1, len(dit.blocks)))))
+    swapped_blocks = set(swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_after = {layer: n for n, layer in enumerate(dit.config.vace_layers)}
+    for i, block in enumerate(dit.blocks):
+        if i in swapped_blocks:
+            swapped.append(len(units))
+        units.append(block)
+        n = vace_after.get(i)
+        if n is not None and n < len(vace_blocks):
+            if n in vace_swapped:
+                swapped.append(len(units))
+            units.append(vace_blocks[n])
+    assert len(units) - first_block == len(dit.blocks) + len(vace_blocks)
     return units, tuple(swapped)
 
 
@@ -276,7 +303,7 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
     kwargs = {"backend": settings.backend, "fullgraph": settings.fullgraph, "dynamic": settings.dynamic}
     if settings.backend == "inductor":
         kwargs["mode"] = settings.mode
-    targets = list(dit.blocks) if settings.blocks_only else [dit]
+    targets = list(dit.blocks) + list(getattr(dit, "vace_blocks", ())) if settings.blocks_only else [dit]
     for module in targets:
         module.compile(**kwargs)
 
@@ -304,12 +331,23 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
                          "(umT5-XXL): use the text encoder that belongs to this model.")
-    if cfg.has_image_input and (image.y is None or image.clip is None):
+    if cfg.has_image_input and image.y is None:
         raise ValueError(f"{handle.name} is an image-to-video model: connect Wan Image to Video Encode (with a "
                          "start image and CLIP vision embeds) instead of Wan Empty Embeds.")
     if not cfg.has_image_input and image.y is not None:
         raise ValueError(f"{handle.name} is a text-to-video model but the image embeds carry a start image; "
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
+    if cfg.has_image_input and image.y.shape[0] != cfg.cond_channels:
+        raise ValueError(f"The image embeds carry {image.y.shape[0]} conditioning channels but {handle.name} takes "
+                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48) and "
+                         "Wan Image to Video Encode for I2V and Fun InP models (in_dim 36).")
+    if image.subject is not None and (image.vace or cfg.has_image_input):
+        raise ValueError("Phantom subject images go with a text-to-video (Phantom) model and no other conditioning: "
+                         "load the Phantom checkpoint and connect Wan Phantom Subject Encode alone.")
+    if image.vace and not cfg.is_vace:
+        raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
+                         "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
+    check_chain(image.vace)
     if image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
         raise ValueError(f"The CLIP embeds are {image.clip.shape[-1]} wide but {handle.name} expects {cfg.clip_dim}.")
     shape = image.latent_shape
@@ -520,8 +558,9 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
                 stats.cache_by_branch[branch] = stats.cache_by_branch.get(branch, 0) + n
             log.info("%s (%s)", d.cache.report.summary(d.cache.args.method), d.name)
     raw = [denormalize_latent(x.float()).cpu() for x in xs]
-    latent = torch.cat(raw)
-    denoised = torch.cat([denormalize_latent(x.float()).cpu() for x in x0s])
+    refs = image.ref_frames            # VACE reference frames only conditioned the video
+    latent = torch.cat(raw)[:, :, refs:]
+    denoised = torch.cat([denormalize_latent(x.float()).cpu() for x in x0s])[:, :, refs:]
     resume_out = None
     if end < schedule.steps:
         resume_out = {"scheduler": settings.scheduler, "sigmas": tuple(schedule.sigmas), "step": end,
