@@ -15,6 +15,7 @@ import os
 import re
 import time
 
+import numpy as np
 import torch
 
 from ..host import (
@@ -34,11 +35,19 @@ from ..host import (
     staged_file,
     ui_file,
 )
-from ..kernels.attention import AttentionBackendUnavailable, is_installed, require_backend
+from ..kernels.attention import is_installed, require_backend
 from ..kernels.precision import PRECISIONS, dtype_name, resolve_dtype
 from ..models.mia import gltf
-from ..models.mia.mesh import MESH_EXTENSIONS, as_triangle_mesh, list_mesh_files, load_mesh
+from ..models.mia.mesh import (
+    MESH_EXTENSIONS,
+    MeshError,
+    as_triangle_mesh,
+    check_rig_input,
+    list_mesh_files,
+    load_mesh,
+)
 from ..models.mia.networks import NETWORK_NAMES
+from ..models.mia.plausibility import humanoid_doubt
 from ..models.mia.rig import STAGES, LazyNetwork, MIANetworks, rig_mesh
 from ..models.mia.weights import check_network_file, ensure_networks, load_network
 
@@ -99,10 +108,7 @@ class MIALoadModel:
     def load(self, precision: str = "auto", attn_backend: str = "auto"):
         device = compute_device()
         dtype = resolve_dtype(precision, device)
-        try:
-            backend = resolve_attention(attn_backend, device, dtype)
-        except AttentionBackendUnavailable as exc:
-            raise RuntimeError(str(exc)) from exc
+        backend = resolve_attention(attn_backend, device, dtype)   # AttentionBackendUnavailable names the fix
         directory = models_directory()
         eager = tuple(n for n in NETWORK_NAMES if n != "bw_normal")
         bar = ProgressBar(100 + len(eager))
@@ -192,6 +198,10 @@ class MIAAutoRig:
     def rig(self, trimesh, model: MIANetworks, fbx_name: str = "", no_fingers: bool = True,
             use_normal: bool = False, reset_to_rest: bool = True):
         mesh = as_triangle_mesh(trimesh)
+        check_rig_input(np.asarray(mesh.vertices), np.asarray(mesh.faces), "The trimesh input")
+        doubt = humanoid_doubt(mesh, "The trimesh input")
+        if doubt:
+            log.warning(doubt)
         make_networks_resident(model, use_normal)
         bar = ProgressBar(len(STAGES) + 1)
         start = time.perf_counter()
@@ -250,5 +260,5 @@ class SlipstreamLoadMesh:
         root = os.path.abspath(input_dir())
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:
-            raise ValueError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
+            raise MeshError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
         return (load_mesh(path),)

@@ -28,6 +28,7 @@ from ..models.wan.encoders import (
     encode_clip,
     encode_text,
     image_to_video_embeds,
+    require_images,
 )
 from ..models.wan.pipeline import WanImageEmbeds, round_video_size
 from ..models.wan.t5 import UMT5Encoder
@@ -196,6 +197,7 @@ class WanClipVisionEncode:
         }}
 
     def encode(self, clip_vision, image, crop, strength, force_offload):
+        require_images(image, "image")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
             feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
@@ -272,6 +274,7 @@ class WanImageToVideoEncode:
 
     def encode(self, vae, start_image, clip_embeds, width, height, num_frames, noise_aug_strength, force_offload,
                tiled_vae):
+        require_images(start_image, "start_image")
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:

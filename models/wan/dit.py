@@ -41,7 +41,13 @@ import torch
 from torch import nn
 
 from ...kernels.attention import attention, require_backend
-from ..checkpoint import PICKLE_EXTS, check_state_dict, load_state_dict, read_safetensors_header
+from ..checkpoint import (
+    PICKLE_EXTS,
+    check_state_dict,
+    load_state_dict,
+    read_safetensors_header,
+    refuse_non_float,
+)
 from .config import WanDiTConfig, detect_config, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
@@ -305,6 +311,7 @@ class WanDiT(nn.Module):
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()},
                          f"the {config.name} Wan 2.1 DiT ({what})")
+        refuse_non_float({k: v.dtype for k, v in model.state_dict().items()}, dtypes, what)
         plan = plan_dtypes(dtype, weight_dtype, dtypes["blocks.0.self_attn.q.weight"], model.quantizable_keys())
         return model, plan
 
