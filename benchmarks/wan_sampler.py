@@ -9,17 +9,23 @@
    with the host-to-slot memcpy a CPU has to do inline (on a GPU that copy runs on the copy engine,
    overlapped with compute).
 
-Each figure is the best process CPU time of several round-robin repetitions after a warm-up
+4. Step caches (TeaCache, MagCache, EasyCache), each at its default threshold and at twice it:
+   wall (and process CPU) time of a whole sampling run against the same run without a cache, and the PSNR of the final
+   latent against the uncached one (same seed). Model: the Wan 1.3B architecture (30 blocks, 128-wide
+   heads, t2v) with random weights at reduced width (dim 256). Goal: >= 2x at the default threshold.
+
+Each figure of sections 1-3 is the best process CPU time of several round-robin repetitions after a warm-up
 (with --threads 1, the default, CPU time is the work done whatever else the machine runs). The model is a Wan 2.1 DiT with
 the real structure at reduced width (dim 512, 4 blocks, 128-wide heads).
 
 Run under the shared lock so heavy jobs do not overlap:
-    flock /work/heavy.lock python benchmarks/wan_sampler.py
+    python benchmarks/wan_sampler.py [--only caches]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from _common import import_package
@@ -32,12 +38,15 @@ from slipstream.models.wan.config import WanDiTConfig  # noqa: E402
 from slipstream.models.wan.context import ContextOptions, context_windows  # noqa: E402
 from slipstream.models.wan.dit import WanDiT, random_state_dict  # noqa: E402
 from slipstream.models.wan.pipeline import (  # noqa: E402
+    RunStats,
     SamplerSettings,
+    SamplingExtras,
     WanImageEmbeds,
     WanModelHandle,
     WanTextEmbeds,
     sample_video,
 )
+from slipstream.models.wan.step_cache import DEFAULT_THRESHOLDS, CacheArgs  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -188,13 +197,98 @@ def bench_swap_bookkeeping(repeats: int) -> float:
     return (with_swap - base) / (forwards * len(units))
 
 
+def cpu_features() -> str:
+    """The SIMD level torch dispatches to and the relevant flags of this CPU."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags: "
+            + (" ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)))
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB, the peak being the reference's value range."""
+    mse = (x - ref).double().pow(2).mean().item()
+    peak = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def bench_caches(steps: int, repeats: int) -> list[tuple]:
+    """Each cache at its default threshold and at twice it (the faster setting), against the uncached
+    run. Times: wall and process CPU (the machine may be shared: CPU time is the steadier figure)."""
+    cfg = WanDiTConfig("bench-1.3B-arch", "t2v", dim=256, ffn_dim=1536, num_heads=2, num_layers=30,
+                       text_dim=64, text_len=64)
+    dit = WanDiT(cfg).eval().requires_grad_(False)
+    dit.load_state_dict(random_state_dict(cfg, seed=0))
+    handle = WanModelHandle(dit, "bench", CPU)
+    text = WanTextEmbeds((torch.randn(12, 64),), torch.randn(8, 64))
+    image = WanImageEmbeds(128, 128, 17)
+    settings = SamplerSettings(steps=steps, cfg=5.0, shift=5.0, seed=1, scheduler="unipc")
+    variants = [("none", None, None)]
+    for method in ("teacache", "magcache", "easycache"):
+        default = DEFAULT_THRESHOLDS[method]
+        variants += [(method, default, CacheArgs(method, default)),
+                     (method, 2 * default, CacheArgs(method, 2 * default))]
+    results = {}
+    for _ in range(repeats):          # round-robin: every variant sees the same machine load
+        for name, threshold, args in variants:
+            stats = RunStats()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = sample_video(handle, text, image, settings, device=CPU, force_offload=False, stats=stats,
+                               extras=SamplingExtras(cache_args=args))
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            best = results.get((name, threshold))
+            if best is None or cpu < best[1]:
+                results[(name, threshold)] = (wall, cpu, out, stats)
+    base_wall, base_cpu, base_out, base_stats = results[("none", None)]
+
+    def computed(stats: RunStats) -> int:   # CFG branch evaluations whose blocks ran
+        return stats.branches_computed
+
+    rows = []
+    for name, threshold, _ in variants:
+        wall, cpu, out, stats = results[(name, threshold)]
+        rows.append((name, "-" if threshold is None else f"{threshold:g}",
+                     f"{computed(stats)}/{computed(base_stats)}", wall, base_wall / wall, cpu, base_cpu / cpu,
+                     "inf" if name == "none" else f"{psnr(out, base_out):.1f}"))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", choices=["caches"], default=None, help="run one section only")
+    parser.add_argument("--cache-steps", type=int, default=20)
+    parser.add_argument("--cache-repeats", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(f"# {cpu_features()}")
+    if args.only != "caches":
+        run_cost_sections(args)
+    print(f"\n## 4. Step caches (Wan 1.3B architecture: 30 blocks, dim 256, 2 heads of 128; 128x128 px, 17 frames "
+          f"= 5x16x16 latent, 320 tokens; {args.cache_steps} UniPC steps, cfg 5, same seed; wall time, best of "
+          f"{args.cache_repeats})")
+    print("(both CFG branches as one batch in every run; a cache skips a step when both branches may. "
+          "Thresholds: each cache's default and twice it.)")
+    print("| cache | threshold | branch forwards computed | wall s | wall speed-up | CPU s | CPU speed-up | "
+          "PSNR vs uncached (dB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, thr, forwards, wall, speed, cpu, cpu_speed, quality in bench_caches(args.cache_steps,
+                                                                                 args.cache_repeats):
+        print(f"| {name} | {thr} | {forwards} | {wall:.2f} | {speed:.2f}x | {cpu:.2f} | {cpu_speed:.2f}x | "
+              f"{quality} |")
+
+
+def run_cost_sections(args) -> None:
     dit = build_model(dim=512, layers=4, text_len=512)
     print(f"# Wan sampler benchmark — CPU, {args.threads} thread(s), torch {torch.__version__}, best CPU time of "
           f"{args.repeats}; DiT dim 512, 4 blocks, 4 heads of 128")

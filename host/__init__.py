@@ -10,7 +10,8 @@ Interface (both implementations provide each name):
   register_model_folder(key, subdir, extensions)
   model_folders(key) / list_models(key) / model_path(key, name)   ModelNotFoundError lists close matches
   output_dir() / temp_dir() / input_dir()
-  ProgressBar(total)                    .update(n=1), .update_absolute(v, total=None); checks interrupt
+  ProgressBar(total)                    .update(n=1), .update_absolute(v, total=None, preview=None); checks interrupt
+  latent_previewer(kind)                fn(raw latent) -> preview for update_absolute, or None (off / standalone)
   check_interrupt() / request_interrupt() / interrupt_exception_types()
   add_progress_hook(fn)                 observe (value, total) updates
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
@@ -50,6 +51,7 @@ output_dir = _impl.output_dir
 temp_dir = _impl.temp_dir
 input_dir = _impl.input_dir
 ProgressBar = _impl.ProgressBar
+latent_previewer = _impl.latent_previewer
 check_interrupt = _impl.check_interrupt
 request_interrupt = _impl.request_interrupt
 interrupt_exception_types = _impl.interrupt_exception_types

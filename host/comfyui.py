@@ -86,8 +86,8 @@ class ProgressBar:
         self.total = self._bar.total
         self.current = 0
 
-    def update_absolute(self, value: int, total: int | None = None) -> None:
-        self._bar.update_absolute(int(value), total)
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        self._bar.update_absolute(int(value), total, preview)
         self.total = self._bar.total
         self.current = self._bar.current
         notify(self.current, self.total)
@@ -98,6 +98,19 @@ class ProgressBar:
 
     def close(self) -> None:
         pass
+
+
+def latent_previewer(kind: str):
+    """fn(raw latent) -> a preview for ProgressBar.update_absolute, via ComfyUI's latent previewer
+    (its --preview-method) with the latent format of `kind` ("wan21"); None when previews are off."""
+    import comfy.latent_formats
+    import latent_preview
+
+    formats = {"wan21": comfy.latent_formats.Wan21}
+    previewer = latent_preview.get_previewer(mm.get_torch_device(), formats[kind]())
+    if previewer is None:
+        return None
+    return lambda x0: previewer.decode_latent_to_preview_image("JPEG", x0)
 
 
 def compute_device() -> torch.device:

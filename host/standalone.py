@@ -127,6 +127,11 @@ def interrupt_exception_types() -> tuple[type[BaseException], ...]:
     return (Interrupted,)
 
 
+def latent_previewer(kind: str):
+    """No previews outside ComfyUI (there is no frontend to show them)."""
+    return None
+
+
 class ProgressBar:
     """tqdm on a terminal, silent otherwise; every update checks for interruption."""
 
@@ -139,7 +144,7 @@ class ProgressBar:
 
             self._bar = tqdm(total=self.total, desc=desc, leave=False)
 
-    def update_absolute(self, value: int, total: int | None = None) -> None:
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
         if total is not None:
             self.total = max(int(total), 1)
             if self._bar is not None:

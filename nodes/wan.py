@@ -17,6 +17,7 @@ from ..host import (
     ProgressBar,
     check_interrupt,
     compute_device,
+    latent_previewer,
     list_models,
     make_room,
     model_folders,
@@ -40,17 +41,22 @@ from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
 from ..models.wan.feta import FetaArgs
+from ..models.wan.guidance import GuidanceArgs, SLGArgs, parse_blocks, parse_cfg_list
 from ..models.wan.pipeline import (
+    RESUME_KEY,
     CompileSettings,
     SamplerSettings,
+    SamplingExtras,
     SwapSettings,
     WanModelHandle,
     apply_compile,
     build_host_blocks,
-    sample_video,
+    sample_video_full,
     swap_units,
 )
-from ..models.wan.sampling import SOLVERS
+from ..models.wan.sampling import SCHEDULERS
+from ..models.wan.step_cache import METHODS as CACHE_METHODS
+from ..models.wan.step_cache import CacheArgs
 
 log = logging.getLogger("slipstream.wan")
 
@@ -397,34 +403,146 @@ def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> Non
 # ---------------------------------------------------------------------------------- sampler
 
 
-class WanSampler:
-    DESCRIPTION = ("Generates a Wan 2.1 video latent from text (and a start image for I2V). Same seed, same "
-                   "video. Options: context windows for long videos, Enhance-A-Video, vid2vid from 'samples'. "
-                   "The output is a standard LATENT: decode it with Wan Decode or core VAE Decode.")
+class WanCacheArgs:
+    DESCRIPTION = ("Step cache for the Wan Sampler: skips whole model forwards when the predicted change since "
+                   "the last computed step is small, reusing that step's result (per CFG branch and context "
+                   "window). teacache: time-embedding change through the published Wan polynomial; magcache: "
+                   "calibrated residual magnitude ratios; easycache: change of the model input. The sampler "
+                   "logs how many forwards were skipped.")
     CATEGORY = CATEGORY
-    FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("samples",)
-    OUTPUT_TOOLTIPS = ("The video latent [B,16,1+(F-1)/4,H/8,W/8] in ComfyUI's raw-latent convention.",)
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_CACHE_ARGS",)
+    RETURN_NAMES = ("cache_args",)
+    OUTPUT_TOOLTIPS = ("Step cache settings for the Wan Sampler's cache_args input.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader."}),
+            "method": (list(CACHE_METHODS), {"default": "teacache",
+                                             "tooltip": "teacache, magcache or easycache (see the help page)."}),
+            "threshold": ("FLOAT", {"default": 0.3, "min": 0.001, "max": 1.0, "step": 0.001,
+                                    "tooltip": "How much predicted change may pile up before a forward runs again. "
+                                               "Higher = faster, less faithful. Defaults: teacache 0.3, magcache "
+                                               "0.12, easycache 0.05."}),
+            "start_step": ("INT", {"default": 1, "min": 0, "max": 1000,
+                                   "tooltip": "First step that may be skipped (earlier steps always run)."}),
+            "end_step": ("INT", {"default": -1, "min": -1, "max": 1000,
+                                 "tooltip": "Steps from here on always run; -1: up to the last step (which "
+                                            "always runs)."}),
+            "cache_device": (["main_device", "offload_device"], {"default": "main_device",
+                                                                 "tooltip": "Where the cached residuals wait "
+                                                                            "between steps (offload saves VRAM)."}),
+        }, "optional": {
+            "magcache_k": ("INT", {"default": 2, "min": 1, "max": 20,
+                                   "tooltip": "magcache: most steps skipped in a row."}),
+            "retention": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.99, "step": 0.01,
+                                    "tooltip": "magcache: fraction of the first steps that always run."}),
+        }}
+
+    def make(self, method, threshold, start_step, end_step, cache_device, magcache_k=2, retention=0.2):
+        return (CacheArgs(method, float(threshold), int(start_step), int(end_step), cache_device,
+                          int(magcache_k), float(retention)),)
+
+
+class WanSkipLayerGuidance:
+    DESCRIPTION = ("Skip Layer Guidance for the Wan Sampler: in the chosen part of the schedule the negative "
+                   "branch runs without the given transformer blocks, and guidance steers away from that "
+                   "weakened prediction too — usually sharper motion and anatomy. Needs cfg above 1.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_SLG_ARGS",)
+    RETURN_NAMES = ("slg_args",)
+    OUTPUT_TOOLTIPS = ("SLG settings for the Wan Sampler's slg_args input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "blocks": ("STRING", {"default": "9", "tooltip": "Block indices to skip, e.g. '9', '8,9' or '8-10' "
+                                                              "(0-29 for 1.3B, 0-39 for 14B)."}),
+            "start_percent": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Part of the schedule where SLG starts."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Part of the schedule where SLG ends."}),
+        }}
+
+    def make(self, blocks, start_percent, end_percent):
+        return (SLGArgs(parse_blocks(blocks), float(start_percent), float(end_percent)),)
+
+
+class WanGuidanceOptions:
+    DESCRIPTION = ("Guidance options for the Wan Sampler: CFG-Zero* (optimised guidance scale, and zeroed "
+                   "velocity for the first steps), a cfg value per step, and RIFLEx for videos longer than "
+                   "the trained length.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_GUIDANCE_ARGS",)
+    RETURN_NAMES = ("guidance_args",)
+    OUTPUT_TOOLTIPS = ("Guidance settings for the Wan Sampler's guidance_args input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "cfg_zero_star": ("BOOLEAN", {"default": True,
+                                          "tooltip": "Scale the negative prediction by its optimal projection "
+                                                     "(CFG-Zero*)."}),
+            "zero_init_steps": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                        "tooltip": "CFG-Zero*: the first N steps output zero velocity."}),
+            "cfg_per_step": ("STRING", {"default": "", "tooltip": "Comma-separated cfg, one per step (e.g. "
+                                                                   "'6,6,5,4'); empty: the sampler's cfg."}),
+            "riflex_freq_index": ("INT", {"default": 0, "min": 0, "max": 22,
+                                          "tooltip": "RIFLEx for videos longer than the trained 81 frames: the "
+                                                     "temporal RoPE frequency to retune (6 for Wan); 0 = off."}),
+        }}
+
+    def make(self, cfg_zero_star, zero_init_steps, cfg_per_step, riflex_freq_index=0):
+        return (GuidanceArgs(bool(cfg_zero_star), int(zero_init_steps), parse_cfg_list(cfg_per_step),
+                             int(riflex_freq_index)),)
+
+
+def _latent_tensor(latent, name: str) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError(f"'{name}' is not a LATENT (no 'samples' entry): connect a LATENT output, e.g. an "
+                         "earlier Wan Sampler or Empty Hunyuan Latent Video.")
+    return latent["samples"]
+
+
+class WanSampler:
+    DESCRIPTION = ("Generates a Wan video latent from text (and a start image for I2V). Same seed, same "
+                   "video. Options: context windows, Enhance-A-Video, step caches, SLG, CFG-Zero*, vid2vid from "
+                   "'samples', a part of the schedule (start/end step) for split or refine runs, a SIGMAS "
+                   "schedule, and a Wan 2.2 A14B low-noise expert. Outputs the latent and the denoised "
+                   "prediction as standard LATENTs.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "LATENT")
+    RETURN_NAMES = ("samples", "denoised_samples")
+    OUTPUT_TOOLTIPS = ("The video latent [B,16,1+(F-1)/4,H/8,W/8] in ComfyUI's raw-latent convention (still "
+                       "noisy when end_step stops early; feed it to a second sampler with add_noise off).",
+                       "The model's clean (x0) prediction at the last step run.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader (for Wan 2.2 A14B: the high-noise "
+                                                    "expert)."}),
             "image_embeds": ("SLIP_WAN_IMAGE_EMBEDS", {"tooltip": "Size and frames (Wan Empty Embeds) or the I2V "
                                                                   "conditioning (Wan Image to Video Encode)."}),
             "text_embeds": ("SLIP_WAN_TEXT_EMBEDS", {"tooltip": "From Wan Text Encode."}),
             "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "step": 1,
                               "tooltip": "Denoising steps (official: 50 T2V, 40 I2V; 30 is usually enough)."}),
             "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.01,
-                              "tooltip": "Prompt guidance. 1.0 skips the negative prompt (twice as fast)."}),
+                              "tooltip": "Prompt guidance (of the high-noise expert for A14B). 1.0 skips the "
+                                         "negative prompt (twice as fast)."}),
             "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 1000.0, "step": 0.01,
                                 "tooltip": "Noise schedule shift: 5 official, 3 for 480p I2V, 8-12 for 1.3B T2V."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Noise seed (CPU generator: the same on every GPU)."}),
-            "scheduler": (list(SOLVERS), {"default": "unipc",
-                                          "tooltip": "Flow-matching solver: unipc (official, best at few steps), "
-                                                     "dpm++ (2M), euler."}),
+            "scheduler": (list(SCHEDULERS), {"default": "unipc",
+                                             "tooltip": "Solver and schedule: unipc (official), dpm++ (2M), euler, "
+                                                        "dpm++_sde, deis, lcm (distill LoRAs), res_multistep, "
+                                                        "er_sde; '/beta' = beta-spaced steps; flowmatch_causvid "
+                                                        "and flowmatch_distill = the distilled models' fixed "
+                                                        "timesteps."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "Below 1 with 'samples': how much of the input latent to repaint."}),
             "force_offload": ("BOOLEAN", {"default": True,
@@ -434,33 +552,78 @@ class WanSampler:
                                                                "(faster, streams swapped blocks once per step). "
                                                                "auto: when the VRAM free allows it."}),
         }, "optional": {
-            "samples": ("LATENT", {"tooltip": "Start from this latent (vid2vid) instead of pure noise; use with "
-                                              "denoise < 1. Core Wan latents work too."}),
+            "samples": ("LATENT", {"tooltip": "Start from this latent (vid2vid with denoise < 1, or the noisy "
+                                              "output of a first sampler with add_noise off). Core Wan latents "
+                                              "work too."}),
             "context_options": ("SLIP_WAN_CONTEXT", {"tooltip": "From Wan Context Options (long videos)."}),
             "feta_args": ("SLIP_WAN_FETA_ARGS", {"tooltip": "From Wan Enhance-A-Video."}),
+            "cache_args": ("SLIP_WAN_CACHE_ARGS", {"tooltip": "From Wan Cache Args (TeaCache/MagCache/EasyCache)."}),
+            "slg_args": ("SLIP_WAN_SLG_ARGS", {"tooltip": "From Wan Skip Layer Guidance."}),
+            "guidance_args": ("SLIP_WAN_GUIDANCE_ARGS", {"tooltip": "From Wan Guidance Options (CFG-Zero*, "
+                                                                    "cfg per step)."}),
+            "sigmas": ("SIGMAS", {"tooltip": "A schedule (core SIGMAS, flow σ in [0, 1]) that replaces steps, "
+                                             "shift, scheduler spacing and denoise."}),
+            "start_step": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                   "tooltip": "First step to run (core KSamplerAdvanced's start_at_step)."}),
+            "end_step": ("INT", {"default": -1, "min": -1, "max": 10000,
+                                 "tooltip": "Stop before this step (-1: at the end); the output is then still "
+                                            "noisy, for a second sampler."}),
+            "add_noise": ("BOOLEAN", {"default": True,
+                                      "tooltip": "Noise 'samples' to the start step. Off: 'samples' is already "
+                                                 "noisy (from a sampler that stopped at end_step)."}),
+            "low_noise_model": ("SLIP_WAN_MODEL", {"tooltip": "Wan 2.2 A14B: the low-noise expert; steps below the "
+                                                              "boundary run on it, and only one expert sits in "
+                                                              "VRAM at a time."}),
+            "boundary": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.001,
+                                   "tooltip": "A14B switch point as a fraction of the timestep range; -1: "
+                                              "official (t2v 0.875, i2v 0.900)."}),
+            "cfg_low_noise": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.01,
+                                        "tooltip": "cfg of the low-noise expert; -1: official (t2v 3.0, "
+                                                   "i2v 3.5)."}),
         }}
 
     def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
-               batched_cfg, samples=None, context_options=None, feta_args=None):
+               batched_cfg, samples=None, context_options=None, feta_args=None, cache_args=None, slg_args=None,
+               guidance_args=None, sigmas=None, start_step=0, end_step=-1, add_noise=True, low_noise_model=None,
+               boundary=-1.0, cfg_low_noise=-1.0):
         device = compute_device()
-        settings = SamplerSettings(steps, cfg, shift, seed, scheduler, denoise, batched_cfg)
-        start = None if samples is None else samples["samples"]
+        sigma_values = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).flatten())
+        settings = SamplerSettings(
+            steps, cfg, shift, seed, scheduler, denoise, batched_cfg, start_step=int(start_step),
+            end_step=int(end_step), add_noise=bool(add_noise), sigmas=sigma_values,
+            boundary=None if boundary is None or boundary < 0 else float(boundary),
+            cfg_low_noise=None if cfg_low_noise is None or cfg_low_noise < 0 else float(cfg_low_noise))
+        start = None if samples is None else _latent_tensor(samples, "samples")
         batch = 1 if start is None else start.shape[0]
         vram = vram_info(device)
         if vram is not None:  # ask the host to unload other models first (ComfyUI does not manage ours)
             make_room(_resident_bytes(model), device)
             vram = vram_info(device)
-        bar = ProgressBar(steps * batch)
+        total = (len(sigma_values) - 1 if sigma_values else steps) * batch
+        bar = ProgressBar(total)
+        previewer = latent_previewer("wan21")
+        latest: dict[str, torch.Tensor] = {}
+
+        def progress(value, total):
+            shown = previewer(latest.pop("x0")) if previewer is not None and "x0" in latest else None
+            bar.update_absolute(value, total, preview=shown)
+
+        extras = SamplingExtras(cache_args, slg_args, guidance_args)
         try:
-            latent = sample_video(model, text_embeds, image_embeds, settings, device=device, samples=start,
-                                  context=context_options, feta=feta_args, force_offload=force_offload,
-                                  free_memory=None if vram is None else vram[0],
-                                  progress=bar.update_absolute, check_interrupt=check_interrupt)
+            result = sample_video_full(
+                model, text_embeds, image_embeds, settings, device=device, samples=start, context=context_options,
+                feta=feta_args, force_offload=force_offload, free_memory=None if vram is None else vram[0],
+                progress=progress, check_interrupt=check_interrupt, low_noise=low_noise_model, extras=extras,
+                resume=None if samples is None else samples.get(RESUME_KEY),
+                preview=None if previewer is None else (lambda x0: latest.__setitem__("x0", x0)))
         finally:
             bar.close()
             if force_offload:
                 soft_empty_cache()
-        return ({"samples": latent},)
+        out = {"samples": result.latent}
+        if result.resume is not None:
+            out[RESUME_KEY] = result.resume
+        return (out, {"samples": result.denoised})
 
 
 def _resident_bytes(handle: WanModelHandle) -> int:

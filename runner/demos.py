@@ -54,6 +54,21 @@ def demo_cases() -> list[DemoCase]:
                           "its motion, with a reference image -> mp4"))
     cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
                           "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
+    def prepare_distill_demo(models_root: Path, input_root: Path) -> None:
+        from ..models.wan.demo_sampler_assets import prepare_distill_demo as prepare
+
+        prepare(models_root, input_root)
+
+    def prepare_a14b_demo(models_root: Path, input_root: Path) -> None:
+        from ..models.wan.demo_sampler_assets import prepare_a14b_demo as prepare
+
+        prepare(models_root, input_root)
+
+    cases.append(DemoCase("wan_t2v_distill_teacache_slg", "wan_t2v_distill_teacache_slg_api.json",
+                          prepare_distill_demo,
+                          "Wan T2V with a distill LoRA, TeaCache and Skip Layer Guidance (tiny random weights) -> mp4"))
+    cases.append(DemoCase("wan22_a14b_t2v", "wan22_a14b_t2v_api.json", prepare_a14b_demo,
+                          "Wan 2.2 A14B T2V: high- and low-noise experts switching at the boundary (tiny) -> mp4"))
     # INT8 W8A8
     def prepare_int8(models_root: Path, input_root: Path) -> None:
         from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint

@@ -51,7 +51,7 @@ def _t2v(seed=3, swap=None, **sampler):
     kwargs = dict(steps=2, cfg=5.0, shift=5.0, seed=seed, scheduler="unipc", denoise=1.0, force_offload=True,
                   batched_cfg="auto")
     kwargs.update(sampler)
-    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), **kwargs)
+    latent, _ = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), **kwargs)
     return latent
 
 
@@ -137,7 +137,7 @@ def test_fp8_storage_loads_and_samples(wan_dirs):
     (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "fp8_e4m3fn", "offload_device")
     assert model.dit.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
     (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 5)
-    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
+    latent, _ = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
                                               True, "auto")
     assert torch.isfinite(latent["samples"]).all()
 
@@ -155,7 +155,7 @@ def test_image_to_video_through_every_node(wan_dirs):
     assert embeds.y.shape == (20, 3, 6, 8) and torch.equal(embeds.y[:4, 0], torch.ones(4, 6, 8))
     assert embeds.y[:4, 1:].abs().sum() == 0
     (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_I2V, "fp32", "disabled", "main_device")
-    (latent,) = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), 2, 5.0, 3.0, 1, "unipc", 1.0, True,
+    latent, _ = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), 2, 5.0, 3.0, 1, "unipc", 1.0, True,
                                               "auto")
     again = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), 2, 5.0, 3.0, 1, "unipc", 1.0, True,
                                           "auto")[0]
@@ -216,7 +216,7 @@ def test_int8_w8a8_blocks_with_block_swap(wan_dirs):
     assert model.dit.blocks[0].self_attn.q.weight.dtype == torch.int8
     assert model.dit.text_embedding[0].weight.dtype == torch.float32, "embeddings stay float"
     (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 9)
-    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), 2, 5.0, 5.0, 3, "unipc", 1.0, True,
+    latent, _ = _node("SlipstreamWanSampler")(model, empty, _text_embeds(), 2, 5.0, 5.0, 3, "unipc", 1.0, True,
                                               "auto")
     reference = _t2v()["samples"]
     assert torch.isfinite(latent["samples"]).all()
@@ -243,6 +243,6 @@ def test_fp8_fast_multiplies_in_fp8_where_the_device_can(wan_dirs, monkeypatch):
     ffn = model.dit.blocks[0].ffn[0]
     assert ffn.weight.dtype == torch.float8_e4m3fn and ffn.fp8_matmul
     (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 5)
-    (latent,) = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
+    latent, _ = _node("SlipstreamWanSampler")(model, empty, _text_embeds("a cat"), 1, 1.0, 5.0, 0, "euler", 1.0,
                                               True, "auto")
     assert torch.isfinite(latent["samples"]).all() and calls and all(calls)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _sample(model, embeds):
-    (latent,) = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), steps=2, cfg=5.0, shift=16.0, seed=1,
+    latent, _ = _node("SlipstreamWanSampler")(model, embeds, _text_embeds(), steps=2, cfg=5.0, shift=16.0, seed=1,
                                               scheduler="unipc", denoise=1.0, force_offload=True, batched_cfg="auto")
     return latent["samples"]
 

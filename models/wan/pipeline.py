@@ -7,6 +7,12 @@ Values crossing node boundaries are small frozen dataclasses (`WanModelHandle`, 
 `WanImageEmbeds`) or raw latents: latents on the wire use ComfyUI's convention (the VAE's raw
 output); normalisation to the DiT's statistics happens here, inside, and nowhere else.
 
+A run may cover part of the schedule (start_step/end_step, as core's KSamplerAdvanced) and hands
+its solver history on in `SampleResult.resume`, so two samplers split at step k give exactly the
+unsplit result. With a Wan 2.2 A14B low-noise expert the steps below the boundary run on it and the
+idle expert is kept off the compute device (models/wan/experts.py). The guided evaluation itself
+(CFG, windows, FETA, SLG, CFG-Zero*, RIFLEx, step caches) is models/wan/denoiser.py.
+
 Per step the DiT sees the latent once per context window; CFG runs cond and uncond as one batch
 of two when memory allows (so a swapped block crosses the bus once per step, not twice), else
 as two passes. `check_interrupt` runs before every step and every block, so a stop request takes
@@ -18,18 +24,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
-from .context import ContextOptions, WindowFuser, context_windows, freenoise, window_weights
+from .context import ContextOptions, freenoise
+from .denoiser import SamplingExtras, WanDenoiser
 from .dit import WanDiT
-from .feta import FetaArgs, enhance_score
-from .sampling import SOLVERS, make_schedule, make_solver
-from .vace import VaceInput, check_chain, empty_context
+from .experts import check_expert_pair, expert_variant, plan_experts
+from .feta import FetaArgs
+from .guidance import check_cfg_list
+from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
+from .step_cache import CacheArgs, StepCache
+from .vace import VaceInput, check_chain
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
@@ -120,8 +130,20 @@ class WanImageEmbeds:
         return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1 + self.ref_frames, self.height // 8, self.width // 8)
 
 
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
+    """What the user asked the sampler for.
+
+    `start_step` / `end_step` run only part of the `steps`-step schedule (end_step -1: to the end),
+    as core's KSamplerAdvanced does; `add_noise` False takes `samples` as already noisy at the
+    start step (the second half of a split run). `sigmas` (steps + 1 values ending at 0, the core
+    SIGMAS type) replaces the schedule. `cfg_per_step` (one value per step) replaces `cfg`.
+    `boundary` / `cfg_low_noise` are for two-expert (Wan 2.2 A14B) runs; None = the official value.
+    """
+
     steps: int = 30
     cfg: float = 6.0
     shift: float = 5.0
@@ -129,12 +151,37 @@ class SamplerSettings:
     scheduler: str = "unipc"
     denoise: float = 1.0
     batched_cfg: str = "auto"   # "auto" | "on" | "off"
+    start_step: int = 0
+    end_step: int = -1
+    add_noise: bool = True
+    sigmas: tuple[float, ...] | None = None
+    cfg_per_step: tuple[float, ...] | None = None
+    boundary: float | None = None
+    cfg_low_noise: float | None = None
 
     def __post_init__(self):
-        if self.scheduler not in SOLVERS:
-            raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SOLVERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SCHEDULERS)}.")
         if self.batched_cfg not in ("auto", "on", "off"):
             raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}'")
+        for name in ("cfg", "shift", "denoise"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.cfg < 0:
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}.")
+        if not 0 <= int(self.seed) <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}.")
+        if self.cfg_per_step is not None and any(not math.isfinite(c) or c < 0 for c in self.cfg_per_step):
+            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}.")
+
+    def step_range(self, steps: int) -> tuple[int, int]:
+        """[start, end) of the steps this run takes, checked against a schedule of `steps` steps."""
+        end = steps if self.end_step < 0 else min(self.end_step, steps)
+        if not 0 <= self.start_step < end:
+            raise ValueError(f"start_step {self.start_step} / end_step {self.end_step} leave no step to run "
+                             f"in a {steps}-step schedule: start_step must be below end_step (and below {steps}).")
+        return self.start_step, end
 
 
 @dataclass
@@ -145,6 +192,10 @@ class RunStats:
     batched_cfg: bool = False
     windows_per_step: list[int] = field(default_factory=list)
     swap: dict[str, int] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)          # per step: "single", "high" or "low"
+    branches_computed: int = 0                                # CFG branches whose blocks really ran
+    cache_skipped: int = 0                                    # branch evaluations a step cache replaced
+    cache_by_branch: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- sizes
@@ -260,136 +311,6 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
 # ---------------------------------------------------------------------------------- sampling
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
-
-
-def _prompt_for_window(window: Sequence[int], frames: int, prompts: int) -> int:
-    """Which of several '|'-separated prompts a window uses: the section its last frame falls in."""
-    section = frames / prompts
-    return min(int(max(window) / section), prompts - 1)
-
-
-class _Denoiser:
-    """One model evaluation with CFG (batched or not), context windows and FETA."""
-
-    def __init__(self, handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds, cfg: float,
-                 batched: bool, device: torch.device, context: ContextOptions | None, feta: FetaArgs | None,
-                 check_interrupt: Callable[[], None] | None, stats: RunStats):
-        self.dit = handle.dit
-        self.cfg = cfg
-        self.use_uncond = not math.isclose(cfg, 1.0)
-        self.batched = batched and self.use_uncond
-        self.device = device
-        self.context = context
-        self.feta = feta
-        self.check_interrupt = check_interrupt
-        self.stats = stats
-        dtype = self.dit.compute_dtype
-        self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
-        negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
-        self.negative = negative.to(device=device, dtype=dtype)
-        self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
-        clip = image.clip
-        if clip is None and handle.config.has_image_input:   # Fun models without a start image (VideoX-Fun)
-            clip = torch.zeros(1, handle.config.clip_tokens, handle.config.clip_dim)
-        self.clip = None if clip is None else clip.to(device=device, dtype=dtype)
-        neg_clip = image.negative_clip if image.negative_clip is not None else clip
-        self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
-        self.vace = None              # [N, 96, T, h, w] VACE contexts (VACE models only) and their strengths
-        self.subject = None if image.subject is None else image.subject.to(device=device, dtype=torch.float32)
-        if handle.config.is_vace:
-            inputs = image.vace or (empty_context(image.latent_shape),)
-            self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
-            self.vace_strengths = [v.strength for v in inputs]
-        self.ref_frames = image.ref_frames
-
-    def _block_runner(self):
-        check = self.check_interrupt
-        if check is None:
-            return None
-
-        def run(index, block, tokens, inputs):
-            check()
-            return block(tokens, inputs)
-        return run
-
-    def _scale(self, feta_on: bool):
-        if not feta_on:
-            return None
-        weight = self.feta.weight
-
-        def scale(q, k, grid):
-            if grid[0] < 2:
-                return 1.0
-            return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
-        return scale
-
-    def _forward(self, x, t, context, clip, y, feta_on, vace=None):
-        self.stats.forwards += 1
-        timestep = torch.full((x.shape[0],), float(t), device=self.device)
-        extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
-                                         "vace_strength": self.vace_strengths}
-        return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
-                        self_attn_scale=self._scale(feta_on), **extra)
-
-    def _with_subject(self, x, positive: bool):
-        """Phantom: the subject latents after the video's frames (zeros for the negative pass)."""
-        if self.subject is None:
-            return x
-        subject = self.subject if positive else torch.zeros_like(self.subject)
-        return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
-
-    def _cfg(self, x, t, prompt, y, feta_on, vace=None):
-        """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
-        frames = x.shape[2]
-        if not self.use_uncond:
-            return self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)[:, :, :frames]
-        if self.batched:
-            rows = max(prompt.shape[0], self.negative.shape[0])
-            context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
-            clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
-            yy = None if y is None else torch.cat([y, y])
-            xx = torch.cat([self._with_subject(x, True), self._with_subject(x, False)])
-            cond, uncond = self._forward(xx, t, context, clip, yy, feta_on, vace).chunk(2)
-        else:
-            cond = self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)
-            uncond = self._forward(self._with_subject(x, False), t, self.negative[None], self.negative_clip, y,
-                                   feta_on, vace)
-        return (uncond + self.cfg * (cond - uncond))[:, :, :frames]
-
-    def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
-        feta_on = self.feta is not None and self.feta.active_at(step, steps)
-        y = None if self.y is None else self.y[None]
-        refs = self.ref_frames                # VACE reference frames: part of every window, not windowed
-        frames = x.shape[2] - refs
-        windows = None
-        if self.context is not None:
-            size, stride, overlap = self.context.latent()
-            if frames > size:
-                windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
-        if windows is None:
-            self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on, self.vace)
-        self.stats.windows_per_step.append(len(windows))
-        fuser = WindowFuser(x, frame_dim=2)
-        looped = self.context.schedule == "uniform_looped"
-        for window in windows:
-            weights = window_weights(window, frames, overlap, self.context.fuse_method, looped)
-            prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
-            if refs:
-                window, weights = list(range(refs)) + [refs + i for i in window], torch.cat([torch.ones(refs), weights])
-            idx = torch.tensor(window, device=x.device)
-            yw = None
-            if y is not None:
-                yw = y.index_select(2, idx).clone()
-                yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            vace = None if self.vace is None else self.vace.index_select(2, idx)
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, vace)
-            fuser.add(window, pred, weights)
-        return fuser.result()
-
-
 def initial_noise(shape: Sequence[int], seed: int, context: ContextOptions | None) -> torch.Tensor:
     """Seeded CPU noise [1, *shape] (the same on every device), FreeNoise-shuffled when asked."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
@@ -434,22 +355,125 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
         if samples.dim() != 5 or tuple(samples.shape[1:]) != shape:
             raise ValueError(f"The samples latent {tuple(samples.shape)} does not match the size the embeds ask "
                              f"for ({image.width}x{image.height}, {image.num_frames} frames → [B, {', '.join(map(str, shape))}]).")
+        if not torch.isfinite(samples).all():
+            raise ValueError("The samples latent contains NaN or inf values: re-encode it (or check the node that "
+                             "made it); nothing was sampled.")
     elif settings.denoise < 1.0:
         raise ValueError("denoise below 1.0 needs a latent to start from: connect 'samples' (or set denoise to 1.0).")
+    elif not settings.add_noise:
+        raise ValueError("add_noise off needs a noisy latent to continue from: connect 'samples' (the output of "
+                         "a first sampler that stopped at end_step), or turn add_noise on.")
+    batch = 1 if samples is None else samples.shape[0]
+    if int(settings.seed) + batch - 1 > MAX_SEED:
+        raise ValueError(f"seed {settings.seed} with a batch of {batch} runs past 2^64-1 (each item uses seed + "
+                         f"its index): use a seed of at most {MAX_SEED - batch + 1}.")
+
+
+class NonFiniteError(ValueError):
+    """The latent became NaN/inf during sampling."""
+
+
+def _check_finite(x: torch.Tensor, step: int, steps: int, handle: WanModelHandle) -> None:
+    if torch.isfinite(x).all():
+        return
+    dtype = handle.dit.compute_dtype
+    cause = ("the model runs in fp16, whose range Wan's activations overflow: load it with base_precision bf16 "
+             "(or fp32)") if dtype == torch.float16 else \
+        ("check the model and LoRA files for NaN weights (a broken download or merge) and the input embeds/latent "
+         "for NaN")
+    raise NonFiniteError(f"Wan Sampler: step {step + 1} of {steps} produced NaN/inf values with {handle.name}; "
+                         f"stopped there. Likely cause: {cause}.")
+
+
+@dataclass
+class SampleResult:
+    latent: torch.Tensor                     # raw latent [B, 16, T, h, w] after end_step
+    denoised: torch.Tensor                   # raw x0 prediction of the last step run
+    resume: dict | None = None               # solver history for a sampler continuing at end_step
+
+
+RESUME_KEY = "slipstream_wan_resume"
+
+
+def _resume_states(resume: dict | None, scheduler: str, sigmas, start: int, batch: int) -> list[dict] | None:
+    """The solver states to continue with, when `resume` came from the same schedule at this step."""
+    if not resume or resume.get("scheduler") != scheduler or resume.get("step") != start:
+        return None
+    if tuple(resume.get("sigmas", ())) != tuple(sigmas) or len(resume.get("states", ())) != batch:
+        return None
+    return resume["states"]
 
 
 def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds, settings: SamplerSettings,
-                 *, device: torch.device, samples: torch.Tensor | None = None,
-                 context: ContextOptions | None = None, feta: FetaArgs | None = None, force_offload: bool = True,
-                 free_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
-                 check_interrupt: Callable[[], None] | None = None,
-                 stats: RunStats | None = None) -> torch.Tensor:
-    """Generate a raw video latent [B, 16, T, h, w] (float32, CPU). `samples` (raw, optional) is the
-    latent to start from (vid2vid, with denoise < 1); batch items are sampled one after another."""
+                 **kwargs) -> torch.Tensor:
+    """Generate a raw video latent [B, 16, T, h, w] (float32, CPU); see `sample_video_full`."""
+    return sample_video_full(handle, text, image, settings, **kwargs).latent
+
+
+def _schedule_for(settings: SamplerSettings, handle: WanModelHandle) -> Schedule:
+    if settings.sigmas is not None:
+        return schedule_from_sigmas(settings.sigmas)
+    return make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise, handle.config.dim)
+
+
+class _Experts:
+    """Which DiT is on the compute device: at most one of the two A14B experts at a time."""
+
+    def __init__(self, device: torch.device, force_offload: bool):
+        self.device = device
+        self.force_offload = force_offload
+        self.active: WanModelHandle | None = None
+        self.stack: ExitStack | None = None
+        self.swap: dict[str, int] = {}
+
+    def activate(self, handle: WanModelHandle, more_after: bool) -> None:
+        if self.active is handle:
+            return
+        self.release()
+        self.stack = ExitStack()
+        session = self.stack.enter_context(model_on_device(handle, self.device, self.force_offload or more_after))
+        self.stack.callback(lambda: self.swap.update(session.stats()) if session is not None else None)
+        self.active = handle
+
+    def release(self) -> None:
+        if self.stack is not None:
+            stack, self.stack, self.active = self.stack, None, None
+            stack.close()
+
+
+def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmbeds,
+                      settings: SamplerSettings, *, device: torch.device, samples: torch.Tensor | None = None,
+                      context: ContextOptions | None = None, feta: FetaArgs | None = None,
+                      force_offload: bool = True, free_memory: int | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      check_interrupt: Callable[[], None] | None = None, stats: RunStats | None = None,
+                      low_noise: WanModelHandle | None = None, extras: SamplingExtras | None = None,
+                      resume: dict | None = None,
+                      preview: Callable[[torch.Tensor], None] | None = None) -> SampleResult:
+    """Sample steps [start_step, end_step) of the schedule. `samples` (raw, optional) is the latent to
+    start from: noised to the start step's σ when `add_noise`, taken as it is otherwise. With
+    `low_noise` (a Wan 2.2 A14B low-noise expert) the steps below the boundary run on it, and only
+    the expert in use sits on `device`. `preview(x0)` receives each step's raw x0 prediction."""
     check_inputs(handle, text, image, samples, settings)
+    extras = extras or SamplingExtras()
+    if low_noise is not None:
+        check_expert_pair(handle, low_noise)
+        check_inputs(low_noise, text, image, samples, settings)
+    if extras.slg is not None:
+        extras.slg.check_model(len(handle.dit.blocks), handle.name)
     stats = stats if stats is not None else RunStats()
     shape = image.latent_shape
-    schedule = make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise)
+    schedule = _schedule_for(settings, handle)
+    start, end = settings.step_range(schedule.steps)
+    if settings.sigmas is not None and settings.end_step > schedule.steps:
+        raise ValueError(f"end_step {settings.end_step} is past the {schedule.steps} steps the SIGMAS input holds "
+                         f"({schedule.steps + 1} values): set end_step to {schedule.steps} or -1, or give more sigmas.")
+    cfg_list = settings.cfg_per_step or (extras.guidance.cfg_per_step if extras.guidance else None)
+    check_cfg_list(cfg_list, schedule.steps)
+    plan = None
+    if low_noise is not None:
+        plan = plan_experts(expert_variant(handle.config), schedule.timesteps, settings.cfg, settings.boundary,
+                            settings.cfg_low_noise)
     cfg = handle.config
     tokens = shape[1] * shape[2] * shape[3] // 4
     if context is not None:
@@ -459,26 +483,94 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
         cfg_batch_fits(tokens, cfg.dim, cfg.ffn_dim, dtype_bytes, free_memory)
     stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
     batch = 1 if samples is None else samples.shape[0]
-    outputs = []
-    with torch.no_grad(), model_on_device(handle, device, force_offload) as session:
-        denoise = _Denoiser(handle, text, image, settings.cfg, batched, device, context, feta, check_interrupt, stats)
-        for item in range(batch):
-            noise = initial_noise(shape, settings.seed + item, context)
+    zero_init = extras.guidance.zero_init_steps if extras.guidance is not None and extras.guidance.cfg_zero_star \
+        else 0
+    store = offload_device_for(extras.cache_args)
+    placement = _Experts(device, force_offload)
+    denoisers: dict[int, WanDenoiser] = {}
+
+    def denoiser_for(model: WanModelHandle) -> WanDenoiser:
+        if id(model) not in denoisers:
+            cache = None
+            if extras.cache_args is not None:
+                cache = StepCache(extras.cache_args, model.config.dim, model.config.model_type,
+                                  image.width * image.height, schedule.steps, store)
+            denoisers[id(model)] = WanDenoiser(model, text, image, batched, device, context, feta, check_interrupt,
+                                             stats, replace(extras, cache=cache))
+        return denoisers[id(model)]
+
+    states = _resume_states(resume, settings.scheduler, schedule.sigmas, start, batch) \
+        if not settings.add_noise else None
+    xs, solvers = [], []
+    for item in range(batch):
+        noise = initial_noise(shape, settings.seed + item, context)
+        sigma0 = schedule.sigmas[start]
+        if samples is None:
             x = noise
-            if samples is not None:
-                start = normalize_latent(samples[item:item + 1].float())
-                sigma0 = schedule.sigmas[0]
-                x = sigma0 * noise + (1.0 - sigma0) * start
-            x = x.to(device)
-            solver = make_solver(settings.scheduler, schedule)
-            for i, t in enumerate(schedule.timesteps):
-                if check_interrupt is not None:
-                    check_interrupt()
-                v = denoise(x, t, i, schedule.steps)
-                x = solver.step(v, x)
-                if progress is not None:
-                    progress(item * schedule.steps + i + 1, batch * schedule.steps)
-            outputs.append(denormalize_latent(x.float()).cpu())
-        if session is not None:
-            stats.swap = session.stats()
-    return torch.cat(outputs)[:, :, image.ref_frames:]   # VACE reference frames only conditioned the video
+        else:
+            given = samples[item:item + 1].float()
+            latent_in = normalize_latent(given)
+            x = sigma0 * noise + (1.0 - sigma0) * latent_in if settings.add_noise else latent_in
+            if states is not None and torch.equal(states[item].get("latent_out", given.new_empty(0)), given):
+                x = states[item]["x"]      # the exact state, not its round trip through the raw convention
+        x = x.to(device)
+        solver = make_solver(settings.scheduler, schedule)
+        solver.index = start
+        if states is not None:
+            solver.import_state(states[item]["solver"], device)
+        generator = torch.Generator("cpu").manual_seed((int(settings.seed) + item) ^ 0x5EED)
+        solver.noise = lambda like, g=generator: torch.randn(like.shape, generator=g).to(like.device, like.dtype)
+        xs.append(x)
+        solvers.append(solver)
+    x0s: list[torch.Tensor | None] = [None] * batch
+    try:
+        with torch.no_grad():
+            for i in range(start, end):
+                high = plan is None or plan.uses_high(i)
+                model = handle if high else low_noise
+                more_after = plan is not None and high and any(not plan.uses_high(j) for j in range(i, end))
+                placement.activate(model, more_after)
+                stats.experts.append("high" if plan is not None and high else "low" if plan is not None else "single")
+                step_cfg = cfg_list[i] if cfg_list is not None else plan.cfg(i) if plan is not None else settings.cfg
+                denoise = denoiser_for(model)
+                t = schedule.timesteps[i]
+                for item in range(batch):
+                    if check_interrupt is not None:
+                        check_interrupt()
+                    x = xs[item]
+                    v = denoise(x, t, i, schedule.steps, step_cfg, item)
+                    if i < zero_init:
+                        v = torch.zeros_like(v)
+                    x0s[item] = solvers[item].denoised(v, x)
+                    xs[item] = solvers[item].step(v, x)
+                    _check_finite(xs[item], i, schedule.steps, model)
+                    if preview is not None and item == 0:
+                        preview(denormalize_latent(x0s[0].float()))
+                    if progress is not None:
+                        progress((i - start) * batch + item + 1, batch * (end - start))
+    finally:
+        placement.release()
+        stats.swap = placement.swap
+    for d in denoisers.values():
+        if d.cache is not None:
+            stats.cache_skipped += sum(d.cache.report.skipped.values())
+            for branch, n in d.cache.report.skipped.items():
+                stats.cache_by_branch[branch] = stats.cache_by_branch.get(branch, 0) + n
+            log.info("%s (%s)", d.cache.report.summary(d.cache.args.method), d.name)
+    raw = [denormalize_latent(x.float()).cpu() for x in xs]
+    refs = image.ref_frames            # VACE reference frames only conditioned the video
+    latent = torch.cat(raw)[:, :, refs:]
+    denoised = torch.cat([denormalize_latent(x.float()).cpu() for x in x0s])[:, :, refs:]
+    resume_out = None
+    if end < schedule.steps:
+        resume_out = {"scheduler": settings.scheduler, "sigmas": tuple(schedule.sigmas), "step": end,
+                      "states": [{"solver": s.export_state(), "x": x.cpu(), "latent_out": r}
+                                 for s, x, r in zip(solvers, xs, raw, strict=True)]}
+    return SampleResult(latent, denoised, resume_out)
+
+
+def offload_device_for(cache_args: CacheArgs | None) -> torch.device | None:
+    """Where cached residuals wait between steps: None keeps them on the compute device."""
+    if cache_args is None or cache_args.cache_device == "main_device":
+        return None
+    return torch.device("cpu")

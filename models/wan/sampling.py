@@ -1,4 +1,6 @@
-"""Flow-matching solvers for Wan 2.1: schedules with shift, and UniPC / DPM++ / Euler steps.
+"""Flow-matching solvers for Wan: schedules with shift, and UniPC / DPM++ / Euler steps (DEIS, RES,
+LCM, DPM++ SDE and ER-SDE in models/wan/solvers_extra.py; beta, distill and user schedules in
+models/wan/schedules.py).
 
 Wan is a rectified flow: x_σ = (1−σ)·x0 + σ·ε and the DiT predicts v = ε − x0, so x0 = x_σ − σ·v.
 The schedule follows the official Wan code: σ runs from σ_max to 0 in `steps` uniform steps,
@@ -7,21 +9,29 @@ given the integer timestep trunc(σ'·1000) (999, 992, … for 30 steps at shift
 σ_max = 0.999 (the official training schedule's first value), DPM++ and Euler at 1.0.
 
 A solver is a small stateful object: `step(v, x)` advances x from σ[i] to σ[i+1] given the model's
-velocity at σ[i]. The multistep solvers keep the last x0 predictions; a fresh solver per run.
+velocity at σ[i]. The multistep solvers keep the last x0 predictions; a fresh solver per run, or
+one given the exported history of the run it continues.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..common.flow import shift_sigma
+from . import schedules
 
-SOLVERS = ("unipc", "dpm++", "euler")
+SOLVERS = ("unipc", "dpm++", "euler", "dpm++_sde", "deis", "lcm", "res_multistep", "er_sde")
+DETERMINISTIC = ("unipc", "dpm++", "euler", "deis", "res_multistep")
+# What the sampler's `scheduler` menu offers: a solver, optionally "/beta" (beta-spaced σ), or a
+# fixed distill schedule (stepped with Euler).
+SCHEDULES = ("flowmatch_causvid", "flowmatch_distill")
+SCHEDULERS = SOLVERS + ("unipc/beta", "dpm++/beta", "euler/beta", "lcm/beta") + SCHEDULES
 NUM_TRAIN_TIMESTEPS = 1000
+UNIPC_SIGMA_MAX = 1.0 - 1.0 / NUM_TRAIN_TIMESTEPS
 
 
 @dataclass(frozen=True)
@@ -36,25 +46,53 @@ class Schedule:
         return len(self.timesteps)
 
 
-def make_schedule(solver: str, steps: int, shift: float, denoise: float = 1.0) -> Schedule:
-    """The official schedule for `steps` model calls. With denoise < 1 the schedule of
-    round(steps / denoise) steps is built and only its last `steps` are kept (ComfyUI's convention:
-    the user gets exactly `steps` calls, starting from a partly noised input)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"Unknown scheduler '{solver}'. Valid choices: {', '.join(SOLVERS)}.")
+def solver_of(scheduler: str) -> str:
+    """The solver a scheduler-menu entry steps with."""
+    if scheduler in SCHEDULES:
+        return "euler"
+    return scheduler.split("/")[0]
+
+
+def _sigma_max(solver: str) -> float:
+    # UniPC, DEIS and the SDE solvers start just below 1 (the training schedule's first value: their
+    # log-SNR is finite there); DPM++, Euler, LCM and RES at 1.0.
+    return UNIPC_SIGMA_MAX if solver in ("unipc", "deis", "dpm++_sde", "er_sde") else 1.0
+
+
+def make_schedule(solver: str, steps: int, shift: float, denoise: float = 1.0, dim: int = 1536) -> Schedule:
+    """The schedule of `steps` model calls for a scheduler-menu entry. With denoise < 1 the schedule
+    of round(steps / denoise) steps is built and only its last `steps` are kept (ComfyUI's
+    convention: the user gets exactly `steps` calls, starting from a partly noised input).
+    `dim` (the DiT width) picks CausVid's table."""
+    if solver not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler '{solver}'. Valid choices: {', '.join(SCHEDULERS)}.")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    if shift <= 0:
+    if not shift > 0:
         raise ValueError(f"shift must be positive, got {shift}")
     total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
-    sigma_max = 1.0 - 1.0 / NUM_TRAIN_TIMESTEPS if solver == "unipc" else 1.0
-    raw = [sigma_max - (sigma_max - 0.0) * i / total for i in range(total)]  # linspace(σmax, 0, total+1)[:-1]
-    shifted = [shift_sigma(s, shift) for s in raw]
-    sigmas = tuple(shifted[total - steps:]) + (0.0,)
+    sigma_max = _sigma_max(solver_of(solver))
+    if solver == "flowmatch_causvid":
+        shifted = schedules.causvid_sigmas(total, dim)
+    elif solver == "flowmatch_distill":
+        shifted = schedules.distill_sigmas(total, shift)
+    elif solver.endswith("/beta"):
+        shifted = schedules.beta_sigmas(total, shift, sigma_max)
+    else:
+        raw = [sigma_max - (sigma_max - 0.0) * i / total for i in range(total)]  # linspace(σmax, 0, total+1)[:-1]
+        shifted = [shift_sigma(s, shift) for s in raw]
+    kept = len(shifted) if denoise >= 1.0 else min(steps, len(shifted))
+    sigmas = tuple(shifted[len(shifted) - kept:]) + (0.0,)
     timesteps = tuple(float(math.trunc(s * NUM_TRAIN_TIMESTEPS)) for s in sigmas[:-1])
     return Schedule(sigmas, timesteps)
+
+
+def schedule_from_sigmas(values: Sequence[float]) -> Schedule:
+    """A user SIGMAS as a schedule; the DiT sees t = σ·1000 (ComfyUI's flow timestep)."""
+    sigmas = tuple(schedules.check_sigmas(values))
+    return Schedule(sigmas, tuple(s * NUM_TRAIN_TIMESTEPS for s in sigmas[:-1]))
 
 
 def _lambda(sigma: float) -> float:
@@ -67,11 +105,18 @@ def _lambda(sigma: float) -> float:
 
 
 class Solver:
-    """Advance x along the schedule; subclasses implement `_update` from x0 predictions."""
+    """Advance x along the schedule; subclasses implement `_update` from x0 predictions.
+
+    Stochastic solvers draw fresh noise through `noise(like)` (a seeded source the sampler sets).
+    `export_state()` / `import_state()` carry a multistep solver's history across two samplers,
+    so a run split at step k continues exactly as the unsplit run would."""
+
+    stochastic = False
 
     def __init__(self, sigmas: Sequence[float]):
         self.sigmas = list(sigmas)
         self.index = 0
+        self.noise: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def denoised(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x - self.sigmas[self.index] * v
@@ -83,6 +128,28 @@ class Solver:
 
     def _update(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _fresh_noise(self, like: torch.Tensor) -> torch.Tensor:
+        if self.noise is None:
+            raise RuntimeError(f"{type(self).__name__} is stochastic: set solver.noise to a seeded source first.")
+        return self.noise(like)
+
+    def export_state(self) -> dict:
+        """History (everything but the schedule and the noise source), tensors moved to the CPU."""
+        return {k: _move(v, torch.device("cpu")) for k, v in vars(self).items() if k not in ("sigmas", "noise")}
+
+    def import_state(self, state: dict, device: torch.device) -> None:
+        for k, v in state.items():
+            setattr(self, k, _move(v, device))
+
+
+def _move(value, device: torch.device):
+    """A tensor, or a list of tensors and numbers, on `device` (numbers unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    return value
 
 
 class EulerSolver(Solver):
@@ -209,10 +276,11 @@ class UniPCSolver(Solver):
 
 
 def make_solver(name: str, schedule: Schedule) -> Solver:
-    if name == "unipc":
-        return UniPCSolver(schedule.sigmas)
-    if name == "dpm++":
-        return DPMPPSolver(schedule.sigmas)
-    if name == "euler":
-        return EulerSolver(schedule.sigmas)
-    raise ValueError(f"Unknown scheduler '{name}'. Valid choices: {', '.join(SOLVERS)}.")
+    """A fresh solver for a scheduler-menu entry (or a bare solver name) on `schedule`."""
+    from .solvers_extra import DEISSolver, DPMPPSDESolver, ERSDESolver, LCMSolver, RESMultistepSolver
+
+    classes = {"unipc": UniPCSolver, "dpm++": DPMPPSolver, "euler": EulerSolver, "dpm++_sde": DPMPPSDESolver,
+               "deis": DEISSolver, "lcm": LCMSolver, "res_multistep": RESMultistepSolver, "er_sde": ERSDESolver}
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler '{name}'. Valid choices: {', '.join(SCHEDULERS)}.")
+    return classes[solver_of(name)](schedule.sigmas)
