@@ -44,7 +44,7 @@ def tiny_models(tmp_path_factory):
 
 def _sample(model, embeds):
     (empty,) = _node("SlipstreamWanEmptyEmbeds")(64, 48, 9)
-    (latent,) = _node("SlipstreamWanSampler")(model, empty, embeds, 2, 5.0, 5.0, 3, "unipc", 1.0, True, "auto")
+    latent, _denoised = _node("SlipstreamWanSampler")(model, empty, embeds, 2, 5.0, 5.0, 3, "unipc", 1.0, True, "auto")
     return latent["samples"]
 
 
