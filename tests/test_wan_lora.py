@@ -13,6 +13,8 @@ from torch import nn
 
 RANK = 4
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def small(model_type="t2v"):
     return tiny(model_type, text_dim=64, clip_dim=96)

@@ -28,6 +28,7 @@ from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swa
 from .context import ContextOptions, WindowFuser, context_windows, freenoise, window_weights
 from .dit import WanDiT
 from .feta import FetaArgs, enhance_score
+from .lora_runtime import RuntimeLora, attach_chain
 from .sampling import SOLVERS, make_schedule, make_solver
 from .vae import denormalize_latent, normalize_latent
 
@@ -73,6 +74,7 @@ class WanModelHandle:
     host_blocks: HostBlocks | None = None    # the swapped units' host copies (built at load)
     quantization: str = "disabled"
     loras: tuple[str, ...] = ()
+    runtime_loras: tuple[RuntimeLora, ...] = ()   # applied unmerged, for the length of each run
 
     @property
     def config(self):
@@ -395,7 +397,8 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
     batch = 1 if samples is None else samples.shape[0]
     outputs = []
-    with torch.no_grad(), model_on_device(handle, device, force_offload) as session:
+    with torch.no_grad(), model_on_device(handle, device, force_offload) as session, \
+            attach_chain(handle.dit, handle.runtime_loras):
         denoise = _Denoiser(handle, text, image, settings.cfg, batched, device, context, feta, check_interrupt, stats)
         for item in range(batch):
             noise = initial_noise(shape, settings.seed + item, context)
