@@ -266,3 +266,22 @@ def test_apply_node_errors_and_warnings(lora_dirs, caplog):
         (patched,) = _node("SlipstreamWanApplyLora")(model, partial, True)
     assert "block not selected" in caplog.text and "block selection" in caplog.text
     assert patched.runtime_loras[0].low_mem and patched.runtime_loras[0].blocks == (1,)
+
+
+def test_compiled_blocks_see_the_lora_and_lose_it_after_the_run():
+    """Hooks attached after compiling: compiled code must re-check them, not replay a LoRA-free graph."""
+    from slipstream.models.wan.pipeline import CompileSettings, apply_compile
+
+    lora = {k: v for k, v in block_lora().items() if ".blocks.0." in k}
+    model = dit()
+    g = torch.Generator().manual_seed(4)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([600.0]), torch.randn(1, 5, 64, generator=g)
+    with torch.no_grad():
+        with attach_lora(model, lora, 1.0):
+            eager = model(x, t, ctx)
+        apply_compile(model, CompileSettings(backend="eager"))
+        base = model(x, t, ctx)
+        with attach_lora(model, lora, 1.0):
+            compiled = model(x, t, ctx)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x, t, ctx), base)

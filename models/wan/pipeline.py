@@ -222,6 +222,8 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = settings.dynamo_cache_size_limit
+    # Unmerged LoRAs hook layers inside compiled blocks for each run: compiled code must notice them.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = settings.dynamo_recompile_limit
     kwargs = {"backend": settings.backend, "fullgraph": settings.fullgraph, "dynamic": settings.dynamic}
