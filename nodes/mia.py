@@ -23,6 +23,9 @@ from ..host import (
     compute_device,
     counter_of,
     input_dir,
+    load_managed,
+    manage_module,
+    managed_home,
     model_folders,
     output_dir,
     publish,
@@ -111,19 +114,38 @@ class MIALoadModel:
         paths = ensure_networks(directory, NETWORK_NAMES, progress=on_bytes, check_interrupt=check_interrupt)
         bar.update_absolute(100)
         start = time.perf_counter()
+        # Built where the host's model manager wants them (inside ComfyUI: its offload device); each network
+        # is then one managed model that ComfyUI moves to the GPU for a rig and can free for other models.
+        home = managed_home()
         nets = {}
         for name in eager:
-            nets[name] = load_network(paths[name], name, dtype=dtype, device=device, attn_backend=backend)
+            nets[name] = load_network(paths[name], name, dtype=dtype, device=home, attn_backend=backend)
             bar.update(1)
+        managed = {name: manage_module(net) for name, net in nets.items()}
         # Only use_normal rigs need bw_normal: vet its file now, load it on first use.
         check_network_file(paths["bw_normal"], "bw_normal")
-        bw_normal = LazyNetwork(functools.partial(load_network, paths["bw_normal"], "bw_normal", dtype=dtype,
-                                                  device=device, attn_backend=backend))
+        bw_normal = LazyNetwork(functools.partial(_load_managed_network, paths["bw_normal"], "bw_normal", managed,
+                                                  dtype=dtype, device=home, attn_backend=backend))
         log.info("MIA networks loaded in %.2fs (%s, %s, %s; bw_normal on first use)", time.perf_counter() - start,
                  dtype_name(dtype), backend, device)
         handle = MIANetworks(nets["joints_coarse"], nets["bw"], bw_normal, nets["joints"], nets["pose"],
-                             dtype, device, backend)
+                             dtype, device, backend, managed=managed)
         return (handle,)
+
+
+def _load_managed_network(path: str, name: str, managed: dict, **kwargs):
+    """Load a deferred network and hand it to the host's model manager beside the others."""
+    net = load_network(path, name, **kwargs)
+    managed[name] = manage_module(net)
+    load_managed([managed[name]])
+    return net
+
+
+def make_networks_resident(model: MIANetworks, use_normal: bool) -> None:
+    """Ask the host to put the networks this rig uses on the compute device (ComfyUI frees room first)."""
+    if use_normal:
+        model.normal_network()
+    load_managed([h for name, h in model.managed.items() if use_normal or name != "bw_normal"])
 
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -170,6 +192,7 @@ class MIAAutoRig:
     def rig(self, trimesh, model: MIANetworks, fbx_name: str = "", no_fingers: bool = True,
             use_normal: bool = False, reset_to_rest: bool = True):
         mesh = as_triangle_mesh(trimesh)
+        make_networks_resident(model, use_normal)
         bar = ProgressBar(len(STAGES) + 1)
         start = time.perf_counter()
         result = rig_mesh(model, mesh, no_fingers=no_fingers, use_normal=use_normal, reset_to_rest=reset_to_rest,

@@ -70,6 +70,8 @@ class MIANetworks:
     dtype: torch.dtype
     device: torch.device
     attn_backend: str
+    # Each loaded network's handle in the host's model manager (name -> handle); bw_normal joins when it loads.
+    managed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_points(self) -> int:

@@ -234,7 +234,7 @@ class WanDiT(nn.Module):
     def build_meta(cls, config: WanDiTConfig, attention_backend: str = "auto") -> WanDiT:
         """The module tree with no memory behind it (every tensor on `meta`)."""
         with torch.device("meta"):
-            return cls(config, attention_backend)
+            return (model_class(config) if cls is WanDiT else cls)(config, attention_backend)
 
     @staticmethod
     def expected_shapes(config: WanDiTConfig) -> dict[str, tuple[int, ...]]:
@@ -405,12 +405,20 @@ class WanDiT(nn.Module):
                              f"got {tuple(clip_fea.shape)}")
 
 
+def model_class(config: WanDiTConfig) -> type[WanDiT]:
+    """The module a config needs: WanDiT, or its VACE subclass (models/wan/vace.py) for VACE files."""
+    if config.is_vace:
+        from .vace import WanVaceDiT  # imported here: vace.py builds on this module
+        return WanVaceDiT
+    return WanDiT
+
+
 def random_state_dict(config: WanDiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights under the official names for tests and demos: the official init scales,
     with norm weights and the flf2v position embedding perturbed so that no tensor is trivial."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sd = WanDiT(config).state_dict()
+        sd = model_class(config)(config).state_dict()
         for key, value in sd.items():
             if key.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight")) or \
                     key.startswith("img_emb.proj.") and value.dim() == 1:
