@@ -45,6 +45,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanBlockSwap", wan.WanBlockSwap, "Wan Block Swap"),
     ("SlipstreamWanCompileSettings", wan.WanCompileSettings, "Wan Compile Settings"),
     ("SlipstreamWanLoraSelect", wan.WanLoraSelect, "Wan LoRA Select"),
+    ("SlipstreamWanApplyLora", wan.WanApplyLora, "Wan Apply LoRA"),
     ("SlipstreamWanEnhanceVideo", wan.WanEnhanceVideo, "Wan Enhance-A-Video"),
     ("SlipstreamWanContextOptions", wan.WanContextOptions, "Wan Context Options"),
     ("SlipstreamWanSampler", wan.WanSampler, "Wan Sampler"),

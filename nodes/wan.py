@@ -9,7 +9,7 @@ convention, so core Wan nodes (WanImageToVideo, EmptyHunyuanLatentVideo, VAE Dec
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,7 +41,9 @@ from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
 from ..models.wan.feta import FetaArgs
-from ..models.wan.guidance import GuidanceArgs, SLGArgs, parse_blocks, parse_cfg_list
+from ..models.wan.guidance import GuidanceArgs, SLGArgs, parse_cfg_list
+from ..models.wan.guidance import parse_blocks as parse_slg_blocks
+from ..models.wan.lora import merge_lora, parse_blocks, parse_lora
 from ..models.wan.pipeline import (
     RESUME_KEY,
     CompileSettings,
@@ -72,6 +74,11 @@ class WanLora:
 
     name: str
     strength: float
+    blocks: tuple[int, ...] = ()    # transformer blocks it touches; () = all
+
+    def describe(self) -> str:
+        where = f" blocks {','.join(map(str, self.blocks))}" if self.blocks else ""
+        return f"{self.name}:{self.strength:g}{where}"
 
 
 # ---------------------------------------------------------------------------------- settings nodes
@@ -153,8 +160,10 @@ class WanCompileSettings:
 
 
 class WanLoraSelect:
-    DESCRIPTION = ("Picks a LoRA for the Wan Model Loader, which merges it into the weights at load. Chain "
-                   "several through 'prev_lora'.")
+    DESCRIPTION = ("Picks a LoRA for Wan Apply LoRA (applied at run time: change the strength without reloading "
+                   "the model) or for the Wan Model Loader's 'lora' input (merged into the weights at load). "
+                   "Chain several through 'prev_lora'. Understands LoRA, LoHa, LoKr, DoRA and full-difference "
+                   "(diff, diff_b, diff_m) files.")
     CATEGORY = CATEGORY
     FUNCTION = "select"
     RETURN_TYPES = ("SLIP_WAN_LORA",)
@@ -165,19 +174,67 @@ class WanLoraSelect:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": (list_models("loras") or ["(no loras found)"],
-                     {"tooltip": "LoRA file from the loras folder (kohya, diffusion-pipe or PEFT naming)."}),
+                     {"tooltip": "LoRA file from the loras folder (kohya, diffusion-pipe, PEFT or LyCORIS naming)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "How strongly it is applied; 0 skips it."}),
         }, "optional": {
             "prev_lora": ("SLIP_WAN_LORA", {"tooltip": "LoRAs selected before this one."}),
+            "blocks": ("STRING", {"default": "",
+                                  "tooltip": "Which transformer blocks it touches, e.g. '0-9, 15' (1.3B has blocks "
+                                             "0-29, 14B 0-39). Empty = all. Layers outside the blocks (embeddings, "
+                                             "head) are always patched."}),
         }}
 
-    def select(self, lora, strength, prev_lora=None):
+    def select(self, lora, strength, prev_lora=None, blocks=""):
         chain = tuple(prev_lora or ())
         if strength != 0.0:
             model_path("loras", lora)   # fail now, naming the folder, not at load
-            chain += (WanLora(lora, float(strength)),)
+            chain += (WanLora(lora, float(strength), parse_blocks(blocks or "")),)
         return (chain,)
+
+
+class WanApplyLora:
+    DESCRIPTION = ("Applies LoRAs to a loaded Wan model at run time, without merging: the weights stay as "
+                   "loaded (fp8 and int8 keep their storage), so changing a strength re-runs only this node and "
+                   "the sampler, never the model loader. Works with block swap (the LoRA stays on the GPU, "
+                   "outside the swapped weights). To merge instead, connect the LoRA to the Wan Model Loader.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("SLIP_WAN_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same loaded model with these LoRAs applied while it samples.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader (or another Wan Apply LoRA)."}),
+            "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select; the chain is applied in order."}),
+            "low_mem": ("BOOLEAN", {"default": False,
+                                    "tooltip": "Keep the LoRA in RAM and copy each part to the GPU as its layer "
+                                               "runs: no VRAM held by the LoRA, slower steps."}),
+        }}
+
+    def apply(self, model, lora, low_mem):
+        from ..models.wan.lora_runtime import RuntimeLora, attach_chain
+
+        added = tuple(RuntimeLora(entry.name, parse_lora(load_state_dict(model_path("loras", entry.name)), model.dit),
+                                  entry.strength, entry.blocks, bool(low_mem)) for entry in lora)
+        chain = model.runtime_loras + added
+        attached = attach_chain(model.dit, chain)   # checks now (no match, block range), attaches nothing
+        attached.remove()
+        for item, report in zip(chain[len(model.runtime_loras):], attached.reports[len(model.runtime_loras):],
+                                strict=True):
+            _log_report(item.describe(), report)
+        return (replace(model, runtime_loras=chain),)
+
+
+def _log_report(what: str, report) -> None:
+    """Info when a LoRA fully applies; a warning naming the fix when part of it matched nothing."""
+    if report.skipped or report.unknown:
+        log.warning("Wan: %s (%s). Keys that match nothing are ignored: check the LoRA was made for this model "
+                    "(size, t2v/i2v) and the block selection.", report.summary(), what)
+    else:
+        log.info("Wan: %s (%s)", report.summary(), what)
 
 
 class WanEnhanceVideo:
@@ -280,7 +337,8 @@ class WanModelLoader:
     DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V or I2V, 1.3B or 14B, VACE, Fun InP/Control, Phantom; "
                    "official, ComfyUI or kijai file names, fp8 files and GGUF files) for the Wan Sampler. fp8 "
                    "storage halves VRAM; GGUF files stay quantized and are expanded layer by layer; block swap "
-                   "keeps blocks in RAM; LoRAs are merged at load.")
+                   "keeps blocks in RAM; LoRAs connected here are merged at load (use Wan Apply LoRA to apply "
+                   "them at run time instead).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("SLIP_WAN_MODEL",)
@@ -311,7 +369,9 @@ class WanModelLoader:
                                                               "flash_attn / sageattn need their packages."}),
             "compile_args": ("SLIP_WAN_COMPILE_ARGS", {"tooltip": "From Wan Compile Settings (optional)."}),
             "block_swap_args": ("SLIP_BLOCKSWAP_ARGS", {"tooltip": "From Wan Block Swap (optional)."}),
-            "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select (optional)."}),
+            "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select (optional): merged into the weights at "
+                                                  "load. A strength change reloads the model; Wan Apply LoRA "
+                                                  "avoids that."}),
         }}
 
     def load(self, model, base_precision, quantization, load_device, attention_mode="auto", compile_args=None,
@@ -348,18 +408,14 @@ class WanModelLoader:
         name = model.rsplit("/", 1)[-1]
         log.info("Wan: loaded %s (%s, %s, %s)", name, dit.config.name, base_precision, quantization)
         return (WanModelHandle(dit, name, resident, swap if swapping else None, host_blocks, quantization,
-                               tuple(f"{entry.name}:{entry.strength:g}" for entry in (lora or ()))),)
+                               tuple(entry.describe() for entry in (lora or ()))),)
 
 
 def _merge_loras(dit: WanDiT, chain) -> None:
     """Merge each LoRA of the chain into the weights once, at load (fp8/int8 layers are patched per layer)."""
-    try:
-        from ..models.wan.lora import merge_lora
-    except ImportError as exc:  # models/wan/lora.py arrives with the Wan model layer
-        raise RuntimeError("LoRA support needs models/wan/lora.py, which this build does not include yet.") from exc
     for entry in chain:
-        report = merge_lora(dit, load_state_dict(model_path("loras", entry.name)), entry.strength)
-        log.info("Wan: %s (%s at %g)", report.summary(), entry.name, entry.strength)
+        report = merge_lora(dit, load_state_dict(model_path("loras", entry.name)), entry.strength, entry.blocks)
+        _log_report(entry.describe() + " merged", report)
 
 
 def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
@@ -466,7 +522,7 @@ class WanSkipLayerGuidance:
         }}
 
     def make(self, blocks, start_percent, end_percent):
-        return (SLGArgs(parse_blocks(blocks), float(start_percent), float(end_percent)),)
+        return (SLGArgs(parse_slg_blocks(blocks), float(start_percent), float(end_percent)),)
 
 
 class WanGuidanceOptions:

@@ -7,10 +7,13 @@ import pytest
 import torch
 from slipstream.models.wan.config import tiny
 from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.lora import LoraError, attach_lora, merge_lora, parse_lora
+from slipstream.models.wan.lora import LoraError, merge_lora, parse_lora
+from slipstream.models.wan.lora_runtime import attach_lora
 from torch import nn
 
 RANK = 4
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small(model_type="t2v"):
@@ -193,12 +196,14 @@ def test_image_keys_on_a_t2v_model_unknown_keys_and_wrong_models_are_reported():
             "diffusion_model.blocks.0.cross_attn.k_img.lora_B.weight": up,
             "diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
             "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up,
-            "diffusion_model.blocks.0.self_attn.q.hada_w1_a": down,
+            "diffusion_model.blocks.0.self_attn.k.hada_w1_a": down,
+            "diffusion_model.blocks.0.self_attn.v.lora_mid.weight": down,
             "some.random.tensor": down}
     report = merge_lora(model, lora)
     assert report.applied == ["blocks.0.self_attn.q"]
-    assert report.skipped == {"blocks.0.cross_attn.k_img": "image-to-video layer; this is a text-to-video model"}
-    assert sorted(report.unknown) == ["diffusion_model.blocks.0.self_attn.q.hada_w1_a", "some.random.tensor"]
+    assert report.skipped == {"blocks.0.cross_attn.k_img": "image-to-video layer; this is a text-to-video model",
+                              "blocks.0.self_attn.k": "LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b"}
+    assert sorted(report.unknown) == ["diffusion_model.blocks.0.self_attn.v.lora_mid.weight", "some.random.tensor"]
     assert "1 layer(s) patched" in report.summary() and "image-to-video" in report.summary()
     big_down, big_up = low_rank(1536, 1536, seed=2)              # a LoRA made for the 1.3B model
     with pytest.raises(LoraError, match="does not fit the layer's weight"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common.block_list import parse_block_list
 from .layers import rope_angles
 
 
@@ -46,19 +47,7 @@ class SLGArgs:
 
 def parse_blocks(text: str) -> tuple[int, ...]:
     """'8, 9' or '8-10' -> (8, 9[, 10])."""
-    out: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(p) for p in part.split("-", 1))
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ValueError(f"SLG blocks must be block indices like '9', '8,9' or '8-10', got '{text}'.") from None
-    return tuple(dict.fromkeys(out))
+    return parse_block_list(text, "SLG blocks")
 
 
 def parse_cfg_list(text: str) -> tuple[float, ...] | None:

@@ -10,45 +10,59 @@ Formats understood (all reduce to a module path of the official DiT + a kind of 
 - Diffusers / finetrainers names: `blocks.N.attn1.to_q` (self-attention), `attn2.to_k` (cross),
   `attn2.add_k_proj` (k_img), `ffn.net.0.proj`, `condition_embedder.*`, `proj_out`, ….
 - Full differences: `<module>.diff` (weight) and `<module>.diff_b` (bias), e.g. in distillation
-  LoRAs that also touch norms; a `diff` on a bare parameter (`blocks.N.modulation.diff`) too.
+  LoRAs that also touch norms; a `diff` on a bare parameter (`blocks.N.modulation.diff`) too, and
+  `blocks.N.diff_m`, the same modulation difference under its short name.
+- LyCORIS families: LoHa (`hada_w1_a/b`, `hada_w2_a/b`), LoKr (`lokr_w1` or `lokr_w1_a/b`,
+  `lokr_w2` or `lokr_w2_a/b`), and DoRA (`dora_scale` beside any of them). The formulas are in
+  models/common/lora_formulas.py. Tucker factors (`lora_mid`, `hada_t*`, `lokr_t2`: conv-only)
+  are reported as not understood.
 
 Two ways to apply, neither keeps a second copy of the model:
-- `merge_lora(model, lora, strength)` adds `strength · alpha/rank · up @ down` to each weight in
-  place. Float layers are updated directly (in fp32, rounded once to their dtype); any layer with
-  a `dequantize()`/`requantize(weight)` pair (fp8 `CastLinear`, int8 `Int8Linear`) is
-  dequantized, patched and requantized one layer at a time. Merging `-strength` undoes it (exact
-  up to the storage dtype's rounding).
-- `attach_lora(model, lora, strength)` leaves the weights alone and adds the low-rank product to
-  each layer's output through forward hooks (lossless on quantized layers, reversible exactly);
-  `handle.remove()` detaches it.
+- `merge_lora(model, lora, strength)` adds `strength · ΔW` (DoRA: moves the weight towards its
+  re-normalised form) to each weight in place. Float layers are updated directly (in fp32,
+  rounded once to their dtype); any layer with a `dequantize()`/`requantize(weight)` pair (fp8
+  `CastLinear`, int8 `Int8Linear`) is dequantized, patched and requantized one layer at a time.
+  Merging `-strength` undoes an additive LoRA (exact up to the storage dtype's rounding).
+- `lora_runtime.attach_lora(model, lora, strength)` leaves every weight alone and adds the
+  LoRA to layer outputs while it is attached (models/wan/lora_runtime.py).
+Both take `blocks`: which transformer blocks a LoRA touches (`parse_blocks("0-9, 15")`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
+from ..common.block_list import parse_block_list
+from ..common.lora_formulas import dora_weight, loha_delta, lokr_delta, lowrank_delta
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "pipe.dit.",
             "model.")
 KOHYA_PREFIXES = ("lora_unet__", "lora_unet_", "lycoris_")
-# key ending -> kind; checked in order, longest first where they overlap.
+# key ending -> the LoraPatch field it fills; checked in order, longest first where they overlap.
 KINDS = (
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff", "diff"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"), (".diff_b", "diff_b"), (".diff", "diff"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"), (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"),
 )
-UNSUPPORTED = (".lora_mid.weight", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w2",
-               ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".hada_t1", ".hada_t2", ".lokr_t2",
-               ".dora_scale", ".w_norm", ".b_norm")
+# `blocks.N.diff_m` is the difference of `blocks.N.modulation` (a bare parameter, no `.weight`).
+MODULATION_DIFF = ".diff_m"
+# Tucker (conv-only) decompositions and LyCORIS norm patches: understood as formats, not applied.
+UNSUPPORTED = (".lora_mid.weight", ".hada_t1", ".hada_t2", ".lokr_t2", ".w_norm", ".b_norm")
+FACTOR_KINDS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # Diffusers/finetrainers module names -> official ones (applied to the dotted module path).
 DIFFUSERS_RENAMES = (
     (r"\.attn1\.", ".self_attn."), (r"\.attn2\.", ".cross_attn."),
@@ -81,24 +95,102 @@ class LoraPatch:
     alpha: float | None = None
     diff: torch.Tensor | None = None      # full weight difference
     diff_b: torch.Tensor | None = None    # bias difference
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude: [out, 1] / [out] per row, [1, in] per column
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)   # LoHa / LoKr tensors by kind
+
+    @property
+    def family(self) -> str | None:
+        """"lora", "loha", "lokr", or None when the patch holds only full differences."""
+        if self.down is not None or self.up is not None:
+            return "lora"
+        if any(k.startswith("hada_") for k in self.factors):
+            return "loha"
+        if any(k.startswith("lokr_") for k in self.factors):
+            return "lokr"
+        return None
+
+    def incomplete(self) -> str | None:
+        """What is missing for this patch's family, or None when it is whole."""
+        family = self.family
+        kinds = {k.split("_")[0] for k in self.factors} | ({"lora"} if family == "lora" else set())
+        if len(kinds) > 1:
+            return "mixes keys of different LoRA kinds (" + ", ".join(sorted(kinds)) + ") on one layer"
+        if family == "lora" and (self.down is None) != (self.up is None):
+            return "lora_A/down without lora_B/up (or the reverse)"
+        if family == "loha" and any(k not in self.factors for k in FACTOR_KINDS[:4]):
+            return "LoHa needs hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b"
+        if family == "lokr":
+            for side in ("w1", "w2"):
+                whole = f"lokr_{side}" in self.factors
+                pair = f"lokr_{side}_a" in self.factors and f"lokr_{side}_b" in self.factors
+                if not whole and not pair:
+                    return f"LoKr needs lokr_{side} or both lokr_{side}_a and lokr_{side}_b"
+        if self.dora_scale is not None and family is None:
+            return "dora_scale without the LoRA it rescales"
+        return None
 
     @property
     def scale(self) -> float:
-        """alpha / rank (1 without alpha)."""
-        if self.alpha is None or self.down is None:
+        """alpha / rank for the patch's family (1 without alpha)."""
+        rank = None
+        if self.family == "lora" and self.down is not None:
+            rank = self.down.shape[0]
+        elif self.family == "loha":
+            rank = self.factors["hada_w1_b"].shape[0]
+        elif self.family == "lokr":   # the rank of the last factor given as a product (none: alpha unused)
+            for side in ("w2", "w1"):
+                if f"lokr_{side}" not in self.factors and f"lokr_{side}_b" in self.factors:
+                    rank = self.factors[f"lokr_{side}_b"].shape[0]
+                    break
+        if self.alpha is None or rank is None:
             return 1.0
-        return self.alpha / self.down.shape[0]
+        return self.alpha / rank
+
+    def lokr_factors(self, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w2) of a LoKr patch, each built from its pair when not stored whole."""
+        def side(name: str) -> torch.Tensor:
+            whole = self.factors.get(f"lokr_{name}")
+            if whole is not None:
+                return whole.to(device=device, dtype=dtype)
+            return self.factors[f"lokr_{name}_a"].to(device=device, dtype=dtype) @ \
+                self.factors[f"lokr_{name}_b"].to(device=device, dtype=dtype)
+        return side("w1"), side("w2")
+
+    def delta_shape(self) -> tuple[int, int] | None:
+        """[out, in·k…] of the family's weight difference, from the factors' shapes (nothing built)."""
+        family = self.family
+        if family == "lora":
+            return self.up.shape[0], math.prod(self.down.shape[1:])
+        if family == "loha":
+            return self.factors["hada_w1_a"].shape[0], self.factors["hada_w1_b"].shape[1]
+        if family == "lokr":
+            shapes = []
+            for name in ("w1", "w2"):
+                whole = self.factors.get(f"lokr_{name}")
+                shapes.append(tuple(whole.shape) if whole is not None else
+                              (self.factors[f"lokr_{name}_a"].shape[0], self.factors[f"lokr_{name}_b"].shape[1]))
+            return shapes[0][0] * shapes[1][0], shapes[0][1] * shapes[1][1]
+        return None
+
+    def family_delta(self, device=None) -> torch.Tensor | None:
+        """The family's ΔW (scale applied, no strength) in fp32, flattened to [out, in·k…]."""
+        family = self.family
+        if family == "lora":
+            return lowrank_delta(self.up.to(device), self.down.to(device), self.scale)
+        if family == "loha":
+            f = {k: v.to(device) for k, v in self.factors.items()}
+            return loha_delta(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], self.scale)
+        if family == "lokr":
+            return lokr_delta(*self.lokr_factors(device), self.scale)
+        return None
 
     def weight_delta(self, strength: float, device=None) -> torch.Tensor | None:
-        """strength · (scale · up @ down + diff) in fp32, or None if this patch has no weight part."""
-        delta = None
-        if self.down is not None and self.up is not None:
-            up = self.up.to(device=device, dtype=torch.float32).flatten(1)
-            down = self.down.to(device=device, dtype=torch.float32).flatten(1)
-            delta = (up @ down) * self.scale
+        """strength · (family ΔW + diff) in fp32, or None if this patch has no weight part.
+        (DoRA is not additive: see `merge_lora`.)"""
+        delta = self.family_delta(device)
         if self.diff is not None:
             diff = self.diff.to(device=device, dtype=torch.float32)
-            delta = diff if delta is None else delta + diff
+            delta = diff if delta is None else delta + diff.view_as(delta)
         return None if delta is None else delta * strength
 
 
@@ -131,6 +223,8 @@ class LoraReport:
 
 
 def _split_kind(key: str) -> tuple[str, str] | None:
+    if key.endswith(MODULATION_DIFF):
+        return key[: -len(MODULATION_DIFF)] + ".modulation", "diff"
     for suffix, kind in KINDS:
         if key.endswith(suffix):
             return key[: -len(suffix)], kind
@@ -173,6 +267,8 @@ def parse_lora(sd: Mapping[str, torch.Tensor], model: nn.Module) -> LoraSet:
         kind = split[1]
         if kind == "alpha":
             patch.alpha = float(tensor.float().reshape(-1)[0])
+        elif kind in FACTOR_KINDS:
+            patch.factors[kind] = tensor
         else:
             setattr(patch, kind, tensor)
     return LoraSet(patches, unknown)
@@ -216,22 +312,28 @@ def _check_target(model: nn.Module, patch: LoraPatch, image_model: bool) -> tupl
             return None, None, "image-to-video layer; this is a text-to-video model"
         return None, None, "no such layer in this model"
     if param is not None:
-        if patch.diff is None or patch.down is not None:
+        if patch.diff is None or patch.family is not None:
             return None, None, "only a full 'diff' can patch a bare parameter"
         if tuple(patch.diff.shape) != tuple(param.shape):
             return None, None, f"shape {tuple(patch.diff.shape)} does not fit {tuple(param.shape)}"
         return None, param, None
-    if (patch.down is None) != (patch.up is None):
-        return None, None, "lora_A/down without lora_B/up (or the reverse)"
+    missing = patch.incomplete()
+    if missing is not None:
+        return None, None, missing
     want = _weight_shape(module)
-    if patch.down is not None:
+    got = patch.delta_shape()
+    if got is not None:
         # conv LoRAs flatten to [out, in·k] like the weight they patch
-        got = (patch.up.shape[0], math.prod(patch.down.shape[1:]))
-        if want is None or got != (want[0], math.prod(want[1:])) or patch.up.flatten(1).shape[1] != patch.down.shape[0]:
+        fits = want is not None and got == (want[0], math.prod(want[1:]))
+        if patch.family == "lora":
+            fits = fits and patch.up.flatten(1).shape[1] == patch.down.shape[0]
+        if not fits:
             return None, None, (f"LoRA shape {got} does not fit the layer's weight {want} "
                                 "(made for another model size?)")
-    elif patch.diff is not None and (want is None or tuple(patch.diff.shape) != want):
+    if patch.diff is not None and (want is None or tuple(patch.diff.shape) != want):
         return None, None, f"diff shape {tuple(patch.diff.shape)} does not fit the layer's weight {want}"
+    if patch.dora_scale is not None and want is not None and patch.dora_scale.numel() not in (want[0], math.prod(want[1:])):
+        return None, None, f"dora_scale {tuple(patch.dora_scale.shape)} fits neither the rows nor the columns of {want}"
     if patch.diff_b is not None:
         bias = getattr(module, "bias", None)
         if bias is None or tuple(bias.shape) != tuple(patch.diff_b.shape):
@@ -245,7 +347,7 @@ def _finish(report: LoraReport, lora: LoraSet) -> LoraReport:
         examples = [f"{k} ({v})" for k, v in list(report.skipped.items())[:2]] or lora.unknown[:2]
         raise LoraError("This LoRA does not apply to this model: no layer matched. Examples: "
                         f"{'; '.join(examples) or 'the file holds no tensors'}. Check that it was made for this "
-                        "Wan 2.1 model (1.3B vs 14B, t2v vs i2v).")
+                        "Wan 2.1 model (1.3B vs 14B, t2v vs i2v), or widen the block selection.")
     return report
 
 
@@ -253,14 +355,50 @@ def _as_lora_set(lora: LoraSet | Mapping[str, torch.Tensor], model: nn.Module) -
     return lora if isinstance(lora, LoraSet) else parse_lora(lora, model)
 
 
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """"0-9, 15" -> (0, 1, …, 9, 15); "" -> () meaning every block. Raises ValueError on bad syntax."""
+    return parse_block_list(text, "Block selection")
+
+
+def _block_of(target: str) -> int | None:
+    parts = target.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def block_filter(model: nn.Module, blocks: tuple[int, ...]) -> Callable[[str], str | None] | None:
+    """A test `target -> reason to skip | None` for a block selection (None: every block).
+
+    Layers outside the transformer blocks (embeddings, head) are always patched; a selection
+    naming blocks the model does not have is an error, not a silent no-op.
+    """
+    if not blocks:
+        return None
+    count = len(getattr(model, "blocks", ()))
+    past = [b for b in blocks if b >= count]
+    if past:
+        raise LoraError(f"Block selection names block(s) {', '.join(map(str, past[:5]))}, but this model has "
+                        f"{count} blocks (0-{count - 1}); lower the selection.")
+    chosen = frozenset(blocks)
+
+    def skip(target: str) -> str | None:
+        block = _block_of(target)
+        return None if block is None or block in chosen else "block not selected"
+    return skip
+
+
 @torch.no_grad()
-def merge_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], strength: float = 1.0) -> LoraReport:
-    """Add a LoRA into the model's weights in place (see the module docstring)."""
+def merge_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], strength: float = 1.0,
+               blocks: tuple[int, ...] = ()) -> LoraReport:
+    """Add a LoRA into the model's weights in place (see the module docstring); `blocks` limits it
+    to those transformer blocks (empty: all)."""
     lora = _as_lora_set(lora, model)
+    skip = block_filter(model, blocks)
     image_model = any("k_img" in name for name, _ in model.named_modules())
     report = LoraReport()
     for target, patch in lora.patches.items():
-        module, param, reason = _check_target(model, patch, image_model)
+        reason = None if skip is None else skip(target)
+        if reason is None:
+            module, param, reason = _check_target(model, patch, image_model)
         if reason is not None:
             report.skipped[target] = reason
             continue
@@ -274,69 +412,20 @@ def merge_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], str
 
 
 def _merge_into(module: nn.Module, patch: LoraPatch, strength: float) -> None:
-    if patch.down is not None or patch.diff is not None:
-        if _is_quantized(module):
-            weight = module.dequantize(torch.float32)
-            module.requantize(weight + patch.weight_delta(strength, weight.device).view_as(weight))
+    if patch.family is not None or patch.diff is not None:
+        quantized = _is_quantized(module)
+        weight = module.dequantize(torch.float32) if quantized else module.weight.float()
+        if patch.dora_scale is not None:
+            patched = dora_weight(weight, patch.weight_delta(1.0, weight.device), patch.dora_scale.to(weight.device),
+                                  strength)
         else:
-            weight = module.weight
-            delta = patch.weight_delta(strength, weight.device).view_as(weight)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            patched = weight + patch.weight_delta(strength, weight.device).view_as(weight)
+        if quantized:
+            module.requantize(patched.view_as(weight))
+        else:
+            module.weight.copy_(patched.view_as(weight).to(module.weight.dtype))
     if patch.diff_b is not None:
         bias = module.bias
         bias.copy_((bias.float() + patch.diff_b.to(bias.device, torch.float32) * strength).to(bias.dtype))
 
 
-@dataclass
-class AttachedLora:
-    """Forward hooks that add a LoRA to layer outputs; `remove()` detaches every one of them."""
-
-    report: LoraReport
-    handles: list = field(default_factory=list)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
-def attach_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], strength: float = 1.0) -> AttachedLora:
-    """Apply a LoRA at run time through forward hooks on Linear-like layers (weights untouched).
-
-    Only low-rank pairs on layers that take [..., in_features] inputs can run this way; `diff`
-    patches and conv LoRAs need `merge_lora` and are reported as skipped.
-    """
-    lora = _as_lora_set(lora, model)
-    image_model = any("k_img" in name for name, _ in model.named_modules())
-    report = LoraReport()
-    attached = AttachedLora(report)
-    for target, patch in lora.patches.items():
-        module, _, reason = _check_target(model, patch, image_model)
-        if reason is None and (module is None or patch.down is None or patch.diff is not None
-                               or patch.diff_b is not None or patch.down.dim() != 2):
-            reason = "only low-rank Linear patches can be attached; merge this LoRA instead"
-        if reason is not None:
-            report.skipped[target] = reason
-            continue
-        attached.handles.append(module.register_forward_hook(_lora_hook(patch, strength)))
-        report.applied.append(target)
-    try:
-        _finish(report, lora)
-    except LoraError:
-        attached.remove()
-        raise
-    return attached
-
-
-def _lora_hook(patch: LoraPatch, strength: float):
-    factor = strength * patch.scale
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(module, args, output):
-        x = args[0]
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = (patch.down.to(device=x.device, dtype=x.dtype), patch.up.to(device=x.device, dtype=x.dtype))
-        down, up = cache[key]
-        return output + (x @ down.t() @ up.t()) * factor
-    return hook

@@ -37,6 +37,7 @@ from .dit import WanDiT
 from .experts import check_expert_pair, expert_variant, plan_experts
 from .feta import FetaArgs
 from .guidance import check_cfg_list
+from .lora_runtime import RuntimeLora, attach_chain
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
 from .step_cache import CacheArgs, StepCache
 from .vace import VaceInput, check_chain
@@ -84,6 +85,7 @@ class WanModelHandle:
     host_blocks: HostBlocks | None = None    # the swapped units' host copies (built at load)
     quantization: str = "disabled"
     loras: tuple[str, ...] = ()
+    runtime_loras: tuple[RuntimeLora, ...] = ()   # applied unmerged, for the length of each run
 
     @property
     def config(self):
@@ -298,6 +300,8 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = settings.dynamo_cache_size_limit
+    # Unmerged LoRAs hook layers inside compiled blocks for each run: compiled code must notice them.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = settings.dynamo_recompile_limit
     kwargs = {"backend": settings.backend, "fullgraph": settings.fullgraph, "dynamic": settings.dynamic}
@@ -432,6 +436,8 @@ class _Experts:
         self.release()
         self.stack = ExitStack()
         session = self.stack.enter_context(model_on_device(handle, self.device, self.force_offload or more_after))
+        # After model_on_device: block swap's hooks must be registered before the LoRA hooks.
+        self.stack.enter_context(attach_chain(handle.dit, handle.runtime_loras))
         self.stack.callback(lambda: self.swap.update(session.stats()) if session is not None else None)
         self.active = handle
 
