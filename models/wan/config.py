@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -280,9 +281,11 @@ def _says_wan22(hint: str) -> bool:
 
 
 def _expert(hint: str) -> str | None:
+    """'high_noise' / 'low_noise' (also kijai's '-HIGH' / '-LOW' name parts) when the hint says which."""
     compact = hint.replace("-", "_")
+    words = set(re.split(r"[^a-z0-9]+", hint))
     for expert in EXPERTS:
-        if expert in compact or expert.replace("_", "") in compact:
+        if expert in compact or expert.replace("_", "") in compact or expert.split("_")[0] in words:
             return expert
     return None
 
