@@ -61,6 +61,13 @@ def tiny_vae_state_dict(seed: int = 13) -> dict[str, torch.Tensor]:
     return seeded_state_dict(lambda: WanVAE(TINY_VAE), seed, _demo_draw)
 
 
+def tiny_vae22_state_dict(seed: int = 23) -> dict[str, torch.Tensor]:
+    """The tiny Wan 2.2 VAE's random weights (TI2V demos)."""
+    from .vae22 import TINY_VAE22, Wan22VAE
+
+    return seeded_state_dict(lambda: Wan22VAE(TINY_VAE22), seed, _demo_draw)
+
+
 def tiny_spiece_model() -> bytes:
     import sentencepiece as spm
 
