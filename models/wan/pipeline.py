@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
+from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
 from .context import ContextOptions, WindowFuser, context_windows, freenoise, window_weights
 from .dit import WanDiT
 from .feta import FetaArgs, enhance_score
@@ -94,6 +95,8 @@ class WanImageEmbeds:
 
     y: [20, T, h, w] = 4 mask channels (1 on given frames) + 16 *normalised* image-latent channels.
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
+    clean_latent / denoise_mask (Wan 2.2 TI2V, see clean_frames.py): [C, T, h, w] normalised latent of
+    the given frames and [1, T, h, w] mask, 0 where the latent is given and stays clean.
     """
 
     width: int
@@ -102,6 +105,8 @@ class WanImageEmbeds:
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
+    clean_latent: torch.Tensor | None = None
+    denoise_mask: torch.Tensor | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -263,6 +268,7 @@ class _Denoiser:
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
+        self.denoise_mask = None if image.denoise_mask is None else image.denoise_mask.to(device)[None]
         self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
         neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
@@ -288,25 +294,25 @@ class _Denoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on):
+    def _forward(self, x, t, context, clip, y, feta_on, mask=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
         return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
-                        self_attn_scale=self._scale(feta_on))
+                        self_attn_scale=self._scale(feta_on), denoise_mask=mask)
 
-    def _cfg(self, x, t, prompt, y, feta_on):
-        """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
+    def _cfg(self, x, t, prompt, y, feta_on, mask=None):
+        """Guided velocity for one (window of the) latent [1, C, T, h, w]."""
         if not self.use_uncond:
-            return self._forward(x, t, prompt[None], self.clip, y, feta_on)
+            return self._forward(x, t, prompt[None], self.clip, y, feta_on, mask)
         if self.batched:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on).chunk(2)
+            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on, mask).chunk(2)
         else:
-            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on)
-            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on)
+            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on, mask)
+            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on, mask)
         return uncond + self.cfg * (cond - uncond)
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
@@ -320,7 +326,7 @@ class _Denoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, self.denoise_mask)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
@@ -331,7 +337,8 @@ class _Denoiser:
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on)
+            mask = None if self.denoise_mask is None else self.denoise_mask.index_select(2, idx)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, mask)
             fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
         return fuser.result()
 
@@ -356,15 +363,17 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
                          "(umT5-XXL): use the text encoder that belongs to this model.")
-    if cfg.has_image_input and (image.y is None or image.clip is None):
+    check_vae_generation(cfg, handle.name, image.y, image.clean_latent)
+    check_video_size(cfg, handle.name, image.width, image.height)
+    if cfg.has_image_input and (image.y is None or (cfg.has_clip and image.clip is None)):
         raise ValueError(f"{handle.name} is an image-to-video model: connect Wan Image to Video Encode (with a "
                          "start image and CLIP vision embeds) instead of Wan Empty Embeds.")
     if not cfg.has_image_input and image.y is not None:
         raise ValueError(f"{handle.name} is a text-to-video model but the image embeds carry a start image; "
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
-    if image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
+    if cfg.has_clip and image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
         raise ValueError(f"The CLIP embeds are {image.clip.shape[-1]} wide but {handle.name} expects {cfg.clip_dim}.")
-    shape = image.latent_shape
+    shape = video_latent_shape(cfg, image.width, image.height, image.num_frames)
     if samples is not None:
         if samples.dim() != 5 or tuple(samples.shape[1:]) != shape:
             raise ValueError(f"The samples latent {tuple(samples.shape)} does not match the size the embeds ask "
@@ -379,13 +388,13 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                  free_memory: int | None = None, progress: Callable[[int, int], None] | None = None,
                  check_interrupt: Callable[[], None] | None = None,
                  stats: RunStats | None = None) -> torch.Tensor:
-    """Generate a raw video latent [B, 16, T, h, w] (float32, CPU). `samples` (raw, optional) is the
+    """Generate a raw video latent [B, C, T, h, w] (float32, CPU; C = 16, 48 for TI2V-5B). `samples` (raw, optional) is the
     latent to start from (vid2vid, with denoise < 1); batch items are sampled one after another."""
     check_inputs(handle, text, image, samples, settings)
     stats = stats if stats is not None else RunStats()
-    shape = image.latent_shape
-    schedule = make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise)
     cfg = handle.config
+    shape = video_latent_shape(cfg, image.width, image.height, image.num_frames)
+    schedule = make_schedule(settings.scheduler, settings.steps, settings.shift, settings.denoise)
     tokens = shape[1] * shape[2] * shape[3] // 4
     if context is not None:
         tokens = min(tokens, context.latent()[0] * shape[2] * shape[3] // 4)
@@ -404,13 +413,13 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                 start = normalize_latent(samples[item:item + 1].float())
                 sigma0 = schedule.sigmas[0]
                 x = sigma0 * noise + (1.0 - sigma0) * start
-            x = x.to(device)
+            x = impose_clean(x.to(device), image.clean_latent, image.denoise_mask)
             solver = make_solver(settings.scheduler, schedule)
             for i, t in enumerate(schedule.timesteps):
                 if check_interrupt is not None:
                     check_interrupt()
                 v = denoise(x, t, i, schedule.steps)
-                x = solver.step(v, x)
+                x = impose_clean(solver.step(v, x), image.clean_latent, image.denoise_mask)
                 if progress is not None:
                     progress(item * schedule.steps + i + 1, batch * schedule.steps)
             outputs.append(denormalize_latent(x.float()).cpu())
