@@ -62,7 +62,7 @@ class Wan22VAEConfig:
 
 WAN22_VAE = Wan22VAEConfig()
 # Every block type at a twentieth of the width; the latent keeps its 48 channels (its statistics are fixed).
-TINY_VAE22 = Wan22VAEConfig(dim=8, dec_dim=16)
+TINY_VAE22 = Wan22VAEConfig(dim=8, dec_dim=8)
 
 
 def patchify(x: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
