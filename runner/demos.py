@@ -51,6 +51,12 @@ def demo_cases() -> list[DemoCase]:
                           "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
     cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
                           "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
+    cases.append(DemoCase("wan22_ti2v_i2v", "wan22_ti2v_i2v_api.json", prepare_wan,
+                          "Image to video with a tiny random-weight Wan 2.2 TI2V-5B DiT and Wan 2.2 VAE (clean first "
+                          "latent frame) -> mp4"))
+    cases.append(DemoCase("wan_flf2v", "wan_flf2v_api.json", prepare_wan,
+                          "First/last-frame video (two-image CLIP context, end-frame mask) with a tiny random-weight "
+                          "FLF2V DiT -> mp4"))
     # INT8 W8A8
     def prepare_int8(models_root: Path, input_root: Path) -> None:
         from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint
