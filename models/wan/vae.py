@@ -248,6 +248,16 @@ class Resample(CausalLayer):
         return self.time_conv.run(torch.cat([previous.to(x), x], dim=2))
 
 
+def middle_stack(width: int) -> nn.Sequential:
+    """The bottleneck both towers share: residual block, per-frame attention, residual block."""
+    return nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width))
+
+
+def output_head(width: int, out_channels: int) -> nn.Sequential:
+    """Norm, SiLU and a causal 3x3x3 conv: the last layers of either tower."""
+    return nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, out_channels, 3, padding=1))
+
+
 def _widths(cfg: WanVAEConfig) -> list[int]:
     return [cfg.dim * m for m in (1, *cfg.dim_mult)]
 
@@ -265,9 +275,8 @@ class Encoder3d(CausalLayer):
             if i != len(cfg.dim_mult) - 1:
                 blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*blocks)
-        top = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(RMSNorm(top), nn.SiLU(), CausalConv3d(top, 2 * cfg.z_dim, 3, padding=1))
+        self.middle = middle_stack(dims[-1])
+        self.head = output_head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)
@@ -281,8 +290,7 @@ class Decoder3d(CausalLayer):
         super().__init__()
         dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0]))
+        self.middle = middle_stack(dims[0])
         blocks: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
             if i > 0:  # the previous upsampler halved the channels
@@ -293,7 +301,7 @@ class Decoder3d(CausalLayer):
             if i != len(cfg.dim_mult) - 1:
                 blocks.append(Resample(out_dim, "upsample3d" if cfg.temporal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = output_head(dims[-1], 3)
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)

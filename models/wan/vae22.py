@@ -30,15 +30,17 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from .latents import WAN22_MEAN
 from .vae import (
-    AttentionBlock,
     CausalConv3d,
     CausalLayer,
+    Decoder3d,
+    Encoder3d,
     FrameCache,
     Resample,
     ResidualBlock,
-    RMSNorm,
     WanVAE,
     _run_layers,
+    middle_stack,
+    output_head,
 )
 from .weights import TensorTable
 
@@ -165,9 +167,11 @@ class UpResidualBlock(CausalLayer):
         return main if self.avg_shortcut is None else main + self.avg_shortcut(x, cache)
 
 
-class Encoder22(CausalLayer):
+class Encoder22(Encoder3d):
+    """The Wan 2.1 encoder's layout (conv1, downsamples, middle, head; its forward) over residual stages."""
+
     def __init__(self, cfg: Wan22VAEConfig):
-        super().__init__()
+        CausalLayer.__init__(self)
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
         last = len(cfg.dim_mult) - 1
         self.conv1 = CausalConv3d(3 * PATCH * PATCH, dims[0], 3, padding=1)
@@ -175,36 +179,24 @@ class Encoder22(CausalLayer):
             DownResidualBlock(dims[i], dims[i + 1], cfg.num_res_blocks,
                               temporal=i < len(cfg.temporal_downsample) and cfg.temporal_downsample[i], down=i != last)
             for i in range(len(cfg.dim_mult))))
-        top = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(RMSNorm(top), nn.SiLU(), CausalConv3d(top, 2 * cfg.z_dim, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for part in (self.downsamples, self.middle, self.head):
-            x = _run_layers(part, x, cache)
-        return x
+        self.middle = middle_stack(dims[-1])
+        self.head = output_head(dims[-1], 2 * cfg.z_dim)
 
 
-class Decoder22(CausalLayer):
+class Decoder22(Decoder3d):
+    """The Wan 2.1 decoder's layout (conv1, middle, upsamples, head; its forward) over residual stages."""
+
     def __init__(self, cfg: Wan22VAEConfig):
-        super().__init__()
+        CausalLayer.__init__(self)
         dims = [cfg.dec_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
         last = len(cfg.dim_mult) - 1
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0]))
+        self.middle = middle_stack(dims[0])
         self.upsamples = nn.Sequential(*(
             UpResidualBlock(dims[i], dims[i + 1], cfg.num_res_blocks + 1,
                             temporal=i < len(cfg.temporal_upsample) and cfg.temporal_upsample[i], up=i != last)
             for i in range(len(cfg.dim_mult))))
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3, padding=1))
-
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for part in (self.middle, self.upsamples, self.head):
-            x = _run_layers(part, x, cache)
-        return x
+        self.head = output_head(dims[-1], 3 * PATCH * PATCH)
 
 
 class Wan22VAE(WanVAE):
