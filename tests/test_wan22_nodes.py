@@ -114,3 +114,22 @@ def test_mismatched_vae_end_frame_and_model_are_explained(wan_dirs):
         _node("SlipstreamWanDecode")(vae21, {"samples": torch.zeros(1, 48, 2, 2, 4)}, False, 272, 64, True)
     with pytest.raises(ValueError, match="wan_2.1_vae"):
         _node("SlipstreamWanDecode")(vae22, {"samples": torch.zeros(1, 16, 2, 4, 8)}, False, 272, 64, True)
+
+
+def test_the_sampler_hands_the_ti2v_mask_to_the_dit_every_step(wan_dirs, monkeypatch):
+    from slipstream.models.wan.dit import WanDiT
+
+    seen = []
+    original = WanDiT.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("denoise_mask"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanDiT, "forward", spy)
+    (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE22, "fp32")
+    (embeds,) = _node("SlipstreamWanImageToVideoEncode")(vae, _image(wan_dirs, assets.START_IMAGE), 64, 32, 9, 0.0,
+                                                         True, False)
+    _sample(assets.DIT_TI2V, embeds, steps=3, cfg=1.0)
+    assert len(seen) == 3 and all(m is not None and m.shape == (1, 1, 3, 2, 4) for m in seen)
+    assert all(torch.equal(m[0], embeds.denoise_mask) for m in seen)
