@@ -38,6 +38,7 @@ from .vae import (
     Resample,
     ResidualBlock,
     WanVAE,
+    WanVAEConfig,
     _run_layers,
     middle_stack,
     output_head,
@@ -49,17 +50,12 @@ SPATIAL_FACTOR = 16    # 8 from the tower x the 2x2 patchify
 
 
 @dataclass(frozen=True)
-class Wan22VAEConfig:
-    dim: int = 160          # encoder base width
-    dec_dim: int = 256      # decoder base width
-    z_dim: int = 48
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temporal_downsample: tuple[bool, ...] = (False, True, True)
+class Wan22VAEConfig(WanVAEConfig):
+    """The Wan 2.1 VAE's fields (`dim` is the encoder's base width) plus a wider decoder."""
 
-    @property
-    def temporal_upsample(self) -> tuple[bool, ...]:
-        return tuple(reversed(self.temporal_downsample))
+    dim: int = 160
+    z_dim: int = 48
+    dec_dim: int = 256      # decoder base width
 
 
 WAN22_VAE = Wan22VAEConfig()
