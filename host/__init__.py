@@ -16,6 +16,7 @@ Interface (both implementations provide each name):
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
   vram_info(device=None) -> (free, total) | None
   soft_empty_cache()
+  managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
 Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
@@ -59,6 +60,10 @@ text_encoder_device = _impl.text_encoder_device
 intermediate_device = _impl.intermediate_device
 vram_info = _impl.vram_info
 soft_empty_cache = _impl.soft_empty_cache
+# modules of ours under the host's model manager (ComfyUI: one ModelPatcher each, loaded via load_models_gpu)
+managed_home = _impl.managed_home                    # () -> device to build a managed module on
+manage_module = _impl.manage_module                  # (nn.Module) -> handle for load_managed
+load_managed = _impl.load_managed                    # (handles) -> None: on the compute device, counted
 
 
 def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0) -> SaveTarget:

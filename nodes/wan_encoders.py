@@ -29,6 +29,7 @@ from ..models.wan.encoders import (
     encode_clip,
     encode_text,
     image_to_video_embeds,
+    require_images,
 )
 from ..models.wan.pipeline import WanImageEmbeds, round_video_size
 from ..models.wan.t5 import UMT5Encoder
@@ -208,6 +209,9 @@ class WanClipVisionEncode:
         }}
 
     def encode(self, clip_vision, image, crop, strength, force_offload, end_image=None):
+        require_images(image, "image")
+        if end_image is not None:
+            require_images(end_image, "end_image")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
             feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
@@ -293,6 +297,9 @@ class WanImageToVideoEncode:
 
     def encode(self, vae, start_image, width, height, num_frames, noise_aug_strength, force_offload,
                tiled_vae, clip_embeds=None, end_image=None):
+        require_images(start_image, "start_image")
+        if end_image is not None:
+            require_images(end_image, "end_image")
         width, height, num_frames = _valid_size(width, height, num_frames, multiple=2 * vae.vae.SPATIAL)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:

@@ -158,10 +158,10 @@ def test_non_dit_files_say_what_they_are(keys, hint):
         wc.strip_dit_prefix({k: torch.zeros(1) for k in keys}, "file.safetensors")
 
 
-def test_fun_control_channels_and_bad_configs_are_refused():
+def test_a_48_channel_output_without_48_inputs_and_bad_configs_are_refused():
     shapes = dict(WanDiT.expected_shapes(wc.tiny()))
-    shapes["patch_embedding.weight"] = (256, 48, 1, 2, 2)          # 48 in, 16 out: a Fun control model
-    with pytest.raises(CheckpointError, match="Fun control"):
+    shapes["head.head.weight"] = (48 * 4, 256)                      # 16 in, 48 out: no released model
+    with pytest.raises(CheckpointError, match="TI2V-5B"):
         wc.detect_config(shapes)
     with pytest.raises(ValueError, match="divisible"):
         wc.WanDiTConfig("x", "t2v", dim=100, ffn_dim=1, num_heads=3, num_layers=1)

@@ -69,6 +69,10 @@ class WanDiTConfig:
     generation: str = "2.1"         # Wan generation, "2.1" or "2.2"
     boundary: float | None = None   # A14B: the official high->low expert switch, as a fraction of 1000 timesteps
     expert: str | None = None       # A14B: "high_noise" / "low_noise" when the file says which
+    # VACE (models/wan/vace.py): the main blocks after which VACE blocks 0, 1, … run, and the
+    # VACE context's channels (96 = 16 inactive + 16 reactive latent + 64 mask). Empty: no VACE.
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -84,6 +88,13 @@ class WanDiTConfig:
         if self.has_image_input and self.in_dim <= self.out_dim:
             raise ValueError(f"{self.model_type} needs in_dim > out_dim (noise + mask + image latent), "
                              f"got in_dim {self.in_dim}, out_dim {self.out_dim}")
+        if self.vace_layers and (self.vace_layers[0] != 0 or max(self.vace_layers) >= self.num_layers
+                                 or list(self.vace_layers) != sorted(set(self.vace_layers))):
+            raise ValueError(f"vace_layers {self.vace_layers} must start at block 0 and rise below {self.num_layers}")
+
+    @property
+    def is_vace(self) -> bool:
+        return bool(self.vace_layers)
 
     @property
     def head_dim(self) -> int:
@@ -146,11 +157,26 @@ WAN22_I2V_A14B = replace(WAN21_I2V_14B_480P, name="Wan2.2-I2V-A14B", variant="i2
 WAN22_TI2V_5B = WanDiTConfig("Wan2.2-TI2V-5B", "ti2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
                              in_dim=48, out_dim=48, variant="ti2v-5B", generation="2.2")
 
+# VACE: the t2v models plus VACE blocks after every 2nd (1.3B) / 5th (14B) block. The Wan 2.2
+# Fun-VACE A14B experts have the 14B architecture and load as it.
+WAN21_VACE_1_3B = replace(WAN21_T2V_1_3B, name="Wan2.1-VACE-1.3B", variant="vace-1.3B", vace_layers=tuple(range(0, 30, 2)), vace_in_dim=96)
+WAN21_VACE_14B = replace(WAN21_T2V_14B, name="Wan2.1-VACE-14B", variant="vace-14B", vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96)
+
+# Fun (VideoX-Fun): i2v models whose extra channels are 4 mask + 16 image (InP, 36) or 16 control +
+# 16 start image (Control, 48). Fun-14B-InP has the I2V-14B architecture and loads as it.
+WAN21_FUN_INP_1_3B = WanDiTConfig("Wan2.1-Fun-1.3B-InP", "i2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+                                  in_dim=36, variant="fun-inp-1.3B")
+WAN21_FUN_CONTROL_1_3B = replace(WAN21_FUN_INP_1_3B, name="Wan2.1-Fun-1.3B-Control", in_dim=48,
+                                 variant="fun-control-1.3B")
+WAN21_FUN_CONTROL_14B = replace(WAN21_I2V_14B_480P, name="Wan2.1-Fun-14B-Control", in_dim=48,
+                                variant="fun-control-14B")
+
 # Every released model detection can name. Rows sharing an architecture are told apart by generation
 # (a hint in the file, else the first row, Wan 2.1). Further families add their rows here.
 KNOWN: tuple[WanDiTConfig, ...] = (
     WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B,
-    WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B)
+    WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B,
+    WAN21_VACE_1_3B, WAN21_VACE_14B, WAN21_FUN_INP_1_3B, WAN21_FUN_CONTROL_1_3B, WAN21_FUN_CONTROL_14B)
 CONFIGS: dict[str, WanDiTConfig] = {c.name: c for c in KNOWN}
 
 # Wan models with modules this DiT does not have: (key fragment, what it is and what to use instead).
@@ -218,8 +244,9 @@ def _what_is_it(keys: Mapping[str, object] | Sequence[str]) -> str:
     def has(fragment: str) -> bool:
         return any(fragment in k for k in keyset)
 
-    if has("vace_patch_embedding"):
-        return "It is a Wan VACE model, which this loader does not support."
+    if has("vace_blocks.") and not has("head.modulation"):
+        return ("It holds only the VACE blocks of a Wan VACE model (a 'VACE module' file, without the "
+                "base model); load the full VACE checkpoint instead (e.g. wan2.1_vace_14B_fp16.safetensors).")
     if has("decoder.conv1.weight") or has("decoder.middle.0.residual"):
         return "It looks like a VAE; load it with the Wan VAE loader."
     if has("token_embedding.weight") or has("encoder.block.0.layer.0.SelfAttention"):
@@ -325,6 +352,15 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
         clip_dim = shape("img_emb.proj.0.weight")[0]
         if "img_emb.emb_pos" in shapes:
             model_type, clip_tokens = "flf2v", shape("img_emb.emb_pos")[1]
+    if "ref_conv.weight" in shapes:
+        raise CheckpointError(f"{what}: a Wan Fun Control model with a reference-image adapter ('ref_conv': Fun "
+                              "V1.1 or Wan 2.2 Fun Control), which this loader does not support yet. Use a Wan 2.1 "
+                              "Fun Control V1.0 model (48 input channels) or a VACE model for control videos.")
+    vace_layers, vace_in_dim = (), 0
+    if "vace_patch_embedding.weight" in shapes:   # VACE: the same blocks plus a VACE stack
+        vace_in_dim = shape("vace_patch_embedding.weight")[1]
+        count = count_numbered(shapes, "vace_blocks.")
+        vace_layers = _vace_layers_from_metadata(metadata, count) or vace_layers_for(num_layers, count, what)
     heads = num_heads or heads_from_metadata(metadata)
     if heads is None:
         if dim % HEAD_DIM:
@@ -337,20 +373,21 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
                               num_layers=num_layers, in_dim=in_dim, out_dim=out_dim, text_dim=text_dim,
                               freq_dim=freq_dim, clip_dim=clip_dim, clip_tokens=clip_tokens,
                               patch_size=tuple(patch), image_context=has_clip or model_type not in ("i2v", "flf2v"),
-                              generation="2.1" if has_clip or model_type == "t2v" else "2.2")  # type: ignore[arg-type]
+                              generation="2.1" if has_clip or model_type == "t2v" else "2.2",
+                              vace_layers=vace_layers, vace_in_dim=vace_in_dim)  # type: ignore[arg-type]
     except ValueError as exc:
         raise CheckpointError(f"{what}: inconsistent Wan DiT shapes ({exc}).") from exc
     return label(config, file_hint((), metadata, what) if hint is None else hint)
 
 
 def _model_type(in_dim: int, out_dim: int, has_clip: bool, what: str) -> str:
-    """What the channel counts say: 16/16 t2v, 36/16 i2v (20 image channels), 48/48 ti2v."""
+    """What the channel counts say: 16/16 t2v, 36/16 i2v (20 image channels; 48/16 Fun Control), 48/48 ti2v."""
     if in_dim == out_dim == 48:
         return "ti2v"
-    if out_dim == 48 or in_dim == 48:
+    if out_dim == 48:
         raise CheckpointError(
-            f"{what}: in/out channels {in_dim}/{out_dim} belong to a Wan Fun control model, which the Wan Model "
-            "Loader does not support (Wan 2.1/2.2 use 16/16 text-to-video, 36/16 image-to-video, 48/48 TI2V-5B).")
+            f"{what}: in/out channels {in_dim}/{out_dim}: a 48-channel output is the Wan 2.2 VAE's latent, which only "
+            "TI2V-5B (48/48) uses; this file is not a model the loader knows.")
     if in_dim == out_dim:
         if has_clip:
             raise CheckpointError(f"{what}: the file has a CLIP image branch but no image channels (in_dim {in_dim}); "
@@ -379,6 +416,32 @@ def label(config: WanDiTConfig, hint: str = "") -> WanDiTConfig:
         name = f"{stem} ({'/'.join(m.name.rsplit('-', 1)[1] for m in matches)})"
     return replace(config, name=name, variant=row.variant, generation=row.generation, boundary=row.boundary,
                    expert=_expert(hint) if row.boundary is not None else None)
+
+
+def _vace_layers_from_metadata(metadata: Mapping[str, str] | None, count: int) -> tuple[int, ...] | None:
+    """`vace_layers` from a JSON `config` in the file's metadata (diffusers-style exports keep the
+    official config.json there), when it lists one entry per VACE block."""
+    for key in ("config", "model_config"):
+        try:
+            cfg = json.loads((metadata or {}).get(key) or "null")
+        except (TypeError, json.JSONDecodeError):
+            continue
+        layers = cfg.get("vace_layers") if isinstance(cfg, dict) else None
+        if isinstance(layers, list) and len(layers) == count and all(isinstance(i, int) for i in layers):
+            return tuple(layers)
+    return None
+
+
+def vace_layers_for(num_layers: int, vace_blocks: int, what: str = "checkpoint") -> tuple[int, ...]:
+    """Where the VACE blocks of a file hook in: evenly from block 0, every num_layers // vace_blocks
+    blocks (the official 1.3B and 14B configs, and ComfyUI's rule); the shapes do not store it."""
+    step = num_layers // vace_blocks if vace_blocks else 0
+    layers = tuple(range(0, num_layers, step)) if step else ()
+    if len(layers) != vace_blocks:
+        raise CheckpointError(f"{what}: {vace_blocks} VACE blocks for {num_layers} main blocks cannot be placed "
+                              "evenly, so where they hook in is unknown (released VACE models have 15 of 30 "
+                              "or 8 of 40). Re-save the file from a released VACE model.")
+    return layers
 
 
 def known_name(config: WanDiTConfig) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clean_frames import VAE_FILES, clean_latent_frames, first_frames_mask
+from .errors import WanInputError
 from .pipeline import WanImageEmbeds, WanTextEmbeds
 from .t5 import UMT5Encoder
 from .tiling import Tiling
@@ -81,10 +82,21 @@ def encode_text(handle: WanTextEncoderHandle, positive: str, negative: str, devi
     return WanTextEmbeds(tuple(rows[:-1]), rows[-1])
 
 
+def require_images(images: object, name: str) -> None:
+    """Refuse an input that is not a non-empty IMAGE [B,H,W,C]; `name` is the node's input name."""
+    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else None
+    if shape is None or len(shape) != 4:
+        got = f"shape {shape}" if shape is not None else f"a {type(images).__name__}"
+        raise WanInputError(f"{name} must be an IMAGE [batch, height, width, channels]; got {got}. "
+                            "Connect a Load Image output.")
+    if 0 in shape:
+        raise WanInputError(f"{name} is empty (shape {shape}): it holds no image. Connect a node that gives at "
+                            "least one image (an empty batch usually comes from a filter or a batch split upstream).")
+
+
 def images_to_channels_first(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE [B,H,W,C] 0..1 -> [B,3,H,W] (alpha dropped, grey expanded)."""
-    if images.dim() != 4:
-        raise ValueError(f"expected an IMAGE [B,H,W,C], got shape {tuple(images.shape)}")
+    require_images(images, "the IMAGE input")
     x = images[..., :3].permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -203,14 +215,17 @@ def decode_latent(vae: WanVAEHandle, latent: torch.Tensor, device: torch.device,
 
     `progress(done, total)` counts the decode steps of the whole batch (latent frames, times tiles)."""
     channels = vae.vae.LATENT_CHANNELS
+    if latent.dim() == 5 and latent.shape[1] == channels and 0 in latent.shape:
+        raise WanInputError(f"Wan Decode got an empty video latent {tuple(latent.shape)} (no frames or no pixels); "
+                            "connect the samples of a sampler run with at least one frame.")
     if latent.dim() != 5:
-        raise ValueError(f"Wan Decode needs a video latent [B, {channels}, T, h, w]; got {tuple(latent.shape)}. "
+        raise WanInputError(f"Wan Decode needs a video latent [B, {channels}, T, h, w]; got {tuple(latent.shape)}. "
                          "An image latent [B, C, h, w] is not a Wan video latent.")
     if latent.shape[1] != channels:
         other = {16: "2.1", 48: "2.2"}.get(latent.shape[1])
         hint = (f"it is a Wan {other} latent: load {VAE_FILES[other]} in Wan VAE Loader for Wan Decode"
                 if other else "it is not a Wan latent")
-        raise ValueError(f"Wan Decode: the latent has {latent.shape[1]} channels but the Wan {vae.vae.GENERATION} VAE "
+        raise WanInputError(f"Wan Decode: the latent has {latent.shape[1]} channels but the Wan {vae.vae.GENERATION} VAE "
                          f"decodes {channels}; {hint}.")
     frames = []
     batch = latent.shape[0]
