@@ -1,11 +1,16 @@
-"""Wan 2.1 DiT forward on CPU: ms per forward and peak RSS per weight precision.
+"""Wan DiT forward on CPU: ms per forward and peak RSS per weight precision.
 
-    flock /work/heavy.lock python benchmarks/wan_dit.py [--frames 9 --height 240 --width 416]
+    python benchmarks/wan_dit.py [--model t2v-1.3B|ti2v-5B] [--frames 9 --height 240 --width 416] [--layers N]
 
-The T2V-1.3B architecture with random weights (no checkpoint needed), one forward of a
-9-frame 240x416 video (latent 3x30x52, 1170 tokens) against 512 text tokens. Each precision runs
-in its own subprocess so its peak RSS is its own; fp32 is the baseline the ratios refer to.
-Rows: fp32, bf16, and bf16 compute with fp8-stored block weights (the loader's fp8 option).
+`--model t2v-1.3B` (default): the Wan 2.1 T2V-1.3B architecture with random weights (no checkpoint
+needed), one forward of a 9-frame 240x416 video (latent 3x30x52, 1170 tokens) against 512 text tokens.
+`--model ti2v-5B`: the Wan 2.2 TI2V-5B architecture (width 3072, 48-channel latent, the Wan 2.2 VAE's
+16x grid) in its image-to-video form: the first latent frame is given, so every forward runs the
+per-token timesteps (`denoise_mask`). Its default is 4 of the 30 blocks at full width (the whole
+model in fp32 needs ~20 GB of RAM; `--layers 30` runs it all), and a 9-frame 352x640 video (660 tokens).
+Each precision runs in its own subprocess so its peak RSS is its own; fp32 is the baseline the
+ratios refer to. Rows: fp32, bf16, bf16 compute with fp8-stored block weights (the loader's fp8
+option), and int8 W8A8 block Linears from bf16 (the loader's int8_w8a8 option, ConvRot as loaded).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import time
 
 from _common import import_package, peak_rss_bytes, run_child
@@ -21,7 +27,30 @@ PRECISIONS = {            # name -> (compute dtype, block-weight storage dtype)
     "fp32": ("float32", "float32"),
     "bf16": ("bfloat16", "bfloat16"),
     "fp8 storage, bf16 compute": ("bfloat16", "float8_e4m3fn"),
+    "int8 W8A8 (bf16 act)": ("bfloat16", "int8"),
 }
+MODELS = ("t2v-1.3B", "ti2v-5B")
+DEFAULT_LAYERS = {"t2v-1.3B": 30, "ti2v-5B": 4}
+
+
+def cpu_features() -> str:
+    """The CPU model and the vector extensions the int8/bf16 kernels care about, as one line."""
+    import torch
+
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name") and name in ("", "cpu", "x86_64"):
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    return f"{name}; torch CPU capability {capability}; " + " ".join(f for f in wanted if f in flags)
 
 
 def random_model(config, dtype, weight_dtype):
@@ -56,25 +85,52 @@ def random_model(config, dtype, weight_dtype):
     return WanDiT.from_state_dict(sd, dtype=dtype, weight_dtype=weight_dtype)
 
 
+def model_config(name: str, layers: int):
+    from dataclasses import replace
+
+    from slipstream.models.wan.config import WAN21_T2V_1_3B, WAN22_TI2V_5B
+
+    full = {"t2v-1.3B": WAN21_T2V_1_3B, "ti2v-5B": WAN22_TI2V_5B}[name]
+    return full if layers == full.num_layers else replace(full, num_layers=layers)
+
+
+def to_int8(model) -> None:
+    """The loader's int8_w8a8 conversion: block Linears to W8A8, the rest stays float."""
+    from slipstream.kernels.quant_layer import ExclusionRules, QuantPlan, convert_linears
+    from slipstream.nodes.quant import ROTATE_ON_THE_FLY
+    from slipstream.nodes.wan import INT8_KEEP_FLOAT
+
+    convert_linears(model, QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY,
+                                     exclude=ExclusionRules.of(INT8_KEEP_FLOAT)))
+
+
 def worker(name: str, args) -> dict:
     import torch
 
     import_package()
-    from slipstream.models.wan.config import WAN21_T2V_1_3B
-
-    dtype, weight_dtype = (getattr(torch, n) for n in PRECISIONS[name])
+    dtype, weight_name = PRECISIONS[name][0], PRECISIONS[name][1]
+    dtype = getattr(torch, dtype)
+    weight_dtype = dtype if weight_name == "int8" else getattr(torch, weight_name)
     torch.manual_seed(0)
-    model = random_model(WAN21_T2V_1_3B, dtype, weight_dtype)
+    config = model_config(args.model, args.layers)
+    model = random_model(config, dtype, weight_dtype)
+    if weight_name == "int8":
+        to_int8(model)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    f, h, w = 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8
-    x = torch.randn(1, 16, f, h, w)
+    _, sh, sw = config.vae_stride
+    f, h, w = 1 + (args.frames - 1) // 4, args.height // sh, args.width // sw
+    x = torch.randn(1, config.out_dim, f, h, w)
     timestep = torch.tensor([500.0])
     context = torch.randn(1, 512, 4096) * 0.1
+    mask = None
+    if config.model_type == "ti2v":           # image-to-video: the first latent frame is given (timestep 0)
+        mask = torch.ones(1, 1, f, h, w)
+        mask[:, :, 0] = 0
     times = []
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):
             start = time.perf_counter()
-            out = model(x, timestep, context)
+            out = model(x, timestep, context, denoise_mask=mask)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     assert torch.isfinite(out).all(), f"{name}: non-finite output"
@@ -85,25 +141,37 @@ def worker(name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
+    parser.add_argument("--layers", type=int, help="transformer blocks (default: 30 for t2v-1.3B, 4 for ti2v-5B)")
     parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--width", type=int, default=416)
+    parser.add_argument("--height", type=int, help="default 240 (t2v-1.3B), 352 (ti2v-5B)")
+    parser.add_argument("--width", type=int, help="default 416 (t2v-1.3B), 640 (ti2v-5B)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=list(PRECISIONS), action="append", help="run only these rows")
     parser.add_argument("--worker", choices=list(PRECISIONS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    ti2v = args.model == "ti2v-5B"
+    args.layers = args.layers or DEFAULT_LAYERS[args.model]
+    args.height = args.height or (352 if ti2v else 240)
+    args.width = args.width or (640 if ti2v else 416)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
-    rows = [run_child(__file__, "--worker", name, "--frames", str(args.frames), "--height", str(args.height),
+    rows = [run_child(__file__, "--worker", name, "--model", args.model, "--layers", str(args.layers),
+                      "--frames", str(args.frames), "--height", str(args.height),
                       "--width", str(args.width), "--warmup", str(args.warmup), "--repeats", str(args.repeats))
             for name in args.only or PRECISIONS]
     base = next((r for r in rows if r["name"] == "fp32"), rows[0])
     r0 = rows[0]
-    print(f"Wan2.1-T2V-1.3B DiT forward, CPU, {args.frames} frames {args.height}x{args.width} "
-          f"({r0['tokens']} tokens, 512 text tokens), random weights, {r0['threads']} threads, "
+    import_package()
+    config = model_config(args.model, args.layers)
+    blocks = f", {config.num_layers} of 30 blocks" if ti2v and config.num_layers != 30 else ""
+    timesteps = ", per-token timesteps (first frame given)" if ti2v else ""
+    print(f"{config.name} DiT forward{blocks}, CPU, {args.frames} frames {args.height}x{args.width} "
+          f"({r0['tokens']} tokens, 512 text tokens{timesteps}), random weights, {r0['threads']} threads, "
           f"best of {args.repeats} after {args.warmup} warm-up")
+    print(f"CPU: {cpu_features()}")
     print(f"{'precision':<28}{'ms/forward':>12}{'vs fp32':>9}{'weights MiB':>13}{'peak RSS MiB':>14}{'vs fp32':>9}")
     for r in rows:
         print(f"{r['name']:<28}{r['ms']:>12.0f}{r['ms'] / base['ms']:>8.2f}x{r['weights'] / 2**20:>13.0f}"

@@ -1,4 +1,5 @@
-"""Wan 2.1 encoders and decode: umT5 text, CLIP vision, the VAE, I2V/T2V embeds and Wan Decode.
+"""Wan encoders and decode: umT5 text, CLIP vision, the Wan 2.1 / 2.2 VAE, I2V/FLF2V/TI2V/T2V embeds and
+Wan Decode.
 
 Each loader returns a small handle (models/wan/encoders.py); each encode moves its model to the
 compute device for the call and, with force_offload, back to RAM afterwards.
@@ -37,7 +38,7 @@ from ..models.wan.pipeline import WanImageEmbeds, round_video_size
 from ..models.wan.t5 import UMT5Encoder
 from ..models.wan.tiling import Tiling
 from ..models.wan.tokenizer import UMT5Tokenizer, load_tokenizer
-from ..models.wan.vae import WanVAE
+from ..models.wan.vae22 import load_wan_vae
 from .wan import CATEGORY, LOAD_DEVICES, PRECISIONS
 
 log = logging.getLogger("slipstream.wan")
@@ -60,19 +61,25 @@ def _size_inputs(width=832, height=480, frames=81) -> dict:
     }
 
 
-def _valid_size(width: int, height: int, num_frames: int) -> tuple[int, int, int]:
+def _valid_size(width: int, height: int, num_frames: int, multiple: int = 16) -> tuple[int, int, int]:
+    """Rounded to what Wan makes: sides multiples of `multiple` (16; 32 for the Wan 2.2 VAE), 1+4k frames."""
     width, height, num_frames, note = round_video_size(width, height, num_frames)
+    if multiple != 16 and (width % multiple or height % multiple):
+        w, h = (max(multiple, (v + multiple // 2) // multiple * multiple) for v in (width, height))
+        note = f"{note + '; ' if note else 'Wan: rounded '}size {width}x{height} -> {w}x{h} (multiples of {multiple})"
+        width, height = w, h
     if note:
         log.warning(note)
     return width, height, num_frames
 
 
-def _tiling(enabled: bool, tile_size: int, tile_overlap: int) -> Tiling | None:
+def _tiling(enabled: bool, tile_size: int, tile_overlap: int, scale: int = 8) -> Tiling | None:
+    """Tiles in pixels on the VAE's latent grid (`scale` pixels per latent element: 8, or 16 for Wan 2.2)."""
     if not enabled:
         return None
     if tile_overlap >= tile_size:
         raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size}).")
-    return Tiling.from_pixels(tile_size, tile_overlap)
+    return Tiling.from_pixels(tile_size, tile_overlap, scale)
 
 
 # ---------------------------------------------------------------------------------- text
@@ -195,7 +202,9 @@ class WanClipVisionLoader:
 
 
 class WanClipVisionEncode:
-    DESCRIPTION = "Encodes the start image with CLIP vision for image-to-video (the 257 tokens Wan I2V attends to)."
+    DESCRIPTION = ("Encodes the start image with CLIP vision for image-to-video (the 257 tokens Wan I2V attends to). "
+                   "With an end image too, the start tokens then the end tokens (514): the context first/last-frame "
+                   "(FLF2V) models expect; plain I2V models take it as well.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("SLIP_WAN_CLIP_EMBEDS",)
@@ -214,14 +223,19 @@ class WanClipVisionEncode:
                                    "tooltip": "Scales the image tokens (how much the look follows the image)."}),
             "force_offload": ("BOOLEAN", {"default": True,
                                           "tooltip": "Send the model back to its load device afterwards."}),
+        }, "optional": {
+            "end_image": ("IMAGE", {"tooltip": "The last frame, for first/last-frame video (FLF2V): its tokens follow "
+                                               "the start image's. Leave empty for plain image-to-video."}),
         }}
 
-    def encode(self, clip_vision, image, crop, strength, force_offload):
+    def encode(self, clip_vision, image, crop, strength, force_offload, end_image=None):
         require_images(image, "image")
+        if end_image is not None:
+            require_images(end_image, "end_image")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
             feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
-                                offload=force_offload, progress=bar.update_absolute)
+                                offload=force_offload, progress=bar.update_absolute, end_images=end_image)
         finally:
             bar.close()
         return (feats,)
@@ -231,7 +245,9 @@ class WanClipVisionEncode:
 
 
 class WanVAELoader:
-    DESCRIPTION = "Loads the Wan 2.1 video VAE (wan_2.1_vae.safetensors or the official Wan2.1_VAE.pth)."
+    DESCRIPTION = ("Loads a Wan video VAE: the Wan 2.1 VAE (wan_2.1_vae.safetensors, Wan2.1_VAE.pth; 16 latent "
+                   "channels, for Wan 2.1 and Wan 2.2 A14B) or the Wan 2.2 VAE (wan2.2_vae.safetensors, "
+                   "Wan2.2_VAE.pth; 48 channels, for Wan 2.2 TI2V-5B). Which one a file is, is read from it.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("SLIP_WAN_VAE",)
@@ -242,14 +258,14 @@ class WanVAELoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (list_models("vae") or ["(no vae found)"],
-                           {"tooltip": "Wan 2.1 VAE file from models/vae."}),
+                           {"tooltip": "Wan VAE file from models/vae: wan_2.1_vae for Wan 2.1 and 2.2 A14B models, "
+                                       "wan2.2_vae for TI2V-5B."}),
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Compute precision of the VAE."}),
         }}
 
     def load(self, model_name, precision):
         path = model_path("vae", model_name)
-        vae = WanVAE.from_file(path, dtype=resolve_dtype(precision, compute_device()),
-                               device=offload_device())
+        vae = load_wan_vae(path, dtype=resolve_dtype(precision, compute_device()), device=offload_device())
         return (WanVAEHandle(vae, model_name, offload_device()),)
 
 
@@ -271,7 +287,9 @@ class WanEmptyEmbeds:
 
 class WanImageToVideoEncode:
     DESCRIPTION = ("Prepares image-to-video: the start image is resized to the video size, VAE-encoded as the "
-                   "first frame of an otherwise grey clip and marked as known, with its CLIP tokens.")
+                   "first frame of an otherwise grey clip and marked as known, with its CLIP tokens. An end image "
+                   "becomes the known last frame (first/last-frame video with FLF2V or I2V models). With the Wan "
+                   "2.2 VAE it prepares TI2V-5B instead: the start frame is the clean first latent frame.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("SLIP_WAN_IMAGE_EMBEDS",)
@@ -283,24 +301,32 @@ class WanImageToVideoEncode:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
-            "clip_embeds": ("SLIP_WAN_CLIP_EMBEDS", {"tooltip": "From Wan CLIP Vision Encode (the same image)."}),
             **_size_inputs(),
             "noise_aug_strength": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.001,
                                              "tooltip": "Noise added to the start image: more motion, less "
                                                         "faithful first frame."}),
             "force_offload": ("BOOLEAN", {"default": True, "tooltip": "Send the VAE back to RAM afterwards."}),
             "tiled_vae": ("BOOLEAN", {"default": False, "tooltip": "Encode in tiles (for very large frames)."}),
+        }, "optional": {
+            "clip_embeds": ("SLIP_WAN_CLIP_EMBEDS", {"tooltip": "From Wan CLIP Vision Encode (the same image; with "
+                                                                "the end image too for FLF2V). Wan 2.1 I2V/FLF2V "
+                                                                "need it; Wan 2.2 A14B and TI2V-5B have no CLIP."}),
+            "end_image": ("IMAGE", {"tooltip": "The last frame (first/last-frame video); the same size as the start "
+                                               "image. Not for TI2V-5B."}),
         }}
 
-    def encode(self, vae, start_image, clip_embeds, width, height, num_frames, noise_aug_strength, force_offload,
-               tiled_vae):
+    def encode(self, vae, start_image, width, height, num_frames, noise_aug_strength, force_offload,
+               tiled_vae, clip_embeds=None, end_image=None):
         require_images(start_image, "start_image")
-        width, height, num_frames = _valid_size(width, height, num_frames)
+        if end_image is not None:
+            require_images(end_image, "end_image")
+        width, height, num_frames = _valid_size(width, height, num_frames, multiple=2 * vae.vae.SPATIAL)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:
             embeds = image_to_video_embeds(vae, start_image, width, height, num_frames, compute_device(),
                                            noise_aug_strength, clip=clip_embeds, offload=force_offload,
-                                           tiling=_tiling(tiled_vae, 512, 64), progress=bar.update_absolute)
+                                           tiling=_tiling(tiled_vae, 512, 64, vae.vae.SPATIAL),
+                                           progress=bar.update_absolute, end_image=end_image)
         finally:
             bar.close()
         return (embeds,)
@@ -341,7 +367,7 @@ class WanDecode:
         bar = ProgressBar(latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1)
         try:
             images = decode_latent(vae, latent, compute_device(), offload=force_offload,
-                                   tiling=_tiling(enable_vae_tiling, tile_size, tile_overlap),
+                                   tiling=_tiling(enable_vae_tiling, tile_size, tile_overlap, vae.vae.SPATIAL),
                                    progress=bar.update_absolute)
         finally:
             bar.close()

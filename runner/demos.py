@@ -69,6 +69,12 @@ def demo_cases() -> list[DemoCase]:
                           "Wan T2V with a distill LoRA, TeaCache and Skip Layer Guidance (tiny random weights) -> mp4"))
     cases.append(DemoCase("wan22_a14b_t2v", "wan22_a14b_t2v_api.json", prepare_a14b_demo,
                           "Wan 2.2 A14B T2V: high- and low-noise experts switching at the boundary (tiny) -> mp4"))
+    cases.append(DemoCase("wan22_ti2v_i2v", "wan22_ti2v_i2v_api.json", prepare_wan,
+                          "Image to video with a tiny random-weight Wan 2.2 TI2V-5B DiT and Wan 2.2 VAE (clean first "
+                          "latent frame) -> mp4"))
+    cases.append(DemoCase("wan_flf2v", "wan_flf2v_api.json", prepare_wan,
+                          "First/last-frame video (two-image CLIP context, end-frame mask) with a tiny random-weight "
+                          "FLF2V DiT -> mp4"))
     # INT8 W8A8
     def prepare_int8(models_root: Path, input_root: Path) -> None:
         from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint

@@ -1,4 +1,4 @@
-"""Wan 2.1 DiT configs: full-size module trees on `meta` against the spec's key table, detection
+"""Wan 2.1 / 2.2 DiT configs: full-size module trees on `meta` against the spec's key table, detection
 from shapes (blocks, widths, heads, model type) and the one place prefixes are stripped."""
 
 from __future__ import annotations
@@ -158,13 +158,104 @@ def test_non_dit_files_say_what_they_are(keys, hint):
         wc.strip_dit_prefix({k: torch.zeros(1) for k in keys}, "file.safetensors")
 
 
-def test_wan22_5b_and_bad_configs_are_refused():
+def test_a_48_channel_output_without_48_inputs_and_bad_configs_are_refused():
     shapes = dict(WanDiT.expected_shapes(wc.tiny()))
-    shapes["patch_embedding.weight"] = (256, 48, 1, 2, 2)
-    shapes["head.head.weight"] = (48 * 4, 256)
-    with pytest.raises(CheckpointError, match="Wan 2.2"):
+    shapes["head.head.weight"] = (48 * 4, 256)                      # 16 in, 48 out: no released model
+    with pytest.raises(CheckpointError, match="TI2V-5B"):
         wc.detect_config(shapes)
     with pytest.raises(ValueError, match="divisible"):
         wc.WanDiTConfig("x", "t2v", dim=100, ffn_dim=1, num_heads=3, num_layers=1)
     with pytest.raises(ValueError, match="model_type"):
         wc.WanDiTConfig("x", "v2v", dim=128, ffn_dim=1, num_heads=1, num_layers=1)
+
+
+# ------------------------------------------------------------------------------------ Wan 2.2
+def test_ti2v_5b_full_tree_on_meta_and_its_numbers():
+    cfg = wc.WAN22_TI2V_5B
+    shapes = WanDiT.expected_shapes(cfg)
+    # official wan/configs/wan_ti2v_5B.py: dim 3072, ffn 14336, 24 heads, 30 layers; 48 latent channels
+    assert shapes["patch_embedding.weight"] == (3072, 48, 1, 2, 2)
+    assert shapes["head.head.weight"] == (48 * 4, 3072)
+    assert shapes["blocks.29.ffn.0.weight"] == (14336, 3072) and "blocks.30.ffn.0.weight" not in shapes
+    assert not any(k.startswith("img_emb") or "k_img" in k for k in shapes)
+    assert 4.9e9 < sum(math.prod(s) for s in shapes.values()) < 5.1e9
+    assert (cfg.variant, cfg.generation, cfg.vae_generation, cfg.vae_stride) == ("ti2v-5B", "2.2", "2.2", (4, 16, 16))
+    assert cfg.head_dim == 128
+
+
+def test_a14b_i2v_expert_has_36_channels_and_no_clip_branch():
+    cfg = wc.WAN22_I2V_A14B
+    shapes = WanDiT.expected_shapes(cfg)
+    assert shapes["patch_embedding.weight"] == (5120, 36, 1, 2, 2)
+    assert not any(k.startswith("img_emb") or "k_img" in k for k in shapes)
+    assert len(shapes) == 1095                       # the T2V-14B key set, only patch_embedding is wider
+    assert cfg.has_image_input and not cfg.has_clip and cfg.cond_channels == 20 and cfg.vae_generation == "2.1"
+
+
+@pytest.mark.parametrize("cfg,hint,variant,generation,boundary,expert", [
+    (wc.WAN22_TI2V_5B, "", "ti2v-5B", "2.2", None, None),
+    (wc.WAN22_I2V_A14B, "", "i2v-A14B", "2.2", 0.900, None),
+    (wc.WAN22_I2V_A14B, "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", "i2v-A14B", "2.2", 0.900, "low_noise"),
+    (wc.WAN21_T2V_14B, "", "t2v-14B", "2.1", None, None),
+    (wc.WAN21_T2V_14B, "wan2.2_t2v_high_noise_14B_fp16.safetensors", "t2v-A14B", "2.2", 0.875, "high_noise"),
+    (wc.WAN21_T2V_14B, "Wan2_2-T2V-A14B-LOW_fp8_e4m3fn_scaled_KJ.safetensors", "t2v-A14B", "2.2", 0.875, "low_noise"),
+    (wc.WAN21_FLF2V_14B, "", "flf2v-14B", "2.1", None, None),
+    (wc.WAN21_I2V_14B_480P, "", "i2v-14B", "2.1", None, None),
+])
+def test_variant_generation_and_boundary_are_labelled(cfg, hint, variant, generation, boundary, expert):
+    found = wc.detect_config(WanDiT.expected_shapes(cfg), what=hint or "checkpoint")
+    assert found.same_architecture(cfg)
+    assert (found.variant, found.generation, found.boundary, found.expert) == (variant, generation, boundary, expert)
+
+
+def test_hints_come_from_marker_keys_metadata_and_the_file_name():
+    shapes = WanDiT.expected_shapes(wc.WAN21_T2V_14B)
+    assert wc.file_hint(["model_type.Wan2_2-T2V-A14B"], None, "x.safetensors").count("wan2_2") == 1
+    assert wc.detect_config(shapes, hint=wc.file_hint(["model_type.Wan2_2-T2V-A14B"])).variant == "t2v-A14B"
+    assert wc.detect_config(shapes, {"model_type": "wan2.2 t2v low_noise"}).expert == "low_noise"
+    assert wc.detect_config(shapes, what="models/wan2.2/wan2.1_t2v_14B_bf16.safetensors").generation == "2.1"
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_tiny_wan22_files_load_from_official_and_comfy_layouts(tmp_path, prefix):
+    from safetensors.torch import save_file
+    from slipstream.models.wan.dit import random_state_dict
+
+    for cfg in (wc.tiny("ti2v", text_dim=64), wc.tiny("i2v", text_dim=64, image_context=False)):
+        path = tmp_path / f"{cfg.model_type}{cfg.has_clip}.safetensors"
+        save_file({prefix + k: v for k, v in random_state_dict(cfg).items()}, str(path))
+        model = WanDiT.from_file(str(path))
+        assert model.config.same_architecture(cfg) and model.config.generation == "2.2"
+
+
+def test_kijai_fp8_scaled_ti2v_layout_loads_and_keeps_its_scales(tmp_path):
+    from safetensors.torch import save_file
+    from slipstream.models.wan.dit import random_state_dict
+
+    cfg = wc.tiny("ti2v", text_dim=64)
+    fp8 = torch.float8_e4m3fn
+    scaled = {"scaled_fp8": torch.zeros(0, dtype=fp8), "model_type.Wan2_2-TI2V-5B": torch.zeros(0)}
+    for key, value in random_state_dict(cfg).items():
+        if key.startswith("blocks.") and key.endswith(".weight") and value.dim() == 2:
+            scale = value.abs().max() / 448.0
+            scaled[key] = (value / scale).to(fp8)
+            scaled[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            scaled[key] = value
+    path = tmp_path / "Wan2_2-TI2V-5B_fp8_e4m3fn_scaled_KJ.safetensors"
+    save_file(scaled, str(path))
+    model = WanDiT.from_file(str(path), dtype=torch.float32)
+    assert model.config.variant == "custom" and model.config.model_type == "ti2v"   # tiny widths: no release name
+    assert model.blocks[0].ffn[0].weight.dtype == fp8 and model.blocks[0].ffn[0].weight_scale is not None
+
+
+@pytest.mark.parametrize("key,what", [
+    ("blocks.0.casual_audio_encoder.encoder.final_linear.weight", "S2V"),
+    ("face_adapter.fuser_blocks.0.k_norm.weight", "Animate"),
+    ("control_adapter.conv.weight", "Fun Camera"),
+])
+def test_wan_models_we_cannot_run_say_what_they_are(key, what):
+    shapes = dict(WanDiT.expected_shapes(wc.tiny()))
+    shapes[key] = (4,)
+    with pytest.raises(CheckpointError, match=what):
+        wc.detect_config(shapes)

@@ -1,5 +1,6 @@
-"""Wan 2.1 DiT: formulas (time embedding, 3-D RoPE), a whole forward against an independent float64
-reference written from the spec, the hooks, and input errors."""
+"""Wan 2.1 / 2.2 DiT: formulas (time embedding, 3-D RoPE, per-token timesteps), a whole forward of
+every variant against an independent float64 reference written from the spec, the hooks, and
+input errors."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ def tiny(model_type: str = "t2v", **kw) -> WanDiTConfig:
 
 def make_inputs(cfg: WanDiTConfig, batch: int = 1, frames: int = 3, h: int = 6, w: int = 8, text: int = 20, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, frames, h, w, generator=g)
+    x = torch.randn(batch, cfg.out_dim, frames, h, w, generator=g)
     t = torch.tensor([999.0, 412.5, 3.0][:batch])
     ctx = torch.randn(batch, text, cfg.text_dim, generator=g)
-    if cfg.model_type == "t2v":
+    if not cfg.has_image_input:
         return x, t, ctx, {}
-    clip = torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g)
     y = torch.randn(batch, cfg.cond_channels, frames, h, w, generator=g)
+    if not cfg.has_clip:
+        return x, t, ctx, {"y": y}
+    clip = torch.randn(batch, cfg.clip_tokens, cfg.clip_dim, generator=g)
     return x, t, ctx, {"clip_fea": clip, "y": y}
 
 
@@ -71,8 +74,12 @@ def test_apply_rope_rotates_adjacent_pairs_like_complex_multiplication():
 
 
 # ------------------------------------------------------------------------------------ reference
-def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, context, clip_fea=None, y=None):
-    """The official forward, rewritten from the spec in float64 with complex RoPE and einsum unpatchify."""
+def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, context, clip_fea=None, y=None,
+                      denoise_mask=None):
+    """The official forward, rewritten from the spec in float64 with complex RoPE and einsum unpatchify.
+
+    With `denoise_mask` it is Wan 2.2's: token (i, j, k) gets timestep t · mask[0, i, 2j, 2k], and the
+    time embedding and every modulation are per token."""
     p = {k: v.double() for k, v in sd.items()}
     dim, nh, d = cfg.dim, cfg.num_heads, cfg.head_dim
 
@@ -101,10 +108,21 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
     f, h, w = xe.shape[2:]
     tok = xe.flatten(2).transpose(1, 2)
     half = cfg.freq_dim // 2
-    sinus = torch.outer(t.double(), torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half))
-    emb = torch.cat([torch.cos(sinus), torch.sin(sinus)], dim=1)
+    tt = t.double()
+    if denoise_mask is not None:   # one timestep per token, looped over the latent grid
+        tt = torch.stack([torch.stack([t[bi].double() * denoise_mask[min(bi, denoise_mask.shape[0] - 1), 0, i, 2 * j,
+                                                                        2 * k].double()
+                                       for i in range(f) for j in range(h) for k in range(w)])
+                          for bi in range(x.shape[0])])                                    # [B, L]
+    sinus = tt.unsqueeze(-1) * torch.pow(10000, -torch.arange(half, dtype=torch.float64) / half)
+    emb = torch.cat([torch.cos(sinus), torch.sin(sinus)], dim=-1)
     e = lin("time_embedding.2", F.silu(lin("time_embedding.0", emb)))
-    e0 = lin("time_projection.1", F.silu(e)).unflatten(1, (6, dim))
+    e0 = lin("time_projection.1", F.silu(e)).unflatten(-1, (6, dim))      # [B, 6, dim] or [B, L, 6, dim]
+
+    def mod(bias, ee, n):   # official: (modulation + e).chunk(n) over the 6 (or 2) axis
+        if ee.dim() == 4:
+            return [u.squeeze(2) for u in (bias.unsqueeze(0) + ee).chunk(n, dim=2)]
+        return (bias + ee).chunk(n, dim=1)
     ctx = torch.cat([context.double(), context.new_zeros(context.shape[0], 512 - context.shape[1],
                                                          context.shape[2]).double()], 1)
     ctx = lin("text_embedding.2", F.gelu(lin("text_embedding.0", ctx), approximate="tanh"))
@@ -129,7 +147,7 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
 
     for i in range(cfg.num_layers):
         b = f"blocks.{i}."
-        m = (p[b + "modulation"] + e0).chunk(6, dim=1)
+        m = mod(p[b + "modulation"], e0, 6)
         hs = ln(tok) * (1 + m[1]) + m[0]
         q = rms(b + "self_attn.norm_q", lin(b + "self_attn.q", hs)).unflatten(-1, (nh, d))
         k = rms(b + "self_attn.norm_k", lin(b + "self_attn.k", hs)).unflatten(-1, (nh, d))
@@ -147,16 +165,16 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
         tok = tok + lin(b + "cross_attn.o", out)
         hs = ln(tok) * (1 + m[4]) + m[3]
         tok = tok + lin(b + "ffn.2", F.gelu(lin(b + "ffn.0", hs), approximate="tanh")) * m[5]
-    hm = (p["head.modulation"] + e.unsqueeze(1)).chunk(2, dim=1)
+    hm = mod(p["head.modulation"], e.unsqueeze(-2), 2)
     out = lin("head.head", ln(tok) * (1 + hm[1]) + hm[0])
     outs = []
     for u in out:
-        u = u[:L].view(f, h, w, 1, 2, 2, cfg.out_dim)
+        u = u[:L].reshape(f, h, w, 1, 2, 2, cfg.out_dim)
         outs.append(torch.einsum("fhwpqrc->cfphqwr", u).reshape(cfg.out_dim, f, h * 2, w * 2))
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("model_type", ["t2v", "i2v", "flf2v"])
+@pytest.mark.parametrize("model_type", ["t2v", "i2v", "flf2v", "ti2v"])
 def test_forward_matches_the_reference_in_fp32(model_type):
     # One case at the real umT5/CLIP widths, the others narrow to keep the suite fast.
     cfg = full_width_tiny(model_type) if model_type == "i2v" else tiny(model_type)
@@ -303,3 +321,73 @@ def test_cast_linear_fp8_matmul_path(monkeypatch):
     lin.weight_scale = scale.expand(32, 1).clone()       # per-row scales: _scaled_mm takes tensorwise only
     assert not lin.use_fp8_matmul()
     assert not layers.CastLinear(64, 32).use_fp8_matmul()     # float storage has nothing to multiply in fp8
+
+
+# ------------------------------------------------------------------------------------ Wan 2.2
+def first_frame_mask(frames: int, h: int, w: int, batch: int = 1) -> torch.Tensor:
+    """TI2V's mask: the first latent frame is given (0), the rest is noise (1)."""
+    mask = torch.ones(batch, 1, frames, h, w)
+    mask[:, :, 0] = 0
+    return mask
+
+
+def test_ti2v_per_token_timesteps_match_the_reference_and_keep_the_given_frame_at_t0():
+    cfg = tiny("ti2v")
+    assert (cfg.in_dim, cfg.out_dim, cfg.cond_channels, cfg.has_clip) == (48, 48, 0, False)
+    sd = random_state_dict(cfg, seed=5)
+    model = WanDiT.from_state_dict(sd)
+    x, t, ctx, _ = make_inputs(cfg, batch=2)
+    mask = first_frame_mask(*x.shape[2:])
+    out = model(x, t, ctx, denoise_mask=mask)
+    ref = reference_forward(sd, cfg, x, t, ctx, denoise_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=1e-4)
+    # The mask matters (frame 0 at t=0 differs from the uniform timestep), and an all-ones mask is the plain model.
+    plain = model(x, t, ctx)
+    assert (out - plain).abs().amax() > 1e-3
+    torch.testing.assert_close(model(x, t, ctx, denoise_mask=torch.ones_like(mask)), plain, atol=1e-6, rtol=1e-6)
+
+
+def test_token_timesteps_sample_the_patch_origin_in_token_order():
+    from slipstream.models.wan.dit import token_timesteps
+
+    mask = torch.rand(2, 1, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0, 20.0])
+    got = token_timesteps(t, mask, (1, 2, 2))
+    expected = torch.tensor([[t[b] * mask[b, 0, i, 2 * j, 2 * k] for i in range(3) for j in range(2) for k in range(3)]
+                             for b in range(2)])
+    torch.testing.assert_close(got, expected)
+
+
+def test_i2v_expert_without_clip_branch_matches_the_reference():
+    cfg = tiny("i2v", image_context=False)            # the Wan 2.2 I2V-A14B shape: 36 channels, no img_emb
+    sd = random_state_dict(cfg, seed=6)
+    assert not any(k.startswith("img_emb") or "k_img" in k for k in sd)
+    model = WanDiT.from_state_dict(sd)
+    assert model.config.has_image_input and not model.config.has_clip
+    x, t, ctx, extra = make_inputs(cfg)
+    assert set(extra) == {"y"}
+    torch.testing.assert_close(model(x, t, ctx, **extra).double(), reference_forward(sd, cfg, x, t, ctx, **extra),
+                               atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="y \\["):
+        model(x, t, ctx)
+
+
+def test_plain_i2v_takes_a_start_and_an_end_image_as_514_clip_tokens():
+    cfg = tiny("i2v")
+    sd = random_state_dict(cfg, seed=8)
+    model = WanDiT.from_state_dict(sd)
+    x, t, ctx, extra = make_inputs(cfg)
+    two = torch.cat([extra["clip_fea"], torch.randn_like(extra["clip_fea"])], dim=1)      # [1, 514, clip]
+    out = model(x, t, ctx, clip_fea=two, y=extra["y"])
+    torch.testing.assert_close(out.double(), reference_forward(sd, cfg, x, t, ctx, clip_fea=two, y=extra["y"]),
+                               atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="257 or 514"):
+        model(x, t, ctx, clip_fea=two[:, :300], y=extra["y"])
+
+
+def test_bad_denoise_mask_is_explained():
+    cfg = tiny("ti2v")
+    model = WanDiT.from_state_dict(random_state_dict(cfg))
+    x, t, ctx, _ = make_inputs(cfg)
+    with pytest.raises(ValueError, match="denoise_mask"):
+        model(x, t, ctx, denoise_mask=torch.ones(1, 1, 2, 6, 8))

@@ -151,7 +151,7 @@ def test_image_to_video_through_every_node(wan_dirs):
     (clip_vision,) = _node("SlipstreamWanClipVisionLoader")(assets.CLIP_VISION, "fp32", "offload_device")
     (clip,) = _node("SlipstreamWanClipVisionEncode")(clip_vision, image, "disabled", 1.0, True)
     (vae,) = _node("SlipstreamWanVAELoader")(assets.VAE, "fp32")
-    (embeds,) = _node("SlipstreamWanImageToVideoEncode")(vae, image, clip, 64, 48, 9, 0.0, True, False)
+    (embeds,) = _node("SlipstreamWanImageToVideoEncode")(vae, image, 64, 48, 9, 0.0, True, False, clip_embeds=clip)
     assert embeds.y.shape == (20, 3, 6, 8) and torch.equal(embeds.y[:4, 0], torch.ones(4, 6, 8))
     assert embeds.y[:4, 1:].abs().sum() == 0
     (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_I2V, "fp32", "disabled", "main_device")

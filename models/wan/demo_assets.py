@@ -1,4 +1,4 @@
-"""Tiny random-weight Wan 2.1 files with the real key layouts, for the demos, the example workflows'
+"""Tiny random-weight Wan 2.1 / 2.2 files with the real key layouts, for the demos, the example workflows'
 API twins and the end-to-end tests (no download, a few MB in all, seconds on a CPU).
 
 Each file is written the way the released ones are laid out: the DiT with official bare keys, the
@@ -27,6 +27,10 @@ from .weights import build_on_meta
 
 DIT_T2V = "wan_tiny_t2v.safetensors"
 DIT_I2V = "wan_tiny_i2v.safetensors"
+DIT_FLF2V = "wan_tiny_flf2v.safetensors"
+DIT_TI2V = "wan2.2_tiny_ti2v_5B.safetensors"
+VAE22 = "wan2.2_tiny_vae.safetensors"
+END_IMAGE = "wan_demo_end.png"
 DIT_VACE = "wan_tiny_vace.safetensors"
 TEXT_ENCODER = "umt5_tiny_spiece.safetensors"
 VAE = "wan_tiny_vae.safetensors"
@@ -61,6 +65,13 @@ def _demo_draw(name: str, shape: torch.Size, noise: torch.Tensor) -> torch.Tenso
 def tiny_vae_state_dict(seed: int = 13) -> dict[str, torch.Tensor]:
     """The tiny Wan 2.1 VAE's random weights (Anima's demo VAE is this same tower)."""
     return seeded_state_dict(lambda: WanVAE(TINY_VAE), seed, _demo_draw)
+
+
+def tiny_vae22_state_dict(seed: int = 23) -> dict[str, torch.Tensor]:
+    """The tiny Wan 2.2 VAE's random weights (TI2V demos)."""
+    from .vae22 import TINY_VAE22, Wan22VAE
+
+    return seeded_state_dict(lambda: Wan22VAE(TINY_VAE22), seed, _demo_draw)
 
 
 def tiny_spiece_model() -> bytes:
@@ -101,10 +112,13 @@ def tiny_clip_config():
                             out_dim=16)
 
 
-def write_start_image(path: Path, width: int = 80, height: int = 56) -> None:
+def write_start_image(path: Path, width: int = 80, height: int = 56, flip: bool = False) -> None:
+    """A colour ramp (mirrored for the end frame of first/last-frame demos)."""
     from PIL import Image
 
     ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    if flip:
+        xs = 1 - xs
     rgb = torch.stack([xs, ys, 1 - 0.5 * (xs + ys)], dim=-1)
     Image.fromarray((rgb * 255).round().to(torch.uint8).numpy()).save(path)
 
@@ -136,9 +150,21 @@ def write_tiny_wan_models(models_root: Path, input_root: Path | None = None, ima
 
         i2v = wan_config.tiny("i2v", text_dim=text_dim, clip_dim=clip_dim)
         _save(random_state_dict(i2v, seed=14), models_root / "diffusion_models" / DIT_I2V)
+        write_tiny_wan22_models(models_root, text_dim, clip_dim)
         clip = {f"visual.{k}": v for k, v in seeded_state_dict(lambda: WanClipVision(clip_cfg), 15, _demo_draw).items()}
         clip["log_scale"] = torch.tensor(math.log(1 / 0.07))
         _save(clip, models_root / "clip_vision" / CLIP_VISION)
         if input_root is not None:
             Path(input_root).mkdir(parents=True, exist_ok=True)
             write_start_image(Path(input_root) / START_IMAGE)
+            write_start_image(Path(input_root) / END_IMAGE, flip=True)
+
+
+def write_tiny_wan22_models(models_root: Path, text_dim: int, clip_dim: int) -> None:
+    """The first/last-frame and TI2V demo files: an FLF2V DiT, a TI2V-5B-shaped DiT and the Wan 2.2 VAE."""
+    models_root = Path(models_root)
+    flf2v = wan_config.tiny("flf2v", text_dim=text_dim, clip_dim=clip_dim)
+    _save(random_state_dict(flf2v, seed=16), models_root / "diffusion_models" / DIT_FLF2V)
+    ti2v = wan_config.tiny("ti2v", text_dim=text_dim)
+    _save(random_state_dict(ti2v, seed=17), models_root / "diffusion_models" / DIT_TI2V)
+    _save(tiny_vae22_state_dict(18), models_root / "vae" / VAE22)

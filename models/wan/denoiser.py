@@ -71,8 +71,10 @@ class WanDenoiser:
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
+        # Wan 2.2 TI2V: 0 where the latent is given (kept clean), per token timesteps in the DiT
+        self.denoise_mask = None if image.denoise_mask is None else image.denoise_mask.to(device)[None]
         clip = image.clip
-        if clip is None and handle.config.has_image_input:   # Fun models without a start image (VideoX-Fun)
+        if clip is None and handle.config.has_clip:   # Fun models without a start image (VideoX-Fun)
             clip = torch.zeros(1, handle.config.clip_tokens, handle.config.clip_dim)
         self.clip = None if clip is None else clip.to(device=device, dtype=dtype)
         neg_clip = image.negative_clip if image.negative_clip is not None else clip
@@ -148,13 +150,13 @@ class WanDenoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on, runner, vace=None):
+    def _forward(self, x, t, context, clip, y, feta_on, runner, vace=None, mask=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
         extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
                                          "vace_strength": self.vace_strengths}
         return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on),
-                        **extra)
+                        denoise_mask=mask, **extra)
 
     def _with_subject(self, x, positive: bool):
         """Phantom: the subject latents after the video's frames (zeros for the negative pass)."""
@@ -163,7 +165,7 @@ class WanDenoiser:
         subject = self.subject if positive else torch.zeros_like(self.subject)
         return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
 
-    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset(), vace=None):
+    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset(), vace=None, mask=None):
         """One forward of the CFG rows `rows` ((branch, key) each, batched in that order) for the
         latent x [1, ...], through the cache when there is one. Phantom's subject frames join the
         model input (zeros for the negative branch) and are cut off its prediction."""
@@ -181,7 +183,7 @@ class WanDenoiser:
         batch = torch.cat([self._with_subject(x, row[0] == 0) for row in rows])
         v = self._forward(batch, t, context, clip, y, feta_on,
                           self._block_runner(skip, rows if cache is not None else (), step, outcome),
-                          vace)[:, :, :frames]
+                          vace, mask)[:, :, :frames]
         if not outcome["reused"]:
             self.stats.branches_computed += len(rows)
         if easy:
@@ -189,10 +191,10 @@ class WanDenoiser:
                 cache.remember_output(row, x, v[i:i + 1])
         return v
 
-    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None):
-        """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
+    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None, mask=None):
+        """Guided velocity for one (window of the) latent [1, C, T, h, w]."""
         if math.isclose(cfg, 1.0):
-            return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace)
+            return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace, mask=mask)
         slg_on = self.slg is not None and self.slg.active_at(step, steps)
         if self.batched and not slg_on:
             rows = max(prompt.shape[0], self.negative.shape[0])
@@ -200,12 +202,12 @@ class WanDenoiser:
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
             cond, uncond = self._rows(x, t, context, clip, yy, feta_on, [(0, key), (1, key)], step,
-                                      vace=vace).chunk(2)
+                                      vace=vace, mask=mask).chunk(2)
         else:
             skip = frozenset(self.slg.blocks) if slg_on else frozenset()
-            cond = self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace)
+            cond = self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace, mask=mask)
             uncond = self._rows(x, t, self.negative[None], self.negative_clip, y, feta_on, [(1, key)], step, skip,
-                                vace=vace)
+                                vace=vace, mask=mask)
         return combine(cond, uncond, cfg, self.zero_star)
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:
@@ -220,7 +222,8 @@ class WanDenoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,), self.vace)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,), self.vace,
+                             self.denoise_mask)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
@@ -236,6 +239,7 @@ class WanDenoiser:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
             vace = None if self.vace is None else self.vace.index_select(2, idx)
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, key, vace)
+            mask = None if self.denoise_mask is None else self.denoise_mask.index_select(2, idx)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, key, vace, mask)
             fuser.add(window, pred, weights)
         return fuser.result()

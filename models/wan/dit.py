@@ -1,11 +1,18 @@
-"""The Wan 2.1 diffusion transformer (T2V, I2V, FLF2V), with the official module and tensor names.
+"""The Wan 2.1 / 2.2 diffusion transformer (T2V, I2V, FLF2V, A14B experts, TI2V-5B), official names.
 
     model = WanDiT.from_state_dict(sd, dtype=torch.bfloat16, device="cuda")   # or WanDiT.from_file(path)
-    v = model(x, timestep, context, clip_fea=None, y=None)                     # flow prediction
+    v = model(x, timestep, context, clip_fea=None, y=None, denoise_mask=None)   # flow prediction
 
-Shapes: x [B,16,F,H,W] noisy latent (H, W even); timestep [B] in 0..1000; context [B,L,text_dim]
-umT5 embeddings (zero-padded to 512 tokens here when shorter); clip_fea [B,257,1280] and
-y [B,20,F,H,W] (4 mask + 16 image-latent channels) for i2v. Returns fp32 [B,16,F,H,W].
+Shapes: x [B,C,F,H,W] noisy latent (C = 16, or 48 for TI2V-5B; H, W even); timestep [B] in
+0..1000; context [B,L,text_dim] umT5 embeddings (zero-padded to 512 tokens here when shorter);
+for i2v/flf2v y [B,20,F,H,W] (4 mask + 16 image-latent channels) and, unless the model has no
+CLIP branch (Wan 2.2 I2V-A14B), clip_fea [B,257,1280] ([B,514,1280] for FLF2V; plain I2V models
+take 514 too, as core does). Returns fp32 [B,C,F,H,W].
+
+Per-token timesteps (Wan 2.2 TI2V): `denoise_mask` [B or 1, 1, F, H, W] (1 = noisy, 0 = a given,
+clean latent) makes each token's timestep `timestep · mask` at the token's patch origin, as the
+official TI2V pipeline does for the image-conditioned first frame. The time embedding and the
+block/head modulation then vary per token (`BlockInputs.e0` [B, L, 6, dim], `e` [B, L, dim]).
 
 Hooking the block loop (block swap, FETA, caching, per-block attention overrides). `forward` is
 three stages a caller can also run one by one:
@@ -48,7 +55,7 @@ from ..checkpoint import (
     read_safetensors_header,
     refuse_non_float,
 )
-from .config import WanDiTConfig, detect_config, strip_dit_prefix
+from .config import WanDiTConfig, detect_config, file_hint, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
     allocate_outputs,
@@ -67,8 +74,8 @@ SelfAttnScale = Callable[[torch.Tensor, torch.Tensor, tuple[int, int, int]], "to
 class BlockInputs:
     """What every block of one forward shares besides the token stream."""
 
-    e0: torch.Tensor                      # [B, 6, dim] fp32 time modulation (before each block's bias)
-    e: torch.Tensor                       # [B, dim] fp32 time embedding (for the head)
+    e0: torch.Tensor                      # [B, 6, dim] fp32 time modulation, or [B, L, 6, dim] per token
+    e: torch.Tensor                       # [B, dim] fp32 time embedding (for the head), or [B, L, dim]
     context: torch.Tensor                 # [B, L_text, dim] projected text context (compute dtype)
     context_img: torch.Tensor | None      # [B, 257 or 514, dim] projected CLIP tokens (i2v/flf2v)
     rope_cos: torch.Tensor                # [1, L, 1, head_dim/2] fp32
@@ -94,6 +101,14 @@ def _modulation(n: int, dim: int) -> nn.Parameter:
     if param.device.type != "meta":
         nn.init.normal_(param, std=dim ** -0.5)
     return param
+
+
+def modulation_terms(bias: nn.Parameter, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The AdaLN terms of a learned [1, n, dim] bias plus the time modulation, each broadcastable
+    over [B, L, dim] tokens: e [B, n, dim] gives [B, 1, dim] terms, per-token e [B, L, n, dim] [B, L, dim]."""
+    if e.dim() == 4:
+        return (bias.float().unsqueeze(0) + e).unbind(2)
+    return (bias.float() + e).chunk(bias.shape[1], dim=1)
 
 
 def _mlp(dims: tuple[int, int, int], act: nn.Module) -> nn.Sequential:
@@ -160,7 +175,7 @@ class WanBlock(nn.Module):
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = WanSelfAttention(dim, config.num_heads, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, config.num_heads, eps, image=config.has_image_input)
+        self.cross_attn = WanCrossAttention(dim, config.num_heads, eps, image=config.has_clip)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = _mlp((dim, config.ffn_dim, dim), nn.GELU(approximate="tanh"))
         self.modulation = _modulation(6, dim)
@@ -168,8 +183,7 @@ class WanBlock(nn.Module):
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """x: [B, L, dim] fp32 residual stream."""
         cd = inputs.compute_dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
-            self.modulation.float() + inputs.e0).chunk(6, dim=1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation_terms(self.modulation, inputs.e0)
         y = self.self_attn((self.norm1(x) * (1 + scale_sa) + shift_sa).to(cd), inputs)
         x = x + y.float() * gate_sa
         x = x + self.cross_attn(self.norm3(x).to(cd), inputs).float()
@@ -186,7 +200,7 @@ class WanHead(nn.Module):
         self.modulation = _modulation(2, dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = modulation_terms(self.modulation, e.unsqueeze(-2))
         return self.head((self.norm(x) * (1 + scale) + shift).to(compute_dtype))
 
 
@@ -202,7 +216,7 @@ class WanImageEmbedding(nn.Module):
             self.emb_pos = nn.Parameter(torch.zeros(1, config.clip_tokens, c))
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "emb_pos"):
+        if hasattr(self, "emb_pos"):  # the two images' tokens as one sequence, each with its position
             clip_fea = clip_fea.reshape(-1, self.emb_pos.shape[1], clip_fea.shape[-1]) + self.emb_pos.to(clip_fea.dtype)
         return self.proj(clip_fea)
 
@@ -217,7 +231,7 @@ def _scale_key(entries: Mapping[str, object], layer: str) -> str:
 
 
 class WanDiT(nn.Module):
-    """Wan 2.1 DiT. Build with `from_state_dict`/`from_file`; see the module docstring for the API."""
+    """Wan 2.1 / 2.2 DiT. Build with `from_state_dict`/`from_file`; see the module docstring for the API."""
 
     def __init__(self, config: WanDiTConfig, attention_backend: str = "auto"):
         super().__init__()
@@ -232,7 +246,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), CastLinear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
-        if config.has_image_input:
+        if config.has_clip:
             self.img_emb = WanImageEmbedding(config)
 
     # ----------------------------------------------------------------------------------- loading
@@ -275,7 +289,8 @@ class WanDiT(nn.Module):
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v.shape) for k, v in weights.items()}
         stored = {k: v.dtype for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, what)
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, what,
+                                   file_hint(sd, metadata, what))
         outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales), adopt_unchanged=True)
         return assign_weights(model, ((k, weights[k]) for k in shapes), plan, device, scales, outputs=outputs)
 
@@ -293,7 +308,8 @@ class WanDiT(nn.Module):
         weights, scales = split_weight_scales(entries)
         shapes = {k: tuple(v["shape"]) for k, v in weights.items()}
         stored = {k: safetensors_dtype(path, k, v["dtype"]) for k, v in weights.items()}
-        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, path)
+        model, plan = cls._prepare(shapes, stored, dtype, weight_dtype, metadata, num_heads, attention_backend, path,
+                                   file_hint(header, metadata, path))
         scale_tensors = {layer: t for layer, (_, t) in zip(
             scales, read_safetensors(path, [prefix + _scale_key(entries, layer) for layer in scales]), strict=True)}
         outputs = allocate_outputs(shapes, stored, plan, device, _scaled_weights(scales))
@@ -304,13 +320,13 @@ class WanDiT(nn.Module):
         return assign_weights(model, tensors, plan, device, scale_tensors, outputs=outputs)
 
     @classmethod
-    def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what):
+    def _prepare(cls, shapes, dtypes, dtype, weight_dtype, metadata, num_heads, attention_backend, what, hint):
         """Detect the config, build on meta, check every key and shape, plan the dtypes."""
-        config = detect_config(shapes, metadata, num_heads, what)
+        config = detect_config(shapes, metadata, num_heads, what, hint=hint)
         model = cls.build_meta(config, attention_backend)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()},
-                         f"the {config.name} Wan 2.1 DiT ({what})")
+                         f"the {config.name} Wan {config.generation} DiT ({what})")
         refuse_non_float({k: v.dtype for k, v in model.state_dict().items()}, dtypes, what)
         plan = plan_dtypes(dtype, weight_dtype, dtypes["blocks.0.self_attn.q.weight"], model.quantizable_keys())
         return model, plan
@@ -329,20 +345,22 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
                 block_runner: BlockRunner | None = None, attention_backend: str | None = None,
-                self_attn_scale: SelfAttnScale | None = None) -> torch.Tensor:
+                self_attn_scale: SelfAttnScale | None = None,
+                denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (fp32) for the noisy latent x; see the module docstring."""
         tokens, inputs = self.embed(x, timestep, context, clip_fea, y, attention_backend=attention_backend,
-                                    self_attn_scale=self_attn_scale)
+                                    self_attn_scale=self_attn_scale, denoise_mask=denoise_mask)
         tokens = self.forward_blocks(tokens, inputs, block_runner)
         return self.unembed(tokens, inputs)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
               clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
-              attention_backend: str | None = None,
-              self_attn_scale: SelfAttnScale | None = None) -> tuple[torch.Tensor, BlockInputs]:
+              attention_backend: str | None = None, self_attn_scale: SelfAttnScale | None = None,
+              denoise_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockInputs]:
         """Patchify and embed everything the blocks need: (fp32 tokens [B, L, dim], BlockInputs)."""
         cfg, cd = self.config, self.compute_dtype
         self._check_inputs(x, timestep, context, clip_fea, y)
+        _check_denoise_mask(denoise_mask, x)
         device = x.device
         if cfg.has_image_input:
             x = torch.cat([x, y.to(device=device, dtype=x.dtype)], dim=1)
@@ -351,15 +369,20 @@ class WanDiT(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2).float()          # (f, h, w) row-major order
 
         t = timestep.to(device).reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep.to(device)
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim).to(cd)).float()
+        if denoise_mask is not None:
+            t = token_timesteps(t, denoise_mask.to(device), cfg.patch_size)       # [B, L]
+        # Each distinct timestep is embedded once (per token, few values: a clean frame and the rest).
+        values, where = torch.unique(t, return_inverse=True)
+        e = self.time_embedding(sinusoidal_embedding(values, cfg.freq_dim).to(cd)).float()
         e0 = self.time_projection(e.to(cd)).float().unflatten(1, (6, cfg.dim))
+        e, e0 = e[where], e0[where]                                   # [B(, L), dim], [B(, L), 6, dim]
 
         context = context.to(device=device, dtype=cd)
         if context.shape[1] < cfg.text_len:
             context = torch.cat([context, context.new_zeros(context.shape[0], cfg.text_len - context.shape[1],
                                                             context.shape[2])], dim=1)
         context = self.text_embedding(context)
-        context_img = self.img_emb(clip_fea.to(device=device, dtype=cd)) if cfg.has_image_input else None
+        context_img = self.img_emb(clip_fea.to(device=device, dtype=cd)) if cfg.has_clip else None
 
         cos, sin = rope_cos_sin(grid, cfg.rope_axes, device)
         inputs = BlockInputs(e0=e0, e=e, context=context, context_img=context_img, rope_cos=cos, rope_sin=sin,
@@ -398,18 +421,40 @@ class WanDiT(nn.Module):
             raise ValueError(f"context must be [B={b}, L, {cfg.text_dim}] text embeddings, got {tuple(context.shape)}")
         if not cfg.has_image_input:
             return
-        if clip_fea is None or y is None:
-            raise ValueError(f"{cfg.name} is an image-to-video model: it needs clip_fea [B, {cfg.clip_tokens}, "
-                             f"{cfg.clip_dim}] (CLIP vision) and y [B, {cfg.cond_channels}, F, H, W] (mask + "
-                             "image latent).")
+        if y is None or (cfg.has_clip and clip_fea is None):
+            clip = f"clip_fea [B, {cfg.clip_tokens}, {cfg.clip_dim}] (CLIP vision) and " if cfg.has_clip else ""
+            raise ValueError(f"{cfg.name} is an image-to-video model: it needs {clip}y [B, {cfg.cond_channels}, F, H, "
+                             "W] (mask + image latent).")
         if tuple(y.shape) != (b, cfg.cond_channels, f, h, w):
             raise ValueError(f"y must be [B, {cfg.cond_channels}, F, H, W] = {(b, cfg.cond_channels, f, h, w)}, "
                              f"got {tuple(y.shape)}")
-        # flf2v also takes the two images' features as [2B, 257, clip_dim] (the official layout).
+        if not cfg.has_clip:
+            return
+        # flf2v also takes the two images' features as [2B, 257, clip_dim] (the official layout); a plain
+        # i2v model takes one image's 257 tokens or a start and an end image's 514 (core's first/last frame).
+        tokens = (cfg.clip_tokens,) if cfg.model_type == "flf2v" else (cfg.clip_tokens, 2 * cfg.clip_tokens)
         if clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.clip_dim or \
-                clip_fea.shape[0] * clip_fea.shape[1] != b * cfg.clip_tokens:
-            raise ValueError(f"clip_fea must be [B={b}, {cfg.clip_tokens}, {cfg.clip_dim}] CLIP vision features, "
-                             f"got {tuple(clip_fea.shape)}")
+                clip_fea.shape[0] * clip_fea.shape[1] not in tuple(b * n for n in tokens):
+            raise ValueError(f"clip_fea must be [B={b}, {' or '.join(map(str, tokens))}, {cfg.clip_dim}] CLIP vision "
+                             f"features, got {tuple(clip_fea.shape)}")
+
+
+def token_timesteps(timestep: torch.Tensor, denoise_mask: torch.Tensor,
+                    patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """[B] timesteps and a [B or 1, C, F, H, W] latent mask -> [B, L] per-token timesteps: each token's
+    timestep times the mask at its patch's first latent element (official TI2V: `mask[:, ::2, ::2] · t`)."""
+    pt, ph, pw = patch_size
+    dtype = timestep.dtype if timestep.is_floating_point() else torch.float32
+    mask = denoise_mask[:, 0, ::pt, ::ph, ::pw].flatten(1).to(dtype)        # (f, h, w) row-major, like the tokens
+    return timestep.to(dtype).reshape(-1, 1) * mask
+
+
+def _check_denoise_mask(mask: torch.Tensor | None, x: torch.Tensor) -> None:
+    if mask is None:
+        return
+    if mask.dim() != 5 or mask.shape[0] not in (1, x.shape[0]) or tuple(mask.shape[2:]) != tuple(x.shape[2:]):
+        raise ValueError(f"denoise_mask must be [B or 1, 1, F, H, W] = [.., 1, {', '.join(map(str, x.shape[2:]))}] "
+                         f"(1 = noisy, 0 = a given clean latent), got {tuple(mask.shape)}")
 
 
 def model_class(config: WanDiTConfig) -> type[WanDiT]:

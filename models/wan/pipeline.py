@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
+from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
 from .dit import WanDiT
@@ -107,6 +108,8 @@ class WanImageEmbeds:
 
     y: [20, T, h, w] = 4 mask channels (1 on given frames) + 16 *normalised* image-latent channels.
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
+    clean_latent / denoise_mask (Wan 2.2 TI2V, see clean_frames.py): [C, T, h, w] normalised latent of
+    the given frames and [1, T, h, w] mask, 0 where the latent is given and stays clean.
     vace: VACE inputs for a VACE model (Wan VACE Encode, chained); their reference images are
     extra latent frames in front, cut off the sampled latent.
     subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
@@ -119,6 +122,8 @@ class WanImageEmbeds:
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
+    clean_latent: torch.Tensor | None = None
+    denoise_mask: torch.Tensor | None = None
     vace: tuple[VaceInput, ...] = ()
     subject: torch.Tensor | None = None
 
@@ -335,6 +340,8 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
                          "(umT5-XXL): use the text encoder that belongs to this model.")
+    check_vae_generation(cfg, handle.name, image.y, image.clean_latent)
+    check_video_size(cfg, handle.name, image.width, image.height)
     if cfg.has_image_input and image.y is None:
         raise ValueError(f"{handle.name} is an image-to-video model: connect Wan Image to Video Encode (with a "
                          "start image and CLIP vision embeds) instead of Wan Empty Embeds.")
@@ -352,9 +359,10 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
         raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
                          "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
     check_chain(image.vace)
-    if image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
+    if cfg.has_clip and image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
         raise ValueError(f"The CLIP embeds are {image.clip.shape[-1]} wide but {handle.name} expects {cfg.clip_dim}.")
-    shape = image.latent_shape
+    c, t, h, w = video_latent_shape(cfg, image.width, image.height, image.num_frames)
+    shape = (c, t + image.ref_frames, h, w)   # VACE reference frames in front
     if samples is not None:
         if samples.dim() != 5 or tuple(samples.shape[1:]) != shape:
             raise ValueError(f"The samples latent {tuple(samples.shape)} does not match the size the embeds ask "
@@ -468,7 +476,8 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     if extras.slg is not None:
         extras.slg.check_model(len(handle.dit.blocks), handle.name)
     stats = stats if stats is not None else RunStats()
-    shape = image.latent_shape
+    c, t, h, w = video_latent_shape(handle.config, image.width, image.height, image.num_frames)
+    shape = (c, t + image.ref_frames, h, w)   # VACE reference frames in front
     schedule = _schedule_for(settings, handle)
     start, end = settings.step_range(schedule.steps)
     if settings.sigmas is not None and settings.end_step > schedule.steps:
@@ -519,7 +528,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
             x = sigma0 * noise + (1.0 - sigma0) * latent_in if settings.add_noise else latent_in
             if states is not None and torch.equal(states[item].get("latent_out", given.new_empty(0)), given):
                 x = states[item]["x"]      # the exact state, not its round trip through the raw convention
-        x = x.to(device)
+        x = impose_clean(x.to(device), image.clean_latent, image.denoise_mask)
         solver = make_solver(settings.scheduler, schedule)
         solver.index = start
         if states is not None:
@@ -548,7 +557,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
                     if i < zero_init:
                         v = torch.zeros_like(v)
                     x0s[item] = solvers[item].denoised(v, x)
-                    xs[item] = solvers[item].step(v, x)
+                    xs[item] = impose_clean(solvers[item].step(v, x), image.clean_latent, image.denoise_mask)
                     _check_finite(xs[item], i, schedule.steps, model)
                     if preview is not None and item == 0:
                         preview(denormalize_latent(x0s[0].float()))

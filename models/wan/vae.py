@@ -8,7 +8,8 @@ memory independent of the frame count and reproduces exactly what the official m
 `1 + 4k` frames map to `1 + k` latents).
 
 Latents cross module boundaries *raw* (ComfyUI's convention); `normalize_latent` /
-`denormalize_latent` apply the per-channel statistics the DiT was trained on.
+`denormalize_latent` (latents.py) apply the per-channel statistics the DiT was trained on.
+The Wan 2.2 VAE (vae22.py) is built from this module's layers.
 
 Module names equal the official checkpoint's keys (`encoder.downsamples.3.residual.2.weight`, ...)
 so files load without renaming.
@@ -25,6 +26,7 @@ from torch import nn
 
 from ...kernels.attention import attention
 from ..checkpoint import CheckpointError
+from .latents import WAN21_MEAN, WAN21_STD, denormalize_latent, normalize_latent
 from .tiling import Tiling, run_tiled
 from .weights import LoadableEncoder, identity_recipe
 
@@ -34,33 +36,8 @@ CACHE_FRAMES = 2  # a temporal kernel of 3 needs the 2 frames before the chunk
 TEMPORAL_FACTOR = 4
 SPATIAL_FACTOR = 8
 
-# Per-channel statistics of the raw latent (official WanVAE, ComfyUI's Wan21 latent format).
-LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
-LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-
-
-def _channel_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if z.dim() < 2 or z.shape[1] != len(LATENT_MEAN):
-        raise ValueError(f"expected a Wan 2.1 latent with {len(LATENT_MEAN)} channels in dim 1, got {tuple(z.shape)}")
-    shape = (1, len(LATENT_MEAN)) + (1,) * (z.dim() - 2)
-    dtype = torch.promote_types(z.dtype, torch.float32)  # half-precision latents are computed in fp32
-    mean = torch.tensor(LATENT_MEAN, dtype=dtype, device=z.device).view(shape)
-    std = torch.tensor(LATENT_STD, dtype=dtype, device=z.device).view(shape)
-    return mean, std
-
-
-def normalize_latent(z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latent -> the DiT's latent space: (z - mean) / std per channel."""
-    mean, std = _channel_stats(z)
-    return ((z.to(mean.dtype) - mean) / std).to(z.dtype)
-
-
-def denormalize_latent(z: torch.Tensor) -> torch.Tensor:
-    """The DiT's latent space -> raw VAE latent: z * std + mean per channel."""
-    mean, std = _channel_stats(z)
-    return (z.to(mean.dtype) * std + mean).to(z.dtype)
+# Per-channel statistics of the raw latent (see latents.py; re-exported for callers of this module).
+LATENT_MEAN, LATENT_STD = WAN21_MEAN, WAN21_STD
 
 
 def latent_frames(pixel_frames: int) -> int:
@@ -212,13 +189,15 @@ class Resample(CausalLayer):
 
     MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
 
-    def __init__(self, dim: int, mode: str):
+    def __init__(self, dim: int, mode: str, halve_on_upsample: bool = True):
+        """`halve_on_upsample`: the Wan 2.1 upsampler's conv halves the width; Wan 2.2's keeps it."""
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"unknown resample mode {mode!r}")
         self.mode = mode
         if mode.startswith("upsample"):
-            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2 if halve_on_upsample else dim, 3,
+                                                                  padding=1))
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         else:
@@ -269,6 +248,16 @@ class Resample(CausalLayer):
         return self.time_conv.run(torch.cat([previous.to(x), x], dim=2))
 
 
+def middle_stack(width: int) -> nn.Sequential:
+    """The bottleneck both towers share: residual block, per-frame attention, residual block."""
+    return nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width))
+
+
+def output_head(width: int, out_channels: int) -> nn.Sequential:
+    """Norm, SiLU and a causal 3x3x3 conv: the last layers of either tower."""
+    return nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, out_channels, 3, padding=1))
+
+
 def _widths(cfg: WanVAEConfig) -> list[int]:
     return [cfg.dim * m for m in (1, *cfg.dim_mult)]
 
@@ -286,9 +275,8 @@ class Encoder3d(CausalLayer):
             if i != len(cfg.dim_mult) - 1:
                 blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
         self.downsamples = nn.Sequential(*blocks)
-        top = dims[-1]
-        self.middle = nn.Sequential(ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top))
-        self.head = nn.Sequential(RMSNorm(top), nn.SiLU(), CausalConv3d(top, 2 * cfg.z_dim, 3, padding=1))
+        self.middle = middle_stack(dims[-1])
+        self.head = output_head(dims[-1], 2 * cfg.z_dim)
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)
@@ -302,8 +290,7 @@ class Decoder3d(CausalLayer):
         super().__init__()
         dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
-        self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
-                                    ResidualBlock(dims[0], dims[0]))
+        self.middle = middle_stack(dims[0])
         blocks: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
             if i > 0:  # the previous upsampler halved the channels
@@ -314,7 +301,7 @@ class Decoder3d(CausalLayer):
             if i != len(cfg.dim_mult) - 1:
                 blocks.append(Resample(out_dim, "upsample3d" if cfg.temporal_upsample[i] else "upsample2d"))
         self.upsamples = nn.Sequential(*blocks)
-        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = output_head(dims[-1], 3)
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         x = self.conv1(x, cache)
@@ -336,6 +323,9 @@ class WanVAE(LoadableEncoder):
     """
 
     LAYOUTS = {anchor: identity_recipe for anchor in _ANCHORS}
+    GENERATION = "2.1"
+    SPATIAL = SPATIAL_FACTOR              # pixels per latent element, rows and columns
+    LATENT_CHANNELS = len(LATENT_MEAN)
     WHAT = "the Wan 2.1 VAE"
     NOT_FOUND = ("not a Wan 2.1 VAE: no tensor named like 'decoder.middle.0.residual.0.gamma' (with or without a "
                  "prefix). Pick the Wan 2.1 VAE file (e.g. wan_2.1_vae.safetensors).")
@@ -360,7 +350,7 @@ class WanVAE(LoadableEncoder):
         if z_dim != len(LATENT_MEAN):
             raise CheckpointError(
                 f"This VAE has {z_dim} latent channels; the Wan 2.1 VAE has {len(LATENT_MEAN)}. "
-                "(48 channels is the Wan 2.2 VAE, which this loader does not support.)")
+                "(48 channels is the Wan 2.2 VAE: load it with vae22.load_wan_vae / Wan22VAE.)")
         return WanVAEConfig(dim=shapes["encoder.conv1.weight"][0], z_dim=z_dim)
 
     # ---- encode / decode -----------------------------------------------------------------------
@@ -373,13 +363,22 @@ class WanVAE(LoadableEncoder):
         `callback(done, total)` is called after every chunk (and tile); raising from it (e.g. an
         interrupt) stops the encode. `tiling` encodes spatial tiles separately and blends them.
         """
-        _check_video(video)
+        _check_video(video, self.SPATIAL)
         video = video.to(device=self.device, dtype=self.dtype)
         if tiling is not None:
-            return run_tiled(self._encode_whole, video, tiling, SPATIAL_FACTOR, 1, callback)
+            return run_tiled(self._encode_whole, video, tiling, self.SPATIAL, 1, callback)
         return self._encode_whole(video, callback)
 
+    def pixels_in(self, video: torch.Tensor) -> torch.Tensor:
+        """What the encoder's first conv takes: the video itself (Wan 2.2 patchifies it first)."""
+        return video
+
+    def pixels_out(self, frames: torch.Tensor) -> torch.Tensor:
+        """The decoder head's output as frames [B, 3, F, H, W] (Wan 2.2 unpatchifies it)."""
+        return frames
+
     def _encode_whole(self, video: torch.Tensor, callback: Progress | None) -> torch.Tensor:
+        video = self.pixels_in(video)
         frames = video.shape[2]
         chunks = [(0, 1)] + [(s, s + TEMPORAL_FACTOR) for s in range(1, frames, TEMPORAL_FACTOR)]
         cache = FrameCache()
@@ -406,7 +405,7 @@ class WanVAE(LoadableEncoder):
             raise ValueError(f"decode expects a latent [B,{self.config.z_dim},T,h,w], got {tuple(latent.shape)}")
         latent = latent.to(device=self.device, dtype=self.dtype)
         if tiling is not None:
-            return run_tiled(self._decode_whole, latent, tiling, 1, SPATIAL_FACTOR, callback).clamp_(-1, 1)
+            return run_tiled(self._decode_whole, latent, tiling, 1, self.SPATIAL, callback).clamp_(-1, 1)
         return self._decode_whole(latent, callback).clamp_(-1, 1)
 
     def _decode_whole(self, latent: torch.Tensor, callback: Progress | None) -> torch.Tensor:
@@ -416,7 +415,7 @@ class WanVAE(LoadableEncoder):
         out = None
         written = 0
         for i in range(steps):
-            frames = self.decoder(x[:, :, i:i + 1], cache).float()
+            frames = self.pixels_out(self.decoder(x[:, :, i:i + 1], cache)).float()
             if out is None:
                 out = frames.new_empty((frames.shape[0], frames.shape[1], pixel_frames(steps), *frames.shape[3:]))
             out[:, :, written:written + frames.shape[2]] = frames
@@ -426,7 +425,7 @@ class WanVAE(LoadableEncoder):
         return out
 
 
-def _check_video(video: torch.Tensor) -> None:
+def _check_video(video: torch.Tensor, spatial: int = SPATIAL_FACTOR) -> None:
     if video.dim() != 5 or video.shape[1] != 3:
         raise ValueError(f"encode expects video [B,3,F,H,W] in -1..1, got shape {tuple(video.shape)}")
     frames, h, w = video.shape[2:]
@@ -434,6 +433,9 @@ def _check_video(video: torch.Tensor) -> None:
         lower = 1 + TEMPORAL_FACTOR * ((frames - 1) // TEMPORAL_FACTOR)
         raise ValueError(f"The Wan VAE encodes 1+4k frames (1, 5, 9, ..., 81); got {frames}. "
                          f"Trim to {lower} or pad to {lower + TEMPORAL_FACTOR} frames.")
-    if h % SPATIAL_FACTOR or w % SPATIAL_FACTOR:
-        raise ValueError(f"The Wan VAE needs width and height divisible by {SPATIAL_FACTOR}; got {w}x{h}. "
+    if h % spatial or w % spatial:
+        raise ValueError(f"The Wan VAE needs width and height divisible by {spatial}; got {w}x{h}. "
                          "Resize or crop the frames first.")
+
+
+__all__ = ["LATENT_MEAN", "LATENT_STD", "denormalize_latent", "normalize_latent"]
