@@ -15,11 +15,13 @@ from ..host import (
     compute_device,
     list_models,
     model_path,
+    notice,
     offload_device,
     soft_empty_cache,
 )
 from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
+from ..models.finite import BadSettingError, finite_input, finite_number
 from ..models.wan.encoders import (
     WanClipVisionHandle,
     WanTextEncoderHandle,
@@ -56,10 +58,21 @@ def _size_inputs(width=832, height=480, frames=81) -> dict:
     }
 
 
+def _check_size(width: object, height: object, num_frames: object) -> None:
+    """Refuse sizes no rounding can make sense of (the widgets stop at 16 and 1; API calls do not)."""
+    for name, value, low in (("width", width, 16), ("height", height, 16), ("num_frames", num_frames, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadSettingError(f"{name} must be a whole number, got {type(value).__name__} {value!r}.")
+        if value < low:
+            raise BadSettingError(f"{name} is {value}; it must be at least {low} "
+                                  f"({'a multiple of 16 pixels' if low == 16 else '1+4k frames: 1, 5, 9, … 81'}).")
+
+
 def _valid_size(width: int, height: int, num_frames: int) -> tuple[int, int, int]:
+    _check_size(width, height, num_frames)
     width, height, num_frames, note = round_video_size(width, height, num_frames)
     if note:
-        log.warning(note)
+        notice("Wan", note.removeprefix("Wan: "))
     return width, height, num_frames
 
 
@@ -139,6 +152,8 @@ class WanTextEncode:
             bar.close()
         if force_offload:
             soft_empty_cache()
+        for row in (*embeds.positive, embeds.negative):
+            finite_input("text_embeds", row, "Wan Text Encode")   # an fp16 overflow in umT5 ends here
         return (embeds,)
 
 
@@ -196,6 +211,7 @@ class WanClipVisionEncode:
         }}
 
     def encode(self, clip_vision, image, crop, strength, force_offload):
+        finite_number("strength", strength, "Wan CLIP Vision Encode")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
             feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
@@ -272,6 +288,7 @@ class WanImageToVideoEncode:
 
     def encode(self, vae, start_image, clip_embeds, width, height, num_frames, noise_aug_strength, force_offload,
                tiled_vae):
+        finite_number("noise_aug_strength", noise_aug_strength, "Wan Image to Video Encode")
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:
@@ -314,7 +331,7 @@ class WanDecode:
         return True
 
     def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload):
-        latent = samples["samples"]
+        latent = finite_input("samples", samples["samples"], "Wan Decode")
         bar = ProgressBar(latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1)
         try:
             images = decode_latent(vae, latent, compute_device(), offload=force_offload,
