@@ -18,6 +18,7 @@ Interface (both implementations provide each name):
   soft_empty_cache()
   notice(node, message)                 log + the node's UI text inside ComfyUI; add_notice_hook(fn) observes
   clear_stale_interrupt()               forget an interrupt requested while nothing ran (start of a run)
+  managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
 Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
@@ -71,6 +72,10 @@ text_encoder_device = _impl.text_encoder_device
 intermediate_device = _impl.intermediate_device
 vram_info = _impl.vram_info
 soft_empty_cache = _impl.soft_empty_cache
+# modules of ours under the host's model manager (ComfyUI: one ModelPatcher each, loaded via load_models_gpu)
+managed_home = _impl.managed_home                    # () -> device to build a managed module on
+manage_module = _impl.manage_module                  # (nn.Module) -> handle for load_managed
+load_managed = _impl.load_managed                    # (handles) -> None: on the compute device, counted
 
 
 def notice(node: str, message: str) -> None:

@@ -117,6 +117,31 @@ def text_encoder_device() -> torch.device:
     return mm.text_encoder_device()
 
 
+# ---------------------------------------------------------------- modules under ComfyUI's model manager
+
+
+def managed_home() -> torch.device:
+    """Where to build a module ComfyUI will manage: its offload device, so nothing sits on the GPU
+    before ComfyUI has counted it."""
+    return mm.unet_offload_device()
+
+
+def manage_module(module: torch.nn.Module):
+    """A ModelPatcher around a plain module, so ComfyUI loads, counts and frees it like its own models."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def load_managed(items: Iterable) -> None:
+    """Load managed modules onto the GPU through ComfyUI, which first frees room by unloading other
+    models. Fully: our modules are plain torch layers that cannot run with some weights left in RAM."""
+    patchers = list(items)
+    if patchers:
+        mm.load_models_gpu(patchers, force_full_load=True)
+
+
 def intermediate_device() -> torch.device:
     return mm.intermediate_device()
 

@@ -192,6 +192,26 @@ def text_encoder_device() -> torch.device:
     return compute_device()
 
 
+# ---------------------------------------------------------------- modules under the host's model manager
+
+
+def managed_home() -> torch.device:
+    """Where to build a module the host will manage: here it simply lives on the compute device."""
+    return compute_device()
+
+
+def manage_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Without ComfyUI there is no model manager: the module is its own handle."""
+    return module
+
+
+def load_managed(items: Iterable[torch.nn.Module]) -> None:
+    """Put managed modules on the compute device before they run (a no-op once they are there)."""
+    device = compute_device()
+    for module in items:
+        module.to(device)
+
+
 def intermediate_device() -> torch.device:
     return torch.device("cpu")
 

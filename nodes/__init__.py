@@ -5,7 +5,18 @@ Ids are stored in users' workflows: once released they never change (see DESIGN.
 
 from __future__ import annotations
 
-from . import anima, anima_loaders, memory, mia, quant, video, wan, wan_encoders
+from . import (
+    anima,
+    anima_loaders,
+    memory,
+    mia,
+    quant,
+    video,
+    wan,
+    wan_bridges,
+    wan_conditioning,
+    wan_encoders,
+)
 
 NODES: list[tuple[str, type, str]] = [
     # (node id, class, display name)
@@ -45,6 +56,13 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanEmptyEmbeds", wan_encoders.WanEmptyEmbeds, "Wan Empty Embeds"),
     ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
     ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
+    ("SlipstreamWanVaceEncode", wan_conditioning.WanVaceEncode, "Wan VACE Encode"),
+    ("SlipstreamWanFunControlEncode", wan_conditioning.WanFunControlEncode, "Wan Fun Control Encode"),
+    ("SlipstreamWanPhantomSubjectEncode", wan_conditioning.WanPhantomSubjectEncode, "Wan Phantom Subject Encode"),
+    ("SlipstreamWanTextEmbedsFromConditioning", wan_bridges.WanTextEmbedsFromConditioning,
+     "Wan Text Embeds from Conditioning"),
+    ("SlipstreamWanClipEmbedsFromVisionOutput", wan_bridges.WanClipEmbedsFromVisionOutput,
+     "Wan CLIP Embeds from CLIP Vision Output"),
     # int8 family
     ("OTUNetLoaderW8A8", quant.LoadDiffusionModelInt8, "Load Diffusion Model INT8 (W8A8)"),
     ("SlipstreamSaveInt8Model", quant.SaveInt8Model, "Save INT8 Model"),

@@ -8,6 +8,7 @@ standalone stand-ins alike, because both expose the same methods.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 
@@ -35,9 +36,14 @@ from ..models.anima.context_tokens import (
     reference_object_patches,
     token_norm_summary,
 )
-from ..models.anima.errors import IncompatibleModelArchitecture, TokenOptimizationFailed
+from ..models.anima.errors import (
+    IncompatibleModelArchitecture,
+    InvalidTrainingSetting,
+    TokenOptimizationFailed,
+)
 from ..models.anima.llm_adapter import pad_context
 from ..models.anima.train import TrainSettings, train_context_tokens, training_view
+from ..models.checkpoint import load_state_dict, read_metadata
 
 CATEGORY = "Slipstream/Anima"
 CONTEXT_TYPE = "ANIMA_REFERENCE_CONTEXT"
@@ -109,7 +115,36 @@ def _diffusion_model(model) -> torch.nn.Module:
             f"the MODEL input is a {type(model).__name__} without a diffusion model ({exc}). "
             "Connect the MODEL output of an Anima model loader.") from exc
     cross_attention_blocks(dm)
+    wrapper = getattr(model, "model", None)
+    missing = [name for name in ("process_latent_in", "model_sampling") if not hasattr(wrapper, name)]
+    if missing:
+        raise IncompatibleModelArchitecture(
+            f"the MODEL input ({type(wrapper).__name__}) holds an Anima DiT without Anima's latent format and "
+            f"sampling (no {' or '.join(missing)}), as the standalone INT8 loader gives it. Load the model with "
+            "'Load Anima Model' to train or patch context tokens.")
     return dm
+
+
+def _check_settings(training_steps: int, learning_rate: float, training_image_size: int, num_tokens: int,
+                    init_std: float) -> None:
+    """Refuse settings no training can use, before any encoding or training time is spent."""
+    if not _at_least(training_steps, 1):
+        raise InvalidTrainingSetting(f"training_steps is {training_steps}; give at least 1 step.")
+    if not (_at_least(learning_rate, 0) and learning_rate > 0):
+        raise InvalidTrainingSetting(f"learning_rate is {learning_rate}; give a positive finite rate such as 0.005.")
+    if not _at_least(num_tokens, 1):
+        raise InvalidTrainingSetting(f"num_tokens is {num_tokens}; give at least 1 token per block (4-16 is typical).")
+    if not _at_least(init_std, 0):
+        raise InvalidTrainingSetting(f"init_std is {init_std}; give a finite value of 0 or more (0.02 is typical).")
+    if not _at_least(training_image_size, refs.PATCH_PIXELS):
+        raise InvalidTrainingSetting(f"training_image_size is {training_image_size}; give at least "
+                                     f"{refs.PATCH_PIXELS} pixels (512 is typical).")
+
+
+def _at_least(value: object, minimum: float) -> bool:
+    """A finite real number >= minimum (NaN, inf, None and strings are not)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= minimum)
 
 
 def _encode_prompt(clip, prompt: str) -> dict:
@@ -189,6 +224,7 @@ def train_reference_context(model, clip, vae, images: list[tuple[str, torch.Tens
                             init_std: float, training_dtype: str) -> tuple[ReferenceContext, str]:
     """The shared body of both trainer nodes: images (and masks) -> ReferenceContext + info."""
     started = time.perf_counter()
+    _check_settings(training_steps, learning_rate, training_image_size, num_tokens, init_std)
     pictures: list[tuple[str, torch.Tensor]] = []
     for name, batch in images:
         parts = refs.split_images(batch, name)
@@ -388,7 +424,14 @@ class SlipstreamAnimaSaveReferenceContext:
     def save(self, context, filename_prefix):
         from safetensors.torch import save_file
 
+        if not isinstance(context, ReferenceContext):
+            raise IncompatibleModelArchitecture(
+                f"the context input is a {type(context).__name__}, not an ANIMA_REFERENCE_CONTEXT.")
         tensors, meta = refs.context_to_file_dict(context)
+        broken = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if broken:
+            raise TokenOptimizationFailed(f"the context's {' and '.join(broken)} hold NaN or inf values, so nothing "
+                                          "was saved. Train it again with a lower learning rate.")
         target = save_target(filename_prefix)
         with staged_file(target, "safetensors") as tmp:
             save_file(tensors, tmp, metadata=meta)
@@ -420,13 +463,9 @@ class SlipstreamAnimaLoadReferenceContext:
         return True
 
     def load(self, context_file):
-        from safetensors import safe_open
-
         path = os.path.join(input_dir(), context_file)
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        ctx = refs.context_from_file_dict(tensors, meta, path)
+        meta = read_metadata(path)
+        ctx = refs.context_from_file_dict(load_state_dict(path), meta, path)
         info = (f"{context_file}: {ctx.num_blocks} blocks × {ctx.num_tokens} tokens × {ctx.context_dim}; "
                 f"{ctx.steps} steps at lr {ctx.learning_rate:g}; final loss {ctx.final_loss:.4f}; "
                 f"{ctx.reference_count} reference(s); prompt {ctx.training_prompt!r}")

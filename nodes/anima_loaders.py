@@ -31,6 +31,7 @@ from ..host import (
 from ..host import paths as host_paths
 from ..kernels import dram
 from ..kernels.precision import resolve_dtype
+from ..models.anima.errors import InvalidReferenceImageFile
 from ..models.checkpoint import load_state_dict
 
 CATEGORY = "Slipstream/Anima"
@@ -78,7 +79,7 @@ class SlipstreamAnimaModelLoader:
         from ..models.anima.dit import AnimaDiT
         from ..models.anima.model import AnimaModel
 
-        dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device())
+        dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device(), source=path)
         return (ModelPatcher(AnimaModel(dm), compute_device(), offload_device()),)
 
 
@@ -217,13 +218,32 @@ class SlipstreamLoadReferenceImage:
         return True
 
     def load(self, image):
-        from PIL import Image, ImageOps
-
         path = os.path.join(input_dir(), image)
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            rgba = img.convert("RGBA")
-        arr = np.asarray(rgba, dtype=np.float32) / 255.0
+        arr = read_reference_pixels(path, image)
         pixels = torch.from_numpy(arr[..., :3].copy())[None]
         alpha = torch.from_numpy(arr[..., 3].copy())[None]
         return (pixels, alpha)
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_reference_pixels(path: str, name: str) -> np.ndarray:
+    """[H, W, 4] float32 RGBA in 0..1, scaled by the file's real bit depth (a 16-bit greyscale PNG
+    spans 0..65535, not 0..255); an unreadable file raises InvalidReferenceImageFile naming it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in _SIXTEEN_BIT_MODES:
+                grey = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+                return np.stack([grey, grey, grey, np.ones_like(grey)], axis=-1)
+            return np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError as exc:
+        raise InvalidReferenceImageFile(
+            f"{name} is not an image Pillow can read (PNG, JPEG, WebP or BMP). If it was downloaded, the download "
+            "may have saved an error page instead; save the picture again.") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidReferenceImageFile(
+            f"{name} could not be read ({exc}); the file is truncated or damaged. Save or copy it again.") from exc

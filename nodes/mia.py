@@ -15,6 +15,7 @@ import os
 import re
 import time
 
+import numpy as np
 import torch
 
 from ..host import (
@@ -23,6 +24,9 @@ from ..host import (
     compute_device,
     counter_of,
     input_dir,
+    load_managed,
+    manage_module,
+    managed_home,
     model_folders,
     output_dir,
     publish,
@@ -31,11 +35,19 @@ from ..host import (
     staged_file,
     ui_file,
 )
-from ..kernels.attention import AttentionBackendUnavailable, is_installed, require_backend
+from ..kernels.attention import is_installed, require_backend
 from ..kernels.precision import PRECISIONS, dtype_name, resolve_dtype
 from ..models.mia import gltf
-from ..models.mia.mesh import MESH_EXTENSIONS, as_triangle_mesh, list_mesh_files, load_mesh
+from ..models.mia.mesh import (
+    MESH_EXTENSIONS,
+    MeshError,
+    as_triangle_mesh,
+    check_rig_input,
+    list_mesh_files,
+    load_mesh,
+)
 from ..models.mia.networks import NETWORK_NAMES
+from ..models.mia.plausibility import humanoid_doubt
 from ..models.mia.rig import STAGES, LazyNetwork, MIANetworks, rig_mesh
 from ..models.mia.weights import check_network_file, ensure_networks, load_network
 
@@ -96,10 +108,7 @@ class MIALoadModel:
     def load(self, precision: str = "auto", attn_backend: str = "auto"):
         device = compute_device()
         dtype = resolve_dtype(precision, device)
-        try:
-            backend = resolve_attention(attn_backend, device, dtype)
-        except AttentionBackendUnavailable as exc:
-            raise RuntimeError(str(exc)) from exc
+        backend = resolve_attention(attn_backend, device, dtype)   # AttentionBackendUnavailable names the fix
         directory = models_directory()
         eager = tuple(n for n in NETWORK_NAMES if n != "bw_normal")
         bar = ProgressBar(100 + len(eager))
@@ -111,19 +120,38 @@ class MIALoadModel:
         paths = ensure_networks(directory, NETWORK_NAMES, progress=on_bytes, check_interrupt=check_interrupt)
         bar.update_absolute(100)
         start = time.perf_counter()
+        # Built where the host's model manager wants them (inside ComfyUI: its offload device); each network
+        # is then one managed model that ComfyUI moves to the GPU for a rig and can free for other models.
+        home = managed_home()
         nets = {}
         for name in eager:
-            nets[name] = load_network(paths[name], name, dtype=dtype, device=device, attn_backend=backend)
+            nets[name] = load_network(paths[name], name, dtype=dtype, device=home, attn_backend=backend)
             bar.update(1)
+        managed = {name: manage_module(net) for name, net in nets.items()}
         # Only use_normal rigs need bw_normal: vet its file now, load it on first use.
         check_network_file(paths["bw_normal"], "bw_normal")
-        bw_normal = LazyNetwork(functools.partial(load_network, paths["bw_normal"], "bw_normal", dtype=dtype,
-                                                  device=device, attn_backend=backend))
+        bw_normal = LazyNetwork(functools.partial(_load_managed_network, paths["bw_normal"], "bw_normal", managed,
+                                                  dtype=dtype, device=home, attn_backend=backend))
         log.info("MIA networks loaded in %.2fs (%s, %s, %s; bw_normal on first use)", time.perf_counter() - start,
                  dtype_name(dtype), backend, device)
         handle = MIANetworks(nets["joints_coarse"], nets["bw"], bw_normal, nets["joints"], nets["pose"],
-                             dtype, device, backend)
+                             dtype, device, backend, managed=managed)
         return (handle,)
+
+
+def _load_managed_network(path: str, name: str, managed: dict, **kwargs):
+    """Load a deferred network and hand it to the host's model manager beside the others."""
+    net = load_network(path, name, **kwargs)
+    managed[name] = manage_module(net)
+    load_managed([managed[name]])
+    return net
+
+
+def make_networks_resident(model: MIANetworks, use_normal: bool) -> None:
+    """Ask the host to put the networks this rig uses on the compute device (ComfyUI frees room first)."""
+    if use_normal:
+        model.normal_network()
+    load_managed([h for name, h in model.managed.items() if use_normal or name != "bw_normal"])
 
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -170,6 +198,11 @@ class MIAAutoRig:
     def rig(self, trimesh, model: MIANetworks, fbx_name: str = "", no_fingers: bool = True,
             use_normal: bool = False, reset_to_rest: bool = True):
         mesh = as_triangle_mesh(trimesh)
+        check_rig_input(np.asarray(mesh.vertices), np.asarray(mesh.faces), "The trimesh input")
+        doubt = humanoid_doubt(mesh, "The trimesh input")
+        if doubt:
+            log.warning(doubt)
+        make_networks_resident(model, use_normal)
         bar = ProgressBar(len(STAGES) + 1)
         start = time.perf_counter()
         result = rig_mesh(model, mesh, no_fingers=no_fingers, use_normal=use_normal, reset_to_rest=reset_to_rest,
@@ -227,5 +260,5 @@ class SlipstreamLoadMesh:
         root = os.path.abspath(input_dir())
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:
-            raise ValueError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
+            raise MeshError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
         return (load_mesh(path),)

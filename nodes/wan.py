@@ -46,6 +46,7 @@ from ..models.wan.pipeline import (
     apply_compile,
     build_host_blocks,
     sample_video,
+    swap_units,
 )
 from ..models.wan.sampling import SOLVERS
 
@@ -257,8 +258,8 @@ def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -
 
 
 class WanModelLoader:
-    DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V or I2V, 1.3B or 14B; official, ComfyUI or kijai file "
-                   "names and fp8 files) for the Wan Sampler. fp8 storage halves VRAM; block swap keeps blocks "
+    DESCRIPTION = ("Loads a Wan 2.1 diffusion model (T2V or I2V, 1.3B or 14B, VACE, Fun InP/Control, Phantom; "
+                   "official, ComfyUI or kijai file names and fp8 files) for the Wan Sampler. fp8 storage halves VRAM; block swap keeps blocks "
                    "in RAM; LoRAs are merged at load.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
@@ -358,6 +359,12 @@ def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> Non
     sizes = [unit_bytes(block) for block in dit.blocks]
     plan = plan_block_swap(sizes, blocks_to_swap=swap.blocks_to_swap, prefetch=swap.prefetch_blocks)
     log.info("Wan: %s", plan.describe())
+    vace = list(getattr(dit, "vace_blocks", ()))
+    if vace:   # swapped in the same share as the main blocks (models/wan/pipeline.swap_units)
+        units, swapped = swap_units(dit, swap)
+        count = sum(any(units[i] is block for block in vace) for i in swapped)
+        log.info("Wan: %d of %d VACE blocks swapped too (%.0f MiB in RAM)", count, len(vace),
+                 count * unit_bytes(vace[-1]) / 2 ** 20)
     vram = vram_info(device)
     if vram is not None:
         rest = sum(p.numel() * p.element_size() for p in dit.parameters()) - sum(sizes)

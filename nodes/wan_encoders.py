@@ -30,6 +30,7 @@ from ..models.wan.encoders import (
     encode_clip,
     encode_text,
     image_to_video_embeds,
+    require_images,
 )
 from ..models.wan.pipeline import WanImageEmbeds, round_video_size
 from ..models.wan.t5 import UMT5Encoder
@@ -211,6 +212,7 @@ class WanClipVisionEncode:
         }}
 
     def encode(self, clip_vision, image, crop, strength, force_offload):
+        require_images(image, "image")
         finite_number("strength", strength, "Wan CLIP Vision Encode")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
@@ -288,6 +290,7 @@ class WanImageToVideoEncode:
 
     def encode(self, vae, start_image, clip_embeds, width, height, num_frames, noise_aug_strength, force_offload,
                tiled_vae):
+        require_images(start_image, "start_image")
         finite_number("noise_aug_strength", noise_aug_strength, "Wan Image to Video Encode")
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar((num_frames - 1) // 4 + 1)

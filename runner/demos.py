@@ -49,6 +49,9 @@ def demo_cases() -> list[DemoCase]:
 
     cases.append(DemoCase("wan_t2v", "wan_t2v_api.json", prepare_wan,
                           "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
+    cases.append(DemoCase("wan_vace", "wan_vace_control_api.json", prepare_wan,
+                          "VACE control: a tiny T2V clip re-rendered by a tiny random-weight VACE DiT following "
+                          "its motion, with a reference image -> mp4"))
     cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
                           "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
     # INT8 W8A8

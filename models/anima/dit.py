@@ -306,16 +306,17 @@ class AnimaDiT(nn.Module):
     # -- loading ------------------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> AnimaDiT:
-        """Build the model a checkpoint describes (config read from its shapes) and load it."""
+                        device: torch.device | str = "cpu", source: str | None = None) -> AnimaDiT:
+        """Build the model a checkpoint describes (config read from its shapes) and load it; `source`
+        (the file) is named in errors."""
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         cfg = config_from_state_dict(sd)
         ignored = [k for k in sd if k.startswith(_IGNORED_KEY_PREFIXES)]
         if ignored:
             sd = {k: v for k, v in sd.items() if k not in ignored}
             log.info("Anima: ignored %d non-model tensors (%s …)", len(ignored), ignored[0])
-        return load_built_on_meta(lambda: cls(cfg), sd, "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)",
-                                  dtype, device)
+        what = "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)" + (f" in {source}" if source else "")
+        return load_built_on_meta(lambda: cls(cfg), sd, what, dtype, device)
 
 
 def comfy_dit_kwargs(cfg: AnimaConfig) -> dict:

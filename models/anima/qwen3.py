@@ -120,11 +120,13 @@ class Qwen3Encoder(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> Qwen3Encoder:
+                        device: torch.device | str = "cpu", source: str | None = None) -> Qwen3Encoder:
+        """The encoder a checkpoint describes; `source` (the file) is named in errors."""
         sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # the encoder stops before the LM head
         cfg = qwen3_config_from_state_dict(sd)
-        return load_built_on_meta(lambda: cls(cfg), sd, "the Qwen3 text encoder", dtype, device)
+        what = "the Qwen3 text encoder" + (f" in {source}" if source else "")
+        return load_built_on_meta(lambda: cls(cfg), sd, what, dtype, device)
 
 
 def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:

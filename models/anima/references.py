@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointError
 from .context_tokens import ReferenceContext
 from .errors import InvalidReferenceImageShape
 
@@ -32,6 +33,12 @@ def split_images(image, name: str) -> list[torch.Tensor]:
         raise InvalidReferenceImageShape(
             f"{name} has shape {shape}; expected [batch, height, width, channels] with at least 3 channels "
             "and 8×8 pixels (an IMAGE such as Load Image gives, e.g. (1, 768, 512, 3)).")
+    if image.dtype == torch.uint8:          # 8-bit pixels from a custom node: scale to the IMAGE range 0..1
+        image = image.float() / 255.0
+    elif not image.is_floating_point():
+        raise InvalidReferenceImageShape(
+            f"{name} holds {str(image.dtype).removeprefix('torch.')} values; an IMAGE holds floats in 0..1. "
+            "Convert it (or connect a Load Image output).")
     return [img[..., :3] for img in image]
 
 
@@ -112,18 +119,51 @@ def context_to_file_dict(ctx: ReferenceContext) -> tuple[dict[str, torch.Tensor]
 
 
 def context_from_file_dict(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str) -> ReferenceContext:
+    """A ReferenceContext from a saved file's tensors and metadata, every field checked (a damaged or
+    hand-edited file fails with CheckpointError naming the file and the field)."""
     if meta.get("format") != CONTEXT_FORMAT or "tokens" not in tensors:
-        raise ValueError(f"{path} is not a Slipstream Anima reference context (no '{CONTEXT_FORMAT}' metadata). "
-                         "Choose a file saved by 'Save Anima Reference Context'.")
-    if int(meta.get("version", "0")) > CONTEXT_VERSION:
-        raise ValueError(f"{path} was written by a newer Slipstream (format version {meta['version']}); update the pack.")
-    tokens = tensors["tokens"].float()
-    if tokens.ndim != 3:
-        raise ValueError(f"{path}: tokens have shape {tuple(tokens.shape)}, expected [blocks, tokens, width].")
+        raise CheckpointError(f"{path} is not a Slipstream Anima reference context (no '{CONTEXT_FORMAT}' "
+                              "metadata). Choose a file saved by 'Save Anima Reference Context'.")
+    version = _meta_number(meta, "version", int, path, "0")
+    if version > CONTEXT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer Slipstream (format version {version}); update the pack.")
+    tokens = tensors["tokens"]
+    if tokens.ndim != 3 or not tokens.is_floating_point() or 0 in tokens.shape:
+        raise CheckpointError(f"{path}: tokens are {tokens.dtype} of shape {tuple(tokens.shape)}, expected "
+                              "floating-point [blocks, tokens, width]. Save the context again.")
+    tokens = tokens.float()
+    if not bool(torch.isfinite(tokens).all()):
+        raise CheckpointError(f"{path}: the tokens hold non-finite values (NaN or inf), so they cannot steer a "
+                              "model. Train the context again (a lower learning rate) and save it.")
     history = tensors.get("loss_history")
     return ReferenceContext(
-        tokens=tokens, steps=int(meta.get("steps", 0)), learning_rate=float(meta.get("learning_rate", "nan")),
-        final_loss=float(meta.get("final_loss", "nan")), reference_count=int(meta.get("reference_count", 0)),
+        tokens=tokens, steps=_meta_number(meta, "steps", int, path, "0"),
+        learning_rate=_meta_number(meta, "learning_rate", float, path, "nan"),
+        final_loss=_meta_number(meta, "final_loss", float, path, "nan"),
+        reference_count=_meta_number(meta, "reference_count", int, path, "0"),
         training_prompt=meta.get("training_prompt", ""),
-        image_sizes=tuple(tuple(s) for s in json.loads(meta.get("image_sizes", "[]"))),
-        loss_history=tuple(history.tolist()) if history is not None else ())
+        image_sizes=_image_sizes(meta.get("image_sizes", "[]"), path),
+        loss_history=tuple(history.float().flatten().tolist()) if history is not None else ())
+
+
+def _meta_number(meta: dict[str, str], key: str, kind: type, path: str, default: str):
+    raw = meta.get(key, default)
+    try:
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: metadata '{key}' is {raw!r}, not a number. The file is damaged; save the "
+                              "context again.") from exc
+
+
+def _image_sizes(raw: str, path: str) -> tuple[tuple[int, int], ...]:
+    try:
+        sizes = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata 'image_sizes' is not valid JSON ({exc}). The file is damaged; "
+                              "save the context again.") from exc
+    if not isinstance(sizes, list) or not all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in s)
+            for s in sizes):
+        raise CheckpointError(f"{path}: metadata 'image_sizes' is {raw[:80]!r}, not a list of [height, width]. "
+                              "The file is damaged; save the context again.")
+    return tuple((h, w) for h, w in sizes)

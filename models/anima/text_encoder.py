@@ -135,5 +135,6 @@ def load_text_encoder(path: str, search_dirs: list[str], dtype: torch.dtype | No
     from ..checkpoint import load_state_dict
 
     qwen_dir, t5_dir = find_tokenizer_dirs(search_dirs)
-    model = Qwen3Encoder.from_state_dict(load_state_dict(path, device=device), dtype=dtype, device=device)
+    model = Qwen3Encoder.from_state_dict(load_state_dict(path, device=device), dtype=dtype, device=device,
+                                        source=path)
     return AnimaTextEncoder(model, ByteLevelBPE.from_dir(qwen_dir), Unigram.from_dir(t5_dir))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..checkpoint import check_state_dict
+from ..checkpoint import check_state_dict, refuse_non_float
 
 
 def count_numbered(keys: Iterable[str], prefix: str) -> int:
@@ -36,7 +36,9 @@ def load_built_on_meta(factory: Callable[[], nn.Module], sd: Mapping[str, torch.
     """
     with torch.device("meta"):
         model = factory()
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd, what)
+    expected = model.state_dict()
+    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, sd, what)
+    refuse_non_float({k: v.dtype for k, v in expected.items()}, {k: v.dtype for k, v in sd.items()}, what)
     tensors = {k: (v.to(device=device, dtype=dtype) if dtype is not None and v.is_floating_point()
                    else v.to(device=device)) for k, v in sd.items()}
     model.load_state_dict(tensors, assign=True)

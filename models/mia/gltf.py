@@ -20,6 +20,7 @@ import struct
 import numpy as np
 
 from .lazy_trimesh import trimesh
+from .mesh import MeshError
 from .rig import MAX_INFLUENCES, RigResult
 
 GLB_MAGIC = 0x46546C67
@@ -159,7 +160,23 @@ def rigged_glb_bytes(mesh: trimesh.Trimesh, rig: RigResult) -> bytes:
     scene = doc["scenes"][doc.get("scene", 0)]
     scene["nodes"] = [*scene.get("nodes", []), root]
     doc["asset"]["generator"] = "Slipstream MIA auto-rig (trimesh + skin)"
-    return encode_glb(doc, bytes(writer.binary))
+    binary = bytes(writer.binary)
+    check_finite_floats(doc, binary)
+    return encode_glb(doc, binary)
+
+
+def check_finite_floats(doc: dict, binary: bytes) -> None:
+    """Refuse a GLB that would hold a NaN or inf anywhere (accessor data or node transforms):
+    viewers and game engines show such a file as nothing, or crash on it."""
+    bad = [f"accessor {i} ({acc['type']})" for i, acc in enumerate(doc.get("accessors", []))
+           if acc["componentType"] == FLOAT and not np.isfinite(accessor_array(doc, binary, i)).all()]
+    bad += [f"node '{node.get('name', i)}'" for i, node in enumerate(doc.get("nodes", []))
+            if not np.isfinite(np.asarray([*node.get("translation", []), *node.get("rotation", []),
+                                           *node.get("scale", []), *node.get("matrix", [])], dtype=np.float64)).all()]
+    if bad:
+        raise MeshError(f"The rig came out with non-finite numbers (NaN or inf) in {', '.join(bad[:4])}, so no GLB "
+                        "was written. Check that the mesh is a humanoid of sensible size (re-export it in metres) "
+                        "and that the MIA model files are intact.")
 
 
 def fbx_available() -> bool:

@@ -18,8 +18,60 @@ from .lazy_trimesh import trimesh
 MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl")
 
 
+# Working memory of a rig grows about 2.2 KiB per vertex (float64 weights of 52 joints, blend
+# matrices, clean-up copies): 2.6 M vertices peaked at 5.7 GiB. One million stays near 2.2 GiB,
+# and a character mesh rarely needs more vertices for skinning to look right.
+MAX_RIG_VERTICES = 1_000_000
+
+
 class MeshError(ValueError):
     """A mesh file or value the rigger cannot use; the message says why."""
+
+
+def check_rig_input(vertices: np.ndarray, faces: np.ndarray, what: str = "the mesh") -> None:
+    """Refuse a mesh the rigger cannot turn into a valid file: no faces, faces indexing past the
+    vertices, coordinates that are not finite in float32 (what the GLB stores), or more vertices
+    than MAX_RIG_VERTICES."""
+    if len(faces) == 0:
+        raise MeshError(f"{what} has no faces; MIA needs a surface to sample (point clouds are not supported).")
+    if len(vertices) > MAX_RIG_VERTICES:
+        raise MeshError(
+            f"{what} has {len(vertices):,} vertices, more than the rigger's budget of {MAX_RIG_VERTICES:,} "
+            "(about 2.2 GiB of working memory). Decimate it in a 3D editor (Blender: Decimate modifier) and try again.")
+    low, high = int(faces.min()), int(faces.max())
+    if low < 0 or high >= len(vertices):
+        bad = low if low < 0 else high
+        raise MeshError(f"{what} is damaged: a face uses vertex {bad}, but the mesh has {len(vertices)} vertices "
+                        "(0 to {0}). Re-export the mesh from its editor.".format(len(vertices) - 1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = np.asarray(vertices, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(stored).all():
+        raise MeshError(f"{what} has vertex coordinates that are NaN, inf or too large for a 3D file (beyond "
+                        "±3.4e38): delete or fix those vertices in a 3D editor, or re-export the mesh in metres, "
+                        "and try again.")
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """[V, 3] unit normals, each face's normal weighted by its corner angle at the vertex.
+
+    The same weighting trimesh uses, summed with np.add.at instead of a scipy sparse matrix (the
+    pack does not depend on scipy, and trimesh's fallback without it is a per-vertex Python loop).
+    """
+    tri = np.asarray(vertices, dtype=np.float64)[faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
+    normals = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
+    angles = np.zeros((len(faces), 3))
+    for corner in range(3):
+        a = tri[:, (corner + 1) % 3] - tri[:, corner]
+        b = tri[:, (corner + 2) % 3] - tri[:, corner]
+        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cosine = np.divide((a * b).sum(axis=1), denom, out=np.ones(len(faces)), where=denom > 0)
+        angles[:, corner] = np.arccos(np.clip(cosine, -1.0, 1.0))
+    summed = np.zeros((len(vertices), 3))
+    np.add.at(summed, faces.ravel(), (angles[:, :, None] * normals[:, None, :]).reshape(-1, 3))
+    lengths = np.linalg.norm(summed, axis=1, keepdims=True)
+    return np.divide(summed, lengths, out=np.zeros_like(summed), where=lengths > 0)
 
 
 def load_mesh(path: str) -> trimesh.Trimesh:

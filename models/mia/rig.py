@@ -23,6 +23,7 @@ import torch
 
 from . import skeleton
 from .lazy_trimesh import trimesh
+from .mesh import check_rig_input, vertex_normals
 from .networks import PCAE, ortho6d_to_matrix
 
 HAND_RESAMPLE_RATIO = 0.5
@@ -70,6 +71,8 @@ class MIANetworks:
     dtype: torch.dtype
     device: torch.device
     attn_backend: str
+    # Each loaded network's handle in the host's model manager (name -> handle); bw_normal joins when it loads.
+    managed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_points(self) -> int:
@@ -351,11 +354,7 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
              on_stage: Callable[[str], None] | None = None,
              check_interrupt: Callable[[], None] | None = None) -> RigResult:
     """Rig a humanoid mesh; `on_stage(name)` is called after each of STAGES (for progress bars)."""
-    if len(mesh.faces) == 0:
-        raise ValueError("The mesh has no faces; MIA needs a surface to sample (point clouds are not supported).")
-    if not np.isfinite(mesh.vertices).all():
-        raise ValueError("The mesh has non-finite vertex coordinates (NaN or inf): delete or fix those vertices in a "
-                         "3D editor, or re-export the mesh, and try again.")
+    check_rig_input(np.asarray(mesh.vertices), np.asarray(mesh.faces))
     timer = _Timer(on_stage)
     interrupt = check_interrupt or (lambda: None)
     rng = np.random.default_rng(seed)
@@ -383,7 +382,7 @@ def rig_mesh(nets: MIANetworks, mesh: trimesh.Trimesh, no_fingers: bool = True, 
     timer.lap("canonicalize")
     interrupt()
 
-    bw = _run_blend_weights(nets, pts, verts, np.asarray(canon_mesh.vertex_normals) if use_normal else None,
+    bw = _run_blend_weights(nets, pts, verts, vertex_normals(canon_mesh.vertices, plain.faces) if use_normal else None,
                             interrupt)
     timer.lap("blend_weights")
     joints = _run_joints(nets, nets.joints, pts[:, :3])

@@ -52,6 +52,10 @@ class WanDiTConfig:
     clip_tokens: int = 257          # 514 for flf2v (two images)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
+    # VACE (models/wan/vace.py): the main blocks after which VACE blocks 0, 1, … run, and the
+    # VACE context's channels (96 = 16 inactive + 16 reactive latent + 64 mask). Empty: no VACE.
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -63,6 +67,13 @@ class WanDiTConfig:
         if self.has_image_input and self.in_dim <= self.out_dim:
             raise ValueError(f"{self.model_type} needs in_dim > out_dim (noise + mask + image latent), "
                              f"got in_dim {self.in_dim}, out_dim {self.out_dim}")
+        if self.vace_layers and (self.vace_layers[0] != 0 or max(self.vace_layers) >= self.num_layers
+                                 or list(self.vace_layers) != sorted(set(self.vace_layers))):
+            raise ValueError(f"vace_layers {self.vace_layers} must start at block 0 and rise below {self.num_layers}")
+
+    @property
+    def is_vace(self) -> bool:
+        return bool(self.vace_layers)
 
     @property
     def head_dim(self) -> int:
@@ -97,8 +108,21 @@ WAN21_I2V_14B_720P = replace(WAN21_I2V_14B_480P, name="Wan2.1-I2V-14B-720P")
 WAN21_FLF2V_14B = WanDiTConfig("Wan2.1-FLF2V-14B-720P", "flf2v", dim=5120, ffn_dim=13824, num_heads=40,
                                num_layers=40, in_dim=36, clip_tokens=514)
 
+# VACE: the t2v models plus VACE blocks after every 2nd (1.3B) / 5th (14B) block. The Wan 2.2
+# Fun-VACE A14B experts have the 14B architecture and load as it.
+WAN21_VACE_1_3B = replace(WAN21_T2V_1_3B, name="Wan2.1-VACE-1.3B", vace_layers=tuple(range(0, 30, 2)), vace_in_dim=96)
+WAN21_VACE_14B = replace(WAN21_T2V_14B, name="Wan2.1-VACE-14B", vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96)
+
+# Fun (VideoX-Fun): i2v models whose extra channels are 4 mask + 16 image (InP, 36) or 16 control +
+# 16 start image (Control, 48). Fun-14B-InP has the I2V-14B architecture and loads as it.
+WAN21_FUN_INP_1_3B = WanDiTConfig("Wan2.1-Fun-1.3B-InP", "i2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+                                  in_dim=36)
+WAN21_FUN_CONTROL_1_3B = replace(WAN21_FUN_INP_1_3B, name="Wan2.1-Fun-1.3B-Control", in_dim=48)
+WAN21_FUN_CONTROL_14B = replace(WAN21_I2V_14B_480P, name="Wan2.1-Fun-14B-Control", in_dim=48)
+
 CONFIGS: dict[str, WanDiTConfig] = {c.name: c for c in (
-    WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B)}
+    WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B,
+    WAN21_VACE_1_3B, WAN21_VACE_14B, WAN21_FUN_INP_1_3B, WAN21_FUN_CONTROL_1_3B, WAN21_FUN_CONTROL_14B)}
 
 
 def tiny(model_type: str = "t2v", *, num_layers: int = 2, text_dim: int = 4096, clip_dim: int = 1280,
@@ -153,8 +177,9 @@ def _what_is_it(keys: Mapping[str, object] | Sequence[str]) -> str:
     def has(fragment: str) -> bool:
         return any(fragment in k for k in keyset)
 
-    if has("vace_patch_embedding"):
-        return "It is a Wan VACE model, which this loader does not support."
+    if has("vace_blocks.") and not has("head.modulation"):
+        return ("It holds only the VACE blocks of a Wan VACE model (a 'VACE module' file, without the "
+                "base model); load the full VACE checkpoint instead (e.g. wan2.1_vace_14B_fp16.safetensors).")
     if has("decoder.conv1.weight") or has("decoder.middle.0.residual"):
         return "It looks like a VAE; load it with the Wan VAE loader."
     if has("token_embedding.weight") or has("encoder.block.0.layer.0.SelfAttention"):
@@ -229,9 +254,18 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
         model_type = "i2v"
         if "img_emb.emb_pos" in shapes:
             model_type, clip_tokens = "flf2v", shape("img_emb.emb_pos")[1]
-    if in_dim == 48 or out_dim == 48:
-        raise CheckpointError(f"{what}: in/out channels {in_dim}/{out_dim} belong to Wan 2.2 TI2V-5B or a Fun "
-                              "control model, which this loader does not support (Wan 2.1 uses 16 or 36).")
+    if out_dim == 48:
+        raise CheckpointError(f"{what}: in/out channels {in_dim}/{out_dim} belong to Wan 2.2 TI2V-5B, "
+                              "which this loader does not support (Wan 2.1 uses 16).")
+    if "ref_conv.weight" in shapes:
+        raise CheckpointError(f"{what}: a Wan Fun Control model with a reference-image adapter ('ref_conv': Fun "
+                              "V1.1 or Wan 2.2 Fun Control), which this loader does not support yet. Use a Wan 2.1 "
+                              "Fun Control V1.0 model (48 input channels) or a VACE model for control videos.")
+    vace_layers, vace_in_dim = (), 0
+    if "vace_patch_embedding.weight" in shapes:   # VACE: the same blocks plus a VACE stack
+        vace_in_dim = shape("vace_patch_embedding.weight")[1]
+        count = count_numbered(shapes, "vace_blocks.")
+        vace_layers = _vace_layers_from_metadata(metadata, count) or vace_layers_for(num_layers, count, what)
     heads = num_heads or heads_from_metadata(metadata)
     if heads is None:
         if dim % HEAD_DIM:
@@ -243,10 +277,37 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
         config = WanDiTConfig("custom", model_type, dim=dim, ffn_dim=ffn_dim, num_heads=heads,
                               num_layers=num_layers, in_dim=in_dim, out_dim=out_dim, text_dim=text_dim,
                               freq_dim=freq_dim, clip_dim=clip_dim, clip_tokens=clip_tokens,
-                              patch_size=tuple(patch))  # type: ignore[arg-type]
+                              patch_size=tuple(patch), vace_layers=vace_layers,  # type: ignore[arg-type]
+                              vace_in_dim=vace_in_dim)
     except ValueError as exc:
         raise CheckpointError(f"{what}: inconsistent Wan 2.1 DiT shapes ({exc}).") from exc
     return replace(config, name=known_name(config))
+
+
+def _vace_layers_from_metadata(metadata: Mapping[str, str] | None, count: int) -> tuple[int, ...] | None:
+    """`vace_layers` from a JSON `config` in the file's metadata (diffusers-style exports keep the
+    official config.json there), when it lists one entry per VACE block."""
+    for key in ("config", "model_config"):
+        try:
+            cfg = json.loads((metadata or {}).get(key) or "null")
+        except (TypeError, json.JSONDecodeError):
+            continue
+        layers = cfg.get("vace_layers") if isinstance(cfg, dict) else None
+        if isinstance(layers, list) and len(layers) == count and all(isinstance(i, int) for i in layers):
+            return tuple(layers)
+    return None
+
+
+def vace_layers_for(num_layers: int, vace_blocks: int, what: str = "checkpoint") -> tuple[int, ...]:
+    """Where the VACE blocks of a file hook in: evenly from block 0, every num_layers // vace_blocks
+    blocks (the official 1.3B and 14B configs, and ComfyUI's rule); the shapes do not store it."""
+    step = num_layers // vace_blocks if vace_blocks else 0
+    layers = tuple(range(0, num_layers, step)) if step else ()
+    if len(layers) != vace_blocks:
+        raise CheckpointError(f"{what}: {vace_blocks} VACE blocks for {num_layers} main blocks cannot be placed "
+                              "evenly, so where they hook in is unknown (released VACE models have 15 of 30 "
+                              "or 8 of 40). Re-save the file from a released VACE model.")
+    return layers
 
 
 def known_name(config: WanDiTConfig) -> str:

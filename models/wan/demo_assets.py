@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 from . import config as wan_config
 from .dit import random_state_dict
 from .t5 import TINY_UMT5, UMT5Encoder
+from .vace import tiny_vace
 from .vae import TINY_VAE, WanVAE
 from .weights import build_on_meta
 
 DIT_T2V = "wan_tiny_t2v.safetensors"
 DIT_I2V = "wan_tiny_i2v.safetensors"
+DIT_VACE = "wan_tiny_vace.safetensors"
 TEXT_ENCODER = "umt5_tiny_spiece.safetensors"
 VAE = "wan_tiny_vae.safetensors"
 CLIP_VISION = "clip_vision_tiny.safetensors"
@@ -122,6 +124,7 @@ def write_tiny_wan_models(models_root: Path, input_root: Path | None = None, ima
     clip_dim = clip_cfg.dim if clip_cfg is not None else 1280
     t2v = wan_config.tiny("t2v", text_dim=text_dim, clip_dim=clip_dim)
     _save(random_state_dict(t2v, seed=11), models_root / "diffusion_models" / DIT_T2V)
+    _save(random_state_dict(tiny_vace(text_dim=text_dim), seed=16), models_root / "diffusion_models" / DIT_VACE)
 
     umt5 = _umt5_hf_names(seeded_state_dict(lambda: UMT5Encoder(TINY_UMT5), 12, _demo_draw))
     umt5["spiece_model"] = torch.frombuffer(bytearray(tiny_spiece_model()), dtype=torch.uint8)

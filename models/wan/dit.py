@@ -41,7 +41,13 @@ import torch
 from torch import nn
 
 from ...kernels.attention import attention, require_backend
-from ..checkpoint import PICKLE_EXTS, check_state_dict, load_state_dict, read_safetensors_header
+from ..checkpoint import (
+    PICKLE_EXTS,
+    check_state_dict,
+    load_state_dict,
+    read_safetensors_header,
+    refuse_non_float,
+)
 from .config import WanDiTConfig, detect_config, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
@@ -234,7 +240,7 @@ class WanDiT(nn.Module):
     def build_meta(cls, config: WanDiTConfig, attention_backend: str = "auto") -> WanDiT:
         """The module tree with no memory behind it (every tensor on `meta`)."""
         with torch.device("meta"):
-            return cls(config, attention_backend)
+            return (model_class(config) if cls is WanDiT else cls)(config, attention_backend)
 
     @staticmethod
     def expected_shapes(config: WanDiTConfig) -> dict[str, tuple[int, ...]]:
@@ -305,6 +311,7 @@ class WanDiT(nn.Module):
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_state_dict(expected, {k: torch.empty(s, device="meta") for k, s in shapes.items()},
                          f"the {config.name} Wan 2.1 DiT ({what})")
+        refuse_non_float({k: v.dtype for k, v in model.state_dict().items()}, dtypes, what)
         plan = plan_dtypes(dtype, weight_dtype, dtypes["blocks.0.self_attn.q.weight"], model.quantizable_keys())
         return model, plan
 
@@ -405,12 +412,20 @@ class WanDiT(nn.Module):
                              f"got {tuple(clip_fea.shape)}")
 
 
+def model_class(config: WanDiTConfig) -> type[WanDiT]:
+    """The module a config needs: WanDiT, or its VACE subclass (models/wan/vace.py) for VACE files."""
+    if config.is_vace:
+        from .vace import WanVaceDiT  # imported here: vace.py builds on this module
+        return WanVaceDiT
+    return WanDiT
+
+
 def random_state_dict(config: WanDiTConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights under the official names for tests and demos: the official init scales,
     with norm weights and the flf2v position embedding perturbed so that no tensor is trivial."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sd = WanDiT(config).state_dict()
+        sd = model_class(config)(config).state_dict()
         for key, value in sd.items():
             if key.endswith(("norm_q.weight", "norm_k.weight", "norm_k_img.weight", "norm3.weight")) or \
                     key.startswith("img_emb.proj.") and value.dim() == 1:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import WanInputError
 from .pipeline import LATENT_CHANNELS, WanImageEmbeds, WanTextEmbeds
 from .t5 import UMT5Encoder
 from .tiling import Tiling
@@ -76,10 +77,21 @@ def encode_text(handle: WanTextEncoderHandle, positive: str, negative: str, devi
     return WanTextEmbeds(tuple(rows[:-1]), rows[-1])
 
 
+def require_images(images: object, name: str) -> None:
+    """Refuse an input that is not a non-empty IMAGE [B,H,W,C]; `name` is the node's input name."""
+    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else None
+    if shape is None or len(shape) != 4:
+        got = f"shape {shape}" if shape is not None else f"a {type(images).__name__}"
+        raise WanInputError(f"{name} must be an IMAGE [batch, height, width, channels]; got {got}. "
+                            "Connect a Load Image output.")
+    if 0 in shape:
+        raise WanInputError(f"{name} is empty (shape {shape}): it holds no image. Connect a node that gives at "
+                            "least one image (an empty batch usually comes from a filter or a batch split upstream).")
+
+
 def images_to_channels_first(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE [B,H,W,C] 0..1 -> [B,3,H,W] (alpha dropped, grey expanded)."""
-    if images.dim() != 4:
-        raise ValueError(f"expected an IMAGE [B,H,W,C], got shape {tuple(images.shape)}")
+    require_images(images, "the IMAGE input")
     x = images[..., :3].permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -137,8 +149,11 @@ def decode_latent(vae: WanVAEHandle, latent: torch.Tensor, device: torch.device,
     """Raw latent [B,16,T,h,w] -> IMAGE [B·F, H, W, 3] in 0..1 (batch items one after another).
 
     `progress(done, total)` counts the decode steps of the whole batch (latent frames, times tiles)."""
+    if latent.dim() == 5 and latent.shape[1] == LATENT_CHANNELS and 0 in latent.shape:
+        raise WanInputError(f"Wan Decode got an empty video latent {tuple(latent.shape)} (no frames or no pixels); "
+                            "connect the samples of a sampler run with at least one frame.")
     if latent.dim() != 5 or latent.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"Wan Decode needs a video latent [B, {LATENT_CHANNELS}, T, h, w]; got {tuple(latent.shape)}. "
+        raise WanInputError(f"Wan Decode needs a video latent [B, {LATENT_CHANNELS}, T, h, w]; got {tuple(latent.shape)}. "
                          "An image latent [B, C, h, w] is not a Wan video latent.")
     frames = []
     batch = latent.shape[0]

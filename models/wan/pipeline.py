@@ -29,6 +29,7 @@ from .context import ContextOptions, WindowFuser, context_windows, freenoise, wi
 from .dit import WanDiT
 from .feta import FetaArgs, enhance_score
 from .sampling import SOLVERS, make_schedule, make_solver
+from .vace import VaceInput, check_chain, empty_context
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
@@ -94,6 +95,10 @@ class WanImageEmbeds:
 
     y: [20, T, h, w] = 4 mask channels (1 on given frames) + 16 *normalised* image-latent channels.
     clip / negative_clip: [1, tokens, width] CLIP-vision features (None for text-to-video).
+    vace: VACE inputs for a VACE model (Wan VACE Encode, chained); their reference images are
+    extra latent frames in front, cut off the sampled latent.
+    subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
+    for the positive pass (zeros for the negative one) and cut off each prediction.
     """
 
     width: int
@@ -102,10 +107,17 @@ class WanImageEmbeds:
     y: torch.Tensor | None = None
     clip: torch.Tensor | None = None
     negative_clip: torch.Tensor | None = None
+    vace: tuple[VaceInput, ...] = ()
+    subject: torch.Tensor | None = None
+
+    @property
+    def ref_frames(self) -> int:
+        """Latent frames in front of the video that only condition it (VACE reference images)."""
+        return self.vace[0].ref_frames if self.vace else 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        return (LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1 + self.ref_frames, self.height // 8, self.width // 8)
 
 
 @dataclass(frozen=True)
@@ -168,8 +180,23 @@ def swap_units(dit: WanDiT, swap: SwapSettings) -> tuple[list[nn.Module], tuple[
         swapped.append(len(units))
         units.append(dit.img_emb)
     first_block = len(units)
-    units.extend(dit.blocks)
-    swapped.extend(first_block + i for i in swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_blocks = list(getattr(dit, "vace_blocks", ()))
+    # VACE blocks are swapped in the same share as the main blocks and listed where they run
+    # (right after their main block), so the prefetch order is the execution order.
+    vace_swapped = set(swap_indices(len(vace_blocks), round(swap.blocks_to_swap * len(vace_blocks)
+                                                            / max(1, len(dit.blocks)))))
+    swapped_blocks = set(swap_indices(len(dit.blocks), swap.blocks_to_swap))
+    vace_after = {layer: n for n, layer in enumerate(dit.config.vace_layers)}
+    for i, block in enumerate(dit.blocks):
+        if i in swapped_blocks:
+            swapped.append(len(units))
+        units.append(block)
+        n = vace_after.get(i)
+        if n is not None and n < len(vace_blocks):
+            if n in vace_swapped:
+                swapped.append(len(units))
+            units.append(vace_blocks[n])
+    assert len(units) - first_block == len(dit.blocks) + len(vace_blocks)
     return units, tuple(swapped)
 
 
@@ -225,7 +252,7 @@ def apply_compile(dit: WanDiT, settings: CompileSettings) -> None:
     kwargs = {"backend": settings.backend, "fullgraph": settings.fullgraph, "dynamic": settings.dynamic}
     if settings.backend == "inductor":
         kwargs["mode"] = settings.mode
-    targets = list(dit.blocks) if settings.blocks_only else [dit]
+    targets = list(dit.blocks) + list(getattr(dit, "vace_blocks", ())) if settings.blocks_only else [dit]
     for module in targets:
         module.compile(**kwargs)
 
@@ -263,9 +290,19 @@ class _Denoiser:
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
-        self.clip = None if image.clip is None else image.clip.to(device=device, dtype=dtype)
-        neg_clip = image.negative_clip if image.negative_clip is not None else image.clip
+        clip = image.clip
+        if clip is None and handle.config.has_image_input:   # Fun models without a start image (VideoX-Fun)
+            clip = torch.zeros(1, handle.config.clip_tokens, handle.config.clip_dim)
+        self.clip = None if clip is None else clip.to(device=device, dtype=dtype)
+        neg_clip = image.negative_clip if image.negative_clip is not None else clip
         self.negative_clip = None if neg_clip is None else neg_clip.to(device=device, dtype=dtype)
+        self.vace = None              # [N, 96, T, h, w] VACE contexts (VACE models only) and their strengths
+        self.subject = None if image.subject is None else image.subject.to(device=device, dtype=torch.float32)
+        if handle.config.is_vace:
+            inputs = image.vace or (empty_context(image.latent_shape),)
+            self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
+            self.vace_strengths = [v.strength for v in inputs]
+        self.ref_frames = image.ref_frames
 
     def _block_runner(self):
         check = self.check_interrupt
@@ -288,31 +325,44 @@ class _Denoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on):
+    def _forward(self, x, t, context, clip, y, feta_on, vace=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
+        extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
+                                         "vace_strength": self.vace_strengths}
         return self.dit(x, timestep, context, clip, y, block_runner=self._block_runner(),
-                        self_attn_scale=self._scale(feta_on))
+                        self_attn_scale=self._scale(feta_on), **extra)
 
-    def _cfg(self, x, t, prompt, y, feta_on):
+    def _with_subject(self, x, positive: bool):
+        """Phantom: the subject latents after the video's frames (zeros for the negative pass)."""
+        if self.subject is None:
+            return x
+        subject = self.subject if positive else torch.zeros_like(self.subject)
+        return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
+
+    def _cfg(self, x, t, prompt, y, feta_on, vace=None):
         """Guided velocity for one (window of the) latent [1, 16, T, h, w]."""
+        frames = x.shape[2]
         if not self.use_uncond:
-            return self._forward(x, t, prompt[None], self.clip, y, feta_on)
+            return self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)[:, :, :frames]
         if self.batched:
             rows = max(prompt.shape[0], self.negative.shape[0])
             context = torch.stack([_pad_rows(prompt, rows), _pad_rows(self.negative, rows)])
             clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip])
             yy = None if y is None else torch.cat([y, y])
-            cond, uncond = self._forward(torch.cat([x, x]), t, context, clip, yy, feta_on).chunk(2)
+            xx = torch.cat([self._with_subject(x, True), self._with_subject(x, False)])
+            cond, uncond = self._forward(xx, t, context, clip, yy, feta_on, vace).chunk(2)
         else:
-            cond = self._forward(x, t, prompt[None], self.clip, y, feta_on)
-            uncond = self._forward(x, t, self.negative[None], self.negative_clip, y, feta_on)
-        return uncond + self.cfg * (cond - uncond)
+            cond = self._forward(self._with_subject(x, True), t, prompt[None], self.clip, y, feta_on, vace)
+            uncond = self._forward(self._with_subject(x, False), t, self.negative[None], self.negative_clip, y,
+                                   feta_on, vace)
+        return (uncond + self.cfg * (cond - uncond))[:, :, :frames]
 
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
         y = None if self.y is None else self.y[None]
-        frames = x.shape[2]
+        refs = self.ref_frames                # VACE reference frames: part of every window, not windowed
+        frames = x.shape[2] - refs
         windows = None
         if self.context is not None:
             size, stride, overlap = self.context.latent()
@@ -320,19 +370,23 @@ class _Denoiser:
                 windows = context_windows(self.context.schedule, step, frames, size, stride, overlap)
         if windows is None:
             self.stats.windows_per_step.append(1)
-            return self._cfg(x, t, self.prompts[0], y, feta_on)
+            return self._cfg(x, t, self.prompts[0], y, feta_on, self.vace)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
         for window in windows:
-            idx = torch.tensor(window, device=x.device)
+            weights = window_weights(window, frames, overlap, self.context.fuse_method, looped)
             prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
+            if refs:
+                window, weights = list(range(refs)) + [refs + i for i in window], torch.cat([torch.ones(refs), weights])
+            idx = torch.tensor(window, device=x.device)
             yw = None
             if y is not None:
                 yw = y.index_select(2, idx).clone()
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on)
-            fuser.add(window, pred, window_weights(window, frames, overlap, self.context.fuse_method, looped))
+            vace = None if self.vace is None else self.vace.index_select(2, idx)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, vace)
+            fuser.add(window, pred, weights)
         return fuser.result()
 
 
@@ -356,12 +410,23 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
                          "(umT5-XXL): use the text encoder that belongs to this model.")
-    if cfg.has_image_input and (image.y is None or image.clip is None):
+    if cfg.has_image_input and image.y is None:
         raise ValueError(f"{handle.name} is an image-to-video model: connect Wan Image to Video Encode (with a "
                          "start image and CLIP vision embeds) instead of Wan Empty Embeds.")
     if not cfg.has_image_input and image.y is not None:
         raise ValueError(f"{handle.name} is a text-to-video model but the image embeds carry a start image; "
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
+    if cfg.has_image_input and image.y.shape[0] != cfg.cond_channels:
+        raise ValueError(f"The image embeds carry {image.y.shape[0]} conditioning channels but {handle.name} takes "
+                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48) and "
+                         "Wan Image to Video Encode for I2V and Fun InP models (in_dim 36).")
+    if image.subject is not None and (image.vace or cfg.has_image_input):
+        raise ValueError("Phantom subject images go with a text-to-video (Phantom) model and no other conditioning: "
+                         "load the Phantom checkpoint and connect Wan Phantom Subject Encode alone.")
+    if image.vace and not cfg.is_vace:
+        raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
+                         "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
+    check_chain(image.vace)
     if image.clip is not None and image.clip.shape[-1] != cfg.clip_dim:
         raise ValueError(f"The CLIP embeds are {image.clip.shape[-1]} wide but {handle.name} expects {cfg.clip_dim}.")
     shape = image.latent_shape
@@ -416,4 +481,4 @@ def sample_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
             outputs.append(denormalize_latent(x.float()).cpu())
         if session is not None:
             stats.swap = session.stats()
-    return torch.cat(outputs)
+    return torch.cat(outputs)[:, :, image.ref_frames:]   # VACE reference frames only conditioned the video
