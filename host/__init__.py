@@ -17,6 +17,8 @@ Interface (both implementations provide each name):
   compute_device() / offload_device() / text_encoder_device() / intermediate_device()
   vram_info(device=None) -> (free, total) | None
   soft_empty_cache()
+  notice(node, message)                 log + the node's UI text inside ComfyUI; add_notice_hook(fn) observes
+  clear_stale_interrupt()               forget an interrupt requested while nothing ran (start of a run)
   managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
 Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
@@ -26,8 +28,17 @@ from __future__ import annotations
 import os
 import sys
 
-from . import paths
-from .paths import ModelNotFoundError, SaveTarget, counter_of, publish, staged_file  # noqa: F401  (public API)
+from . import notices, paths
+from .notices import add_notice_hook  # noqa: F401  (public API)
+from .paths import (  # noqa: F401  (public API)
+    BadPrefixError,
+    ModelNotFoundError,
+    OutputFolderError,
+    SaveTarget,
+    counter_of,
+    publish,
+    staged_file,
+)
 
 
 def _running_inside_comfyui() -> bool:
@@ -55,6 +66,7 @@ latent_previewer = _impl.latent_previewer
 check_interrupt = _impl.check_interrupt
 request_interrupt = _impl.request_interrupt
 interrupt_exception_types = _impl.interrupt_exception_types
+clear_stale_interrupt = _impl.clear_stale_interrupt
 add_progress_hook = _impl.add_progress_hook
 compute_device = _impl.compute_device
 offload_device = _impl.offload_device
@@ -68,11 +80,43 @@ manage_module = _impl.manage_module                  # (nn.Module) -> handle for
 load_managed = _impl.load_managed                    # (handles) -> None: on the compute device, counted
 
 
-def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0) -> SaveTarget:
-    """Resolve a node's filename_prefix under the output folder (or temp, for previews)."""
+def notice(node: str, message: str) -> None:
+    """Tell the user something that is not an error (a size rounded, sound dropped): the log, plus the
+    node's UI text inside ComfyUI, so it reaches the user and not only the console."""
+    line = notices.emit(node, message)
+    _impl.show_node_text(line)
+
+
+def save_target(prefix: str, temp: bool = False, width: int = 0, height: int = 0,
+                node: str = "Save") -> SaveTarget:
+    """Resolve a node's filename_prefix under the output folder (or temp, for previews).
+
+    When a symbolic link leads the file out of that folder, the node says where it really goes.
+    """
     if temp:
-        return paths.save_target(temp_dir(), prefix, "temp", width, height)
-    return paths.save_target(output_dir(), prefix, "output", width, height)
+        target = paths.save_target(temp_dir(), prefix, "temp", width, height)
+    else:
+        target = paths.save_target(output_dir(), prefix, "output", width, height)
+    note = paths.link_note(target)
+    if note is not None:
+        notice(node, note)
+    return target
+
+
+check_prefix = paths.check_prefix                    # (prefix, input_name) -> prefix; BadPrefixError if unusable
+
+
+def prefix_problem(prefix, input_name: str = "filename_prefix") -> str | bool:
+    """VALIDATE_INPUTS' answer for a filename prefix: True, or why no file could be saved under it."""
+    if prefix is None:   # linked: checked when the node runs
+        return True
+    try:
+        paths.check_prefix(prefix, input_name)
+        if isinstance(prefix, str):
+            paths.save_target(output_dir(), prefix, "output")   # escapes, no name, length after patterns
+    except BadPrefixError as exc:
+        return str(exc)
+    return True
 
 
 def ui_file(path: str, target: SaveTarget) -> dict[str, str]:

@@ -30,13 +30,48 @@ def _video_types() -> tuple[Any, Any, Any] | None:
         return None
 
 
-def video_value(path: str, frame_rate: Fraction, frames: Callable[[], Any] | None = None) -> Any:
-    """VideoFromFile(path), or VideoFromComponents(frames()) when a frame source is given; None if ComfyUI
-    lacks VIDEO. `frames` is a callable so the frames are only gathered when they are really needed."""
+def lazy_frames_video(from_components: type, components: type, frames: Callable[[], Any], frame_rate: Fraction,
+                      width: int, height: int, frame_count: int) -> Any:
+    """A VideoFromComponents that gathers its frames only when a consumer asks, and never keeps them.
+
+    Pingpong GIF/WebP frames are a reordered copy of the clip; holding that copy in the VIDEO output
+    doubled the clip's memory for as long as ComfyUI cached the node. Dimensions, frame count and rate
+    are known without the frames, so only get_components() and save_to() build them, for that call.
+    """
+
+    class LazyFramesVideo(from_components):
+        def __init__(self) -> None:       # the base __init__ would store the frames: exactly what we avoid
+            pass
+
+        def get_components(self) -> Any:
+            return components(images=frames(), frame_rate=Fraction(frame_rate))
+
+        def save_to(self, path: str, *args: Any, **kwargs: Any) -> Any:
+            return from_components(self.get_components()).save_to(path, *args, **kwargs)
+
+        def get_dimensions(self) -> tuple[int, int]:
+            return int(width), int(height)
+
+        def get_frame_count(self) -> int:
+            return int(frame_count)
+
+        def get_frame_rate(self) -> Fraction:
+            return Fraction(frame_rate)
+
+        def get_duration(self) -> float:
+            return float(frame_count / Fraction(frame_rate))
+
+    return LazyFramesVideo()
+
+
+def video_value(path: str, frame_rate: Fraction, frames: Callable[[], Any] | None = None, *,
+                width: int = 0, height: int = 0, frame_count: int = 0) -> Any:
+    """VideoFromFile(path), or a lazy VideoFromComponents over frames() when a frame source is given; None
+    if ComfyUI lacks VIDEO. `frames` is a callable so the frames are only gathered when really needed."""
     types = _video_types()
     if types is None:
         return None
     from_file, from_components, components = types
     if frames is None:
         return from_file(path)
-    return from_components(components(images=frames(), frame_rate=Fraction(frame_rate)))
+    return lazy_frames_video(from_components, components, frames, Fraction(frame_rate), width, height, frame_count)

@@ -78,6 +78,11 @@ def interrupt_exception_types() -> tuple[type[BaseException], ...]:
     return (mm.InterruptProcessingException,)
 
 
+def clear_stale_interrupt() -> None:
+    """Nothing to do: ComfyUI clears the interrupt flag itself when each prompt starts, and clearing it
+    here (inside a prompt) could swallow a Cancel the user just pressed."""
+
+
 class ProgressBar:
     """ComfyUI's ProgressBar (websocket progress, per-node state) plus an explicit interrupt check."""
 
@@ -203,7 +208,7 @@ def video_value(path: str, *, frame_rate, width: int, height: int, frame_count: 
     """Core VIDEO for a saved file (see host/comfy_video.py); None on ComfyUI builds without VIDEO."""
     from . import comfy_video
 
-    return comfy_video.video_value(path, frame_rate, frames)
+    return comfy_video.video_value(path, frame_rate, frames, width=width, height=height, frame_count=frame_count)
 
 
 # ---------------------------------------------------------------- Anima family (context tokens)
@@ -245,3 +250,31 @@ def diffusion_state_dict(model):
     from . import comfy_quant
 
     return comfy_quant.diffusion_state_dict(model)
+
+
+# ---------------------------------------------------------------- notices (host.notice)
+
+_node_texts: dict[tuple[str, str], list[str]] = {}
+
+
+def show_node_text(message: str) -> None:
+    """Show a notice as the running node's UI text (the text ComfyUI draws on the node).
+
+    The frontend replaces a node's text with each message, so the notices of one node in one prompt
+    are kept and sent together. Outside a node's execution (or without a server) only the log has it.
+    """
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is None or server is None:
+        return
+    key = (str(context.prompt_id), str(context.node_id))
+    if len(_node_texts) > 256:
+        _node_texts.clear()
+    lines = _node_texts.setdefault(key, [])
+    lines.append(message)
+    server.send_progress_text("\n".join(lines), context.node_id)

@@ -8,9 +8,10 @@ tested without either host.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
-import tempfile
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -110,22 +111,88 @@ class SaveTarget:
     stem: str            # file name without counter or extension
     subfolder: str       # relative to the output/temp root, forward slashes ('' for the root)
     folder_type: str     # "output" | "temp" | "input" — the /view?type= value
+    real_directory: str = ""   # where `directory` really is when a symbolic link leads out of the root
+
+
+class BadPrefixError(ValueError):
+    """A filename_prefix no file can be saved under (NUL byte, too long, escaping the folder, no name)."""
+
+
+class OutputFolderError(OSError):
+    """A file cannot be written into the output folder (disk full, read-only, no permission)."""
+
+
+# Longest file name most file systems take (ext4, xfs, btrfs, NTFS, APFS count 255 bytes or units).
+NAME_MAX_BYTES = 255
+# What numbered_name() adds to the stem: '_00001_.' plus the longest extension we write ('safetensors').
+_NUMBER_AND_EXT_BYTES = len("_00001_.safetensors")
+# Staging names start with a short, byte-safe cut of the stem, so they never outgrow the final name.
+_STAGING_STEM_BYTES = 48
+
+
+def check_prefix(prefix: object, input_name: str = "filename_prefix") -> str:
+    """The prefix as a string, or BadPrefixError naming the input when no file could ever be saved under it.
+
+    Cheap and independent of the folders, so nodes call it from VALIDATE_INPUTS: a bad prefix then fails
+    when the graph is queued, not after a long generation.
+    """
+    if not isinstance(prefix, str):
+        raise BadPrefixError(f"{input_name} must be text, got {type(prefix).__name__}.")
+    if "\x00" in prefix:
+        raise BadPrefixError(f"{input_name} contains a NUL character (\\x00), which no file name can hold; "
+                         "remove it (it usually comes from pasting binary text).")
+    stem = os.path.basename(os.path.normpath(prefix.strip().replace("\\", "/") or "Slipstream"))
+    if "%" not in stem:  # patterns such as %date:…% change length when expanded; checked when saving
+        _check_stem_length(stem, input_name)
+    return prefix
+
+
+def _check_stem_length(stem: str, input_name: str) -> None:
+    room = NAME_MAX_BYTES - _NUMBER_AND_EXT_BYTES
+    size = len(stem.encode("utf-8", "surrogateescape"))
+    if size > room:
+        raise BadPrefixError(f"{input_name}'s file name part is {size} bytes long; with the counter and extension "
+                         f"it would not fit a file name ({NAME_MAX_BYTES} bytes). Shorten it to {room} bytes "
+                         "or less (sub-folders before a '/' do not count).")
 
 
 def save_target(root: str, prefix: str, folder_type: str, width: int = 0, height: int = 0) -> SaveTarget:
     """Resolve a filename_prefix (with subfolders and patterns) under root, refusing escapes."""
+    check_prefix(prefix)
     prefix = expand_prefix(prefix.strip() or "Slipstream", width, height)
     norm = os.path.normpath(prefix.replace("\\", "/"))
     root = os.path.abspath(root)
     directory = os.path.abspath(os.path.join(root, os.path.dirname(norm)))
     if os.path.isabs(norm) or os.path.commonpath((root, directory)) != root:
-        raise ValueError(f"filename_prefix '{prefix}' points outside the {folder_type} folder ({root}); "
+        raise BadPrefixError(f"filename_prefix '{prefix}' points outside the {folder_type} folder ({root}); "
                          "use a relative prefix such as 'video/Slipstream'.")
     stem = os.path.basename(norm)
     if stem in ("", ".", ".."):
-        raise ValueError(f"filename_prefix '{prefix}' has no file name part; end it with a name, e.g. 'video/clip'.")
+        raise BadPrefixError(f"filename_prefix '{prefix}' has no file name part; end it with a name, e.g. 'video/clip'.")
+    _check_stem_length(stem, "filename_prefix")
     subfolder = os.path.relpath(directory, root).replace(os.sep, "/")
-    return SaveTarget(directory, stem, "" if subfolder == "." else subfolder, folder_type)
+    return SaveTarget(directory, stem, "" if subfolder == "." else subfolder, folder_type,
+                      _linked_elsewhere(root, directory))
+
+
+def _linked_elsewhere(root: str, directory: str) -> str:
+    """The real directory when a symbolic link under root leads out of it, else ''.
+
+    ComfyUI follows such links too (users link output/ sub-folders to bigger disks on purpose), so we
+    follow them as well; resolving here lets the node say where the file really went.
+    """
+    real_root, real_dir = os.path.realpath(root), os.path.realpath(directory)
+    inside = os.path.commonpath((real_root, real_dir)) == real_root
+    return "" if inside else real_dir
+
+
+def link_note(target: SaveTarget) -> str | None:
+    """A line for the user when the target's folder is a link leading out of the output folder."""
+    if not target.real_directory:
+        return None
+    shown = target.subfolder or "the output folder"
+    return (f"'{shown}' is a symbolic link leading out of the {target.folder_type} folder; "
+            f"the file was written to {target.real_directory}")
 
 
 def numbered_name(stem: str, counter: int, ext: str) -> str:
@@ -159,7 +226,7 @@ def publish(tmp_path: str, target: SaveTarget, ext: str, counter: int | None = N
     and an existing file is never overwritten; file systems without hard links fall back to an
     existence check plus rename.
     """
-    os.makedirs(target.directory, exist_ok=True)
+    _make_directory(target.directory)
     counter = next_counter(target) if counter is None else counter
     for _ in range(100000):
         final = os.path.join(target.directory, numbered_name(target.stem, counter, ext))
@@ -172,11 +239,105 @@ def publish(tmp_path: str, target: SaveTarget, ext: str, counter: int | None = N
             if os.path.exists(final):
                 counter += 1
                 continue
-            os.replace(tmp_path, final)
+            try:
+                os.replace(tmp_path, final)
+            except OSError as exc:
+                _raise_folder_problem(exc, target.directory)
             return final
         os.unlink(tmp_path)
         return final
     raise RuntimeError(f"no free file name for '{target.stem}' in {target.directory}")
+
+
+def _folder_problem(exc: OSError, directory: str) -> OSError:
+    """Our clear error for the OS errors a full or locked output folder gives; other errors unchanged."""
+    what = {
+        errno.ENOSPC: ("the disk is full", "free some space there or point the output folder at a bigger disk"),
+        errno.EDQUOT: ("the disk quota is used up", "free some space there or ask for a bigger quota"),
+        errno.EROFS: ("the folder is on a read-only file system", "make it writable or save somewhere else"),
+        errno.EACCES: ("this process may not write there", "fix the folder's permissions or save somewhere else"),
+        errno.EPERM: ("this process may not write there", "fix the folder's permissions or save somewhere else"),
+    }.get(exc.errno)
+    if what is None or isinstance(exc, OutputFolderError):
+        return exc
+    problem, fix = what
+    return OutputFolderError(exc.errno, f"Cannot write the output file into {directory}: {problem} "
+                                        f"({exc.strerror}). Nothing was saved; {fix}.")
+
+
+def _raise_folder_problem(exc: OSError, directory: str) -> None:
+    problem = _folder_problem(exc, directory)
+    if problem is exc:
+        raise exc
+    raise problem from exc
+
+
+def _make_directory(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        _raise_folder_problem(exc, directory)
+
+
+def _new_staging_file(target: SaveTarget, ext: str) -> str:
+    """Create an empty, hidden '.<stem>.<random>.partial.<ext>' beside the destination.
+
+    Created with mode 0666 so the process umask decides the final permissions, exactly as a plain
+    open() would (tempfile.mkstemp would make every output private, 0600). The stem is cut short in
+    this name so a stem that fits the final name always fits the staging name too.
+    """
+    short = target.stem.encode("utf-8", "surrogateescape")[:_STAGING_STEM_BYTES].decode("utf-8", "ignore")
+    for _ in range(100):
+        path = os.path.join(target.directory, f".{short}.{secrets.token_hex(4)}{PARTIAL_MARK}{ext.lstrip('.')}")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _raise_folder_problem(exc, target.directory)
+        return path
+    raise OutputFolderError(errno.EEXIST, f"no free staging name in {target.directory}")
+
+
+PARTIAL_MARK = ".partial."
+# '.<stem>.<8 random characters>.partial.<ext>': ours (and what tempfile.mkstemp made in earlier versions).
+_STAGING_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.partial\.[A-Za-z0-9]+")
+STALE_AFTER_S = 24 * 3600
+_swept: set[str] = set()
+
+
+def sweep_stale_partials(directory: str, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove '.<stem>.<random>.partial.<ext>' files older than a day from one folder; return them.
+
+    Staging files are removed when a save fails, but a killed process (SIGKILL, power loss) cannot
+    clean up. A day is far longer than any encode, so a file that old belongs to no running writer.
+    """
+    removed = []
+    cutoff = time.time() - older_than_s
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not _STAGING_NAME.fullmatch(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path) and os.path.getmtime(path) < cutoff:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def sweep_once(directory: str) -> list[str]:
+    """sweep_stale_partials() the first time this process saves into a folder; later calls do nothing."""
+    key = os.path.abspath(directory)
+    if key in _swept:
+        return []
+    _swept.add(key)
+    return sweep_stale_partials(key)
 
 
 @contextmanager
@@ -184,12 +345,15 @@ def staged_file(target: SaveTarget, ext: str) -> Iterator[str]:
     """Yield a temporary path beside the destination; it is removed if the block fails.
 
     The caller writes the file, then calls publish(); nothing half-written ever carries a final name.
+    A full, read-only or locked folder raises OutputFolderError naming the folder and what to do.
     """
-    os.makedirs(target.directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".partial.{ext.lstrip('.')}", dir=target.directory)
-    os.close(fd)
+    _make_directory(target.directory)
+    sweep_once(target.directory)
+    tmp = _new_staging_file(target, ext)
     try:
         yield tmp
+    except OSError as exc:
+        _raise_folder_problem(exc, target.directory)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -106,6 +106,13 @@ def input_dir() -> str:
     return _dir_from_env("SLIPSTREAM_INPUT", "input")
 
 
+# ---------------------------------------------------------------- notices (host.notice)
+
+
+def show_node_text(message: str) -> None:
+    """A plain process has no node UI: the log line host.notice() writes is the whole notice."""
+
+
 # ---------------------------------------------------------------- progress and interrupt
 
 _interrupt = threading.Event()
@@ -130,6 +137,11 @@ def interrupt_exception_types() -> tuple[type[BaseException], ...]:
 def latent_previewer(kind: str):
     """No previews outside ComfyUI (there is no frontend to show them)."""
     return None
+
+
+def clear_stale_interrupt() -> None:
+    """Forget a request made while nothing ran (a Ctrl-C between runs), so it cannot stop the next run."""
+    _interrupt.clear()
 
 
 class ProgressBar:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -46,6 +47,10 @@ ENV_HEADROOM_GB = "SLIPSTREAM_DRAM_HEADROOM_GB"
 
 class CacheKeyNotFoundError(LookupError):
     """A lookup named a key the DRAM cache does not hold."""
+
+
+class DramSettingError(ValueError):
+    """A DRAM cache setting from the environment is not a usable number."""
 
 
 class InsufficientDramError(RuntimeError):
@@ -157,9 +162,10 @@ def _env_gib(name: str) -> int | None:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of GiB (e.g. 16 or 7.5)") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {raw}")
+        raise DramSettingError(f"{name}={raw!r} is not a number of GiB (e.g. 16 or 7.5)") from None
+    if not math.isfinite(value) or value < 0:
+        raise DramSettingError(f"{name}={raw!r} must be a finite number of GiB, 0 or more (e.g. 16 or 7.5); "
+                         "unset it to use the default.")
     return int(value * GiB)
 
 

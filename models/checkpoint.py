@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .finite import check_state_dict as check_state_dict_finite
+
 SAFETENSORS_EXTS = (".safetensors", ".sft")
 PICKLE_EXTS = (".pth", ".pt", ".ckpt", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -124,7 +126,7 @@ def load_state_dict(path: str, device: str | torch.device = "cpu",
     """
     lower = path.lower()
     if lower.endswith(PICKLE_EXTS):
-        return _load_pickle(path, device, keys)
+        return dict(check_state_dict_finite(_load_pickle(path, device, keys), path))
     header, _ = read_safetensors_header(path)
     from safetensors import safe_open
 
@@ -139,6 +141,7 @@ def load_state_dict(path: str, device: str | torch.device = "cpu",
                 out[k] = f.get_tensor(k)
     except Exception as exc:  # safetensors raises its own error type for damaged data
         raise CheckpointError(f"{path}: could not read tensors ({exc}). The file is damaged; fetch it again.") from exc
+    check_state_dict_finite(out, path)
     return out
 
 

@@ -13,6 +13,7 @@ from ..host import (
     loaded_models_summary,
     memory_flags,
     model_residency,
+    notice,
     offload_model_weights,
     soft_empty_cache,
     vram_info,
@@ -20,6 +21,33 @@ from ..host import (
 from ..kernels import dram
 
 log = logging.getLogger("slipstream.memory")
+
+
+class NotConnected:
+    """What 'passthrough' carries when 'trigger' is not connected: wiring it onward still orders the graph
+    (Memory Cleanup's trigger takes it), but a node that uses it as a value (a MODEL, a CLIP) gets a
+    clear AttributeError instead of working on a stray True."""
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"'{name}': Offload CLIP's passthrough carries no value because its 'trigger' input "
+                             "is not connected. Connect 'trigger' (e.g. the CONDITIONING), or wire the 'clip' "
+                             "output where a CLIP is wanted.")
+
+    def __repr__(self) -> str:
+        return "<Offload CLIP passthrough: trigger not connected>"
+
+
+class NotAClipError(TypeError):
+    """Offload CLIP was given something that is not a CLIP."""
+
+
+def _check_clip(clip) -> None:
+    """A CLIP is what core CLIP loaders give: a patcher to unload and a tokenizer. Anything else (a VAE,
+    a MODEL, a string from a direct API call) is refused before the cache or the host touch it."""
+    if not (hasattr(clip, "patcher") and hasattr(clip, "tokenize")
+            and getattr(getattr(clip, "patcher", None), "model", None) is not None):
+        raise NotAClipError(f"Offload CLIP's 'clip' input must be a CLIP (from Load CLIP or a checkpoint loader), got "
+                        f"{type(clip).__name__}. Wire the text encoder's CLIP output into 'clip'.")
 
 ANY = "*"
 CATEGORY = "Slipstream/Memory"
@@ -38,16 +66,20 @@ class OffloadClipToDram:
                    "the CLIP cached in RAM under a stable key (file identity + options for CLIPs loaded by "
                    "Slipstream loaders; clones such as LoRA or clip-skip map to the same key). Wire the "
                    "conditioning into 'trigger' and take 'passthrough' onward so the offload happens right "
-                   "after encoding. Says plainly when nothing was freed (already on CPU, --gpu-only).")
+                   "after encoding, and the 'clip' output to encode again later. Says plainly when nothing was freed "
+                   "(already on CPU, --gpu-only), and still frees VRAM when the RAM cache cannot take the CLIP.")
     CATEGORY = CATEGORY
     FUNCTION = "offload"
-    RETURN_TYPES = ("STRING", "STRING", ANY)
-    RETURN_NAMES = ("memory_stats", "dram_id", "passthrough")
+    RETURN_TYPES = ("STRING", "STRING", ANY, "CLIP")
+    RETURN_NAMES = ("memory_stats", "dram_id", "passthrough", "clip")
     OUTPUT_TOOLTIPS = (
         "A readable memory report: what was freed, VRAM, RAM, the DRAM cache and loaded models." + _STALE_NOTE,
         "The DRAM cache key of this CLIP. Keys of CLIPs from Slipstream loaders are stable across runs; "
         "other CLIPs get a session key (held by weak reference only).",
-        "The trigger input, unchanged (True when nothing is connected): wire it onward to order the offload.",
+        "The trigger input, unchanged: wire it onward to order the offload. With 'trigger' unconnected it "
+        "carries no value (a node that tries to use it as one gets a clear error).",
+        "The same CLIP, now offloaded: still usable (a text encode loads it back on demand), so later "
+        "encodes can follow the offload.",
     )
 
     @classmethod
@@ -64,6 +96,7 @@ class OffloadClipToDram:
         }
 
     def offload(self, clip, trigger=None):
+        _check_clip(clip)
         cache = dram.default_cache()
         cache.relieve_pressure()
         module = clip.patcher.model          # shared by every clone of this CLIP
@@ -73,14 +106,22 @@ class OffloadClipToDram:
         # Only a loader's base object is held strongly: a clone may carry LoRA patches, and a
         # session key can never be looked up again, so holding either strongly could only leak.
         # Otherwise the entry weakly tracks the weight module every clone shares.
-        evicted = cache.put(key, base if base is not None else module, "clip", res.total_bytes,
-                            new_ram_bytes=res.new_ram_bytes, weak=base is None, note=where)
+        refused = None
+        try:
+            evicted = cache.put(key, base if base is not None else module, "clip", res.total_bytes,
+                                new_ram_bytes=res.new_ram_bytes, weak=base is None, note=where)
+        except dram.InsufficientDramError as exc:
+            # Freeing VRAM is the point of the node; the RAM cache is a bonus the budget can refuse.
+            refused, evicted = exc, []
         try:
             report = offload_model_weights(clip)
         except Exception:
-            cache.remove(key)
+            if refused is None:
+                cache.remove(key)
             raise
         headline = [report.line()]
+        if refused is not None:
+            headline.append(f"Not kept in the DRAM cache ({key} is not an entry): {refused}")
         if evicted:
             headline.append("Evicted to make room: " + ", ".join(e.key for e in evicted))
         if base is None and ":anon:" in key:
@@ -92,7 +133,9 @@ class OffloadClipToDram:
             headline.append("Note: 'trigger' is not connected, so this offload is not ordered after the encode.")
         stats = _stats(cache, headline)
         log.info("[Slipstream] Offload CLIP %s: %s", key, report.message)
-        return (stats, key, trigger if trigger is not None else True)
+        if refused is not None:
+            notice("Offload CLIP", f"VRAM freed, but the DRAM cache refused {key}: {refused}")
+        return (stats, key, trigger if trigger is not None else NotConnected(), clip)
 
 
 class MemoryCleanup:

@@ -22,6 +22,7 @@ from ..host import (
     load_int8_diffusion_model,
     model_path,
     offload_device,
+    prefix_problem,
     publish,
     save_target,
     staged_file,
@@ -220,6 +221,11 @@ class SaveInt8Model:
                                "file loadable right away (refresh the list)."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # noqa: N802 (ComfyUI's name)
+        """A prefix no file can be saved under fails when the prompt is queued, not after quantizing."""
+        return prefix_problem(filename_prefix)
 
     def save(self, model, filename_prefix: str):
         from safetensors.torch import save_file

@@ -20,6 +20,8 @@ from ..host import (
     check_interrupt,
     counter_of,
     metadata_disabled,
+    notice,
+    prefix_problem,
     publish,
     save_target,
     staged_file,
@@ -135,26 +137,31 @@ class SlipstreamVideoCombine:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, format=None, pix_fmt=None, crf=None):  # noqa: N802 (ComfyUI's name)
-        """Check the format against the ffmpeg found, before a long generation starts, and say why it fails."""
-        if format is None or pix_fmt is None or crf is None:  # linked inputs are checked when the node runs
-            return True
-        build, why = find_ffmpeg_or_none()
-        problem = check_choice(format, pix_fmt, crf, build)
-        if problem is None:
-            return True
-        return problem if build is not None else f"{problem}: {why}"
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # noqa: N802 (ComfyUI's name)
+        """Refuse a prefix no file can be saved under when the prompt is queued, not after the generation.
+
+        Only filename_prefix is checked here: ComfyUI attaches whatever this returns to every input it
+        names, so checking format, crf and pix_fmt here too made one bad format read as three errors.
+        ComfyUI's own list check covers format (the list holds what this ffmpeg can write, and the
+        tooltip says why the others are missing); crf and pix_fmt are checked against the format when
+        the node runs, before anything is encoded.
+        """
+        return prefix_problem(filename_prefix)
 
     def combine(self, images: torch.Tensor, frame_rate: float, loop_count: int, filename_prefix: str, format: str,
                 pingpong: bool, save_output: bool, crf: int, pix_fmt: str, lossless: bool, quality: int,
                 audio: dict | None = None, prompt: Any = None, extra_pnginfo: dict | None = None) -> dict[str, Any]:
         fmt = get_format(format)
         build = find_ffmpeg()
+        problem = check_choice(format, pix_fmt, crf, build)   # before any file or folder is made
+        if problem is not None:
+            raise ValueError(problem)
         with_metadata = not metadata_disabled()
         tags = comfy_metadata(prompt, extra_pnginfo) if with_metadata else {}
         settings = EncodeSettings(format, frame_rate, loop_count, pingpong, crf, pix_fmt, lossless, quality, tags)
         height, width = (int(images.shape[1]), int(images.shape[2])) if getattr(images, "ndim", 0) == 4 else (0, 0)
-        target = save_target(filename_prefix, temp=not save_output, width=width, height=height)
+        target = save_target(filename_prefix, temp=not save_output, width=width, height=height,
+                             node="Video Combine")
         bar = ProgressBar(1)
 
         with ExitStack() as stack:
@@ -171,7 +178,7 @@ class SlipstreamVideoCombine:
             if staged_png is not None:
                 files.insert(0, publish(staged_png, target, "png", counter_of(video_path, target)))
         for note in result.notes:
-            log.warning("Video Combine (%s): %s", os.path.basename(video_path), note)
+            notice("Video Combine", f"{os.path.basename(video_path)}: {note}")
 
         def frames_as_written() -> torch.Tensor:
             order = list(frame_order(images.shape[0], pingpong))

@@ -37,6 +37,7 @@ from ..kernels.precision import (
     supports_fp8_matmul,
 )
 from ..models.checkpoint import load_state_dict
+from ..models.finite import BadSettingError
 from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
@@ -118,6 +119,10 @@ class WanBlockSwap:
         }}
 
     def make(self, blocks_to_swap, offload_img_emb, offload_txt_emb, use_non_blocking, prefetch_blocks):
+        for name, value in (("blocks_to_swap", blocks_to_swap), ("prefetch_blocks", prefetch_blocks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadSettingError(f"Wan Block Swap: '{name}' must be a whole number, 0 or more; got {value!r} "
+                                      f"({'0 keeps every block on the GPU' if name == 'blocks_to_swap' else '0 fetches each block just in time'}).")
         return (SwapSettings(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking, prefetch_blocks),)
 
 

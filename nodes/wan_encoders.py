@@ -17,12 +17,14 @@ from ..host import (
     list_models,
     model_folders,
     model_path,
+    notice,
     offload_device,
     soft_empty_cache,
 )
 from ..host.paths import list_model_files
 from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
+from ..models.finite import BadSettingError, finite_input, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.encoders import (
     WanClipVisionHandle,
@@ -61,15 +63,26 @@ def _size_inputs(width=832, height=480, frames=81) -> dict:
     }
 
 
+def _check_size(width: object, height: object, num_frames: object) -> None:
+    """Refuse sizes no rounding can make sense of (the widgets stop at 16 and 1; API calls do not)."""
+    for name, value, low in (("width", width, 16), ("height", height, 16), ("num_frames", num_frames, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadSettingError(f"{name} must be a whole number, got {type(value).__name__} {value!r}.")
+        if value < low:
+            raise BadSettingError(f"{name} is {value}; it must be at least {low} "
+                                  f"({'a multiple of 16 pixels' if low == 16 else '1+4k frames: 1, 5, 9, … 81'}).")
+
+
 def _valid_size(width: int, height: int, num_frames: int, multiple: int = 16) -> tuple[int, int, int]:
     """Rounded to what Wan makes: sides multiples of `multiple` (16; 32 for the Wan 2.2 VAE), 1+4k frames."""
+    _check_size(width, height, num_frames)
     width, height, num_frames, note = round_video_size(width, height, num_frames)
     if multiple != 16 and (width % multiple or height % multiple):
         w, h = (max(multiple, (v + multiple // 2) // multiple * multiple) for v in (width, height))
         note = f"{note + '; ' if note else 'Wan: rounded '}size {width}x{height} -> {w}x{h} (multiples of {multiple})"
         width, height = w, h
     if note:
-        log.warning(note)
+        notice("Wan", note.removeprefix("Wan: "))
     return width, height, num_frames
 
 
@@ -167,6 +180,8 @@ class WanTextEncode:
             bar.close()
         if force_offload:
             soft_empty_cache()
+        for row in (*embeds.positive, embeds.negative):
+            finite_input("text_embeds", row, "Wan Text Encode")   # an fp16 overflow in umT5 ends here
         return (embeds,)
 
 
@@ -232,6 +247,7 @@ class WanClipVisionEncode:
         require_images(image, "image")
         if end_image is not None:
             require_images(end_image, "end_image")
+        finite_number("strength", strength, "Wan CLIP Vision Encode")
         bar = ProgressBar(clip_vision.model.config.feature_layers)
         try:
             feats = encode_clip(clip_vision, image, compute_device(), crop == "center", strength,
@@ -320,6 +336,7 @@ class WanImageToVideoEncode:
         require_images(start_image, "start_image")
         if end_image is not None:
             require_images(end_image, "end_image")
+        finite_number("noise_aug_strength", noise_aug_strength, "Wan Image to Video Encode")
         width, height, num_frames = _valid_size(width, height, num_frames, multiple=2 * vae.vae.SPATIAL)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:
@@ -363,7 +380,7 @@ class WanDecode:
         return True
 
     def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload):
-        latent = samples["samples"]
+        latent = finite_input("samples", samples["samples"], "Wan Decode")
         bar = ProgressBar(latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1)
         try:
             images = decode_latent(vae, latent, compute_device(), offload=force_offload,

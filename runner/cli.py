@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,21 @@ def run_demos(workdir: str | None, only: list[str], out=sys.stdout) -> int:
             if isinstance(exc, _interrupts()):
                 raise
             failures += 1
-            print(f"  FAILED: {type(exc).__name__}: {exc}", file=out)
+            print(f"  FAILED: {describe_failure(exc)}", file=out)
     print(f"\n{len(cases) - failures}/{len(cases)} demo workflow(s) ran; outputs under {output}", file=out)
+    if not workdir:
+        print(f"The demo folder {root} is kept so you can look at the outputs; delete it when done "
+              "(or pass --workdir to choose the folder).", file=out)
     return 1 if failures else 0
+
+
+def describe_failure(exc: BaseException) -> str:
+    """'node 7 (SlipstreamVideoCombine): ValueError: …' — which node failed and why, without a traceback."""
+    from .graph import failed_node
+
+    node = failed_node(exc)
+    where = f"node {node.node_id} ({node.class_type}): " if node is not None else ""
+    return f"{where}{type(exc).__name__}: {exc}"
 
 
 def _interrupts() -> tuple[type[BaseException], ...]:
@@ -163,14 +176,20 @@ def _install_sigint() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slipstream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each node as it runs")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each node as it runs, and print the traceback when a node fails")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="execute an API-format workflow")
+    # -v also after the command ('run FILE --verbose'); SUPPRESS keeps the top-level value otherwise.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="as before the command")
+    p_run = sub.add_parser("run", help="execute an API-format workflow", parents=[after])
     p_run.add_argument("workflow", help="path to an API-format workflow JSON")
     p_nodes = sub.add_parser("nodes", help="list nodes with their inputs")
     p_nodes.add_argument("--json", action="store_true", help="machine-readable output")
     p_nodes.add_argument("--markdown", action="store_true", help="the README's node table")
-    p_demo = sub.add_parser("demo", help="run the CPU-runnable example workflows on tiny models")
+    p_demo = sub.add_parser("demo", help="run the CPU-runnable example workflows on tiny models",
+                            parents=[after])
     p_demo.add_argument("names", nargs="*", help="demo names to run (default: all)")
     p_demo.add_argument("--workdir", help="where models/input/output go (default: a new temp folder)")
     p_migrate = sub.add_parser("migrate-int8", help="rewrite a ComfyUI-INT8-Fast workflow's LoRA loaders as "
@@ -202,3 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except _interrupts():
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a node failed: say which and why; the traceback only when asked for
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {describe_failure(exc)}", file=sys.stderr)
+        if not args.verbose:
+            print("(run with --verbose for the traceback)", file=sys.stderr)
+        return 1

@@ -181,32 +181,81 @@ def _split_result(node_id: str, class_type: str, cls: type, result: Any) -> tupl
     return result, ui
 
 
+@dataclass(frozen=True)
+class FailedNode:
+    """Which node raised, attached to the exception as `failed_node` so the CLI can name it."""
+
+    node_id: str
+    class_type: str
+
+
+def failed_node(exc: BaseException) -> FailedNode | None:
+    """The node an exception from run_workflow() came from, if it came from a node."""
+    return getattr(exc, "failed_node", None)
+
+
+def _validate_node(node_id: str, class_type: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    validate = getattr(cls, "VALIDATE_INPUTS", None)
+    if validate is None:
+        return
+    import inspect
+
+    names = inspect.signature(validate).parameters
+    verdict = validate(**{k: v for k, v in kwargs.items() if k in names})
+    if verdict is not True:
+        raise WorkflowError(f"{class_type} (node {node_id}): {verdict}")
+
+
+def _validate_literals(prompt: Mapping[str, dict], order: list[str], mappings: Mapping[str, type]) -> None:
+    """VALIDATE_INPUTS on the widget values of every node before anything runs, as ComfyUI does when a
+    prompt is queued: a bad filename prefix fails now, not after a long generation (linked inputs are
+    left out and checked when their node runs)."""
+    import inspect
+
+    for node_id in order:
+        node = prompt[node_id]
+        cls = mappings[node["class_type"]]
+        validate = getattr(cls, "VALIDATE_INPUTS", None)
+        if validate is None:
+            continue
+        literals = {k: v for k, v in node.get("inputs", {}).items() if not _is_link(v)}
+        needed = [n for n, p in inspect.signature(validate).parameters.items()
+                  if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+        if all(n in literals for n in needed):   # else: checked when the node runs, with every value
+            _validate_node(node_id, node["class_type"], cls, literals)
+
+
 def run_workflow(prompt: Mapping[str, dict], mappings: Mapping[str, type],
                  extra_pnginfo: dict | None = None) -> WorkflowResult:
-    """Run the nodes that feed output nodes; returns each node's outputs and the output nodes' UI dicts."""
+    """Run the nodes that feed output nodes; returns each node's outputs and the output nodes' UI dicts.
+
+    An exception a node raises propagates unchanged, with `failed_node` (see failed_node()) attached.
+    """
+    from ..host import clear_stale_interrupt
+
+    clear_stale_interrupt()
     _check_known(prompt, mappings)
     order = _needed_nodes(prompt, mappings)
     for flag in ("INPUT_IS_LIST", "OUTPUT_IS_LIST"):
         listy = [prompt[i]["class_type"] for i in order if any(getattr(mappings[prompt[i]["class_type"]], flag, ()))]
         if listy:
             raise WorkflowError(f"The headless runner does not map list inputs/outputs ({flag}): {', '.join(listy)}")
+    _validate_literals(prompt, order, mappings)
     result = WorkflowResult()
     extra_pnginfo = extra_pnginfo if extra_pnginfo is not None else {}
     for node_id in order:
         node = prompt[node_id]
         cls = mappings[node["class_type"]]
         kwargs = _gather_inputs(node_id, node, cls, result.outputs, prompt, extra_pnginfo)
-        validate = getattr(cls, "VALIDATE_INPUTS", None)
-        if validate is not None:
-            import inspect
-
-            names = inspect.signature(validate).parameters
-            verdict = validate(**{k: v for k, v in kwargs.items() if k in names})
-            if verdict is not True:
-                raise WorkflowError(f"{node['class_type']} (node {node_id}): {verdict}")
+        _validate_node(node_id, node["class_type"], cls, kwargs)
         started = time.perf_counter()
         log.info("running node %s (%s)", node_id, node["class_type"])
-        outputs, ui = _split_result(node_id, node["class_type"], cls, getattr(cls(), cls.FUNCTION)(**kwargs))
+        try:
+            returned = getattr(cls(), cls.FUNCTION)(**kwargs)
+        except Exception as exc:
+            exc.failed_node = FailedNode(node_id, node["class_type"])
+            raise
+        outputs, ui = _split_result(node_id, node["class_type"], cls, returned)
         result.outputs[node_id] = outputs
         result.runs.append(NodeRun(node_id, node["class_type"], time.perf_counter() - started, ui))
     return result

@@ -203,7 +203,7 @@ def test_text_encoder_loader_gives_offload_clip_a_stable_key_and_serves_ram_copy
     try:
         files = write_tiny_anima(workdirs["models"])
         (clip,) = SlipstreamAnimaTextEncoderLoader().load(files.text_encoder)
-        _, dram_id, _ = OffloadClipToDram().offload(clip.clone(), trigger="cond")
+        _, dram_id, _, _ = OffloadClipToDram().offload(clip.clone(), trigger="cond")
         assert dram_id.startswith("clip:") and ":anon:" not in dram_id and os.path.basename(files.text_encoder) in dram_id
         del clip                                           # ComfyUI dropped the loader's output
         monkeypatch.setattr(anima_loaders, "_load_text_encoder", lambda path: pytest.fail("read from disk again"))

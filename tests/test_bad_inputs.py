@@ -30,6 +30,7 @@ from slipstream.models.anima.errors import (
 )
 from slipstream.models.anima.tiny import write_tiny_anima
 from slipstream.models.checkpoint import CheckpointError
+from slipstream.models.finite import NonFiniteError
 from slipstream.models.mia.humanoid import make_humanoid
 from slipstream.models.mia.lazy_trimesh import trimesh
 from slipstream.models.mia.mesh import MAX_RIG_VERTICES, MeshError
@@ -319,7 +320,7 @@ CASES = [
              CheckpointError, ("other.safetensors", "not a slipstream anima reference context")),
     BadInput("context-non-finite-tokens",
              lambda r: _context_file(r, "nan.safetensors", tokens=torch.full((2, 4, 8), float("inf"))),
-             CheckpointError, ("nan.safetensors", "non-finite", "train the context again")),
+             (CheckpointError, NonFiniteError), ("nan.safetensors", "tokens", "infinite")),
     BadInput("context-integer-tokens",
              lambda r: _context_file(r, "int.safetensors", tokens=torch.zeros(2, 4, 8, dtype=torch.int32)),
              CheckpointError, ("int.safetensors", "floating-point")),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from slipstream.host import standalone
 from slipstream.host.standalone_objects import CLIP
 from slipstream.kernels import dram
-from slipstream.kernels.dram import CacheKeyNotFoundError, DramCache, GiB, InsufficientDramError
+from slipstream.kernels.dram import CacheKeyNotFoundError, DramCache, GiB
 from slipstream.kernels.sysmem import RamInfo
 from slipstream.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from slipstream.nodes.memory import MemoryCleanup, OffloadClipToDram
@@ -53,14 +53,14 @@ def test_registration_and_no_is_changed():
     spec = OffloadClipToDram.INPUT_TYPES()
     assert list(spec["required"]) == ["clip"] and spec["required"]["clip"][0] == "CLIP"
     assert list(spec["optional"]) == ["trigger"] and spec["optional"]["trigger"][0] == "*"
-    assert OffloadClipToDram.RETURN_TYPES == ("STRING", "STRING", "*")
-    assert OffloadClipToDram.RETURN_NAMES == ("memory_stats", "dram_id", "passthrough")
+    assert OffloadClipToDram.RETURN_TYPES == ("STRING", "STRING", "*", "CLIP")
+    assert OffloadClipToDram.RETURN_NAMES == ("memory_stats", "dram_id", "passthrough", "clip")
 
 
 def test_offload_cpu_clip_says_nothing_freed_and_passes_trigger(cache):
     clip = make_clip()
     cond = [[torch.zeros(1, 3, 16), {}]]
-    stats, key, passthrough = OffloadClipToDram().offload(clip, trigger=cond)
+    stats, key, passthrough, _ = OffloadClipToDram().offload(clip, trigger=cond)
     assert passthrough is cond
     assert key.startswith("clip:anon:TinyTextEncoder:")
     assert "Offload: nothing freed: load and offload device are both cpu [method: none]" in stats
@@ -71,21 +71,28 @@ def test_offload_cpu_clip_says_nothing_freed_and_passes_trigger(cache):
     assert cond2.shape == (1, 3, 16)
 
 
-def test_passthrough_is_true_without_trigger_and_warns(cache):
-    stats, _, passthrough = OffloadClipToDram().offload(make_clip())
-    assert passthrough is True
+def test_unconnected_trigger_passes_nothing_usable_and_the_clip_output_still_encodes(cache):
+    clip = make_clip()
+    stats, _, passthrough, clip_out = OffloadClipToDram().offload(clip)
     assert "'trigger' is not connected" in stats
+    # A stray True used to reach a MODEL/CLIP input and fail deep inside core ('bool' has no 'tokenize').
+    assert passthrough is not True
+    with pytest.raises(AttributeError, match="'trigger' input is not connected"):
+        passthrough.tokenize("a cat")
+    _, passed = MemoryCleanup().cleanup("all", "", False, trigger=passthrough)   # ordering still works
+    assert passed is passthrough
+    assert clip_out is clip and clip_out.encode_from_tokens(clip_out.tokenize("abc")).shape == (1, 3, 16)
 
 
 def test_clones_share_the_key_and_anonymous_entries_do_not_leak(cache):
     clip = make_clip()
-    _, key, _ = OffloadClipToDram().offload(clip, trigger=1)
+    _, key, _, _ = OffloadClipToDram().offload(clip, trigger=1)
     lora_clone = clip.clone()
-    _, key2, _ = OffloadClipToDram().offload(lora_clone, trigger=1)
+    _, key2, _, _ = OffloadClipToDram().offload(lora_clone, trigger=1)
     assert key2 == key and cache.keys() == [key]
     assert cache.entries()[0].weak and cache.held_bytes() == 0
     probe = weakref.ref(clip.cond_stage_model)
-    del clip, lora_clone
+    del clip, lora_clone, _                      # the last output returned is the CLIP itself
     gc.collect()
     assert probe() is None                      # the cache kept nothing alive
     assert key not in cache
@@ -98,7 +105,7 @@ def test_loader_registered_clip_uses_stable_key_and_is_held(cache, tmp_path):
     key = dram.dram_key("clip", [path], type="tiny", dtype="fp32")
     cache.register_loaded(key, clip, clip.cond_stage_model)      # what a Slipstream loader does
 
-    stats, dram_id, _ = OffloadClipToDram().offload(clip.clone(), trigger="x")
+    stats, dram_id, _, _ = OffloadClipToDram().offload(clip.clone(), trigger="x")
     assert dram_id == key and key in stats and "session key" not in stats
     entry = cache.entries()[0]
     assert not entry.weak and entry.nbytes == standalone.model_residency(clip).total_bytes > 0
@@ -134,8 +141,8 @@ class MovablePatcher:
         return 4096
 
 
-def test_insufficient_dram_leaves_the_model_where_it_was(tmp_path):
-    """Admission happens before the unload: on refusal the weights stay on the GPU."""
+def test_insufficient_dram_still_frees_vram_and_reports_the_refusal(tmp_path):
+    """The node's job is freeing VRAM; the RAM cache is the bonus a small budget may refuse."""
     patcher = MovablePatcher()
     clip = FakeClip(patcher)
     info = RamInfo(8 * GiB, 4 * GiB, 8 * GiB, 4 * GiB, None)
@@ -145,12 +152,13 @@ def test_insufficient_dram_leaves_the_model_where_it_was(tmp_path):
     tight.register_loaded(dram.dram_key("clip", [path]), clip, patcher.model)
     previous = dram.set_default_cache(tight)
     try:
-        with pytest.raises(InsufficientDramError, match="Insufficient DRAM available: need"):
-            OffloadClipToDram().offload(clip, trigger=1)
-        assert patcher.unloads == 0 and len(tight) == 0
+        stats, key, passed, _ = OffloadClipToDram().offload(clip, trigger=1)
+        assert patcher.unloads == 1 and len(tight) == 0 and passed == 1
+        assert f"Not kept in the DRAM cache ({key} is not an entry): Insufficient DRAM available: need" in stats
+        patcher.on_device = True
         tight.budget_bytes = 1 << 20
-        stats, _, _ = OffloadClipToDram().offload(clip, trigger=1)
-        assert patcher.unloads == 1
+        stats, _, _, _ = OffloadClipToDram().offload(clip, trigger=1)
+        assert patcher.unloads == 2
         assert "Offload: moved 0.0 MiB of weights from cuda:0 to cpu [method: patcher.unload]" in stats
         assert tight.lookup(tight.keys()[0]) is clip
     finally:
@@ -161,6 +169,9 @@ class FakeClip:
     def __init__(self, patcher):
         self.patcher = patcher
         self.cond_stage_model = patcher.model
+
+    def tokenize(self, text):
+        return text
 
 
 def test_standalone_host_offload_moves_through_patcher():

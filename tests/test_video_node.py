@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import stat
@@ -193,13 +194,20 @@ def test_progress_counts_every_frame_sent(workdirs):
 # ---------------------------------------------------------------- what the node tells ComfyUI
 
 
-def test_validate_inputs_explains_what_is_wrong():
+def test_validate_inputs_checks_only_the_prefix_and_running_checks_the_rest(workdirs):
+    # ComfyUI files VALIDATE_INPUTS' answer under every input it names: naming format, crf and pix_fmt
+    # there reported one bad format three times. format is left to ComfyUI's own list check.
     validate = SlipstreamVideoCombine.VALIDATE_INPUTS
-    assert validate("video/h264-mp4", "auto", -1) is True
-    assert validate(None, None, None) is True
-    assert "unknown format" in validate("video/mpeg2", "auto", -1)
-    assert "supports pix_fmt" in validate("video/av1-webm", "yuva420p", -1)
-    assert "outside 0..51" in validate("video/h264-mp4", "auto", 60)
+    assert list(inspect.signature(validate).parameters) == ["filename_prefix"]
+    assert validate("video/clip") is True and validate(None) is True
+    assert "filename_prefix" in validate("bad\x00name")
+    with pytest.raises(ValueError, match="(?i)unknown format"):
+        combine(fmt="video/mpeg2")
+    with pytest.raises(ValueError, match="supports pix_fmt"):
+        combine(fmt="video/av1-webm", pix_fmt="yuva420p")
+    with pytest.raises(ValueError, match="outside 0..51"):
+        combine(crf=60)
+    assert all_files(workdirs["output"]) == []
 
 
 def test_format_list_follows_the_ffmpeg_build(tmp_path, monkeypatch):
@@ -217,14 +225,15 @@ sys.exit(out.returncode)
     formats, opts = SlipstreamVideoCombine.INPUT_TYPES()["required"]["format"]
     assert "video/av1-webm" not in formats and "video/h264-mp4" in formats
     assert "no libsvtav1 or libaom-av1 encoder" in opts["tooltip"]
-    assert "no libsvtav1 or libaom-av1 encoder" in SlipstreamVideoCombine.VALIDATE_INPUTS("video/av1-webm", "auto", -1)
+    with pytest.raises(ValueError, match="no libsvtav1 or libaom-av1 encoder"):
+        SlipstreamVideoCombine().combine(frames(), 8.0, 0, "x", "video/av1-webm", False, False,
+                                         -1, "auto", False, 90)
 
 
 def test_without_ffmpeg_formats_stay_listed_and_running_says_why(workdirs, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing-ffmpeg"))
     formats, opts = SlipstreamVideoCombine.INPUT_TYPES()["required"]["format"]
     assert "video/h264-mp4" in formats and "NO FFMPEG FOUND" in opts["tooltip"]
-    assert "not a working ffmpeg" in SlipstreamVideoCombine.VALIDATE_INPUTS("video/h264-mp4", "auto", -1)
     with pytest.raises(FFmpegNotFoundError):
         combine()
     assert all_files(workdirs["output"]) == []

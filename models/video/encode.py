@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -32,6 +34,42 @@ ProgressFn = Callable[[int, int], None]
 # video that took ~600 MB and ~100 s here; a palette from an even sample of about this many pixels
 # dithers to the same error (measured) in about a second.
 PALETTE_SAMPLE_PIXELS = 1_600_000
+
+SCRATCH_PREFIX = "slipstream-video-"
+STALE_SCRATCH_S = 24 * 3600
+_scratch_swept = False
+
+
+def sweep_stale_scratch(root: str | None = None, older_than_s: float = STALE_SCRATCH_S) -> list[str]:
+    """Remove '<tmp>/slipstream-video-*' folders older than a day; return them.
+
+    Each encode removes its own scratch folder, but a process killed mid-encode (SIGKILL, power loss)
+    cannot; a day is far longer than any encode, so a folder that old belongs to no running one.
+    """
+    root = root or tempfile.gettempdir()
+    cutoff = time.time() - older_than_s
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if (name.startswith(SCRATCH_PREFIX) and os.path.isdir(path) and not os.path.islink(path)
+                    and os.path.getmtime(path) < cutoff):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _sweep_scratch_once() -> None:
+    global _scratch_swept
+    if not _scratch_swept:
+        _scratch_swept = True
+        sweep_stale_scratch()
 
 
 @dataclass(frozen=True)
@@ -146,7 +184,8 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
     env = dict(encoder.env)
     what = f"{fmt.name} ({os.path.basename(out_path)})"
     try:
-        with tempfile.TemporaryDirectory(prefix="slipstream-video-") as scratch:
+        _sweep_scratch_once()
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
             raw_audio = None
             if audio_encoder is not None:
                 raw_audio = write_raw_audio(audio, total / float(frame_rate), os.path.join(scratch, "audio.f32"))

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..finite import finite_number
+
 
 @dataclass(frozen=True)
 class FetaArgs:
     weight: float = 2.0
     start_percent: float = 0.0
     end_percent: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "start_percent", "end_percent"):
+            finite_number(name, getattr(self, name), "Wan Enhance-A-Video")
 
     def active_at(self, step: int, steps: int) -> bool:
         """On for steps whose fraction idx/steps lies in [start_percent, end_percent]."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from ...kernels.precision import is_fp8
 from ..checkpoint import CheckpointError, read_safetensors_header
+from ..finite import check_tensor
 from .layers import CastLinear, as_weight_scale, dequantize_into, quantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -88,7 +89,7 @@ def read_safetensors(path: str, keys: Iterable[str], transient: Callable[[str, t
             f.seek(base + start)
             if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
                 raise CheckpointError(f"{path}: tensor '{key}' is cut short. The file is truncated; fetch it again.")
-            yield key, tensor
+            yield key, check_tensor(key, tensor, path)
 
 
 def split_weight_scales(entries: Mapping[str, object]) -> tuple[dict[str, object], dict[str, object]]:

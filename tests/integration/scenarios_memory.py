@@ -41,7 +41,7 @@ def offload_core_clip(ctx) -> dict:
     clip = _quiet_load_clip(path)
     (cond,) = nodes.CLIPTextEncode().encode(clip, "a red cube")
     before = _loaded(mm)
-    stats, key, passthrough = offload.offload(clip, trigger=cond)
+    stats, key, passthrough, _ = offload.offload(clip, trigger=cond)
     out["cpu"] = {"stats": stats, "key": key, "passthrough_is_trigger": passthrough is cond,
                   "loaded_before": before, "loaded_after": _loaded(mm)}
 
@@ -54,9 +54,9 @@ def offload_core_clip(ctx) -> dict:
     (cond2,) = nodes.CLIPTextEncode().encode(lora_like, "a blue sphere")
     weights = {k: v.clone() for k, v in clip2.cond_stage_model.state_dict().items()}
     before = _loaded(mm)
-    stats2, key2, _ = offload.offload(clip2, trigger=cond2)   # the base handle; ComfyUI loaded the clone
+    stats2, key2, _, _ = offload.offload(clip2, trigger=cond2)   # the base handle; ComfyUI loaded the clone
     after = _loaded(mm)
-    _, key3, _ = offload.offload(lora_like, trigger=cond2)    # the clone resolves to the same key
+    _, key3, _, _ = offload.offload(lora_like, trigger=cond2)    # the clone resolves to the same key
     (cond3,) = nodes.CLIPTextEncode().encode(lora_like, "a blue sphere")   # ComfyUI loads it back
     out["device"] = {
         "stats": stats2, "key": key2, "clone_key": key3, "loaded_before": before, "loaded_after": after,
