@@ -20,6 +20,7 @@ from ..host import (
     input_dir,
     load_model_fully,
     offload_model_weights,
+    prefix_problem,
     publish,
     save_target,
     soft_empty_cache,
@@ -420,6 +421,11 @@ class SlipstreamAnimaSaveReferenceContext:
                                            "tooltip": "Path under the output folder; subfolders and %date:…% "
                                                       "patterns work. A number is appended."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):  # noqa: N802 (ComfyUI's name)
+        """Refuse a prefix no file can be saved under when the prompt is queued, before any training runs."""
+        return prefix_problem(filename_prefix)
 
     def save(self, context, filename_prefix):
         from safetensors.torch import save_file

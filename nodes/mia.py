@@ -28,6 +28,7 @@ from ..host import (
     manage_module,
     managed_home,
     model_folders,
+    notice,
     output_dir,
     publish,
     register_model_folder,
@@ -261,4 +262,11 @@ class SlipstreamLoadMesh:
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:
             raise MeshError(f"'{mesh_file}' points outside the input folder; pick a file under input/3d or input/.")
-        return (load_mesh(path),)
+        # A symbolic link inside input/ may lead anywhere; ComfyUI follows such links, and so do we, but
+        # the path is resolved once (the file read is the one named here) and the user is told.
+        real = os.path.realpath(path)
+        real_root = os.path.realpath(root)
+        if os.path.commonpath((real_root, real)) != real_root:
+            notice("Load Mesh", f"'{mesh_file}' is a symbolic link leading out of the input folder; "
+                                f"the mesh was read from {real}")
+        return (load_mesh(real),)

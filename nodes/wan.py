@@ -37,7 +37,7 @@ from ..kernels.precision import (
     supports_fp8_matmul,
 )
 from ..models.checkpoint import load_state_dict
-from ..models.finite import BadSettingError
+from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.dit import WanDiT
@@ -191,10 +191,11 @@ class WanLoraSelect:
         }}
 
     def select(self, lora, strength, prev_lora=None, blocks=""):
+        strength = finite_number("strength", strength, "Wan LoRA Select")
         chain = tuple(prev_lora or ())
         if strength != 0.0:
             model_path("loras", lora)   # fail now, naming the folder, not at load
-            chain += (WanLora(lora, float(strength), parse_blocks(blocks or "")),)
+            chain += (WanLora(lora, strength, parse_blocks(blocks or "")),)
         return (chain,)
 
 

@@ -19,7 +19,7 @@ from slipstream.models.wan.loading import read_safetensors
 from slipstream.models.wan.pipeline import WanTextEmbeds
 from slipstream.models.wan.vae import WanVAE
 from slipstream.nodes import wan_encoders
-from slipstream.nodes.wan import WanBlockSwap, WanEnhanceVideo
+from slipstream.nodes.wan import WanBlockSwap, WanEnhanceVideo, WanLoraSelect
 from slipstream.nodes.wan_encoders import (
     WanClipVisionEncode,
     WanDecode,
@@ -108,6 +108,18 @@ def _text_encode_nan(tmp: Path) -> None:
 
 NAN_LATENT = {"samples": torch.full((1, 16, 2, 4, 4), NAN)}
 
+
+def _sample_with_nan_text(t, negative: bool) -> None:
+    """The sampler's input check on embeds that an upstream node (or an API caller) filled with NaN."""
+    from types import SimpleNamespace
+
+    from slipstream.models.wan.pipeline import SamplerSettings, WanImageEmbeds, check_inputs
+
+    good, bad = torch.zeros(3, 4096), torch.full((3, 4096), NAN)
+    text = WanTextEmbeds((good,), bad) if negative else WanTextEmbeds((good, bad), None)
+    handle = SimpleNamespace(config=tiny(), name="tiny.safetensors")
+    check_inputs(handle, text, WanImageEmbeds(64, 48, 5), None, SamplerSettings())
+
 CASES = [
     BadInput("empty-embeds-0-frames", lambda t: WanEmptyEmbeds().make(64, 48, 0), BadSettingError,
              ("num_frames", "at least 1")),
@@ -136,6 +148,12 @@ CASES = [
     BadInput("decode-nan-latent", lambda t: WanDecode().decode(None, NAN_LATENT, False, 272, 64, True),
              NonFiniteError, ("samples", "NaN", "bf16")),
     BadInput("text-encode-nan-embeds", _text_encode_nan, NonFiniteError, ("text_embeds", "fp16")),
+    BadInput("sampler-nan-prompt-embeds", lambda t: _sample_with_nan_text(t, False), NonFiniteError,
+             ("text_embeds (prompt 2)", "NaN")),
+    BadInput("sampler-nan-negative-embeds", lambda t: _sample_with_nan_text(t, True), NonFiniteError,
+             ("text_embeds (negative prompt)", "NaN")),
+    BadInput("lora-strength-nan", lambda t: WanLoraSelect().select("any.safetensors", NAN), NonFiniteError,
+             ("strength", "finite")),
 ]
 
 

@@ -117,3 +117,39 @@ def test_a_linked_subfolder_is_followed_and_the_real_place_is_told(tmp_path, mon
     assert seen == [f"'video' is a symbolic link leading out of the output folder; the file was written to "
                     f"{elsewhere.resolve()}"]
     assert paths.link_note(host.save_target("clip")) is None
+
+
+def test_every_node_that_saves_under_a_prefix_checks_it_at_validation(workdirs):
+    """A bad filename_prefix fails when the prompt is queued, not after a long generation or training."""
+    from slipstream import NODE_CLASS_MAPPINGS
+
+    savers = {node_id: cls for node_id, cls in NODE_CLASS_MAPPINGS.items()
+              if "filename_prefix" in cls.INPUT_TYPES().get("required", {})}
+    assert {"SlipstreamVideoCombine", "SlipstreamSaveInt8Model", "SlipstreamAnimaSaveReferenceContext"} <= set(savers)
+    for node_id, cls in savers.items():
+        assert hasattr(cls, "VALIDATE_INPUTS"), f"{node_id} checks its filename_prefix only when it runs"
+        assert "NUL" in str(cls.VALIDATE_INPUTS(filename_prefix="bad\x00name")), node_id
+        assert cls.VALIDATE_INPUTS(filename_prefix="fine/name") is True, node_id
+
+
+def test_load_mesh_follows_a_link_out_of_input_once_and_says_where(tmp_path, workdirs):
+    """Load Mesh reads the file a link in input/ leads to (as ComfyUI does) and tells the user its real place."""
+    import trimesh
+    from slipstream import NODE_CLASS_MAPPINGS
+
+    elsewhere = tmp_path / "shared-assets"
+    elsewhere.mkdir()
+    trimesh.creation.box().export(elsewhere / "box.glb")
+    (workdirs["input"] / "3d").mkdir()
+    os.symlink(elsewhere / "box.glb", workdirs["input"] / "3d" / "box.glb")
+    seen = []
+    remove = host.add_notice_hook(lambda node, message: seen.append((node, message)))
+    try:
+        (mesh,) = NODE_CLASS_MAPPINGS["SlipstreamLoadMesh"]().load("3d/box.glb")
+        (workdirs["input"] / "plain.glb").write_bytes((elsewhere / "box.glb").read_bytes())
+        NODE_CLASS_MAPPINGS["SlipstreamLoadMesh"]().load("plain.glb")
+    finally:
+        remove()
+    assert len(mesh.vertices) == 8
+    assert seen == [("Load Mesh", f"'3d/box.glb' is a symbolic link leading out of the input folder; the mesh was "
+                                  f"read from {(elsewhere / 'box.glb').resolve()}")]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
+from ..finite import finite_input
 from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
@@ -336,6 +337,10 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
     cfg = handle.config
     if not text.positive:
         raise ValueError("The text embeds hold no positive prompt.")
+    for i, prompt in enumerate(text.positive):
+        finite_input(f"text_embeds (prompt {i + 1})", prompt, "Wan Sampler")
+    if text.negative is not None:
+        finite_input("text_embeds (negative prompt)", text.negative, "Wan Sampler")
     width = text.positive[0].shape[-1]
     if width != cfg.text_dim:
         raise ValueError(f"The text embeds are {width} wide but {handle.name} expects {cfg.text_dim} "
