@@ -57,6 +57,9 @@ def test_video_combine_feeds_core_save_video(comfyui, fmt):
         assert "prompt=" in tags and "slipstreamvideocombine" in tags
 
 
-def test_bad_option_is_refused_at_queue_time_with_the_reason(comfyui, harness_module):
+def test_bad_option_is_refused_with_the_reason_before_anything_is_written(comfyui, harness_module):
+    """A pix_fmt the format cannot carry is refused when the node starts (VALIDATE_INPUTS names only
+    filename_prefix, since ComfyUI files its answer under every input it names), and nothing is written."""
     with pytest.raises(harness_module.ComfyError, match="supports pix_fmt yuv420p10le, yuv420p"):
-        comfyui.post_prompt(_graph("video/av1-webm", "slip_video/bad", pix_fmt="yuv444p"))
+        comfyui.run(_graph("video/av1-webm", "slip_video/bad", pix_fmt="yuv444p"))
+    assert not list(comfyui.output_dir.glob("slip_video/bad*"))
