@@ -7,7 +7,7 @@ is one plain forward (no tokens, no autograd), i.e. what one sampler call costs,
 price of training over inference. Peak memory: CUDA max_memory_allocated, or on CPU the process's
 peak RSS (sampled every millisecond) above its RSS just before training (the weights already loaded). Run it alone:
 
-    flock /work/heavy.lock python benchmarks/anima_train.py [--configs tiny,mid] [--device cpu]
+    python benchmarks/anima_train.py [--configs tiny,mid] [--device cpu]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ compares like with like — the int8 layer replacing the float layer of a model 
 precision: vs fp32 = fp32 / W8A8(fp32 act), vs bf16 = bf16 / W8A8(bf16 act). Errors are relative
 L2 against a float64 reference on Gaussian data (W8A8 plain) and on data with a few 30× input
 channels (plain, and with ConvRot on).
-Goals (int8.md): ≥ 3.5× fp32 and ≥ 1.7× bf16 at M ≥ 256; error ≤ 1.5 % Gaussian, ≤ 2 % outliers.
+Goals: ≥ 3.5× fp32 and ≥ 1.7× bf16 at M ≥ 256; error ≤ 1.5 % Gaussian, ≤ 2 % outliers.
 
     python benchmarks/int8_linear.py [--rounds 15] [--quick]
 """
@@ -29,7 +29,7 @@ ROWS = [1, 16, 256, 1024]
 
 
 def outlier_input(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian activations with 0.5 % of the input channels scaled ×30 (int8.md §4.5)."""
+    """Gaussian activations with 0.5 % of the input channels scaled ×30, the outlier pattern real DiT activations show."""
     x = torch.randn(m, k, generator=gen)
     channels = torch.randperm(k, generator=gen)[: max(1, k // 200)]
     x[:, channels] *= 30.0

@@ -5,7 +5,7 @@ written once to a temporary safetensors cache in the layout MIA: Load Model uses
 times loading all five from that cache and rigging the procedural humanoid at 32,768 points.
 Random weights give a random rig, but the work per stage is the real work. Run it alone:
 
-    flock /work/heavy.lock python benchmarks/mia_rig.py
+    python benchmarks/mia_rig.py
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Baselines, same machine, same run, same ffmpeg binary:
 A third run encodes 3× the frames with our encoder: its growth should equal the 81-frame growth.
 
 Run under the shared lock so heavy jobs do not overlap:
-    flock /work/heavy.lock python benchmarks/video_combine.py
+    python benchmarks/video_combine.py
 """
 
 from __future__ import annotations

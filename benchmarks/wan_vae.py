@@ -1,6 +1,6 @@
 """Wan 2.1 VAE decode on CPU: seconds and peak RSS, whole frame vs spatial tiles.
 
-    flock /work/heavy.lock python benchmarks/wan_vae.py [--latent-frames 2 --size 320 --tile 16 --overlap 4]
+    python benchmarks/wan_vae.py [--latent-frames 2 --size 320 --tile 16 --overlap 4]
 
 The full-size VAE with random weights (no checkpoint needed) decodes a latent of `latent-frames`
 frames (1+4(n-1) video frames) of size x size pixels. Each row runs in its own subprocess so its

@@ -1,7 +1,7 @@
 """Offloading a model through ComfyUI's own model manager, so its bookkeeping stays true.
 
 Every function takes ComfyUI's `comfy.model_management` module as `mm`, so the logic is tested
-against fake modules of several ComfyUI eras (see offload.md §2.9):
+against fake modules of several ComfyUI eras:
 
 1. Act on the patcher ComfyUI actually manages: the entries of `mm.current_loaded_models` whose
    patcher is ours or a clone of ours (LoRA/clip-skip clones share the nn.Module).

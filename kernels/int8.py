@@ -6,12 +6,12 @@ ConvRot rotation (kernels/hadamard.py) in groups of 256 before quantizing; the g
 with the layer so a saved file reloads exactly.
 
 Activations: one dynamic scale per token row — with token outliers a per-tensor scale is 5× less
-accurate at the same cost (int8.md §4.5). The forward is quantize → `torch._int_mm` → one fused
+accurate at the same cost. The forward is quantize → `torch._int_mm` → one fused
 rescale + bias, returning the input's dtype (fp32 in, fp32 out; the public packs returned bf16).
 
 On CPU the fp32 work is done in row chunks that stay in cache: the eager abs/amax/div/round
 sequence over a whole 36 MB activation allocates several fresh buffers per call, each of which
-the kernel must page-fault in, and that alone cost as much as the GEMM (int8.md §4.4).
+the kernel must page-fault in, and that alone cost as much as the GEMM.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Kitchen's CUDA (and HIP) backend fuses the per-row activation quantization (with ConvRot), the int8 GEMM
 (cuBLASLt/CUTLASS, a dedicated M = 1 GEMV) and the rescale epilogue into one call, which beats
 our quantize → torch._int_mm → rescale sequence on NVIDIA GPUs. On CPU its eager backend copies
-and transposes the weight on every call (int8.md §3.5) and is slower than ours, so it is never
+and transposes the weight on every call and is slower than ours, so it is never
 used there. The first failing call switches it off for the process with one log line; our own
 path is always correct.
 """

@@ -1,6 +1,6 @@
 """Quantized checkpoint dialects in, one canonical layout out; and the official int8 layout written.
 
-Files in the wild carry int8 and fp8 layers in several dialects (int8.md §2.4, §2.6). Every loader
+Files in the wild carry int8 and fp8 layers in several dialects. Every loader
 of ours first turns a state dict into the canonical layout, so the per-layer code sees only:
 
 * int8 layer  — `P.weight` I8 [N, K], `P.weight_scale` F32 `[]` or `[N, 1]`, `P.comfy_quant`
@@ -16,7 +16,7 @@ explicit-Hadamard int8 layers (`quarot_hadamard`, optional `hadanorm_sigma`), wh
 dequantized to fp32 because no runtime here rotates with an arbitrary matrix. Input scales are
 dropped: activations are quantized per token at run time. Anything ambiguous is refused by name.
 
-Written: exactly what ComfyUI's own `UNETLoader` reads (int8.md §2.3, §6.1).
+Written: exactly what ComfyUI's own `UNETLoader` reads.
 """
 
 from __future__ import annotations

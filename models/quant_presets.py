@@ -1,6 +1,6 @@
 """Model families for int8 loading: how to recognise each from its keys, and which layers stay float.
 
-Exclusion lists follow the public INT8 packs (int8.md §1.4), rewritten as module-path components
+Exclusion lists follow the public INT8 packs, rewritten as module-path components
 so `layers.3` cannot match `layers.35` and a list cannot silently hit a renamed module: every
 pattern names modules that exist in ComfyUI's implementation of that family. What they keep float
 are the layers that run with M = batch size (timestep/guidance embedders, AdaLN generators, final

@@ -1,6 +1,6 @@
 """The registration table: every node of the pack, its id, class and display name.
 
-Ids are stored in users' workflows: once released they never change (see DESIGN.md).
+Ids are stored in users' workflows: once released they never change.
 """
 
 from __future__ import annotations

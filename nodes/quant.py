@@ -45,7 +45,7 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16",
 # stay floating point are kept and computed in.
 FLOAT_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # ConvRot for on-the-fly layers: channel outliers in real DiT activations cost plain W8A8 ~5×
-# its error (int8.md §4.5); rotation brings it back to the Gaussian floor.
+# its error; rotation brings it back to the Gaussian floor.
 ROTATE_ON_THE_FLY = True
 NO_MODELS = "(no files in models/diffusion_models)"
 

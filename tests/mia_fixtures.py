@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from slipstream.models.mia.networks import NETWORK_NAMES, PCAEConfig, build_network
 
-# A copy of the spec's fact sheet (shared/specs/mia_state_dict_shapes.txt): every key and shape of the
+# The fact sheet in tests/data/mia_state_dict_shapes.txt: every key and shape of the
 # five published networks.
 SHAPES_FILE = Path(__file__).resolve().parent / "data" / "mia_state_dict_shapes.txt"
 

@@ -12,7 +12,7 @@ from slipstream.models.checkpoint import CheckpointError, load_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# From the Anima spec (§2.10), the shapes ComfyUI's Anima has for the released 2B checkpoint.
+# The shapes ComfyUI's Anima has for the released 2B checkpoint.
 SPEC_SHAPES = {
     "x_embedder.proj.1.weight": (2048, 68),
     "t_embedder.1.linear_1.weight": (2048, 2048),

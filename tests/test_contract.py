@@ -10,7 +10,7 @@ from slipstream.nodes import NODES
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 SEED_IDS = {"MIALoadModel", "MIAAutoRig", "OTUNetLoaderW8A8", "AnimaFastTrainReferenceContext", "ArchAi3D_Offload_CLIP",
-            # named by the Anima issue alongside its seed node (the original pack's ids)
+            # shipped alongside its seed node (the original pack's ids)
             "AnimaFastTrainMaskedReferenceContext", "AnimaFastTrainPatchModel"}
 NODE_IDS = [node_id for node_id, _, _ in NODES]
 

@@ -1,4 +1,4 @@
-"""Only host/ may import ComfyUI; kernels/ imports nothing of ours; arrows point one way (DESIGN.md)."""
+"""Only host/ may import ComfyUI; kernels/ imports nothing of ours; arrows point one way (nodes → models/host → kernels)."""
 
 from __future__ import annotations
 

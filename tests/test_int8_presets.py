@@ -130,7 +130,7 @@ def test_auto_detects_each_family(family, prefix):
 
 @pytest.mark.parametrize("family", sorted(LINEARS))
 def test_each_exclusion_pattern_names_a_real_module(family):
-    """A pattern that matches nothing in the family's own module tree is a stale list (§1.4.5)."""
+    """A pattern that matches nothing in the family's own module tree is a stale list."""
     rules = P.BY_NAME[family].rules()
     modules = LINEARS[family] + [k.rsplit(".", 1)[0] for k in OTHER_KEYS[family] if "." in k]
     unused = [p for p in rules.patterns if not any(ExclusionRules.of([p]).match(m) for m in modules)]

@@ -1,6 +1,6 @@
 """host/comfy_memory.py against fake `comfy.model_management` modules of several ComfyUI eras.
 
-Shapes (offload.md §2.3, §2.9):
+Shapes:
   upstream  unload_model_and_clones + free_memory(..., keep_loaded, for_dynamic, pins_required, ram_required)
   legacy    free_memory(memory_required, device, keep_loaded=[])  (ComfyUI v0.8.0)
   minimal   free_memory(memory_required, device) without keep_loaded: only model_unload + pop is left

@@ -71,7 +71,7 @@ def test_glb_structure(rigs, humanoid, which, count):
     joint_nodes = skin["joints"]
     names = [doc["nodes"][i]["name"] for i in joint_nodes]
     assert len(joint_nodes) == count and all(n.startswith("mixamorig:") for n in names)
-    # hierarchy = the spec's parents
+    # hierarchy = the Mixamo skeleton's parents
     parent_of = {c: i for i, n in enumerate(doc["nodes"]) for c in n.get("children", [])}
     for node, name in zip(joint_nodes, names, strict=True):
         j = skeleton.INDEX[name]

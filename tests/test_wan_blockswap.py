@@ -377,7 +377,7 @@ def test_ram_does_not_grow_over_repeated_runs():
 
 
 def test_planner_on_the_real_wan_14b_block_size():
-    """Full-size blocks on `meta` (no memory): the spec's 351,394,304 parameters per 14B T2V block."""
+    """Full-size blocks on `meta` (no memory): the official 351,394,304 parameters per 14B T2V block."""
     from slipstream.models.wan.config import WAN21_T2V_14B
     from slipstream.models.wan.dit import WanDiT
 

@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 DiT configs: full-size module trees on `meta` against the spec's key table, detection
+"""Wan 2.1 / 2.2 DiT configs: full-size module trees on `meta` against the official key table, detection
 from shapes (blocks, widths, heads, model type) and the one place prefixes are stripped."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import config as wc
 from slipstream.models.wan.dit import WanDiT
 
-# The spec's table for T2V-1.3B (docs: shared/specs/wan.md §4.4), written out independently of the code.
+# The official T2V-1.3B key table, written out independently of the code.
 NON_BLOCK_1_3B = {
     "patch_embedding.weight": (1536, 16, 1, 2, 2), "patch_embedding.bias": (1536,),
     "text_embedding.0.weight": (1536, 4096), "text_embedding.0.bias": (1536,),

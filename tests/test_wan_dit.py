@@ -1,5 +1,5 @@
 """Wan 2.1 / 2.2 DiT: formulas (time embedding, 3-D RoPE, per-token timesteps), a whole forward of
-every variant against an independent float64 reference written from the spec, the hooks, and
+every variant against an independent float64 reference written from the official formulas, the hooks, and
 input errors."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_apply_rope_rotates_adjacent_pairs_like_complex_multiplication():
 # ------------------------------------------------------------------------------------ reference
 def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, context, clip_fea=None, y=None,
                       denoise_mask=None):
-    """The official forward, rewritten from the spec in float64 with complex RoPE and einsum unpatchify.
+    """The official forward, rewritten from the official code's formulas in float64 with complex RoPE and einsum unpatchify.
 
     With `denoise_mask` it is Wan 2.2's: token (i, j, k) gets timestep t · mask[0, i, 2j, 2k], and the
     time embedding and every modulation are per token."""

@@ -2,7 +2,7 @@
 
 Every module and attribute name here mirrors the published checkpoints
 (`output/best/new/{joints_coarse,bw,bw_normal,joints,pose}.pth`), so their state dicts load with
-`strict=True`; the spec's key list is the contract and the tests compare against it.
+`strict=True`; the key list of the released checkpoints (tests/data/mia_state_dict_shapes.txt) is the contract and the tests compare against it.
 
 The base is 3DShape2VecSet's perceiver-style autoencoder: 512 farthest-point-sampled latents
 cross-attend to the full 32,768-point cloud, 24 latent self-attention layers refine them, then

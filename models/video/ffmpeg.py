@@ -1,6 +1,6 @@
 """Find the ffmpeg binary to use and learn what it can encode.
 
-Order (wan.md §3.5): the SLIPSTREAM_FFMPEG environment variable wins and is used as given (an
+Order: the SLIPSTREAM_FFMPEG environment variable wins and is used as given (an
 error if it does not run). Otherwise the candidates are imageio-ffmpeg's binary (a dependency of
 the pack, so usually present) and `ffmpeg` on PATH; when both run, the one that can write more of
 our formats wins, then the newer build, then imageio-ffmpeg. Probing runs `ffmpeg -encoders` and

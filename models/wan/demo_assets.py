@@ -84,7 +84,7 @@ def tiny_spiece_model() -> bytes:
 
 
 def _umt5_hf_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official umT5 names -> the HF/ComfyUI names (wan.md §2.3 table, inverted)."""
+    """Official umT5 names -> the HF/ComfyUI names (the loader's renaming table, inverted)."""
     per_block = {"attn.q.weight": "layer.0.SelfAttention.q.weight", "attn.k.weight": "layer.0.SelfAttention.k.weight",
                  "attn.v.weight": "layer.0.SelfAttention.v.weight", "attn.o.weight": "layer.0.SelfAttention.o.weight",
                  "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",

@@ -4,7 +4,7 @@ Usage (run by comfy_harness.run_inprocess under COMFYUI_PYTHON, cwd = COMFYUI_DI
   python inprocess_boot.py COMFYUI_DIR BASE_DIR PACK_DIR SCENARIO_FILE FUNCTION PARAMS_JSON
 
 The scenario function gets a Context and returns a JSON-serialisable dict, printed on the last
-line after a marker. Order matters (comfyui.md §A.7): CPU mode and the base directory are set
+line after a marker. Order matters: CPU mode and the base directory are set
 before anything imports comfy.model_management or folder_paths, and `utils.extra_config` is
 imported before `nodes`, which puts ComfyUI/comfy first on sys.path.
 """
