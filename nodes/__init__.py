@@ -16,6 +16,7 @@ from . import (
     wan_bridges,
     wan_conditioning,
     wan_encoders,
+    wan_options,
 )
 
 NODES: list[tuple[str, type, str]] = [
@@ -46,12 +47,12 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanCompileSettings", wan.WanCompileSettings, "Wan Compile Settings"),
     ("SlipstreamWanLoraSelect", wan.WanLoraSelect, "Wan LoRA Select"),
     ("SlipstreamWanApplyLora", wan.WanApplyLora, "Wan Apply LoRA"),
-    ("SlipstreamWanEnhanceVideo", wan.WanEnhanceVideo, "Wan Enhance-A-Video"),
-    ("SlipstreamWanContextOptions", wan.WanContextOptions, "Wan Context Options"),
+    ("SlipstreamWanEnhanceVideo", wan_options.WanEnhanceVideo, "Wan Enhance-A-Video"),
+    ("SlipstreamWanContextOptions", wan_options.WanContextOptions, "Wan Context Options"),
     ("SlipstreamWanSampler", wan.WanSampler, "Wan Sampler"),
-    ("SlipstreamWanCacheArgs", wan.WanCacheArgs, "Wan Cache Args"),
-    ("SlipstreamWanSkipLayerGuidance", wan.WanSkipLayerGuidance, "Wan Skip Layer Guidance"),
-    ("SlipstreamWanGuidanceOptions", wan.WanGuidanceOptions, "Wan Guidance Options"),
+    ("SlipstreamWanCacheArgs", wan_options.WanCacheArgs, "Wan Cache Args"),
+    ("SlipstreamWanSkipLayerGuidance", wan_options.WanSkipLayerGuidance, "Wan Skip Layer Guidance"),
+    ("SlipstreamWanGuidanceOptions", wan_options.WanGuidanceOptions, "Wan Guidance Options"),
     ("SlipstreamWanTextEncoderLoader", wan_encoders.WanTextEncoderLoader, "Wan Text Encoder Loader"),
     ("SlipstreamWanTextEncode", wan_encoders.WanTextEncode, "Wan Text Encode"),
     ("SlipstreamWanClipVisionLoader", wan_encoders.WanClipVisionLoader, "Wan CLIP Vision Loader"),

@@ -19,7 +19,7 @@ from slipstream.models.wan.loading import read_safetensors
 from slipstream.models.wan.pipeline import WanTextEmbeds
 from slipstream.models.wan.vae import WanVAE
 from slipstream.nodes import wan_encoders
-from slipstream.nodes.wan import WanBlockSwap, WanEnhanceVideo, WanLoraSelect
+from slipstream.nodes.wan import WanBlockSwap, WanLoraSelect
 from slipstream.nodes.wan_encoders import (
     WanClipVisionEncode,
     WanDecode,
@@ -27,6 +27,7 @@ from slipstream.nodes.wan_encoders import (
     WanImageToVideoEncode,
     WanTextEncode,
 )
+from slipstream.nodes.wan_options import WanEnhanceVideo
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
 from bad_input_cases import BadInput, assert_bad_input, cases_param  # noqa: E402

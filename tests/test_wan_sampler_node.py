@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from slipstream.models.wan.pipeline import RESUME_KEY, WanImageEmbeds
-from slipstream.nodes import wan
+from slipstream.nodes import wan, wan_options
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
 from wan_sampler_fixtures import tiny_handle, tiny_text
@@ -67,8 +67,8 @@ def test_node_level_bad_input():
     with pytest.raises(ValueError, match="cfg must be a finite number"):
         _sample(handle, cfg=float("nan"))
     with pytest.raises(ValueError, match="threshold must be in"):
-        wan.WanCacheArgs().make("teacache", 2.0, 1, -1, "main_device")
-    (slg,) = wan.WanSkipLayerGuidance().make("5", 0.0, 1.0)
+        wan_options.WanCacheArgs().make("teacache", 2.0, 1, -1, "main_device")
+    (slg,) = wan_options.WanSkipLayerGuidance().make("5", 0.0, 1.0)
     with pytest.raises(ValueError, match="past the model"):
         _sample(handle, slg_args=slg)
     sigmas = torch.tensor([1.0, 0.5, 0.0])
@@ -77,9 +77,9 @@ def test_node_level_bad_input():
 
 
 def test_args_nodes_build_their_settings():
-    (cache,) = wan.WanCacheArgs().make("magcache", 0.12, 2, -1, "offload_device", 3, 0.1)
+    (cache,) = wan_options.WanCacheArgs().make("magcache", 0.12, 2, -1, "offload_device", 3, 0.1)
     assert (cache.method, cache.magcache_k, cache.cache_device) == ("magcache", 3, "offload_device")
-    (guidance,) = wan.WanGuidanceOptions().make(True, 1, "4,4,3,3", 6)
+    (guidance,) = wan_options.WanGuidanceOptions().make(True, 1, "4,4,3,3", 6)
     assert guidance.cfg_per_step == (4.0, 4.0, 3.0, 3.0) and guidance.riflex_freq_index == 6
     latent, _ = _sample(_handle(), cache_args=cache, guidance_args=guidance)
     assert torch.isfinite(latent["samples"]).all()
