@@ -4,35 +4,23 @@ errors a mismatched VAE, model or end frame gives."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from slipstream import NODE_CLASS_MAPPINGS as N
 from slipstream.models.wan import demo_assets as assets
 from slipstream.models.wan.latents import normalize_latent
 
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+import test_wan_nodes as shared  # noqa: E402
+
+# The Wan node tests' tiny files hold the Wan 2.2 ones too: the same fixtures serve both modules.
+tiny_models, wan_dirs, _node = shared.tiny_models, shared.wan_dirs, shared._node
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan22")
-    assets.write_tiny_wan_models(root / "models", root / "input")
-    return root
-
-
-@pytest.fixture
-def wan_dirs(tiny_models, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
-    monkeypatch.setenv("SLIPSTREAM_INPUT", str(tiny_models / "input"))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
-    return tiny_models
-
-
-def _node(node_id):
-    cls = N[node_id]
-    return getattr(cls(), cls.FUNCTION)
 
 
 def _image(root, name):
