@@ -33,6 +33,9 @@ optional `fn(q, k, grid) -> scale` called in every self-attention with q, k afte
 official Enhance-A-Video (FETA) processor applies its score. Use `dataclasses.replace(inputs, …)`
 to change one field for some blocks.
 
+Speech models (MultiTalk, FantasyTalking) attach with `attach_audio(adapter)` and take their
+features through `audio=`; the hooks they use inside the blocks are in models/wan/audio_hooks.py.
+
 Attention goes through `kernels.attention.attention`; the backend is the model's
 `attention_backend` (set at load, any name from `backend_choices()`) or the `attention_backend`
 argument of `forward`/`embed` for one call.
@@ -55,6 +58,7 @@ from ..checkpoint import (
     read_safetensors_header,
     refuse_non_float,
 )
+from .audio_hooks import AudioAdapter, AudioConditioning, BlockAudio, check_conditioning
 from .config import WanDiTConfig, detect_config, file_hint, strip_dit_prefix
 from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .loading import (
@@ -84,6 +88,7 @@ class BlockInputs:
     compute_dtype: torch.dtype
     attention_backend: str = "auto"
     self_attn_scale: SelfAttnScale | None = None
+    audio: BlockAudio | None = None       # speech-model hooks of this forward (models/wan/audio_hooks.py)
 
 
 BlockRunner = Callable[[int, "WanBlock", torch.Tensor, BlockInputs], torch.Tensor]
@@ -133,6 +138,8 @@ class WanSelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), inputs.rope_cos, inputs.rope_sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), inputs.rope_cos, inputs.rope_sin)
         v = self.v(x).unflatten(-1, heads)
+        if inputs.audio is not None:
+            inputs.audio.self_attention(self, q, k, inputs)
         out = self.o(_attend(q, k, v, inputs.attention_backend))
         if inputs.self_attn_scale is not None:
             out = out * inputs.self_attn_scale(q, k, inputs.grid)
@@ -163,6 +170,10 @@ class WanCrossAttention(nn.Module):
             img = inputs.context_img
             k_img = self.norm_k_img(self.k_img(img)).unflatten(-1, heads)
             out = out + _attend(q, k_img, self.v_img(img).unflatten(-1, heads), inputs.attention_backend)
+        if inputs.audio is not None:
+            extra = inputs.audio.cross_attention(self, q, inputs)
+            if extra is not None:
+                out = out + extra
         return self.o(out)
 
 
@@ -187,6 +198,10 @@ class WanBlock(nn.Module):
         y = self.self_attn((self.norm1(x) * (1 + scale_sa) + shift_sa).to(cd), inputs)
         x = x + y.float() * gate_sa
         x = x + self.cross_attn(self.norm3(x).to(cd), inputs).float()
+        if inputs.audio is not None:
+            extra = inputs.audio.after_cross_attention(self, x, inputs)
+            if extra is not None:
+                x = x + extra.float()
         y = self.ffn((self.norm2(x) * (1 + scale_ff) + shift_ff).to(cd))
         return x + y.float() * gate_ff
 
@@ -248,6 +263,16 @@ class WanDiT(nn.Module):
         self.head = WanHead(config)
         if config.has_clip:
             self.img_emb = WanImageEmbedding(config)
+        self.audio_adapter: AudioAdapter | None = None
+
+    def attach_audio(self, adapter: AudioAdapter) -> None:
+        """Attach a speech model (MultiTalk, FantasyTalking): its per-block modules join the blocks,
+        its projector becomes `self.audio_adapter`; a second speech model is refused."""
+        if self.audio_adapter is not None:
+            raise ValueError(f"this Wan model already carries a {self.audio_adapter.family} model; load the "
+                             "model again to attach another speech model.")
+        adapter.attach(self)
+        self.audio_adapter = adapter
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -346,21 +371,23 @@ class WanDiT(nn.Module):
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
                 block_runner: BlockRunner | None = None, attention_backend: str | None = None,
                 self_attn_scale: SelfAttnScale | None = None,
-                denoise_mask: torch.Tensor | None = None) -> torch.Tensor:
+                denoise_mask: torch.Tensor | None = None, audio: AudioConditioning | None = None) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (fp32) for the noisy latent x; see the module docstring."""
         tokens, inputs = self.embed(x, timestep, context, clip_fea, y, attention_backend=attention_backend,
-                                    self_attn_scale=self_attn_scale, denoise_mask=denoise_mask)
+                                    self_attn_scale=self_attn_scale, denoise_mask=denoise_mask, audio=audio)
         tokens = self.forward_blocks(tokens, inputs, block_runner)
         return self.unembed(tokens, inputs)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
               clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
               attention_backend: str | None = None, self_attn_scale: SelfAttnScale | None = None,
-              denoise_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockInputs]:
+              denoise_mask: torch.Tensor | None = None,
+              audio: AudioConditioning | None = None) -> tuple[torch.Tensor, BlockInputs]:
         """Patchify and embed everything the blocks need: (fp32 tokens [B, L, dim], BlockInputs)."""
         cfg, cd = self.config, self.compute_dtype
         self._check_inputs(x, timestep, context, clip_fea, y)
         _check_denoise_mask(denoise_mask, x)
+        check_conditioning(self.audio_adapter, audio, f"the {cfg.name} Wan DiT")
         device = x.device
         if cfg.has_image_input:
             x = torch.cat([x, y.to(device=device, dtype=x.dtype)], dim=1)
@@ -385,10 +412,12 @@ class WanDiT(nn.Module):
         context_img = self.img_emb(clip_fea.to(device=device, dtype=cd)) if cfg.has_clip else None
 
         cos, sin = rope_cos_sin(grid, cfg.rope_axes, device)
+        block_audio = None if audio is None else self.audio_adapter.prepare(
+            audio, batch=x.shape[0], grid=grid, device=device, dtype=cd)
         inputs = BlockInputs(e0=e0, e=e, context=context, context_img=context_img, rope_cos=cos, rope_sin=sin,
                              grid=grid, compute_dtype=cd,
                              attention_backend=attention_backend or self.attention_backend,
-                             self_attn_scale=self_attn_scale)
+                             self_attn_scale=self_attn_scale, audio=block_audio)
         return tokens, inputs
 
     def forward_blocks(self, tokens: torch.Tensor, inputs: BlockInputs,
