@@ -36,9 +36,11 @@ from ..kernels.precision import (
     resolve_dtype,
     supports_fp8_matmul,
 )
+from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, convert_linears
 from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
+from ..models.quant_presets import BY_NAME
 from ..models.wan.dit import WanDiT
 from ..models.wan.lora import merge_lora, parse_blocks, parse_lora
 from ..models.wan.pipeline import (
@@ -240,10 +242,6 @@ def _log_report(what: str, report) -> None:
 # ---------------------------------------------------------------------------------- model loader
 
 
-# Linear layers outside the transformer blocks stay float under int8 (as in the INT8 loader's Wan rules).
-INT8_KEEP_FLOAT = ("text_embedding", "time_embedding", "time_projection", "head", "img_emb")
-
-
 def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     if quantization == "disabled":
         return None
@@ -357,14 +355,9 @@ def _merge_loras(dit: WanDiT, chain) -> None:
 
 
 def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
-    """W8A8 for the block Linears through kernels/int8.py, the same path as the INT8 model loader."""
-    try:
-        from ..kernels.quant_layer import ExclusionRules, QuantPlan, convert_linears
-        from .quant import ROTATE_ON_THE_FLY
-    except ImportError as exc:
-        raise UnsupportedDtypeError("int8_w8a8 needs kernels/int8.py, which this build does not include yet; "
-                                    "choose fp8_e4m3fn or disabled.") from exc
-    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=ExclusionRules.of(INT8_KEEP_FLOAT),
+    """W8A8 for the block Linears through kernels/int8.py, with the INT8 model loader's Wan rules (the
+    embeddings, the head and the CLIP projection stay float)."""
+    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=BY_NAME["wan"].rules(),
                      work_device=device if device.type == "cuda" else None)
     bar = ProgressBar(1)
     report = convert_linears(dit, plan, on_layer=lambda done, total: bar.update_absolute(done, total))

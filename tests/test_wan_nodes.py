@@ -3,16 +3,11 @@ reproducible seeds, interrupts, core-latent interop, settings nodes and the erro
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from slipstream import NODE_CLASS_MAPPINGS as N
 from slipstream import host
 from slipstream.models.wan import demo_assets as assets
-
-HAS_CLIP = importlib.util.find_spec("slipstream.models.wan.clip_vision") is not None
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -20,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
-    assets.write_tiny_wan_models(root / "models", root / "input", image_to_video=HAS_CLIP)
+    assets.write_tiny_wan_models(root / "models", root / "input", image_to_video=True)
     return root
 
 
@@ -142,7 +137,6 @@ def test_fp8_storage_loads_and_samples(wan_dirs):
     assert torch.isfinite(latent["samples"]).all()
 
 
-@pytest.mark.skipif(not HAS_CLIP, reason="models/wan/clip_vision.py is not in this build yet")
 def test_image_to_video_through_every_node(wan_dirs):
     from PIL import Image
 
@@ -175,10 +169,6 @@ def test_every_wan_node_has_a_help_page():
         assert "## Inputs" in text and "## Outputs" in text and "## Errors" in text
 
 
-HAS_LORA = importlib.util.find_spec("slipstream.models.wan.lora") is not None
-HAS_INT8 = importlib.util.find_spec("slipstream.kernels.quant_layer") is not None
-
-
 def _write_lora(path, rank=4, seed=0):
     """A LoRA in ComfyUI/diffusion-pipe naming on the tiny T2V model's q and ffn.0 of block 0."""
     from safetensors.torch import save_file
@@ -193,7 +183,6 @@ def _write_lora(path, rank=4, seed=0):
     save_file(sd, str(path))
 
 
-@pytest.mark.skipif(not HAS_LORA, reason="models/wan/lora.py is not in this build yet")
 def test_lora_chain_merges_at_load(wan_dirs):
     _write_lora(wan_dirs / "models" / "loras" / "tiny_lora.safetensors")
     (plain,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "disabled", "main_device")
@@ -208,7 +197,6 @@ def test_lora_chain_merges_at_load(wan_dirs):
     assert skipped == ()
 
 
-@pytest.mark.skipif(not HAS_INT8, reason="kernels/int8.py is not in this build yet")
 def test_int8_w8a8_blocks_with_block_swap(wan_dirs):
     (swap,) = _node("SlipstreamWanBlockSwap")(1, False, False, True, 1)
     (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "fp32", "int8_w8a8", "main_device",
