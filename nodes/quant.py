@@ -22,6 +22,7 @@ from ..host import (
     load_int8_diffusion_model,
     model_path,
     model_value,
+    notice,
     offload_device,
     prefix_problem,
     publish,
@@ -30,7 +31,7 @@ from ..host import (
     ui_file,
 )
 from ..kernels.int8 import kernel_note
-from ..kernels.precision import UnsupportedDtypeError, device_capability, fp8_dtype, supports_fp8_matmul
+from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
 from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
 from ..models.checkpoint import load_state_dict, read_metadata
 from ..models.quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
@@ -61,11 +62,10 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
         note += " (e5m2 has half of e4m3's precision; prefer fp8_e4m3fn)"
     fast = weight_dtype.endswith("_fast")
     if fast:
-        capability = device_capability(device)
-        if not supports_fp8_matmul(capability):
-            where = f"this {device.type.upper()} device" if capability is None else f"compute capability {capability}"
-            note += (f"; fp8 matmul needs an NVIDIA GPU with compute capability 8.9 or newer, not available on "
-                     f"{where}: those layers compute in the activation dtype instead")
+        missing = fp8_matmul_missing(device)
+        if missing is not None:
+            notice("Load Diffusion Model INT8 (W8A8)", f"{weight_dtype}: {missing}.")
+            note += f"; {missing}"
             fast = False
         else:
             note += "; fp8 matmul on for them"

@@ -22,6 +22,7 @@ from ..host import (
     make_room,
     model_folders,
     model_path,
+    notice,
     offload_device,
     soft_empty_cache,
     vram_info,
@@ -31,10 +32,9 @@ from ..kernels.attention import backend_choices, require_backend
 from ..kernels.blockswap import plan_block_swap, unit_bytes
 from ..kernels.precision import (
     UnsupportedDtypeError,
-    device_capability,
     fp8_dtype,
+    fp8_matmul_missing,
     resolve_dtype,
-    supports_fp8_matmul,
 )
 from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, convert_linears
 from ..models.checkpoint import load_state_dict
@@ -247,10 +247,6 @@ def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -
         return None
     if quantization == "int8_w8a8":
         return dtype  # load float (fp8 files are dequantized), then quantize the block Linears to int8
-    if quantization.endswith("_fast") and not supports_fp8_matmul(device_capability(device)):
-        raise UnsupportedDtypeError(
-            f"{quantization} needs fp8 matrix multiply, which only Ada (RTX 40xx, compute capability 8.9) and "
-            f"newer GPUs have; {device} does not. Choose {quantization.removesuffix('_fast')} (same memory).")
     return fp8_dtype(quantization)
 
 
@@ -294,7 +290,8 @@ class WanModelLoader:
             "quantization": (list(QUANTIZATIONS), {"default": "disabled",
                                                    "tooltip": "Storage of the big block weights: fp8 halves their "
                                                               "memory (fp8 files are kept as fp8 automatically). "
-                                                              "'_fast' needs an RTX 40xx or newer."}),
+                                                              "'_fast' also multiplies in fp8 on RTX 40xx / "
+                                                              "H100 and newer (elsewhere: plain fp8, with a note)."}),
             "load_device": (list(LOAD_DEVICES), {"default": "main_device",
                                                  "tooltip": "Where weights wait between runs: main_device (GPU, "
                                                             "fast start) or offload_device (RAM, frees VRAM for "
@@ -330,8 +327,12 @@ class WanModelLoader:
             _merge_loras(dit, lora)
         if quantization == "int8_w8a8":
             _quantize_int8(dit, device)
-        elif quantization.endswith("_fast"):   # the device was checked in _weight_dtype
-            log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
+        elif quantization.endswith("_fast"):
+            missing = fp8_matmul_missing(device)
+            if missing is None:
+                log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
+            else:   # the same rule as the INT8 loader: keep the fp8 storage, say so once, loudly
+                notice("Wan Model Loader", f"{quantization}: {missing}.")
         host_blocks = None
         if swapping:
             _log_swap_plan(dit, swap, device)
