@@ -8,6 +8,7 @@ from __future__ import annotations
 from . import (
     anima,
     anima_loaders,
+    audio,
     memory,
     mia,
     quant,
@@ -68,6 +69,8 @@ NODES: list[tuple[str, type, str]] = [
      "Wan Text Embeds from Conditioning"),
     ("SlipstreamWanClipEmbedsFromVisionOutput", wan_bridges.WanClipEmbedsFromVisionOutput,
      "Wan CLIP Embeds from CLIP Vision Output"),
+    # audio (speech encoders for the talking-head Wan families)
+    ("SlipstreamSpeechEncoderLoader", audio.SlipstreamSpeechEncoderLoader, "Load Speech Encoder (wav2vec2)"),
     # int8 family
     ("OTUNetLoaderW8A8", quant.LoadDiffusionModelInt8, "Load Diffusion Model INT8 (W8A8)"),
     ("SlipstreamSaveInt8Model", quant.SaveInt8Model, "Save INT8 Model"),
