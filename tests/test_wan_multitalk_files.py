@@ -188,3 +188,18 @@ def test_speaker_placement_errors():
     tiny_region[1, 30:, 30:] = 1
     with pytest.raises(ValueError, match="speaker 1's mask covers no latent patch"):
         token_regions(tiny_region, (8, 12), (4, 6))
+
+
+def test_int8_conversion_takes_the_block_linears_and_keeps_the_projector_float():
+    from slipstream.kernels.quant_layer import QuantPlan, convert_linears
+    from slipstream.models.quant_presets import BY_NAME
+
+    dit = WanDiT.from_state_dict(random_state_dict(CFG, seed=2))
+    dit.attach_audio(MultiTalkAdapter.from_state_dict(tiny_multitalk_state_dict(CFG), dit))
+    convert_linears(dit, QuantPlan(on_the_fly=True, exclude=BY_NAME["wan"].rules()))
+    assert type(dit.blocks[1].audio_cross_attn.kv_linear).__name__ != "CastLinear"
+    assert type(dit.audio_adapter.audio_proj.proj1).__name__ == "CastLinear"
+    f, h, w = 3, 8, 12
+    out = dit(torch.randn(1, 16, f, h, w), torch.tensor([500.0]), torch.randn(1, 5, 64), torch.randn(1, 257, 96),
+              torch.randn(1, 20, f, h, w), audio=tiny_features(9, speakers=2, image_hw=(64, 96)))
+    assert torch.isfinite(out).all()
