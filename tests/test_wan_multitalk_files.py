@@ -68,7 +68,7 @@ def test_released_key_table_at_full_size_attaches_to_the_i2v_14b_on_meta():
         assert is_multitalk_file(meta_file(prefix=prefix))
     adapter = MultiTalkAdapter.from_state_dict(meta_file(), dit, dtype=torch.bfloat16,
                                                what="infinitetalk_single.safetensors")
-    assert adapter.variant == "infinitetalk"
+    assert adapter.variant == "infinitetalk-single"
     dit.attach_audio(adapter)
     shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
     for key, shape in table.items():

@@ -209,6 +209,15 @@ def check_dit(dit: WanDiT, sizes: Mapping[str, int | bool], what: str) -> None:
                               f"{needed}")
 
 
+def _variant(what: str) -> str:
+    """"multitalk", "infinitetalk-single", "infinitetalk-multi" or "infinitetalk" from a file name: the
+    releases share one key table, so only the name tells them apart (it changes nothing but notes)."""
+    name = what.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    if "infinite" not in name:
+        return "multitalk"
+    return next((f"infinitetalk-{kind}" for kind in ("single", "multi") if kind in name), "infinitetalk")
+
+
 class MultiTalkAdapter(AudioAdapter):
     """MultiTalk / InfiniteTalk speech weights for one Wan DiT (see the module docstring)."""
 
@@ -219,9 +228,10 @@ class MultiTalkAdapter(AudioAdapter):
         super().__init__()
         self.patch_size = patch_size
         self.audio_proj = projector
-        self.variant = variant                     # "multitalk" / "infinitetalk" (from the file name), for logs
+        self.variant = variant                     # from the file name (see _variant), for logs
         self._pending: list[_AudioBlock] | None = blocks    # a plain list: not registered twice
         self._cache: list[tuple[object, tuple, torch.Tensor]] = []
+        self._told_single = False
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -261,12 +271,12 @@ class MultiTalkAdapter(AudioAdapter):
         dit_storage = dit.blocks[0].self_attn.q.weight.dtype
         plan = DtypePlan(compute, dit_storage if dit_storage in FP8_MAX else compute, frozenset(block_linears))
         stored = {k: v.dtype for k, v in weights.items()}
-        outputs = allocate_outputs(shapes, stored, plan, dit.device, [k + ".weight" for k in scales],
+        # where the blocks live (RAM for a block-swapped model): no detour through the GPU for 2.4 B weights
+        device = dit.blocks[0].self_attn.q.weight.device
+        outputs = allocate_outputs(shapes, stored, plan, device, [k + ".weight" for k in scales],
                                    adopt_unchanged=True)
-        assign_weights(tree, ((k, weights[k]) for k in shapes), plan, dit.device, scales, outputs=outputs)
-        hint = what.replace("\\", "/").rsplit("/", 1)[-1].lower()
-        variant = "infinitetalk" if "infinite" in hint else "multitalk"
-        return cls(tree.audio_proj, list(tree.blocks), variant, dit.config.patch_size)
+        assign_weights(tree, ((k, weights[k]) for k in shapes), plan, device, scales, outputs=outputs)
+        return cls(tree.audio_proj, list(tree.blocks), _variant(what), dit.config.patch_size)
 
     @classmethod
     def from_file(cls, path: str, dit: WanDiT, *, dtype: torch.dtype | None = None) -> MultiTalkAdapter:
@@ -285,6 +295,7 @@ class MultiTalkAdapter(AudioAdapter):
         """Put each block's speech modules into `dit.blocks[i]` (on that block's device)."""
         if self._pending is None:
             raise ValueError("this MultiTalk adapter is already attached to a model; load the file again for another.")
+        self.audio_proj.to(dit.device)          # beside the text embedding, on the compute device
         for block, audio in zip(dit.blocks, self._pending, strict=True):
             device = block.self_attn.q.weight.device
             block.audio_cross_attn = audio.audio_cross_attn.to(device)
@@ -308,6 +319,10 @@ class MultiTalkAdapter(AudioAdapter):
                              "chinese-wav2vec2-base (12 layers of 768) in the MultiTalk embeds node.")
         tokens = self._tokens(conditioning, device, dtype)              # [S, f, tokens, audio_dim]
         speakers = conditioning.speakers
+        if speakers == 2 and self.variant == "infinitetalk-single" and not self._told_single:
+            self._told_single = True
+            log.info("Wan: two speakers with InfiniteTalk's single-speaker weights; infinitetalk_multi is the "
+                     "release trained for two.")
         tokens = tokens.permute(1, 0, 2, 3).reshape(f, -1, tokens.shape[-1])   # speaker 1's tokens, then 2's
         regions = None
         if speakers > 1:

@@ -71,7 +71,12 @@ class MultiTalkConditioning:
         return MultiTalkConditioning(zeros, None, self.audio_scale)
 
     def frames(self, start: int, count: int) -> MultiTalkConditioning:
-        """The windows of video frames [start, start + count)."""
+        """The windows of video frames [start, start + count).
+
+        The slice's first frame is projected as a clip's first frame (the projector's 5-row path), as
+        every official streaming clip starts. For latent frames [s, s + n) of a longer latent use
+        frames(4s, 4n - 3): latent frame s > 0 ends on video frame 4s, and every later latent frame then
+        takes exactly its own 4 video frames (s = 0 gives frames(0, 4n - 3), the whole clip)."""
         if start < 0 or count < 1 or start + count > self.num_frames:
             raise ValueError(f"frames [{start}, {start + count}) are outside the {self.num_frames} video frames "
                              "the audio features cover.")
