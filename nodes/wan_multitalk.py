@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..host import ProgressBar
+from ..models.wan.errors import WanInputError
 from ..models.wan.multitalk_conditioning import regions_from_bboxes, regions_from_masks, regions_left_right
 from ..models.wan.multitalk_speech import AUDIO_TYPES, multitalk_speech
 from .wan import CATEGORY
@@ -23,7 +24,7 @@ def speaker_regions(placement: str, mask_1=None, mask_2=None, bbox_1: str = "", 
     """[3, H, W] regions (speaker 1, speaker 2, background) from the node's placement inputs."""
     if placement == "masks":
         if mask_1 is None or mask_2 is None:
-            raise ValueError("placement 'masks' needs mask_1 and mask_2 (white where each speaker is, on the "
+            raise WanInputError("placement 'masks' needs mask_1 and mask_2 (white where each speaker is, on the "
                              "start image); or choose the 'left / right' or 'bounding boxes' placement.")
         first, second = (m[0] if m.dim() == 3 else m for m in (mask_1, mask_2))
         return regions_from_masks(first, second)
@@ -31,9 +32,9 @@ def speaker_regions(placement: str, mask_1=None, mask_2=None, bbox_1: str = "", 
         return regions_left_right(*_NOMINAL_HW)
     if placement == "bounding boxes":
         if start_image is None:
-            raise ValueError("placement 'bounding boxes' needs start_image: the boxes are pixels of that image.")
+            raise WanInputError("placement 'bounding boxes' needs start_image: the boxes are pixels of that image.")
         return regions_from_bboxes(bbox_1, bbox_2, int(start_image.shape[1]), int(start_image.shape[2]))
-    raise ValueError(f"placement must be one of {PLACEMENTS}, got '{placement}'.")
+    raise WanInputError(f"placement must be one of {PLACEMENTS}, got '{placement}'.")
 
 
 class WanMultiTalkEmbeds:

@@ -22,6 +22,7 @@ from slipstream.models.wan.config import (
     tiny,
 )
 from slipstream.models.wan.dit import WanDiT, random_state_dict
+from slipstream.models.wan.errors import WanInputError
 from slipstream.models.wan.multitalk import MultiTalkAdapter, is_multitalk_file, multitalk_keys
 from slipstream.models.wan.multitalk_conditioning import (
     MultiTalkConditioning,
@@ -31,6 +32,7 @@ from slipstream.models.wan.multitalk_conditioning import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from bad_input_cases import BadInput, assert_bad_input, cases_param  # noqa: E402
 from multitalk_fixtures import tiny_features, tiny_multitalk_state_dict, write_tiny_multitalk  # noqa: E402
 
 CFG = tiny("i2v", text_dim=64, clip_dim=96)
@@ -203,3 +205,48 @@ def test_int8_conversion_takes_the_block_linears_and_keeps_the_projector_float()
     out = dit(torch.randn(1, 16, f, h, w), torch.tensor([500.0]), torch.randn(1, 5, 64), torch.randn(1, 257, 96),
               torch.randn(1, 20, f, h, w), audio=tiny_features(9, speakers=2, image_hw=(64, 96)))
     assert torch.isfinite(out).all()
+
+
+def _speech_node(**kw):
+    from slipstream.nodes.wan_multitalk import WanMultiTalkEmbeds
+    args = dict(num_frames=9, frame_rate=25.0, audio_scale=1.0, normalize_loudness=False, multi_audio_type="para",
+                placement="masks")
+    args.update(kw)
+    voice = {"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000}
+    return WanMultiTalkEmbeds().encode(None, voice, **args)
+
+
+def _truncated(tmp_path):
+    path = tmp_path / "multitalk.safetensors"
+    write_tiny_multitalk(path, CFG)
+    path.write_bytes(path.read_bytes()[:-64])
+    return MultiTalkAdapter.from_file(str(path), WanDiT.from_state_dict(random_state_dict(CFG, seed=2)))
+
+
+BAD_INPUTS = [
+    BadInput("on-t2v-14b", lambda _: MultiTalkAdapter.from_state_dict(meta_file(), WanDiT.build_meta(WAN21_T2V_14B)),
+             CheckpointError, ("Wan2.1-T2V-14B", "Wan2.1-I2V-14B")),
+    BadInput("on-1.3b", lambda _: MultiTalkAdapter.from_state_dict(meta_file(), WanDiT.build_meta(WAN21_T2V_1_3B)),
+             CheckpointError, ("1.3B", "Wan2.1-I2V-14B")),
+    BadInput("truncated-file", _truncated, CheckpointError, ("multitalk.safetensors",)),
+    BadInput("two-speakers-no-masks", lambda _: _speech_node(audio_2={"waveform": torch.zeros(1, 1, 800),
+                                                                       "sample_rate": 16000}),
+             WanInputError, ("mask_1", "mask_2", "left / right")),
+    BadInput("frames-not-4k+1", lambda _: _speech_node(num_frames=10), WanInputError, ("num_frames", "4k + 1")),
+    BadInput("bad-bbox", lambda _: _speech_node(audio_2={"waveform": torch.zeros(1, 1, 800), "sample_rate": 16000},
+                                                placement="bounding boxes", bbox_1="1,2", bbox_2="0,0,4,4",
+                                                start_image=torch.zeros(1, 8, 8, 3)),
+             WanInputError, ("bbox", "x_min, y_min, x_max, y_max")),
+]
+
+
+@cases_param(BAD_INPUTS)
+def test_bad_input(case, tmp_path, monkeypatch):
+    from slipstream.models.wan import multitalk_speech as speech
+
+    def frames(encoder, wave, num_frames, fps, progress=None):
+        return torch.zeros(num_frames, 2, 16)
+    api = type("Api", (), {"prepare_waveform": staticmethod(lambda a, **kw: a["waveform"][0].mean(0)),
+                           "multitalk_features": staticmethod(frames)})
+    monkeypatch.setattr(speech, "_audio_api", lambda: api)
+    assert_bad_input(case, tmp_path)

@@ -51,6 +51,7 @@ from ..checkpoint import (
 from .audio_hooks import AudioAdapter, AudioConditioning
 from .config import known_name
 from .dit import WanDiT
+from .errors import WanInputError
 from .layers import FP8_MAX, CastLinear, FP32LayerNorm
 from .loading import DtypePlan, allocate_outputs, assign_weights, read_safetensors, split_weight_scales
 from .multitalk_attention import MultiTalkAudioAttention, MultiTalkBlockAudio
@@ -139,7 +140,7 @@ def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[S, 1 + 4k, 5, ...] -> (first frame [S, 1, 5, ...], per latent frame after it [S, k, 8, ...])."""
     s, frames = windows.shape[:2]
     if (frames - 1) % VAE_TIME_STRIDE:
-        raise ValueError(f"{frames} video frames: MultiTalk needs 4k + 1 frames (one latent frame per 4 video "
+        raise WanInputError(f"{frames} video frames: MultiTalk needs 4k + 1 frames (one latent frame per 4 video "
                          "frames after the first).")
     centre = AUDIO_WINDOW // 2
     groups = windows[:, 1:].unflatten(1, (-1, VAE_TIME_STRIDE))          # [S, k, 4, 5, ...]
@@ -294,7 +295,7 @@ class MultiTalkAdapter(AudioAdapter):
     def attach(self, dit: WanDiT) -> None:
         """Put each block's speech modules into `dit.blocks[i]` (on that block's device)."""
         if self._pending is None:
-            raise ValueError("this MultiTalk adapter is already attached to a model; load the file again for another.")
+            raise WanInputError("this MultiTalk adapter is already attached to a model; load the file again for another.")
         self.audio_proj.to(dit.device)          # beside the text embedding, on the compute device
         for block, audio in zip(dit.blocks, self._pending, strict=True):
             device = block.self_attn.q.weight.device
@@ -306,15 +307,15 @@ class MultiTalkAdapter(AudioAdapter):
     def prepare(self, conditioning: AudioConditioning, *, batch: int, grid: tuple[int, int, int],
                 device: torch.device, dtype: torch.dtype) -> MultiTalkBlockAudio:
         if not isinstance(conditioning, MultiTalkConditioning):
-            raise ValueError(f"MultiTalk takes the features of the MultiTalk embeds node, got {type(conditioning).__name__}.")
+            raise WanInputError(f"MultiTalk takes the features of the MultiTalk embeds node, got {type(conditioning).__name__}.")
         f, h, w = grid
         frames = VAE_TIME_STRIDE * (f - 1) + 1
         if conditioning.num_frames != frames:
-            raise ValueError(f"the audio features cover {conditioning.num_frames} video frames, but the latent has {f} "
+            raise WanInputError(f"the audio features cover {conditioning.num_frames} video frames, but the latent has {f} "
                              f"frames = {frames} video frames: set num_frames of the MultiTalk embeds node to {frames}.")
         width = conditioning.features.shape[-2] * conditioning.features.shape[-1]
         if width != self.audio_proj.frame_width:
-            raise ValueError(f"the speech features have {tuple(conditioning.features.shape[-2:])} values per frame, "
+            raise WanInputError(f"the speech features have {tuple(conditioning.features.shape[-2:])} values per frame, "
                              f"but this {self.variant} model takes {self.audio_proj.frame_width}: encode the audio with "
                              "chinese-wav2vec2-base (12 layers of 768) in the MultiTalk embeds node.")
         tokens = self._tokens(conditioning, device, dtype)              # [S, f, tokens, audio_dim]

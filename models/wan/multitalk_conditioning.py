@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import WanInputError
+
 AUDIO_WINDOW = 5              # neighbouring video frames per frame (official audio_window)
 FAMILY = "multitalk"          # MultiTalk and InfiniteTalk share the architecture and the features
 FACE_SCALE = 0.05             # official margin of the left/right placement boxes
@@ -44,18 +46,18 @@ class MultiTalkConditioning:
     def __post_init__(self) -> None:
         f = self.features
         if f.dim() != 5 or f.shape[2] != AUDIO_WINDOW or f.shape[1] < 1:
-            raise ValueError(f"MultiTalk features must be [speakers, frames, {AUDIO_WINDOW}, layers, channels] "
+            raise WanInputError(f"MultiTalk features must be [speakers, frames, {AUDIO_WINDOW}, layers, channels] "
                              f"(windows of {AUDIO_WINDOW} neighbouring frames), got {tuple(f.shape)}.")
         if f.shape[0] not in (1, 2):
-            raise ValueError(f"MultiTalk takes one or two speakers, got {f.shape[0]}.")
+            raise WanInputError(f"MultiTalk takes one or two speakers, got {f.shape[0]}.")
         if f.shape[0] == 2 and self.regions is None:
-            raise ValueError("two speakers need their places in the picture: give a mask per speaker, or a "
+            raise WanInputError("two speakers need their places in the picture: give a mask per speaker, or a "
                              "left/right or bounding-box placement.")
         if self.regions is not None and (self.regions.dim() != 3 or self.regions.shape[0] != 3):
-            raise ValueError(f"regions must be [3, H, W] (speaker 1, speaker 2, background), got "
+            raise WanInputError(f"regions must be [3, H, W] (speaker 1, speaker 2, background), got "
                              f"{tuple(self.regions.shape)}.")
         if not math.isfinite(self.audio_scale):
-            raise ValueError(f"audio_scale must be a finite number, got {self.audio_scale}.")
+            raise WanInputError(f"audio_scale must be a finite number, got {self.audio_scale}.")
 
     @property
     def num_frames(self) -> int:
@@ -78,7 +80,7 @@ class MultiTalkConditioning:
         frames(4s, 4n - 3): latent frame s > 0 ends on video frame 4s, and every later latent frame then
         takes exactly its own 4 video frames (s = 0 gives frames(0, 4n - 3), the whole clip)."""
         if start < 0 or count < 1 or start + count > self.num_frames:
-            raise ValueError(f"frames [{start}, {start + count}) are outside the {self.num_frames} video frames "
+            raise WanInputError(f"frames [{start}, {start + count}) are outside the {self.num_frames} video frames "
                              "the audio features cover.")
         return replace(self, features=self.features[:, start:start + count])
 
@@ -87,7 +89,7 @@ def audio_windows(features: torch.Tensor, num_frames: int, start: int = 0) -> to
     """[T, layers, channels] per-frame features -> [num_frames, 5, layers, channels]: for each video
     frame start..start+num_frames-1 the rows of frames -2..+2 around it, clamped to the audio."""
     if features.dim() != 3 or features.shape[0] < 1:
-        raise ValueError(f"per-frame speech features must be [frames, layers, channels], got {tuple(features.shape)}")
+        raise WanInputError(f"per-frame speech features must be [frames, layers, channels], got {tuple(features.shape)}")
     half = AUDIO_WINDOW // 2
     centres = torch.arange(start, start + num_frames)[:, None] + torch.arange(-half, half + 1)[None]
     return features[centres.clamp(0, features.shape[0] - 1)]
@@ -96,12 +98,12 @@ def audio_windows(features: torch.Tensor, num_frames: int, start: int = 0) -> to
 def regions_from_masks(mask_1: torch.Tensor, mask_2: torch.Tensor) -> torch.Tensor:
     """[3, H, W] regions from two [H, W] speaker masks (>0.5 counts as inside); background = neither."""
     if mask_1.shape != mask_2.shape or mask_1.dim() != 2:
-        raise ValueError(f"the two speaker masks must be [H, W] of one size, got {tuple(mask_1.shape)} and "
+        raise WanInputError(f"the two speaker masks must be [H, W] of one size, got {tuple(mask_1.shape)} and "
                          f"{tuple(mask_2.shape)}.")
     m1, m2 = (m.float() > 0.5 for m in (mask_1, mask_2))
     for index, mask in enumerate((m1, m2), start=1):
         if not mask.any():
-            raise ValueError(f"the mask of speaker {index} is empty; paint the speaker's face and body.")
+            raise WanInputError(f"the mask of speaker {index} is empty; paint the speaker's face and body.")
     return torch.stack([m1, m2, ~(m1 | m2)]).float()
 
 
@@ -125,12 +127,12 @@ def parse_bbox(text: str, height: int, width: int, speaker: int) -> tuple[int, i
     except ValueError:
         values = []
     if len(values) != 4:
-        raise ValueError(f"bbox of speaker {speaker} must be 'x_min, y_min, x_max, y_max' in pixels, got '{text}'.")
+        raise WanInputError(f"bbox of speaker {speaker} must be 'x_min, y_min, x_max, y_max' in pixels, got '{text}'.")
     x0, y0, x1, y1 = (int(v) for v in values)
     x0, x1 = max(0, x0), min(width, x1)
     y0, y1 = max(0, y0), min(height, y1)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"bbox of speaker {speaker} '{text}' covers nothing of the {width}x{height} image "
+        raise WanInputError(f"bbox of speaker {speaker} '{text}' covers nothing of the {width}x{height} image "
                          "(need x_min < x_max and y_min < y_max inside it).")
     return x0, y0, x1, y1
 
@@ -152,6 +154,6 @@ def token_regions(regions: torch.Tensor, latent_hw: tuple[int, int], token_hw: t
     tokens = nearest(latent.float(), size=token_hw, mode="nearest")[0] > 0
     for index in range(2):
         if not tokens[index].any():
-            raise ValueError(f"speaker {index + 1}'s mask covers no latent patch of the {token_hw[1] * 16}x"
+            raise WanInputError(f"speaker {index + 1}'s mask covers no latent patch of the {token_hw[1] * 16}x"
                              f"{token_hw[0] * 16}-pixel video ({token_hw[1]}x{token_hw[0]} patches): make it larger.")
     return tokens.flatten(1).float()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .errors import WanInputError
 from .multitalk_conditioning import AUDIO_WINDOW, MultiTalkConditioning, audio_windows
 
 log = logging.getLogger("slipstream.wan")
@@ -40,7 +41,7 @@ def _audio_api():
 def place_speakers(first: torch.Tensor, second: torch.Tensor, audio_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two mono clips -> two clips of one length on the video's timeline ('para' or 'add')."""
     if audio_type not in AUDIO_TYPES:
-        raise ValueError(f"multi_audio_type must be one of {AUDIO_TYPES}, got '{audio_type}'.")
+        raise WanInputError(f"multi_audio_type must be one of {AUDIO_TYPES}, got '{audio_type}'.")
     if audio_type == "add":
         return (torch.cat([first, first.new_zeros(second.shape[0])]),
                 torch.cat([second.new_zeros(first.shape[0]), second]))
@@ -65,11 +66,11 @@ def multitalk_speech(encoder, audio_1: Mapping, audio_2: Mapping | None = None, 
                      ) -> tuple[MultiTalkConditioning, dict]:
     """(conditioning, AUDIO to mux) for one or two speakers; two need `regions` [3, H, W]."""
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(f"num_frames must be 4k + 1 (1, 5, …, 81, …), got {num_frames!r}.")
+        raise WanInputError(f"num_frames must be 4k + 1 (1, 5, …, 81, …), got {num_frames!r}.")
     if not math.isfinite(frame_rate) or frame_rate <= 0:
-        raise ValueError(f"frame_rate must be a positive number, got {frame_rate!r}.")
+        raise WanInputError(f"frame_rate must be a positive number, got {frame_rate!r}.")
     if audio_2 is not None and regions is None:
-        raise ValueError("two speakers need their places in the picture: connect mask_1 and mask_2, or choose "
+        raise WanInputError("two speakers need their places in the picture: connect mask_1 and mask_2, or choose "
                          "the left / right or bounding-box placement.")
     api = _audio_api()
     features = features or api.multitalk_features
