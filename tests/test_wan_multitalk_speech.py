@@ -114,11 +114,17 @@ def test_node_placements_and_refusals(plain_api):
 
 
 @pytest.mark.skipif(not HAS_AUDIO, reason="models/audio (the speech encoder) is not in this tree")
-def test_with_the_real_speech_encoder(tmp_path):
+def test_speech_encoder_to_embeds_node_to_the_dit(tmp_path):
+    """The pieces fit: a tiny wav2vec2 through the node, into a tiny DiT with a tiny MultiTalk file
+    sized for that encoder's features (2 layers of 128)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from speech_fixtures import tiny_speech_encoder
+    from multitalk_fixtures import tiny_multitalk_state_dict
+    from slipstream.models.wan.config import tiny
+    from slipstream.models.wan.dit import WanDiT, random_state_dict
+    from slipstream.models.wan.multitalk import MultiTalkAdapter
+    from speech_fixtures import TINY_BASE, tiny_speech_encoder
 
     encoder = tiny_speech_encoder(tmp_path)
     g = torch.Generator().manual_seed(0)
@@ -126,5 +132,13 @@ def test_with_the_real_speech_encoder(tmp_path):
     cond, mux = WanMultiTalkEmbeds().encode(encoder, voice, num_frames=9, frame_rate=25.0, audio_scale=1.0,
                                             normalize_loudness=True, multi_audio_type="add", placement="left / right",
                                             audio_2=voice)
-    assert cond.features.shape[:3] == (2, 9, 5) and torch.isfinite(cond.features).all()
+    assert cond.features.shape == (2, 9, 5, TINY_BASE.layers, TINY_BASE.hidden) and torch.isfinite(cond.features).all()
     assert mux["sample_rate"] == RATE
+    cfg = tiny("i2v", text_dim=64, clip_dim=96)
+    dit = WanDiT.from_state_dict(random_state_dict(cfg, seed=1))
+    sd = tiny_multitalk_state_dict(cfg, layers=TINY_BASE.layers, channels=TINY_BASE.hidden)
+    dit.attach_audio(MultiTalkAdapter.from_state_dict(sd, dit))
+    inputs = (torch.randn(1, 16, 3, 8, 12, generator=g), torch.tensor([700.0]), torch.randn(1, 5, 64, generator=g),
+              torch.randn(1, 257, 96, generator=g), torch.randn(1, 20, 3, 8, 12, generator=g))
+    speech, silent = dit(*inputs, audio=cond), dit(*inputs, audio=cond.null())
+    assert torch.isfinite(speech).all() and (speech - silent).abs().max() > 1e-3
