@@ -17,6 +17,7 @@ from . import (
     wan_bridges,
     wan_conditioning,
     wan_encoders,
+    wan_multitalk,
     wan_options,
 )
 
@@ -61,6 +62,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanVAELoader", wan_encoders.WanVAELoader, "Wan VAE Loader"),
     ("SlipstreamWanEmptyEmbeds", wan_encoders.WanEmptyEmbeds, "Wan Empty Embeds"),
     ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
+    ("SlipstreamMultiTalkEmbeds", wan_multitalk.WanMultiTalkEmbeds, "Wan MultiTalk Audio Embeds"),
     ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
     ("SlipstreamWanVaceEncode", wan_conditioning.WanVaceEncode, "Wan VACE Encode"),
     ("SlipstreamWanFunControlEncode", wan_conditioning.WanFunControlEncode, "Wan Fun Control Encode"),
