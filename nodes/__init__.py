@@ -16,6 +16,7 @@ from . import (
     wan_bridges,
     wan_conditioning,
     wan_encoders,
+    wan_fantasytalking,
     wan_options,
 )
 
@@ -58,6 +59,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanClipVisionLoader", wan_encoders.WanClipVisionLoader, "Wan CLIP Vision Loader"),
     ("SlipstreamWanClipVisionEncode", wan_encoders.WanClipVisionEncode, "Wan CLIP Vision Encode"),
     ("SlipstreamWanVAELoader", wan_encoders.WanVAELoader, "Wan VAE Loader"),
+    ("SlipstreamFantasyTalkingEmbeds", wan_fantasytalking.WanFantasyTalkingEmbeds, "Wan FantasyTalking Audio Embeds"),
     ("SlipstreamWanEmptyEmbeds", wan_encoders.WanEmptyEmbeds, "Wan Empty Embeds"),
     ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
     ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
