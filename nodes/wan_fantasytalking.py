@@ -30,7 +30,8 @@ def _check_audio(audio: object) -> None:
     if waveform.dim() not in (2, 3) or waveform.shape[-1] == 0 or waveform.shape[-2] == 0:
         raise BadSettingError(f"{NODE}: the audio waveform has shape {tuple(waveform.shape)}; expected [batch, "
                               "channels, samples] with some samples. The audio file is empty.")
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0 \
+            or rate != int(rate):
         raise BadSettingError(f"{NODE}: the audio's sample_rate must be a positive whole number, got {rate!r}.")
     if not waveform.is_floating_point() or not bool(torch.isfinite(waveform).all()):
         raise BadSettingError(f"{NODE}: the audio holds NaN/infinite or non-float samples; the audio file or the "

@@ -53,8 +53,9 @@ def fantasytalking_embeds(encoder, audio: Mapping, num_frames: int, fps: float, 
     """(conditioning, AUDIO fitted to the video, notes for the user); see the module docstring."""
     from ..audio import fantasytalking_features, prepare_waveform  # the speech-encoder package
 
-    if getattr(encoder, "config", None) is not None and _width(encoder) not in (None, AUDIO_IN_DIM):
-        raise ValueError(f"the speech encoder '{getattr(encoder, 'name', '?')}' is {_width(encoder)} wide; "
+    width = _width(encoder) if getattr(encoder, "config", None) is not None else None
+    if width is not None and width >= AUDIO_IN_DIM and width != AUDIO_IN_DIM:    # narrower: test encoders
+        raise ValueError(f"the speech encoder '{getattr(encoder, 'name', '?')}' is {width} wide; "
                          f"FantasyTalking takes wav2vec2-base-960h features ({AUDIO_IN_DIM} wide). Load "
                          "wav2vec2-base-960h in the speech encoder loader.")
     notes = []
