@@ -191,3 +191,12 @@ def test_bad_audio_features_get_clear_errors():
     plain = fresh()
     with pytest.raises(ValueError, match="no speech model attached"):
         plain(x, t, ctx, clip, y, audio=FantasyTalkingConditioning(torch.randn(1, 20, 768), num_frames=9))
+
+
+def test_each_processor_goes_where_its_block_is():
+    dit = fresh()
+    dit.blocks[1].to("meta")                 # a block kept elsewhere (block swap keeps some in RAM)
+    dit.attach_audio(FantasyTalkingAdapter.from_state_dict(random_fantasytalking(CFG), dit))
+    assert dit.blocks[0].cross_attn.processor.v_proj.weight.device.type == "cpu"
+    assert dit.blocks[1].cross_attn.processor.v_proj.weight.device.type == "meta"
+    assert dit.audio_adapter.proj_model.proj.weight.device.type == "cpu"

@@ -320,6 +320,14 @@ class _NoAudio:
 
 
 # ------------------------------------------------------------------------------------------- adapter
+def _block_device(block: nn.Module, default: torch.device) -> torch.device:
+    """Where a block's weights are now (block swap may keep it in RAM); any tensor tells, as GGUF or
+    int8 layers hold their weights under other names than `.weight`."""
+    for tensor in (*block.parameters(), *block.buffers()):
+        return tensor.device
+    return default
+
+
 class FantasyTalkingAdapter(AudioAdapter):
     """FantasyTalking's projector plus (until `attach`) its per-block processors; see the module docstring."""
 
@@ -373,7 +381,7 @@ class FantasyTalkingAdapter(AudioAdapter):
         adapter.requires_grad_(False)
         store = dtype or dit.compute_dtype
         for i, block in enumerate(dit.blocks):
-            where = block.cross_attn.q.weight.device
+            where = _block_device(block, device)
             proc = FantasyTalkingProcessor(proj_dim, config.dim, device="meta")
             for kv in ("k", "v"):
                 tensor = flat[PROC_PREFIX + _PROC_KEY.format(i, kv)].to(device=where, dtype=store)
@@ -392,7 +400,7 @@ class FantasyTalkingAdapter(AudioAdapter):
         for block, proc in zip(dit.blocks, self._processors, strict=True):
             if hasattr(block.cross_attn, "processor"):
                 raise ValueError("this Wan model already carries FantasyTalking processors; load the model again.")
-            block.cross_attn.processor = proc.to(block.cross_attn.q.weight.device)
+            block.cross_attn.processor = proc.to(_block_device(block, dit.device))
         self._processors = None
 
     # ------------------------------------------------------------------ per forward
