@@ -17,6 +17,7 @@ from . import (
     wan_bridges,
     wan_conditioning,
     wan_encoders,
+    wan_fantasytalking,
     wan_multitalk,
     wan_options,
 )
@@ -60,6 +61,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanClipVisionLoader", wan_encoders.WanClipVisionLoader, "Wan CLIP Vision Loader"),
     ("SlipstreamWanClipVisionEncode", wan_encoders.WanClipVisionEncode, "Wan CLIP Vision Encode"),
     ("SlipstreamWanVAELoader", wan_encoders.WanVAELoader, "Wan VAE Loader"),
+    ("SlipstreamFantasyTalkingEmbeds", wan_fantasytalking.WanFantasyTalkingEmbeds, "Wan FantasyTalking Audio Embeds"),
     ("SlipstreamWanEmptyEmbeds", wan_encoders.WanEmptyEmbeds, "Wan Empty Embeds"),
     ("SlipstreamWanImageToVideoEncode", wan_encoders.WanImageToVideoEncode, "Wan Image to Video Encode"),
     ("SlipstreamMultiTalkEmbeds", wan_multitalk.WanMultiTalkEmbeds, "Wan MultiTalk Audio Embeds"),
