@@ -4,7 +4,9 @@ FETA, Skip Layer Guidance, CFG-Zero*, RIFLEx and the step caches, all through th
 With batched CFG both branches run as one batch and a step cache skips the batch only when both
 branches may reuse their results; an active SLG runs the branches as two passes (it changes only the
 negative one). Cache state is keyed by (branch, batch item, context window), so windows that move
-between steps never reuse another window's residual.
+between steps never reuse another window's residual. Phantom with `subject_cfg` runs a third branch
+(negative prompt with the subject frames, branch 2) and combines the three by
+`guidance.phantom_combine`; the Fun reference frame (models/wan/fun.py) goes to every forward.
 """
 
 from __future__ import annotations
