@@ -68,6 +68,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanDecode", wan_encoders.WanDecode, "Wan Decode"),
     ("SlipstreamWanVaceEncode", wan_conditioning.WanVaceEncode, "Wan VACE Encode"),
     ("SlipstreamWanFunControlEncode", wan_conditioning.WanFunControlEncode, "Wan Fun Control Encode"),
+    ("SlipstreamWanFunInpaintEncode", wan_conditioning.WanFunInpaintEncode, "Wan Fun InP Encode"),
     ("SlipstreamWanPhantomSubjectEncode", wan_conditioning.WanPhantomSubjectEncode, "Wan Phantom Subject Encode"),
     ("SlipstreamWanTextEmbedsFromConditioning", wan_bridges.WanTextEmbedsFromConditioning,
      "Wan Text Embeds from Conditioning"),

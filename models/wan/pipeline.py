@@ -32,6 +32,7 @@ from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
 from ..finite import finite_input
+from . import fun
 from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
@@ -127,6 +128,9 @@ class WanImageEmbeds:
     denoise_mask: torch.Tensor | None = None
     vace: tuple[VaceInput, ...] = ()
     subject: torch.Tensor | None = None
+    subject_cfg: float = 0.0                   # > 0: Phantom's separate subject guidance (guidance.py)
+    reference: torch.Tensor | None = None      # [16, h, w] Fun reference-image latent (models/wan/fun.py)
+    fun_mask: torch.Tensor | None = None       # [4, T, h, w] Wan 2.2 Fun Control start-frame mask (fun.py)
 
     @property
     def ref_frames(self) -> int:
@@ -336,6 +340,7 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                  samples: torch.Tensor | None, settings: SamplerSettings) -> None:
     """Every mismatch a user can wire up, as one clear error before any work starts."""
     cfg = handle.config
+    image = fun.checked_for_model(cfg, handle.name, image)
     if not text.positive:
         raise ValueError("The text embeds hold no positive prompt.")
     for i, prompt in enumerate(text.positive):
@@ -356,11 +361,8 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
     if cfg.has_image_input and image.y.shape[0] != cfg.cond_channels:
         raise ValueError(f"The image embeds carry {image.y.shape[0]} conditioning channels but {handle.name} takes "
-                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48) and "
+                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48/52) and "
                          "Wan Image to Video Encode for I2V and Fun InP models (in_dim 36).")
-    if image.subject is not None and (image.vace or cfg.has_image_input):
-        raise ValueError("Phantom subject images go with a text-to-video (Phantom) model and no other conditioning: "
-                         "load the Phantom checkpoint and connect Wan Phantom Subject Encode alone.")
     if image.vace and not cfg.is_vace:
         raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
                          "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")
