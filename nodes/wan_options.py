@@ -12,6 +12,7 @@ from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.feta import FetaArgs
 from ..models.wan.guidance import GuidanceArgs, SLGArgs, parse_cfg_list
 from ..models.wan.guidance import parse_blocks as parse_slg_blocks
+from ..models.wan.step_cache import DEFAULT_THRESHOLDS as CACHE_DEFAULTS
 from ..models.wan.step_cache import METHODS as CACHE_METHODS
 from ..models.wan.step_cache import CacheArgs
 from .wan import CATEGORY
@@ -96,10 +97,10 @@ class WanCacheArgs:
         return {"required": {
             "method": (list(CACHE_METHODS), {"default": "teacache",
                                              "tooltip": "teacache, magcache or easycache (see the help page)."}),
-            "threshold": ("FLOAT", {"default": 0.3, "min": 0.001, "max": 1.0, "step": 0.001,
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                     "tooltip": "How much predicted change may pile up before a forward runs again. "
-                                               "Higher = faster, less faithful. Defaults: teacache 0.3, magcache "
-                                               "0.12, easycache 0.05."}),
+                                               "Higher = faster, less faithful. 0 = the method's default: "
+                                               "teacache 0.3, magcache 0.12, easycache 0.05."}),
             "start_step": ("INT", {"default": 1, "min": 0, "max": 1000,
                                    "tooltip": "First step that may be skipped (earlier steps always run)."}),
             "end_step": ("INT", {"default": -1, "min": -1, "max": 1000,
@@ -116,7 +117,8 @@ class WanCacheArgs:
         }}
 
     def make(self, method, threshold, start_step, end_step, cache_device, magcache_k=2, retention=0.2):
-        return (CacheArgs(method, float(threshold), int(start_step), int(end_step), cache_device,
+        threshold = float(threshold) or CACHE_DEFAULTS.get(method, 0.0)   # 0: the chosen method's own default
+        return (CacheArgs(method, threshold, int(start_step), int(end_step), cache_device,
                           int(magcache_k), float(retention)),)
 
 
