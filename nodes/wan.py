@@ -493,12 +493,13 @@ class WanSampler:
             "cfg_low_noise": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.01,
                                         "tooltip": "cfg of the low-noise expert; -1: official (t2v 3.0, "
                                                    "i2v 3.5)."}),
+            "nag_args": ("SLIP_WAN_NAG_ARGS", {"tooltip": "From Wan NAG Options (negative prompt at cfg 1)."}),
         }}
 
     def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
                batched_cfg, samples=None, context_options=None, feta_args=None, cache_args=None, slg_args=None,
                guidance_args=None, sigmas=None, start_step=0, end_step=-1, add_noise=True, low_noise_model=None,
-               boundary=-1.0, cfg_low_noise=-1.0):
+               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None):
         device = compute_device()
         sigma_values = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).flatten())
         settings = SamplerSettings(
@@ -521,7 +522,7 @@ class WanSampler:
             shown = previewer(latest.pop("x0")) if previewer is not None and "x0" in latest else None
             bar.update_absolute(value, total, preview=shown)
 
-        extras = SamplingExtras(cache_args, slg_args, guidance_args)
+        extras = SamplingExtras(cache_args, slg_args, guidance_args, nag=nag_args)
         try:
             result = sample_video_full(
                 model, text_embeds, image_embeds, settings, device=device, samples=start, context=context_options,
