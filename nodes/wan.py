@@ -453,7 +453,7 @@ class WanSampler:
             "scheduler": (list(SCHEDULERS), {"default": "unipc",
                                              "tooltip": "Solver and schedule: unipc (official), dpm++ (2M), euler, "
                                                         "dpm++_sde, deis, lcm (distill LoRAs), res_multistep, "
-                                                        "er_sde; '/beta' = beta-spaced steps; flowmatch_causvid "
+                                                        "er_sde, dpm++_3m_sde; '/beta' = beta-spaced steps; flowmatch_causvid "
                                                         "and flowmatch_distill = the distilled models' fixed "
                                                         "timesteps."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
