@@ -56,6 +56,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanCacheArgs", wan_options.WanCacheArgs, "Wan Cache Args"),
     ("SlipstreamWanSkipLayerGuidance", wan_options.WanSkipLayerGuidance, "Wan Skip Layer Guidance"),
     ("SlipstreamWanGuidanceOptions", wan_options.WanGuidanceOptions, "Wan Guidance Options"),
+    ("SlipstreamWanNagOptions", wan_options.WanNagOptions, "Wan NAG Options"),
     ("SlipstreamWanTextEncoderLoader", wan_encoders.WanTextEncoderLoader, "Wan Text Encoder Loader"),
     ("SlipstreamWanTextEncode", wan_encoders.WanTextEncode, "Wan Text Encode"),
     ("SlipstreamWanClipVisionLoader", wan_encoders.WanClipVisionLoader, "Wan CLIP Vision Loader"),

@@ -22,6 +22,7 @@ from .context import ContextOptions, WindowFuser, context_windows, window_weight
 from .feta import FetaArgs, enhance_score
 from .fun import for_model, reference_latent
 from .guidance import GuidanceArgs, SLGArgs, combine, phantom_combine, riflex_cos_sin
+from .nag import NagArgs, NagGuide
 from .step_cache import CacheArgs, StepCache
 from .vace import empty_context
 
@@ -37,6 +38,7 @@ class SamplingExtras:
     slg: SLGArgs | None = None
     guidance: GuidanceArgs | None = None
     cache: StepCache | None = None           # built per expert by the sampler
+    nag: NagArgs | None = None               # Normalized Attention Guidance (models/wan/nag.py)
 
 
 
@@ -80,6 +82,7 @@ class WanDenoiser:
         self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
+        self.nag = None if extras.nag is None else NagGuide(extras.nag, self.dit, self.negative)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
         # Wan 2.2 TI2V: 0 where the latent is given (kept clean), per token timesteps in the DiT
         self.denoise_mask = None if image.denoise_mask is None else image.denoise_mask.to(device)[None]
@@ -98,7 +101,7 @@ class WanDenoiser:
         self.ref_frames = image.ref_frames
 
     def _block_runner(self, skip: frozenset[int] = frozenset(), rows: Sequence[tuple] = (), step: int = 0,
-                      outcome: dict | None = None):
+                      outcome: dict | None = None, nag=None):
         """The per-block hook: interrupt checks, RIFLEx, SLG's skipped blocks, and the token-level caches.
 
         `rows` names the cache state of each batch row ((branch, key) tuples). The cache decides at
@@ -108,7 +111,7 @@ class WanDenoiser:
         cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
         cache = cache if rows else None
         riflex = self.riflex
-        if check is None and not skip and cache is None and not riflex:
+        if check is None and not skip and cache is None and not riflex and nag is None:
             return None
         last = len(self.dit.blocks) - 1
         state = {"reuse": False, "start": None}
@@ -118,6 +121,8 @@ class WanDenoiser:
                 check()
             if riflex:
                 inputs = self._riflex_inputs(inputs)
+            if nag is not None:
+                inputs = replace(inputs, nag=nag)
             if cache is not None and index == 0:
                 decisions = [cache.skip_blocks(row, row[0], step, inputs.e0[i:i + 1]) for i, row in enumerate(rows)]
                 state["start"] = tokens
@@ -193,8 +198,9 @@ class WanDenoiser:
                     cache.revoke_skip(row, row[0])
         outcome = {"reused": False}
         batch = torch.cat([self._with_subject(x, row[0] != 1) for row in rows])   # branch 1: no subject
+        nag = None if self.nag is None else self.nag.for_rows([row[0] for row in rows], self.device)
         v = self._forward(batch, t, context, clip, y, feta_on,
-                          self._block_runner(skip, rows if cache is not None else (), step, outcome),
+                          self._block_runner(skip, rows if cache is not None else (), step, outcome, nag),
                           vace, mask)[:, :, :frames]
         if not outcome["reused"]:
             self.stats.branches_computed += len(rows)

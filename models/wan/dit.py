@@ -73,6 +73,7 @@ from .loading import (
     safetensors_dtype,
     split_weight_scales,
 )
+from .nag import BlockNag
 
 # fn(q, k, grid) -> scale for the self-attention output (see the module docstring).
 SelfAttnScale = Callable[[torch.Tensor, torch.Tensor, tuple[int, int, int]], "torch.Tensor | float"]
@@ -94,6 +95,7 @@ class BlockInputs:
     self_attn_scale: SelfAttnScale | None = None
     audio: BlockAudio | None = None       # speech-model hooks of this forward (models/wan/audio_hooks.py)
     ref_tokens: int = 0                   # Fun reference tokens in front of the video's (grid counts their frame)
+    nag: BlockNag | None = None           # Normalized Attention Guidance of the text cross-attention (models/wan/nag.py)
 
 
 BlockRunner = Callable[[int, "WanBlock", torch.Tensor, BlockInputs], torch.Tensor]
@@ -171,6 +173,8 @@ class WanCrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(ctx)).unflatten(-1, heads)
         out = _attend(q, k, self.v(ctx).unflatten(-1, heads), inputs.attention_backend)
+        if inputs.nag is not None:
+            out = inputs.nag.guide(self, q, out, inputs.attention_backend)
         if hasattr(self, "k_img"):
             img = inputs.context_img
             k_img = self.norm_k_img(self.k_img(img)).unflatten(-1, heads)

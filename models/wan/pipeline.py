@@ -175,17 +175,21 @@ class SamplerSettings:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SCHEDULERS)}.")
         if self.batched_cfg not in ("auto", "on", "off"):
-            raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}'")
+            raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}': pick one of those "
+                             "(auto batches the two prompts when the free VRAM allows it).")
         for name in ("cfg", "shift", "denoise"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+                raise ValueError(f"{name} must be a finite number, got {value!r}: set the sampler's '{name}' to a "
+                                 "number (defaults: cfg 6, shift 5, denoise 1).")
         if self.cfg < 0:
-            raise ValueError(f"cfg must be >= 0, got {self.cfg}.")
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}: use 1 to skip the negative prompt, or a value "
+                             "above 1 (e.g. 5-6) to guide by it.")
         if not 0 <= int(self.seed) <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}.")
+            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}: pick a seed between 0 and {MAX_SEED}.")
         if self.cfg_per_step is not None and any(not math.isfinite(c) or c < 0 for c in self.cfg_per_step):
-            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}.")
+            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}: fix "
+                             "Wan Guidance Options' cfg_per_step (comma-separated numbers, e.g. '6,6,5,4').")
 
     def step_range(self, steps: int) -> tuple[int, int]:
         """[start, end) of the steps this run takes, checked against a schedule of `steps` steps."""
