@@ -9,6 +9,7 @@ from . import (
     anima,
     anima_loaders,
     memory,
+    memory_loaders,
     mia,
     quant,
     video,
@@ -24,6 +25,8 @@ NODES: list[tuple[str, type, str]] = [
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    ("SlipstreamCLIPLoaderKeyed", memory_loaders.SlipstreamCLIPLoaderKeyed, "Load CLIP (keyed)"),
+    ("SlipstreamDualCLIPLoaderKeyed", memory_loaders.SlipstreamDualCLIPLoaderKeyed, "Load Dual CLIP (keyed)"),
     # MIA rigging
     ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
     ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),
