@@ -109,8 +109,8 @@ class OffloadClipToDram:
         key, base = cache.resolve(module, "clip", lambda: weights_key("clip", type(module).__name__, clip_weights(clip)))
         res = model_residency(clip)
         where = "RAM" if res.dynamic or res.same_device or res.device_bytes == 0 else f"RAM (from {res.load_device})"
-        # Only a loader's base object is held strongly: a clone may carry LoRA patches, and a
-        # session key can never be looked up again, so holding either strongly could only leak.
+        # Only a loader's base object is held strongly: a clone may carry LoRA patches, and no loader
+        # ever looks a weights key up, so holding either strongly could only keep RAM busy for nothing.
         # Otherwise the entry weakly tracks the weight module every clone shares.
         refused = None
         try:
