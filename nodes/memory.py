@@ -13,6 +13,7 @@ import logging
 from ..host import (
     clip_weights,
     loaded_models_summary,
+    loader_source,
     memory_flags,
     model_residency,
     notice,
@@ -51,6 +52,22 @@ def _check_clip(clip) -> None:
             and getattr(getattr(clip, "patcher", None), "model", None) is not None):
         raise NotAClipError(f"Offload CLIP's 'clip' input must be a CLIP (from Load CLIP or a checkpoint loader), got "
                         f"{type(clip).__name__}. Wire the text encoder's CLIP output into 'clip'.")
+
+def derived_key(clip) -> str:
+    """The DRAM key of a CLIP no Slipstream loader registered, the same in every run: the file identity
+    the host's loader recorded on its patcher where there is one (`clip:core:<file>@…`, see
+    host.loader_source), else a fingerprint of its weights (`clip:weights:<class>@…`,
+    kernels/dram_fingerprint.py)."""
+    source = loader_source(clip)
+    if source is not None:
+        try:
+            key = dram.dram_key("clip", source.paths, loader=source.factory, args=source.options)
+            return "clip:core:" + key.split(":", 1)[1]
+        except (OSError, ValueError):
+            pass                      # a recorded file vanished since: the weights still say what it is
+    module = clip.patcher.model
+    return weights_key("clip", type(module).__name__, clip_weights(clip))
+
 
 ANY = "*"
 CATEGORY = "Slipstream/Memory"
@@ -106,7 +123,7 @@ class OffloadClipToDram:
         cache = dram.default_cache()
         cache.relieve_pressure()
         module = clip.patcher.model          # shared by every clone of this CLIP
-        key, base = cache.resolve(module, "clip", lambda: weights_key("clip", type(module).__name__, clip_weights(clip)))
+        key, base = cache.resolve(module, "clip", lambda: derived_key(clip))
         res = model_residency(clip)
         where = "RAM" if res.dynamic or res.same_device or res.device_bytes == 0 else f"RAM (from {res.load_device})"
         # Only a loader's base object is held strongly: a clone may carry LoRA patches, and no loader
@@ -130,10 +147,11 @@ class OffloadClipToDram:
             headline.append(f"Not kept in the DRAM cache ({key} is not an entry): {refused}")
         if evicted:
             headline.append("Evicted to make room: " + ", ".join(e.key for e in evicted))
-        if base is None and ":weights:" in key:
-            headline.append(f"Key {key} is derived from this CLIP's weights (it was not loaded by a Slipstream "
-                            "loader): the same in every run, held by weak reference, so it does not keep the "
-                            "weights alive. Load it with Load CLIP (keyed) to keep it in RAM for the next run.")
+        if base is None and (":weights:" in key or ":core:" in key):
+            origin = "this CLIP's weights" if ":weights:" in key else "the files ComfyUI's loader recorded"
+            headline.append(f"Key {key} is derived from {origin} (it was not loaded by a Slipstream loader): the "
+                            "same in every run, held by weak reference, so it does not keep the weights alive. "
+                            "Load it with Load CLIP (keyed) to keep it in RAM for the next run.")
         elif base is None:
             headline.append(f"The loader's CLIP for {key} is gone; this clone is held by weak reference only.")
         if trigger is None:

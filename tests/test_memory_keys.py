@@ -282,3 +282,55 @@ def test_report_is_its_own_module():
     assert not hasattr(dram, "memory_stats") and not hasattr(dram, "LoadedModelInfo")
     text = dram_report.memory_stats(None, vram=None, loaded_models=[dram_report.LoadedModelInfo("M", "cpu", 0, 0)])
     assert "MEMORY STATUS" in text and "[0] M on cpu" in text
+
+
+# ---------------------------------------------------------------- files a host loader recorded
+
+
+def _recorded_clip(init) -> CLIP:
+    enc = TinyTextEncoder()
+    clip = CLIP(enc, lambda text: torch.tensor([[1]]), enc, "cpu", "cpu")
+    clip.patcher.cached_patcher_init = init
+    return clip
+
+
+def load_recorded(paths, embedding_directory, clip_type, model_options):
+    """Stands for a newer ComfyUI's recorded core CLIP loader (it is only named, never called)."""
+
+
+def test_loader_source_reads_recorded_files_and_plain_options(tmp_path):
+    from enum import Enum
+
+    from slipstream.host import loader_source
+
+    class Kind(Enum):
+        SD = 1
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    clip = _recorded_clip((load_recorded, ([str(a), str(b)], None, Kind.SD, {"dtype": torch.float16, "ops": object()})))
+    source = loader_source(clip)
+    assert source.paths == (str(a), str(b)) and source.factory.endswith("load_recorded")
+    assert source.options == ("None", "Kind.SD", "{'dtype': torch.float16, 'ops': <object>}")
+    assert loader_source(_recorded_clip((load_recorded, (str(a), "fp16")))).paths == (str(a),)
+    assert loader_source(_recorded_clip(None)) is None                                    # ComfyUI v0.8.0
+    assert loader_source(_recorded_clip((load_recorded, ("not/a/file", 1)))) is None
+    assert loader_source(_recorded_clip("garbage")) is None
+
+
+def test_offload_keys_a_recorded_core_clip_by_its_files(tmp_path, cache):
+    path = tmp_path / "clip_l.safetensors"
+    path.write_bytes(b"weights")
+    first = _recorded_clip((load_recorded, ([str(path)], None, "stable_diffusion", {})))
+    second = _recorded_clip((load_recorded, ([str(path)], None, "stable_diffusion", {})))
+    stats, key1, _, _ = OffloadClipToDram().offload(first, trigger=1)
+    _, key2, _, _ = OffloadClipToDram().offload(second, trigger=1)    # other random weights, same file
+    assert key1 == key2 and key1.startswith("clip:core:clip_l.safetensors@")
+    assert "the files ComfyUI's loader recorded" in stats and cache.entries()[0].weak
+    other_type = _recorded_clip((load_recorded, ([str(path)], None, "sd3", {})))
+    assert OffloadClipToDram().offload(other_type, trigger=1)[1] != key1
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert OffloadClipToDram().offload(_recorded_clip((load_recorded, ([str(path)], None, "stable_diffusion", {}))),
+                                       trigger=1)[1] != key1
