@@ -130,7 +130,9 @@ model_residency = _impl.model_residency              # (obj) -> Residency
 offload_model_weights = _impl.offload_model_weights  # (obj) -> OffloadReport
 loaded_models_summary = _impl.loaded_models_summary  # () -> list[LoadedModelInfo] | None
 memory_flags = _impl.memory_flags                    # () -> dict[str, str]
-
+load_clip_files = _impl.load_clip_files              # (paths, clip_type, device) -> CLIP (ComfyUI's own loader)
+clip_weights = _impl.clip_weights                    # (CLIP) -> [(name, tensor)] without in-place patches
+from .memory import LoaderSource, loader_source  # noqa: E402,F401  (obj) -> files a host loader recorded, or None
 
 # video family (Video Combine): see host/comfy_video.py
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)

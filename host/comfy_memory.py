@@ -20,7 +20,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ..kernels.dram import GiB, LoadedModelInfo
+from ..kernels.dram import GiB
+from ..kernels.dram_report import LoadedModelInfo
 from .memory import OffloadReport, Residency, fmt_mib, patcher_of
 
 

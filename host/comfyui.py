@@ -194,6 +194,20 @@ def memory_flags() -> dict[str, str]:
     return _comfy_memory.memory_flags(mm)
 
 
+def load_clip_files(paths, clip_type: str, device: str = "default"):
+    """A CLIP built by ComfyUI's own loader from text-encoder files (see host/comfy_clip.py)."""
+    from . import comfy_clip
+
+    return comfy_clip.load_clip_files(paths, clip_type, device)
+
+
+def clip_weights(clip):
+    """(name, tensor) of a CLIP's weights with ComfyUI's in-place patches undone (see host/comfy_clip.py)."""
+    from . import comfy_clip
+
+    return comfy_clip.clip_weights(clip)
+
+
 # ---------------------------------------------------------------- video family (Video Combine)
 
 

@@ -3,10 +3,14 @@
 A MODEL value is a patcher; a CLIP or VAE value carries one in `.patcher`. Both hosts accept
 either. The ComfyUI way lives in comfy_memory.py (it must go through ComfyUI's model manager);
 the standalone way asks the stand-in patcher (host/graph_values.py) to unload itself.
+Also here, for both hosts: `loader_source`, the files a host loader recorded on a patcher (the
+file-identity DRAM key of a CLIP no Slipstream loader registered).
 """
 
 from __future__ import annotations
 
+import enum
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +84,68 @@ def standalone_offload(obj: Any) -> OffloadReport:
     freed = int(p.unload())
     return OffloadReport(freed, "patcher.unload", f"moved {fmt_mib(freed)} of weights from {res.load_device} "
                          f"to {res.offload_device}", moved=freed > 0)
+
+
+# ---------------------------------------------------------------- the files a host loader recorded
+
+
+@dataclass(frozen=True)
+class LoaderSource:
+    """The files (and the other arguments, as plain text) a host loader recorded for rebuilding a model."""
+
+    factory: str                  # module.qualname of the recorded loader function
+    paths: tuple[str, ...]
+    options: tuple[str, ...]
+
+
+def loader_source(obj: Any) -> LoaderSource | None:
+    """What a MODEL/CLIP/VAE's patcher says about the files it was loaded from, or None.
+
+    ComfyUI releases after v0.8.0 let loaders record `patcher.cached_patcher_init = (factory, args)`
+    so that a model can be rebuilt (multi-GPU clones); its arguments name the checkpoint files, as
+    one path or a list of paths. v0.8.0's comfy.sd.CLIP and ModelPatcher keep no file at all, so
+    there (and for any loader that records nothing) this is None and the caller falls back to a
+    fingerprint of the weights. Arguments that are not files are kept as plain text only (numbers,
+    strings, enum names, devices, dtypes; other objects by type name), so no memory address can
+    make the same load look different from one run to the next.
+    """
+    init = getattr(patcher_of(obj), "cached_patcher_init", None)
+    if not (isinstance(init, tuple) and len(init) == 2 and callable(init[0]) and isinstance(init[1], (tuple, list))):
+        return None
+    paths: list[str] = []
+    options: list[str] = []
+    for arg in init[1]:
+        files = _files_in(arg)
+        if files:
+            paths += files
+        else:
+            options.append(_plain(arg))
+    if not paths:
+        return None
+    fn = init[0]
+    factory = f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return LoaderSource(factory, tuple(paths), tuple(options))
+
+
+def _files_in(arg: Any) -> list[str]:
+    """[arg] if it names an existing file, every element if it is a list of such, else []."""
+    if isinstance(arg, (str, os.PathLike)):
+        return [os.fspath(arg)] if os.path.isfile(arg) else []
+    if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, (str, os.PathLike)) for a in arg):
+        return [os.fspath(a) for a in arg] if all(os.path.isfile(a) for a in arg) else []
+    return []
+
+
+def _plain(value: Any) -> str:
+    """A deterministic text for a recorded loader argument (see loader_source)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_plain(k)}: {_plain(v)}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    if type(value).__name__ in ("device", "dtype"):          # torch.device / torch.dtype print stably
+        return str(value)
+    return f"<{type(value).__name__}>"

@@ -262,6 +262,23 @@ def memory_flags() -> dict[str, str]:
     return {"host": "standalone"}
 
 
+class NeedsComfyUIError(RuntimeError):
+    """A node that hands its work to ComfyUI's own code ran outside ComfyUI."""
+
+
+def load_clip_files(paths, clip_type: str, device: str = "default"):
+    """Refused: the keyed CLIP loaders delegate to ComfyUI's own CLIP loader, which a plain process lacks."""
+    raise NeedsComfyUIError(
+        f"Loading {', '.join(os.path.basename(str(p)) for p in paths)} as a '{clip_type}' CLIP needs ComfyUI: "
+        "Load CLIP (keyed) and Load Dual CLIP (keyed) hand the loading to ComfyUI's own CLIP loader. Run the "
+        "workflow inside ComfyUI, or use a family loader that builds its own encoder (Load Anima Text Encoder).")
+
+
+def clip_weights(clip):
+    """(name, tensor) of a CLIP's weights (standalone CLIPs carry no in-place patches)."""
+    return list(clip.patcher.model.state_dict(keep_vars=True).items())
+
+
 # ---------------------------------------------------------------- video family (Video Combine)
 
 

@@ -4,18 +4,26 @@ Why it exists: ComfyUI drops a loader's output when another workflow is queued, 
 encoder is read from disk again and again. A Python reference kept here survives that; ComfyUI's
 own model management still decides what sits in VRAM (it holds only weak references).
 
-How loaders and nodes share an entry (loaders call `load_keyed`, which does the first three lines):
-  key = dram_key("clip", [path], dtype="fp16", device="default")   # file identity + options
+Two kinds of key name an entry:
+- File keys (`dram_key`): file identity (path, size, mtime_ns) + load options. Every Slipstream
+  loader that returns a CLIP gets its object through `load_keyed` with such a key (Load CLIP
+  (keyed), Load Dual CLIP (keyed), Load Anima Text Encoder), so the next load of the same files
+  with the same options is served from RAM, and a replaced file is never served stale.
+- Weights keys (kernels/dram_fingerprint.py): for a CLIP no loader of ours registered (core
+  Load CLIP, a checkpoint loader), derived from its weights, so the same model gets the same
+  dram_id in every run. No loader can look such a key up to skip a disk read, so these entries are
+  held weakly only: holding them strongly would keep RAM busy for nothing.
+
+How a loader and the Offload node share an entry (`load_keyed` does the first three lines):
+  key = dram_key("clip", [path], type="sd3", device="default")   # file identity + options
   cache = default_cache()
   obj = cache.lookup(key)                 # None on a miss: load from disk, then
   cache.register_loaded(key, obj, module) # remember the base object weakly; clones map back via `module`
   ...
-  key, base = cache.resolve(clip.patcher.model, "clip")   # the Offload node, from any clone
+  key, base = cache.resolve(clip.patcher.model, "clip", weights_key_of_clip)  # the Offload node
   cache.put(key, obj, "clip", nbytes, new_ram_bytes=...)  # strong reference, budget + RAM checked
 
-Keys change when a file's size or mtime changes, so a replaced file is never served stale.
-Objects that no loader of ours registered get an ephemeral key (`anon_key`) and are held weakly
-only: such a key can never be looked up again, so holding it strongly could only leak.
+The report the memory nodes show is rendered by kernels/dram_report.py.
 
 Thread-safety: one lock around every mutation (ComfyUI runs prompts on one worker thread, but
 the server thread may ask for stats).
@@ -30,12 +38,11 @@ import math
 import os
 import threading
 import time
-import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .sysmem import RamInfo, RamProbe, probe_ram
 
@@ -75,7 +82,7 @@ def dram_key(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike], 
 
     The hash covers the kind, every file's (absolute path, size, mtime_ns) and the options
     (dtype, device, type, …), so the same files loaded the same way give the same key in every
-    run, and a changed file or option gives a new one. Loaders of every family call this.
+    run, and a changed file or option gives a new one. `load_keyed` builds its key with it.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -89,11 +96,6 @@ def dram_key(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike], 
     digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
     names = "+".join(os.path.basename(p) for p, _, _ in identities)
     return f"{kind}:{names}@{digest}"
-
-
-def anon_key(kind: str, obj: Any) -> str:
-    """An ephemeral key for an object no loader of ours registered (unique per call)."""
-    return f"{kind}:anon:{type(obj).__name__}:{uuid.uuid4().hex[:8]}"
 
 
 # ---------------------------------------------------------------- entries
@@ -135,23 +137,13 @@ class EntryInfo:
     note: str
 
 
-@dataclass(frozen=True)
-class LoadedModelInfo:
-    """One model the host's model manager has loaded (ComfyUI's current_loaded_models)."""
-
-    name: str
-    device: str
-    loaded_bytes: int
-    total_bytes: int
-    dynamic: bool | None = None
-
-
 def count_entries(n: int, adjective: str = "") -> str:
     """'1 entry', '3 entries' (with an optional adjective: '2 older entries')."""
     return f"{n} {adjective}entr{'y' if n == 1 else 'ies'}"
 
 
-def _gib(n: float) -> str:
+def gib_text(n: float) -> str:
+    """2.00 GiB: how the cache and the report write byte counts."""
     return f"{n / GiB:.2f} GiB"
 
 
@@ -205,6 +197,10 @@ class DramCache:
         with self._lock:
             self._prune()
             return key in self._entries
+
+    def probe_ram(self) -> RamInfo:
+        """RAM as this cache sees it (its injectable probe, so reports and tests agree with it)."""
+        return self._probe()
 
     def keys(self) -> list[str]:
         """Keys in LRU order (least recently used first)."""
@@ -262,18 +258,23 @@ class DramCache:
             if module is not None:
                 self._aliases[module] = key
 
-    def resolve(self, module: Any, kind: str) -> tuple[str, Any | None]:
+    def resolve(self, module: Any, kind: str, derive_key: Callable[[], str]) -> tuple[str, Any | None]:
         """(key, loader's base object or None) for the weight module a value and its clones share.
 
-        A module no loader registered gets a session key (`anon_key`), remembered weakly so every
-        clone of it resolves to the same key for as long as the module lives.
+        A module no loader registered gets `derive_key()` (a weights key, see
+        kernels/dram_fingerprint.py), computed once and remembered weakly, so every clone of it
+        resolves to the same key for as long as the module lives without hashing it again.
         """
         with self._lock:
             key = self._aliases.get(module)
-            if key is None:
-                key = anon_key(kind, module)
-                self._aliases[module] = key
-                return key, None
+            if key is not None:
+                return key, self.loaded_object(key)
+        key = derive_key()           # outside the lock: it reads tensors (maybe on a GPU)
+        if not key or not key.startswith(f"{kind}:"):
+            raise ValueError(f"derive_key gave {key!r}, not a '{kind}:' key")
+        with self._lock:
+            self._aliases.setdefault(module, key)
+            key = self._aliases[module]
             return key, self.loaded_object(key)
 
     def loaded_object(self, key: str) -> Any | None:
@@ -375,15 +376,15 @@ class DramCache:
         n = sum(1 for e in self._entries.values() if e.held_bytes > 0)
         if reason == "budget":
             need, available = nbytes, max(0, self.budget_bytes - held)
-            where = f"of the DRAM cache budget ({_gib(self.budget_bytes)}, env {ENV_BUDGET_GB})"
+            where = f"of the DRAM cache budget ({gib_text(self.budget_bytes)}, env {ENV_BUDGET_GB})"
         else:
             need, available = new_ram, ram.available
             where = "of RAM" + (" (cgroup-limited)" if ram.cgroup is not None else "")
         step = (f"Evicted {count_entries(len(evicted), 'older ')} first; still not enough."
                 if tried else "Evicting every older entry would not make room, so none was evicted.")
         return InsufficientDramError(
-            f"Insufficient DRAM available: need {_gib(need)}, available {_gib(available)} {where} "
-            f"(headroom {_gib(self.headroom_bytes)}, cache holds {_gib(held)} in {n} entries). {step} "
+            f"Insufficient DRAM available: need {gib_text(need)}, available {gib_text(available)} {where} "
+            f"(headroom {gib_text(self.headroom_bytes)}, cache holds {gib_text(held)} in {n} entries). {step} "
             "The model was left where it was. Free RAM (close programs, run Memory Cleanup), raise "
             f"{ENV_BUDGET_GB} or lower {ENV_HEADROOM_GB}, or let ComfyUI manage this model without the cache.")
 
@@ -472,115 +473,32 @@ def set_default_cache(cache: DramCache | None) -> DramCache | None:
         return previous
 
 
-# ---------------------------------------------------------------- memory_stats
+class KeyedLoad(NamedTuple):
+    """What `load_keyed` gives a loader: the key, the object, and where the object came from."""
 
-
-RULE = "=" * 50
-
-
-def _age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _cuda_detail() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return ""
-    dev = torch.cuda.current_device()
-    return (f"; torch allocated {_gib(torch.cuda.memory_allocated(dev))}, "
-            f"reserved {_gib(torch.cuda.memory_reserved(dev))}")
-
-
-def _cuda_vram() -> tuple[int, int] | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return int(free), int(total)
-
-
-def summary_line(cache: DramCache | None, vram: tuple[int, int] | None, ram: RamInfo) -> str:
-    """One readable line: VRAM (when a GPU exists), RAM, DRAM cache usage."""
-    parts = []
-    if vram is not None:
-        free, total = vram
-        parts.append(f"VRAM {(total - free) / GiB:.2f}/{total / GiB:.2f} GiB used, {free / GiB:.2f} free")
-    parts.append(f"RAM {ram.used / GiB:.1f}/{ram.total / GiB:.1f} GiB used, {ram.available / GiB:.1f} available")
-    if cache is not None:
-        n = len(cache)
-        parts.append(f"DRAM cache {count_entries(n)}, "
-                     f"{cache.held_bytes() / GiB:.2f}/{cache.budget_bytes / GiB:.2f} GiB")
-    return " | ".join(parts)
-
-
-def memory_stats(cache: DramCache | None = None, *, vram: tuple[int, int] | None | str = "auto",
-                 loaded_models: Iterable[LoadedModelInfo] | None = None, flags: dict[str, str] | None = None,
-                 headline: Iterable[str] = (), ram: RamInfo | None = None) -> str:
-    """The readable memory block: headline, one-line summary, VRAM, RAM, DRAM cache, loaded models, mode.
-
-    vram: (free, total) bytes from the host, None for no GPU, "auto" to ask torch.cuda.
-    loaded_models: the host's loaded models, None when the host does not track them.
-    """
-    ram = ram or (cache._probe() if cache is not None else probe_ram())
-    if vram == "auto":
-        vram = _cuda_vram()
-    lines = [RULE, "MEMORY STATUS", RULE, *headline, summary_line(cache, vram, ram)]
-    if vram is not None:
-        free, total = vram
-        lines.append(f"VRAM: {_gib(total - free)} / {_gib(total)} used (free {_gib(free)}{_cuda_detail()})")
-    else:
-        lines.append("VRAM: no GPU in use (CPU only)")
-    limit = (f"cgroup v{ram.cgroup.version} limit {_gib(ram.cgroup.limit)}" if ram.cgroup is not None
-             else "no cgroup limit")
-    lines.append(f"RAM:  {_gib(ram.used)} / {_gib(ram.total)} used (available {_gib(ram.available)}; {limit}; "
-                 f"host available {_gib(ram.host_available)})")
-    if cache is not None:
-        entries = cache.entries()
-        lines.append(f"DRAM cache ({count_entries(len(entries))}, "
-                     f"{_gib(cache.held_bytes())} of {_gib(cache.budget_bytes)} budget, "
-                     f"headroom {_gib(cache.headroom_bytes)}):" if entries else
-                     f"DRAM cache: empty (budget {_gib(cache.budget_bytes)}, headroom {_gib(cache.headroom_bytes)})")
-        for e in reversed(entries):      # most recently used first
-            hold = "weak ref" if e.weak else "held"
-            extra = f", {e.note}" if e.note else ""
-            lines.append(f"  [{e.kind.upper()}] {e.key}  ({e.nbytes / MiB:.0f} MiB, {hold}, hits {e.hits}, "
-                         f"cached {_age(e.age_s)} ago{extra})")
-    if loaded_models is None:
-        lines.append("Loaded models: not tracked by this host")
-    else:
-        models = list(loaded_models)
-        lines.append(f"Loaded models ({len(models)}):" if models else "Loaded models: none")
-        for i, m in enumerate(models):
-            dyn = " [dynamic]" if m.dynamic else ""
-            lines.append(f"  [{i}] {m.name} on {m.device}: {m.loaded_bytes / MiB:.0f} MiB loaded, "
-                         f"{(m.total_bytes - m.loaded_bytes) / MiB:.0f} MiB offloaded{dyn}")
-    if flags:
-        lines.append("Mode: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
-    lines.append(RULE)
-    return "\n".join(lines)
+    key: str
+    obj: Any
+    source: str                 # "ram": the cache held it; "live": the loader's last object is alive; "disk": load()
 
 
 def load_keyed(kind: str, paths: str | os.PathLike | Sequence[str | os.PathLike], load: Callable[[], Any],
-               module_of: Callable[[Any], Any], cache: DramCache | None = None, **options: Any) -> tuple[str, Any]:
-    """(key, object) for a loader: the object the cache or a live registration holds, else `load()`.
+               module_of: Callable[[Any], Any], cache: DramCache | None = None, **options: Any) -> KeyedLoad:
+    """The object the cache or a live registration holds for these files and options, else `load()`.
 
-    What every loader of the pack calls, so that a CLIP it built gets the stable file-identity key
-    (the Offload node then keeps it in RAM across workflow switches instead of a session key) and
-    a second load of the same file with the same options is served from RAM instead of disk.
+    Every Slipstream loader that returns a CLIP calls this (Load CLIP (keyed), Load Dual CLIP
+    (keyed), Load Anima Text Encoder), so the CLIP it returns carries the stable file-identity key
+    (the Offload node then keeps it in RAM across workflow switches) and a second load of the same
+    files with the same options is served from RAM instead of disk.
     `module_of(obj)` is the weight module its clones share (clip.patcher.model).
     """
     cache = cache or default_cache()
     key = dram_key(kind, paths, **options)
     held = cache.lookup(key)
-    if held is None:
-        held = cache.loaded_object(key)
-    if held is None:
-        held = load()
-        cache.register_loaded(key, held, module_of(held))
-    return key, held
+    if held is not None:
+        return KeyedLoad(key, held, "ram")
+    held = cache.loaded_object(key)
+    if held is not None:
+        return KeyedLoad(key, held, "live")
+    held = load()
+    cache.register_loaded(key, held, module_of(held))
+    return KeyedLoad(key, held, "disk")

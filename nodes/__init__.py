@@ -10,6 +10,7 @@ from . import (
     anima_loaders,
     audio,
     memory,
+    memory_loaders,
     mia,
     quant,
     video,
@@ -27,6 +28,8 @@ NODES: list[tuple[str, type, str]] = [
     # memory family
     ("ArchAi3D_Offload_CLIP", memory.OffloadClipToDram, "🧠Offload CLIP to DRAM"),
     ("SlipstreamMemoryCleanup", memory.MemoryCleanup, "Memory Cleanup"),
+    ("SlipstreamCLIPLoaderKeyed", memory_loaders.SlipstreamCLIPLoaderKeyed, "Load CLIP (keyed)"),
+    ("SlipstreamDualCLIPLoaderKeyed", memory_loaders.SlipstreamDualCLIPLoaderKeyed, "Load Dual CLIP (keyed)"),
     # MIA rigging
     ("MIALoadModel", mia.MIALoadModel, "MIA: Load Model"),
     ("MIAAutoRig", mia.MIAAutoRig, "MIA: Auto Rig"),

@@ -117,8 +117,8 @@ class SlipstreamAnimaTextEncoderLoader:
         path = model_path("text_encoders", clip_name)
         # Keyed by file identity, so Offload CLIP keeps this CLIP in RAM under a stable key and the
         # next workflow that loads the same file gets it from RAM instead of disk.
-        _, clip = dram.load_keyed("clip", [path], lambda: _load_text_encoder(path), lambda c: c.patcher.model,
-                                  type="anima", host=HOST_NAME)
+        clip = dram.load_keyed("clip", [path], lambda: _load_text_encoder(path), lambda c: c.patcher.model,
+                               type="anima", host=HOST_NAME).obj
         return (clip,)
 
 

@@ -1,7 +1,8 @@
 """Memory family: move a text encoder out of VRAM into a keyed RAM cache, and clear that cache.
 
-The nodes are thin: the cache and its rules live in kernels/dram.py, the unloading in the host
-(host/comfy_memory.py inside ComfyUI). Neither node has IS_CHANGED: a volatile one would make
+The nodes are thin: the cache and its rules live in kernels/dram.py (keys of CLIPs no loader of
+ours registered: kernels/dram_fingerprint.py; the report: kernels/dram_report.py), the unloading in
+the host (host/comfy_memory.py inside ComfyUI). The keyed loaders are in nodes/memory_loaders.py. Neither node has IS_CHANGED: a volatile one would make
 every node downstream of the passthrough re-run on every queue.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 
 from ..host import (
+    clip_weights,
     loaded_models_summary,
+    loader_source,
     memory_flags,
     model_residency,
     notice,
@@ -18,7 +21,8 @@ from ..host import (
     soft_empty_cache,
     vram_info,
 )
-from ..kernels import dram
+from ..kernels import dram, dram_report
+from ..kernels.dram_fingerprint import weights_key
 
 log = logging.getLogger("slipstream.memory")
 
@@ -49,13 +53,29 @@ def _check_clip(clip) -> None:
         raise NotAClipError(f"Offload CLIP's 'clip' input must be a CLIP (from Load CLIP or a checkpoint loader), got "
                         f"{type(clip).__name__}. Wire the text encoder's CLIP output into 'clip'.")
 
+def derived_key(clip) -> str:
+    """The DRAM key of a CLIP no Slipstream loader registered, the same in every run: the file identity
+    the host's loader recorded on its patcher where there is one (`clip:core:<file>@…`, see
+    host.loader_source), else a fingerprint of its weights (`clip:weights:<class>@…`,
+    kernels/dram_fingerprint.py)."""
+    source = loader_source(clip)
+    if source is not None:
+        try:
+            key = dram.dram_key("clip", source.paths, loader=source.factory, args=source.options)
+            return "clip:core:" + key.split(":", 1)[1]
+        except (OSError, ValueError):
+            pass                      # a recorded file vanished since: the weights still say what it is
+    module = clip.patcher.model
+    return weights_key("clip", type(module).__name__, clip_weights(clip))
+
+
 ANY = "*"
 CATEGORY = "Slipstream/Memory"
 _STALE_NOTE = " It is computed when the node runs; a cached node does not re-run, so it can be stale."
 
 
 def _stats(cache: dram.DramCache, headline: list[str]) -> str:
-    return dram.memory_stats(cache, vram=vram_info(), loaded_models=loaded_models_summary(),
+    return dram_report.memory_stats(cache, vram=vram_info(), loaded_models=loaded_models_summary(),
                              flags=memory_flags(), headline=headline)
 
 
@@ -63,8 +83,10 @@ class OffloadClipToDram:
     """ArchAi3D_Offload_CLIP: unload a CLIP from VRAM via the host's model manager, keep it cached in RAM."""
 
     DESCRIPTION = ("Moves a text encoder's weights out of VRAM through ComfyUI's own model management and keeps "
-                   "the CLIP cached in RAM under a stable key (file identity + options for CLIPs loaded by "
-                   "Slipstream loaders; clones such as LoRA or clip-skip map to the same key). Wire the "
+                   "the CLIP cached in RAM under a stable key: file identity + options for CLIPs from Slipstream "
+                   "loaders (Load CLIP (keyed), Load Dual CLIP (keyed)), which the next run then loads from RAM "
+                   "instead of disk; a key derived from the weights for any other CLIP (held by weak reference). "
+                   "Clones such as LoRA or clip-skip map to the same key. Wire the "
                    "conditioning into 'trigger' and take 'passthrough' onward so the offload happens right "
                    "after encoding, and the 'clip' output to encode again later. Says plainly when nothing was freed "
                    "(already on CPU, --gpu-only), and still frees VRAM when the RAM cache cannot take the CLIP.")
@@ -74,8 +96,9 @@ class OffloadClipToDram:
     RETURN_NAMES = ("memory_stats", "dram_id", "passthrough", "clip")
     OUTPUT_TOOLTIPS = (
         "A readable memory report: what was freed, VRAM, RAM, the DRAM cache and loaded models." + _STALE_NOTE,
-        "The DRAM cache key of this CLIP. Keys of CLIPs from Slipstream loaders are stable across runs; "
-        "other CLIPs get a session key (held by weak reference only).",
+        "The DRAM cache key of this CLIP, the same in every run: file identity + options for CLIPs from "
+        "Slipstream loaders (kept in RAM for the next run), a fingerprint of the weights for other CLIPs "
+        "(held by weak reference only).",
         "The trigger input, unchanged: wire it onward to order the offload. With 'trigger' unconnected it "
         "carries no value (a node that tries to use it as one gets a clear error).",
         "The same CLIP, now offloaded: still usable (a text encode loads it back on demand), so later "
@@ -100,11 +123,11 @@ class OffloadClipToDram:
         cache = dram.default_cache()
         cache.relieve_pressure()
         module = clip.patcher.model          # shared by every clone of this CLIP
-        key, base = cache.resolve(module, "clip")
+        key, base = cache.resolve(module, "clip", lambda: derived_key(clip))
         res = model_residency(clip)
         where = "RAM" if res.dynamic or res.same_device or res.device_bytes == 0 else f"RAM (from {res.load_device})"
-        # Only a loader's base object is held strongly: a clone may carry LoRA patches, and a
-        # session key can never be looked up again, so holding either strongly could only leak.
+        # Only a loader's base object is held strongly: a clone may carry LoRA patches, and no loader
+        # ever looks a weights key up, so holding either strongly could only keep RAM busy for nothing.
         # Otherwise the entry weakly tracks the weight module every clone shares.
         refused = None
         try:
@@ -124,9 +147,11 @@ class OffloadClipToDram:
             headline.append(f"Not kept in the DRAM cache ({key} is not an entry): {refused}")
         if evicted:
             headline.append("Evicted to make room: " + ", ".join(e.key for e in evicted))
-        if base is None and ":anon:" in key:
-            headline.append(f"Key {key} is a session key (this CLIP was not loaded by a Slipstream loader): "
-                            "held by weak reference, so it does not keep the weights alive.")
+        if base is None and (":weights:" in key or ":core:" in key):
+            origin = "this CLIP's weights" if ":weights:" in key else "the files ComfyUI's loader recorded"
+            headline.append(f"Key {key} is derived from {origin} (it was not loaded by a Slipstream loader): the "
+                            "same in every run, held by weak reference, so it does not keep the weights alive. "
+                            "Load it with Load CLIP (keyed) to keep it in RAM for the next run.")
         elif base is None:
             headline.append(f"The loader's CLIP for {key} is gone; this clone is held by weak reference only.")
         if trigger is None:

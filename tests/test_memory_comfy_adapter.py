@@ -19,7 +19,7 @@ import weakref
 import pytest
 import torch
 from slipstream.host import comfy_memory
-from slipstream.kernels.dram import LoadedModelInfo
+from slipstream.kernels.dram_report import LoadedModelInfo
 
 MB = 1 << 20
 

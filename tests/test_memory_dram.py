@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from slipstream.kernels import dram, sysmem
+from slipstream.kernels import dram, dram_report, sysmem
 from slipstream.kernels.dram import CacheKeyNotFoundError, DramCache, GiB, InsufficientDramError
 from slipstream.kernels.sysmem import CgroupMemory, RamInfo
 
@@ -84,12 +84,6 @@ def test_key_errors(tmp_path):
         dram.dram_key("clip", [])
     with pytest.raises(ValueError, match="kind"):
         dram.dram_key("a:b", [tmp_path])
-
-
-def test_anon_keys_are_unique():
-    blob = Blob("x")
-    assert dram.anon_key("clip", blob) != dram.anon_key("clip", blob)
-    assert dram.anon_key("clip", blob).startswith("clip:anon:Blob:")
 
 
 # ---------------------------------------------------------------- budget and LRU
@@ -251,30 +245,39 @@ def test_register_loaded_is_weak_and_maps_clones():
     assert probe() is None and cache.loaded_object("clip:te@abc") is None
 
 
-def test_resolve_gives_loader_keys_and_stable_session_keys():
+def test_resolve_gives_loader_keys_and_derives_other_keys_once():
     cache = small_cache()
     base, module, stranger = Blob("base"), Blob("module"), Blob("other weights")
     cache.register_loaded("clip:te@abc", base, module)
-    assert cache.resolve(module, "clip") == ("clip:te@abc", base)
-    key, obj = cache.resolve(stranger, "clip")
-    assert obj is None and key.startswith("clip:anon:Blob:")
-    assert cache.resolve(stranger, "clip") == (key, None)        # same module, same session key
+    derived = []
+
+    def derive() -> str:
+        derived.append(1)
+        return "clip:weights:Blob@0123"
+
+    assert cache.resolve(module, "clip", derive) == ("clip:te@abc", base)
+    assert not derived                                             # a loader's key needs no fingerprint
+    assert cache.resolve(stranger, "clip", derive) == ("clip:weights:Blob@0123", None)
+    assert cache.resolve(stranger, "clip", derive) == ("clip:weights:Blob@0123", None)
+    assert len(derived) == 1                                       # remembered for the module's life
     del base
     gc.collect()
-    assert cache.resolve(module, "clip") == ("clip:te@abc", None)
+    assert cache.resolve(module, "clip", derive) == ("clip:te@abc", None)
+    with pytest.raises(ValueError, match="not a 'clip:' key"):
+        cache.resolve(Blob("third"), "clip", lambda: "vae:weights:X@1")
 
 
 def test_weak_entries_hold_nothing_and_vanish():
     cache = small_cache(budget=10)
     obj = Blob("anon")
     probe = weakref.ref(obj)
-    cache.put("clip:anon:x", obj, "clip", 10_000, weak=True)     # over budget, but weak: holds 0 bytes
-    assert cache.held_bytes() == 0 and "clip:anon:x" in cache
+    cache.put("clip:weights:x@1", obj, "clip", 10_000, weak=True)     # over budget, but weak: holds 0 bytes
+    assert cache.held_bytes() == 0 and "clip:weights:x@1" in cache
     assert cache.entries()[0].weak
     del obj
     gc.collect()
     assert probe() is None
-    assert "clip:anon:x" not in cache and len(cache) == 0
+    assert "clip:weights:x@1" not in cache and len(cache) == 0
 
 
 def test_strong_entry_keeps_object_until_removed():
@@ -433,9 +436,9 @@ def test_memory_stats_block_with_gpu_models_and_cache():
     cache = small_cache(budget=4 * GiB)
     cache.put("clip:te.safetensors@abc", Blob("te"), "clip", 1536 * dram.MiB, note="RAM (from cuda:0)")
     ram = RamInfo(32 * GiB, 20 * GiB, 64 * GiB, 30 * GiB, CgroupMemory(2, "/sys/fs/cgroup", 32 * GiB, 12 * GiB))
-    text = dram.memory_stats(
+    text = dram_report.memory_stats(
         cache, vram=(18 * GiB, 24 * GiB), ram=ram, flags={"vram_state": "NORMAL_VRAM"},
-        loaded_models=[dram.LoadedModelInfo("WanModel", "cuda:0", 2 * GiB, 6 * GiB, dynamic=True)],
+        loaded_models=[dram_report.LoadedModelInfo("WanModel", "cuda:0", 2 * GiB, 6 * GiB, dynamic=True)],
         headline=["Offload: freed 1536.0 MiB"])
     lines = text.splitlines()
     assert lines[0] == lines[2] == lines[-1] == "=" * 50 and lines[1] == "MEMORY STATUS"
@@ -450,9 +453,9 @@ def test_memory_stats_block_with_gpu_models_and_cache():
 
 
 def test_memory_stats_cpu_only_and_untracked_models():
-    text = dram.memory_stats(small_cache(), vram=None, loaded_models=None)
+    text = dram_report.memory_stats(small_cache(), vram=None, loaded_models=None)
     assert "VRAM: no GPU in use (CPU only)" in text
     assert "DRAM cache: empty" in text
     assert "Loaded models: not tracked by this host" in text
     assert "VRAM " not in text.splitlines()[3]
-    assert "Loaded models: none" in dram.memory_stats(None, vram=None, loaded_models=[])
+    assert "Loaded models: none" in dram_report.memory_stats(None, vram=None, loaded_models=[])

@@ -62,9 +62,9 @@ def test_offload_cpu_clip_says_nothing_freed_and_passes_trigger(cache):
     cond = [[torch.zeros(1, 3, 16), {}]]
     stats, key, passthrough, _ = OffloadClipToDram().offload(clip, trigger=cond)
     assert passthrough is cond
-    assert key.startswith("clip:anon:TinyTextEncoder:")
+    assert key.startswith("clip:weights:TinyTextEncoder@")
     assert "Offload: nothing freed: load and offload device are both cpu [method: none]" in stats
-    assert "session key" in stats and "MEMORY STATUS" in stats
+    assert "derived from this CLIP's weights" in stats and "MEMORY STATUS" in stats
     assert key in stats and "Loaded models: not tracked by this host" in stats
     # Encoding still works: the weights were not touched.
     cond2 = clip.encode_from_tokens(clip.tokenize("abc"))
@@ -106,7 +106,7 @@ def test_loader_registered_clip_uses_stable_key_and_is_held(cache, tmp_path):
     cache.register_loaded(key, clip, clip.cond_stage_model)      # what a Slipstream loader does
 
     stats, dram_id, _, _ = OffloadClipToDram().offload(clip.clone(), trigger="x")
-    assert dram_id == key and key in stats and "session key" not in stats
+    assert dram_id == key and key in stats and "derived from this CLIP's weights" not in stats
     entry = cache.entries()[0]
     assert not entry.weak and entry.nbytes == standalone.model_residency(clip).total_bytes > 0
     assert cache.lookup(key) is clip                              # the base object, not the clone

@@ -69,3 +69,69 @@ def offload_core_clip(ctx) -> dict:
     cleanup_stats, _ = cleanup.cleanup("key", key2, True, trigger=None)
     out["cleanup"] = cleanup_stats
     return out
+
+
+def keyed_clip_reuse(ctx) -> dict:
+    """Load CLIP (keyed) against core Load CLIP, counting every file ComfyUI's loader reads.
+
+    comfy.sd.load_clip reads each text-encoder file through comfy.utils.load_torch_file, so wrapping
+    that function sees every disk read of a CLIP file, whoever asks for it.
+    """
+    import gc
+    import os
+    import weakref
+
+    import comfy.utils
+    import folder_paths
+    import torch
+
+    import nodes
+
+    folder_paths.add_model_folder_path("text_encoders", str(ctx.models / "text_encoders"))  # ComfyUI's own lookup
+    name = ctx.params["clip_file"]
+    keyed = ctx.pack.NODE_CLASS_MAPPINGS["SlipstreamCLIPLoaderKeyed"]()
+    offload = ctx.pack.NODE_CLASS_MAPPINGS["ArchAi3D_Offload_CLIP"]()
+    reads: list[str] = []
+    original = comfy.utils.load_torch_file
+
+    def counting(ckpt, *args, **kwargs):
+        reads.append(os.path.basename(str(ckpt)))
+        return original(ckpt, *args, **kwargs)
+
+    comfy.utils.load_torch_file = counting
+    out: dict = {"host": ctx.pack_module("host").NAME}
+    try:
+        # 1. The keyed loader: the first run reads the file; after Offload CLIP, the next one does not.
+        (clip,) = keyed.load_clip(name, "stable_diffusion")
+        out["clip_class"] = f"{type(clip).__module__}.{type(clip).__qualname__}"
+        (cond,) = nodes.CLIPTextEncode().encode(clip, "a red cube")
+        first_stats, first_key, _, _ = offload.offload(clip, trigger=cond)
+        out["reads_first"] = list(reads)
+        probe = weakref.ref(clip)
+        del clip, cond
+        gc.collect()
+        (again,) = keyed.load_clip(name, "stable_diffusion")
+        (cond2,) = nodes.CLIPTextEncode().encode(again, "a red cube")
+        second_stats, second_key, _, _ = offload.offload(again, trigger=cond2)
+        out.update(reads_second=reads[len(out["reads_first"]):], first_key=first_key, second_key=second_key,
+                   is_changed=keyed.IS_CHANGED(name, "stable_diffusion"), same_object=probe() is again,
+                   second_stats=second_stats, first_stats=first_stats,
+                   cond_finite=bool(torch.isfinite(cond2[0][0]).all()))
+        del again, cond2
+
+        # 2. Core Load CLIP: every load reads the file, and every load gets the same weights key,
+        # even while a LoRA-style patch sits in the weights in place.
+        before = len(reads)
+        (core1,) = nodes.CLIPLoader().load_clip(name, "stable_diffusion")
+        _, core_key1, _, _ = offload.offload(core1, trigger=1)
+        (core2,) = nodes.CLIPLoader().load_clip(name, "stable_diffusion")
+        weight = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+        patched = core2.clone()
+        patched.add_patches({weight: (torch.full((3072, 768), 0.01),)}, 1.0)
+        nodes.CLIPTextEncode().encode(patched, "a blue sphere")          # ComfyUI patches the weight in place
+        in_place = not torch.equal(core2.cond_stage_model.state_dict()[weight], core1.cond_stage_model.state_dict()[weight])
+        _, core_key2, _, _ = offload.offload(patched, trigger=1)
+        out.update(core_reads=reads[before:], core_key1=core_key1, core_key2=core_key2, patched_in_place=in_place)
+    finally:
+        comfy.utils.load_torch_file = original
+    return out

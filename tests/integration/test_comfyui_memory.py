@@ -43,7 +43,7 @@ def test_offload_clip_workflow_through_prompt(comfyui, harness_module):
     assert "Offload: nothing freed: load and offload device are both cpu" in offload_stats
     assert "Mode: vram_state=DISABLED" in offload_stats
     assert "SD1ClipModel on cpu" in offload_stats
-    assert dram_id.startswith("clip:anon:SD1ClipModel:") and dram_id in offload_stats
+    assert dram_id.startswith("clip:weights:SD1ClipModel@") and dram_id in offload_stats
     assert "Cleanup: dropped 1 entry" in cleanup_stats and dram_id in cleanup_stats
     # Re-queueing the same graph is served from ComfyUI's cache: no volatile IS_CHANGED anywhere.
     again = comfyui.run(api)
@@ -59,7 +59,7 @@ def test_offload_core_clip_in_process(comfy_inprocess):
 
     cpu = out["cpu"]
     assert "nothing freed: load and offload device are both cpu" in cpu["stats"]
-    assert cpu["passthrough_is_trigger"] and cpu["key"].startswith("clip:anon:SD1ClipModel:")
+    assert cpu["passthrough_is_trigger"] and cpu["key"].startswith("clip:weights:SD1ClipModel@")
     assert cpu["loaded_after"] == cpu["loaded_before"]            # nothing was touched
 
     dev = out["device"]
