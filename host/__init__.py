@@ -20,7 +20,8 @@ Interface (both implementations provide each name):
   notice(node, message)                 log + the node's UI text inside ComfyUI; add_notice_hook(fn) observes
   clear_stale_interrupt()               forget an interrupt requested while nothing ran (start of a run)
   managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
-Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...),
+staged_folder(target) / publish_folder(tmp_dir, target) for results made of many files.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from .paths import (  # noqa: F401  (public API)
     SaveTarget,
     counter_of,
     publish,
+    publish_folder,
     staged_file,
+    staged_folder,
 )
 
 
@@ -134,6 +137,7 @@ memory_flags = _impl.memory_flags                    # () -> dict[str, str]
 # video family (Video Combine): see host/comfy_video.py
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
 video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
+from .comfy_video import decode_latent_chunks  # noqa: E402,F401  (vae, LATENT, chunk) -> (n, IMAGE chunks)
 
 # Anima family (context tokens)
 load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device

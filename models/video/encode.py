@@ -24,7 +24,7 @@ import torch
 from . import command
 from .audio import audio_length, write_raw_audio
 from .ffmpeg import FFmpeg, encoder_pix_fmts, find_ffmpeg
-from .formats import check_choice, get_format, needs_even_size
+from .formats import Encoder, VideoFormat, check_choice, get_format, ignored_options, needs_even_size
 from .frames import FrameCheck, FrameConverter, check_frames, even_sample, frame_order, order_length
 from .metadata import add_png_text, container_tags, write_ffmetadata
 from .process import FFmpegError, run_ffmpeg
@@ -146,6 +146,12 @@ def _notes(check: FrameCheck, converter: FrameConverter, settings: EncodeSetting
     return notes
 
 
+def _crf(fmt: VideoFormat, encoder: Encoder, crf: int) -> int | None:
+    if encoder.crf_range is None:
+        return None                       # the format has no crf (ProRes, ffv1, gif, ...): ignored
+    return fmt.default_crf(encoder) if crf == -1 else crf
+
+
 def frames_for_audio(audio: Mapping[str, Any], frame_rate: Fraction) -> int:
     """How many frames the sound covers: ceil(seconds × rate), at least 1 (the last frame may run past it)."""
     samples, sample_rate = audio_length(audio)
@@ -203,6 +209,9 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
         raise ValueError(f"this ffmpeg ({build.describe()}) has none of the audio encoders {fmt.name} uses "
                          f"({', '.join(fmt.audio_encoders)}); remove the audio input or use another ffmpeg.")
     notes = _notes(check, converter, settings, pix_fmt, audio_ignored=audio is not None and audio_encoder is None)
+    if ignored := ignored_options(fmt.name, settings.pix_fmt, settings.crf, build):
+        notes.append(f"{fmt.name} has no {' or '.join(o.split()[0] for o in ignored)} option; "
+                     f"{', '.join(ignored)} was not used")
     if settings.trim_to_audio and audio_encoder is not None:
         sound_frames = frames_for_audio(audio, frame_rate)
         if sound_frames < total:
@@ -234,7 +243,7 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
             job = command.Job(
                 ffmpeg=build.path, format=fmt, encoder=encoder, width=converter.out_width,
                 height=converter.out_height, input_pix_fmt=converter.pix_fmt, frame_rate=frame_rate,
-                pix_fmt=pix_fmt, crf=fmt.default_crf(encoder) if settings.crf == -1 else settings.crf,
+                pix_fmt=pix_fmt, crf=_crf(fmt, encoder, settings.crf),
                 loop_count=settings.loop_count, lossless=settings.lossless, quality=settings.quality,
                 audio=raw_audio, audio_encoder=audio_encoder, metadata_path=metadata_path)
             palette = None

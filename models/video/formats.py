@@ -189,6 +189,18 @@ def missing_formats(build: EncoderSet | None) -> dict[str, str]:
     return {f.name: r for f in FORMATS if (r := f.missing_reason(build)) is not None}
 
 
+def ignored_options(name: str, pix_fmt: str, crf: int, build: EncoderSet) -> list[str]:
+    """The options set away from their default that this format does not have (for a note on the node)."""
+    fmt = FORMATS_BY_NAME[name]
+    encoder = fmt.encoder_for(build)
+    ignored = []
+    if pix_fmt != "auto" and not fmt.pix_fmts:
+        ignored.append(f"pix_fmt {pix_fmt}")
+    if crf != -1 and (encoder is None or encoder.crf_range is None):
+        ignored.append(f"crf {crf}")
+    return ignored
+
+
 def check_choice(name: str, pix_fmt: str, crf: int, build: EncoderSet | None,
                  encoder_pix_fmts: Iterable[str] | None = None) -> str | None:
     """Why this combination of format, pix_fmt and crf cannot be written, or None if it can.
@@ -208,16 +220,14 @@ def check_choice(name: str, pix_fmt: str, crf: int, build: EncoderSet | None,
     assert encoder is not None
     if pix_fmt not in PIX_FMT_CHOICES:
         return f"pix_fmt '{pix_fmt}' is not one of {', '.join(PIX_FMT_CHOICES)}"
-    if pix_fmt != "auto":
-        if not fmt.pix_fmts:
-            return f"{name} has no pix_fmt option (it picks its own colours); set pix_fmt to 'auto'"
+    # An option the format does not have (pix_fmt for gif, crf for ProRes) is ignored, not refused: the
+    # widget keeps its value when the user switches formats, and that must not break the next run.
+    if pix_fmt != "auto" and fmt.pix_fmts:
         if pix_fmt not in fmt.pix_fmts:
             return f"{name} supports pix_fmt {', '.join(fmt.pix_fmts)} (or auto), not '{pix_fmt}'"
         if encoder_pix_fmts is not None and pix_fmt not in set(encoder_pix_fmts):
             return f"this ffmpeg's {encoder.name} cannot encode pix_fmt '{pix_fmt}'"
-    if crf != -1:
-        if encoder.crf_range is None:
-            return f"{name} has no crf option; set crf to -1"
+    if crf != -1 and encoder.crf_range is not None:
         lo, hi = encoder.crf_range
         if not lo <= crf <= hi:
             return f"crf {crf} is outside {lo}..{hi} for {encoder.name} (or use -1 for the default {fmt.crf_default})"
