@@ -79,6 +79,7 @@ def _parse_muxers(text: str) -> frozenset[str]:
 
 
 _HARDWARE_TRY_SIZE = 256      # NVENC refuses frames below about 145×49; 256² is accepted everywhere
+_HARDWARE_TRY_TIMEOUT_S = 5   # a working encoder takes well under a second for one frame
 
 
 def _hardware_problem(path: str, encoder: str) -> str | None:
@@ -91,7 +92,7 @@ def _hardware_problem(path: str, encoder: str) -> str | None:
     try:
         done = subprocess.run([path, "-hide_banner", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                                "-s", f"{size}x{size}", "-i", "-", "-frames:v", "1", "-c:v", encoder, "-f", "null",
-                               "-"], input=bytes(size * size * 3), capture_output=True, timeout=_PROBE_TIMEOUT_S,
+                               "-"], input=bytes(size * size * 3), capture_output=True, timeout=_HARDWARE_TRY_TIMEOUT_S,
                               check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
