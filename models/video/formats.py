@@ -60,7 +60,7 @@ class VideoFormat:
     container_metadata: bool = False            # can carry the workflow/prompt as container tags
     movflags: tuple[str, ...] = ()              # mp4 flags (faststart moves the index first for web playback)
     # Whether ComfyUI's VIDEO can be the file itself: its PyAV reader must decode it and core SaveVideo must
-    # be able to copy its streams into mp4. Animated WebP fails the first, GIF the second.
+    # be able to copy its streams into mp4. Animated WebP fails the first, GIF, ProRes and ffv1 the second.
     video_from_file: bool = True
     notes: str = ""                             # one line for the help text
     input_depth: int = 8                        # bits per channel sent to ffmpeg (16 for 10/16-bit outputs)
@@ -152,10 +152,10 @@ FORMATS: tuple[VideoFormat, ...] = (
                 crf_default=23, container_metadata=True, notes="smallest files; slower to encode", **_WEBM_AUDIO),
     VideoFormat("video/ProRes", "mov", "mov", (_PRORES,), "video", pix_fmts=("yuv422p10le", "yuva444p10le"),
                 alpha_pix_fmt="yuva444p10le", audio_encoders=("pcm_s16le",), container_metadata=True,
-                input_depth=16, notes="ProRes 422 HQ in .mov for editing (4444 with alpha); 10-bit; big files"),
+                input_depth=16, video_from_file=False, notes="ProRes 422 HQ in .mov for editing (4444 with alpha); 10-bit; big files"),
     VideoFormat("video/ffv1-mkv", "mkv", "matroska", (_FFV1,), "video", pix_fmts=("gbrp16le", "gbrap16le"),
                 alpha_pix_fmt="gbrap16le", audio_encoders=("flac", "pcm_s16le"), container_metadata=True,
-                input_depth=16, notes="lossless 16-bit RGB (alpha kept) in .mkv, for archiving and post work"),
+                input_depth=16, video_from_file=False, notes="lossless 16-bit RGB (alpha kept) in .mkv, for archiving and post work"),
     VideoFormat("video/nvenc_h264-mp4", "mp4", "mp4", (_NVENC_H264,), "video", pix_fmts=("yuv420p", "yuv444p"),
                 crf_default=19, container_metadata=True, movflags=("faststart",),
                 notes="h264 on an NVIDIA GPU's encoder (fast)", **_MP4_AUDIO),
