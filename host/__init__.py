@@ -21,7 +21,8 @@ Interface (both implementations provide each name):
   clear_stale_interrupt()               forget an interrupt requested while nothing ran (start of a run)
   managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
   model_value / clip_value / vae_value  MODEL, CLIP, VAE values around modules of our own
-Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
+Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...),
+staged_folder(target) / publish_folder(tmp_dir, target) for results made of many files.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ from .paths import (  # noqa: F401  (public API)
     SaveTarget,
     counter_of,
     publish,
+    publish_folder,
     staged_file,
+    staged_folder,
 )
 
 
@@ -137,6 +140,7 @@ from .memory import LoaderSource, loader_source  # noqa: E402,F401  (obj) -> fil
 # video family (Video Combine): see host/comfy_video.py
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
 video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
+from .comfy_video import decode_latent_chunks  # noqa: E402,F401  (vae, LATENT, chunk) -> (n, IMAGE chunks)
 
 # MODEL / CLIP / VAE values around modules of our own (host/graph_values.py)
 model_value = _impl.model_value                      # (module, load_device, offload_device) -> MODEL

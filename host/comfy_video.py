@@ -75,3 +75,33 @@ def video_value(path: str, frame_rate: Fraction, frames: Callable[[], Any] | Non
     if frames is None:
         return from_file(path)
     return lazy_frames_video(from_components, components, frames, Fraction(frame_rate), width, height, frame_count)
+
+
+def decode_latent_chunks(vae: Any, latent: Any, chunk_frames: int) -> tuple[int, Any]:
+    """(number of chunks, iterator of IMAGE chunks) decoding a core LATENT through a core VAE's decode().
+
+    Image latents [B,C,H,W] (one latent per frame) are decoded `chunk_frames` at a time: VAE.decode
+    is per image, so the chunks give exactly the frames one big decode would. Video latents
+    [B,C,T,H,W] are decoded one clip at a time: a causal video VAE carries state along T, so cutting
+    T would change the frames; the core VAE splits its own work to fit memory. VAE.decode returns
+    [B,T,H,W,C] for those; each clip's frames are flattened into the batch, as core VAE Decode does.
+    """
+    if not hasattr(vae, "decode"):
+        raise TypeError(f"vae must be ComfyUI's VAE (from Load VAE or a checkpoint loader), got {type(vae).__name__}")
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if samples is None or not hasattr(samples, "ndim") or samples.ndim not in (4, 5):
+        shape = tuple(samples.shape) if hasattr(samples, "shape") else type(samples).__name__
+        raise ValueError(f"latent must be a LATENT with 'samples' [frames, C, H, W] or [batch, C, T, H, W], got {shape}")
+    if chunk_frames < 1:
+        raise ValueError(f"decode_chunk must be 1 or more, got {chunk_frames}")
+    step = chunk_frames if samples.ndim == 4 else 1
+    starts = range(0, int(samples.shape[0]), step)
+
+    def chunks():
+        for start in starts:
+            images = vae.decode(samples[start:start + step])
+            if images.ndim == 5:
+                images = images.reshape(-1, *images.shape[-3:])
+            yield images
+
+    return len(starts), chunks()

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -323,8 +324,13 @@ def sweep_stale_partials(directory: str, older_than_s: float = STALE_AFTER_S) ->
             continue
         path = os.path.join(directory, name)
         try:
-            if os.path.isfile(path) and not os.path.islink(path) and os.path.getmtime(path) < cutoff:
+            if os.path.islink(path) or os.path.getmtime(path) >= cutoff:
+                continue
+            if os.path.isfile(path):
                 os.unlink(path)
+                removed.append(path)
+            elif os.path.isdir(path):          # a staged png sequence (staged_folder)
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         except OSError:
             continue
@@ -357,3 +363,58 @@ def staged_file(target: SaveTarget, ext: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def staged_folder(target: SaveTarget, ext: str = "frames") -> Iterator[str]:
+    """Yield an empty hidden folder beside the destination, for a result made of many files (a png
+    sequence); it is removed with its contents if the block fails. publish_folder() gives it its name."""
+    _make_directory(target.directory)
+    sweep_once(target.directory)
+    short = target.stem.encode("utf-8", "surrogateescape")[:_STAGING_STEM_BYTES].decode("utf-8", "ignore")
+    for _ in range(100):
+        path = os.path.join(target.directory, f".{short}.{secrets.token_hex(4)}{PARTIAL_MARK}{ext}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _raise_folder_problem(exc, target.directory)
+        break
+    else:
+        raise OutputFolderError(errno.EEXIST, f"no free staging name in {target.directory}")
+    try:
+        yield path
+    except OSError as exc:
+        _raise_folder_problem(exc, target.directory)
+    finally:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_folder(tmp_dir: str, target: SaveTarget, counter: int | None = None) -> str:
+    """Give a finished staged folder the first free '<stem>_NNNNN_' name, never replacing anything.
+
+    The name is reserved with mkdir (atomic: fails when anything has it), then the staged folder is
+    renamed onto that empty reservation, so a reader never sees a folder with only some of the files.
+    """
+    counter = next_counter(target) if counter is None else counter
+    for _ in range(100000):
+        final = os.path.join(target.directory, f"{target.stem}_{counter:05d}_")
+        try:
+            os.mkdir(final)
+        except FileExistsError:
+            counter += 1
+            continue
+        except OSError as exc:
+            _raise_folder_problem(exc, target.directory)
+        try:
+            os.replace(tmp_dir, final)          # POSIX: replaces our own empty reservation atomically
+        except OSError:
+            os.rmdir(final)                     # Windows: a folder cannot be renamed onto another
+            try:
+                os.rename(tmp_dir, final)
+            except OSError as exc:
+                _raise_folder_problem(exc, target.directory)
+        return final
+    raise RuntimeError(f"no free folder name for '{target.stem}' in {target.directory}")

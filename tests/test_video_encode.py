@@ -13,9 +13,10 @@ import torch
 from PIL import Image, ImageSequence
 from slipstream.models.video.encode import EncodeSettings, encode_frames
 from slipstream.models.video.ffmpeg import find_ffmpeg
-from slipstream.models.video.formats import FORMATS
+from slipstream.models.video.formats import FORMATS, available_formats
 
-FORMAT_NAMES = [f.name for f in FORMATS]
+# What this machine's ffmpeg can write (NVENC needs an NVIDIA GPU); png sequences have their own tests.
+FORMAT_NAMES = [f.name for f in available_formats(find_ffmpeg()) if f.kind != "images"]
 EXT = {f.name: f.extension for f in FORMATS}
 W, H = 64, 48
 

@@ -33,10 +33,12 @@ def all_files(root) -> list[str]:
 
 
 def fake_ffmpeg(tmp_path, encode_body: str) -> str:
-    """An ffmpeg that answers probes with the real one and runs `encode_body` when asked to encode."""
+    """An ffmpeg that answers probes with the real one (the one-frame hardware-encoder tries, which write
+    to the null muxer, included) and runs `encode_body` when asked to encode."""
     real = find_ffmpeg().path
     script = tmp_path / "ffmpeg-fake"
-    script.write_text(f"#!{sys.executable}\nimport os, sys, time\nif '-i' not in sys.argv:\n"
+    script.write_text(f"#!{sys.executable}\nimport os, sys, time\nif '-i' not in sys.argv or sys.argv[-2:] == "
+                      "['null', '-']:\n"
                       f"    os.execv({real!r}, [{real!r}, *sys.argv[1:]])\n{encode_body}\n", encoding="utf-8")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script)

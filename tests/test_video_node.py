@@ -111,7 +111,7 @@ def test_audio_reaches_the_file(workdirs):
     (torch.full((3, 8, 8, 3), float("nan")), {}, FrameError, "frame 0 contains NaN"),
     (None, {"frame_rate": 0.0}, ValueError, "frame_rate must be a number above 0"),
     (None, {"frame_rate": -8.0}, ValueError, "frame_rate must be a number above 0"),
-    (None, {"fmt": "image/gif", "crf": 20}, ValueError, "no crf option"),
+    (None, {"fmt": "video/av1-webm", "crf": 0}, ValueError, "outside 1..63"),
 ])
 def test_bad_input_is_refused_and_writes_nothing(workdirs, images, kw, error, words):
     with pytest.raises(error, match=words):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -18,6 +19,7 @@ from slipstream.models.video.formats import (
     available_formats,
     check_choice,
     get_format,
+    ignored_options,
     missing_formats,
     needs_even_size,
 )
@@ -202,9 +204,11 @@ class _Build:
 def test_formats_listed_only_when_the_build_has_the_encoder():
     build = _Build({"gif", "libwebp_anim", "libx264", "libx265", "libvpx-vp9", "aac"})
     assert [f.name for f in available_formats(build)] == [
-        "image/gif", "image/webp", "video/h264-mp4", "video/h265-mp4", "video/vp9-webm"]
+        "image/gif", "image/webp", "video/h264-mp4", "video/h265-mp4", "video/webm", "video/vp9-webm"]
     missing = missing_formats(build)
-    assert list(missing) == ["video/av1-webm"]
+    assert list(missing) == ["video/av1-webm", "video/ProRes", "video/ffv1-mkv", "video/nvenc_h264-mp4",
+                             "video/nvenc_hevc-mp4", "image/png", "video/8bit-png", "video/16bit-png"]
+    assert "no 'mov' muxer" in missing["video/ProRes"] and "no 'image2' muxer" in missing["image/png"]
     assert "libsvtav1 or libaom-av1" in missing["video/av1-webm"]
     assert "no 'webm' muxer" in missing_formats(_Build({"libvpx-vp9"}, muxers=("mp4",)))["video/vp9-webm"]
     assert set(missing_formats(None)) == {f.name for f in FORMATS}
@@ -220,8 +224,8 @@ def test_av1_falls_back_to_libaom():
     ("video/av1-webm", "auto", 0, "outside 1..63"),
     ("video/h264-mp4", "auto", 52, "outside 0..51"),
     ("video/h264-mp4", "yuva420p", -1, "supports pix_fmt"),
-    ("image/gif", "yuv420p", -1, "no pix_fmt option"),
-    ("image/webp", "auto", 20, "no crf option"),
+    ("image/gif", "yuv420p", -1, None),          # options a format lacks are ignored (a note), not refused
+    ("image/webp", "auto", 20, None),
     ("video/mpeg1", "auto", -1, "unknown format"),
     ("video/av1-webm", "auto", -1, "no libsvtav1 or libaom-av1 encoder"),
 ])
@@ -308,3 +312,70 @@ def test_the_build_that_writes_more_formats_wins(tmp_path, monkeypatch):
     monkeypatch.setattr(ffmpeg_mod, "_imageio_ffmpeg_path", lambda: (None, "imageio-ffmpeg is not installed"))
     weak = ffmpeg_mod.find_ffmpeg()
     assert weak.source == "PATH" and available_formats(weak) == []
+
+
+# ---------------------------------------------------------------- formats at the well-known names
+
+
+def test_a_hardware_encoder_that_cannot_run_is_not_offered_and_the_error_lists_what_exists():
+    build = _Build({"libx264", "h264_nvenc", "aac"})
+    build.unusable = (("h264_nvenc", "Cannot load libcuda.so.1"),)
+    assert "video/nvenc_h264-mp4" not in [f.name for f in available_formats(build)]
+    problem = check_choice("video/nvenc_h264-mp4", "auto", -1, build)
+    assert "h264_nvenc (Cannot load libcuda.so.1) but it cannot run here" in problem
+    assert "formats this ffmpeg can write: video/h264-mp4" in problem
+    assert "no hevc_nvenc encoder" in missing_formats(build)["video/nvenc_hevc-mp4"]
+    build.unusable = ()
+    assert get_format("video/nvenc_h264-mp4").encoder_for(build).crf_flag == "-cq"
+
+
+def test_old_format_names_still_resolve_to_the_same_encoding():
+    assert get_format("video/vp9-webm").encoders == get_format("video/webm").encoders
+    assert get_format("video/8bit-png").kind == get_format("image/png").kind == "images"
+    assert get_format("video/16bit-png").input_depth == 16 and get_format("image/png").input_depth == 8
+
+
+def test_options_a_format_lacks_are_listed_as_ignored():
+    build = _Build({"gif", "prores_ks", "libx264"}, muxers=("gif", "mov", "mp4"))
+    assert ignored_options("image/gif", "yuv420p", 20, build) == ["pix_fmt yuv420p", "crf 20"]
+    assert ignored_options("video/ProRes", "auto", 20, build) == ["crf 20"]
+    assert ignored_options("video/h264-mp4", "yuv444p", 20, build) == []
+    assert "supports pix_fmt yuv422p10le" in check_choice("video/ProRes", "yuv420p", -1, build)
+
+
+def test_converter_16_bit_rounds_to_65535_little_endian():
+    conv = FrameConverter(1, 3, 3, keep_alpha=False, pad_to_even=True, depth=16)
+    frame = torch.tensor([[[0.0, 0.5, 1.0], [1.2, -0.1, 0.25], [0.1, 0.2, 0.3]]])
+    out = conv.convert(frame)
+    assert conv.pix_fmt == "rgb48le" and out.dtype == np.dtype("<u2") and out.shape == (2, 4, 3)
+    want = np.floor(np.clip(frame.double().numpy() * 65535 + 0.5, 0, 65535)).astype(np.uint16)
+    assert np.array_equal(out[:1, :3], want)
+    assert np.array_equal(out[:1, 3], want[:, 2]) and np.array_equal(out[1], out[0])   # padded by the edge
+    assert FrameConverter(1, 1, 4, keep_alpha=True, pad_to_even=False, depth=16).pix_fmt == "rgba64le"
+
+
+def test_png_text_chunks_are_added_to_a_16_bit_png_without_touching_pixels(tmp_path):
+    import zlib
+
+    from slipstream.models.video.metadata import add_png_text, container_tags
+
+    path = tmp_path / "a.png"
+    pixels = (np.arange(2 * 3 * 3).reshape(2, 3, 3) * 1000).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in pixels)                      # filter 0 per row
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = (3).to_bytes(4, "big") + (2).to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    add_png_text(str(path), {"prompt": '{"1": 2}', "note": "猫 cat"})
+    data = path.read_bytes()
+    assert data[24] == 16                                                       # still 16 bits per channel
+    assert b"tEXtprompt\0{\"1\": 2}" in data and b"iTXtnote\0\0\0\0\0" + "猫 cat".encode() in data
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.text["prompt"] == '{"1": 2}' and im.text["note"] == "猫 cat"
+    tags = container_tags({"prompt": "{}", "workflow": "[1]"})
+    assert tags["prompt"] == "{}" and json.loads(tags["comment"]) == {"prompt": "{}", "workflow": "[1]"}
+    assert container_tags({}) == {}

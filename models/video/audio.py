@@ -53,6 +53,12 @@ def _waveform_and_rate(audio: Mapping[str, Any]) -> tuple[torch.Tensor, int, lis
     return waveform[0], int(rate), notes
 
 
+def audio_length(audio: Mapping[str, Any]) -> tuple[int, int]:
+    """(samples, sample_rate) of the clip that would be muxed (the first of a batch)."""
+    waveform, rate, _ = _waveform_and_rate(audio)
+    return int(waveform.shape[1]), rate
+
+
 def write_raw_audio(audio: Mapping[str, Any], duration_s: float, path: str) -> RawAudio:
     """Write the first clip of `audio` as interleaved float32, cut or padded to `duration_s` seconds."""
     waveform, rate, notes = _waveform_and_rate(audio)

@@ -8,6 +8,7 @@ the palette is known.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -15,6 +16,13 @@ from .audio import RawAudio
 from .formats import Encoder, VideoFormat
 
 GIF_DITHER = "sierra2_4a"
+# Frame files of the png sequences inside their folder: 00001.png, 00002.png, ...
+SEQUENCE_PATTERN = "%05d.png"
+
+
+def sequence_name(number: int) -> str:
+    """The file name of frame `number` (1-based) of a png sequence."""
+    return SEQUENCE_PATTERN % number
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def palette_command(job: Job, palette_path: str, pixel_step: int = 1) -> list[st
 def _video_args(job: Job) -> list[str]:
     args = ["-map", "0:v:0", "-c:v", job.encoder.name, *job.encoder.args]
     if job.crf is not None:
-        args += ["-crf", str(job.crf)]
+        args += [job.encoder.crf_flag, str(job.crf)]
     if job.pix_fmt is not None:
         args += ["-pix_fmt", job.pix_fmt]
         if job.pix_fmt.startswith("yuv"):
@@ -77,7 +85,7 @@ def _video_args(job: Job) -> list[str]:
 
 
 def encode_command(job: Job, out_path: str, palette_path: str | None = None) -> list[str]:
-    """The command that writes the final file (pass 2 for GIF)."""
+    """The command that writes the final file (pass 2 for GIF); for png sequences `out_path` is the folder."""
     fmt = job.format
     cmd = [*_head(job), *_raw_input(job)]
     next_input = 1
@@ -86,6 +94,10 @@ def encode_command(job: Job, out_path: str, palette_path: str | None = None) -> 
             raise ValueError("GIF needs the palette from palette_command() first")
         cmd += ["-i", palette_path, "-filter_complex", f"[0:v][1:v]paletteuse=dither={GIF_DITHER}",
                 "-loop", str(job.loop_count)]
+    elif fmt.kind == "images":
+        png_pix_fmt = {"rgb24": "rgb24", "rgba": "rgba", "rgb48le": "rgb48be", "rgba64le": "rgba64be"}
+        cmd += ["-c:v", job.encoder.name, "-pix_fmt", png_pix_fmt[job.input_pix_fmt], "-start_number", "1"]
+        return [*cmd, "-f", fmt.muxer, "-y", os.path.join(out_path, SEQUENCE_PATTERN)]
     elif fmt.kind == "webp":
         cmd += ["-c:v", job.encoder.name, "-lossless", "1" if job.lossless else "0",
                 "-quality", str(job.quality), "-loop", str(job.loop_count)]
@@ -104,7 +116,9 @@ def encode_command(job: Job, out_path: str, palette_path: str | None = None) -> 
             cmd += ["-map", f"{audio_index}:a:0", "-c:a", job.audio_encoder, *fmt.audio_args]
         if job.metadata_path is not None:
             cmd += ["-map_metadata", str(next_input)]
-        movflags = list(fmt.movflags) + (["use_metadata_tags"] if job.metadata_path and fmt.muxer == "mp4" else [])
+        movflags = list(fmt.movflags)
+        if job.metadata_path and fmt.muxer in ("mp4", "mov"):
+            movflags.append("use_metadata_tags")   # keep every tag (prompt, workflow), not only known ones
         if movflags:
             cmd += ["-movflags", "".join(f"+{flag}" for flag in movflags)]
     return [*cmd, "-f", fmt.muxer, "-y", out_path]

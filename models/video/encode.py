@@ -7,6 +7,7 @@ so this module runs in any process, with or without ComfyUI.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -21,11 +22,11 @@ import numpy as np
 import torch
 
 from . import command
-from .audio import write_raw_audio
+from .audio import audio_length, write_raw_audio
 from .ffmpeg import FFmpeg, encoder_pix_fmts, find_ffmpeg
-from .formats import check_choice, get_format, needs_even_size
+from .formats import Encoder, VideoFormat, check_choice, get_format, ignored_options, needs_even_size
 from .frames import FrameCheck, FrameConverter, check_frames, even_sample, frame_order, order_length
-from .metadata import write_ffmetadata
+from .metadata import add_png_text, container_tags, write_ffmetadata
 from .process import FFmpegError, run_ffmpeg
 
 ProgressFn = Callable[[int, int], None]
@@ -84,7 +85,8 @@ class EncodeSettings:
     pix_fmt: str = "auto"
     lossless: bool = False        # image/webp only
     quality: int = 90             # image/webp only
-    metadata: Mapping[str, str] = field(default_factory=dict)   # container tags (mp4/webm)
+    metadata: Mapping[str, str] = field(default_factory=dict)   # container tags / first PNG's text chunks
+    trim_to_audio: bool = False   # cut the video to the sound's length when the sound is shorter
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,47 @@ def _notes(check: FrameCheck, converter: FrameConverter, settings: EncodeSetting
     return notes
 
 
+def _crf(fmt: VideoFormat, encoder: Encoder, crf: int) -> int | None:
+    if encoder.crf_range is None:
+        return None                       # the format has no crf (ProRes, ffv1, gif, ...): ignored
+    return fmt.default_crf(encoder) if crf == -1 else crf
+
+
+def frames_for_audio(audio: Mapping[str, Any], frame_rate: Fraction) -> int:
+    """How many frames the sound covers: ceil(seconds × rate), at least 1 (the last frame may run past it)."""
+    samples, sample_rate = audio_length(audio)
+    return max(1, math.ceil(Fraction(samples) * frame_rate / sample_rate))
+
+
+def _remove_output(path: str, is_folder: bool) -> None:
+    """Remove what a failed encode left under `path` (a file, or a png sequence's folder's frames)."""
+    if is_folder:
+        for name in os.listdir(path) if os.path.isdir(path) else ():
+            os.unlink(os.path.join(path, name))
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+def _finish_sequence(folder: str, total: int, tags: Mapping[str, str], build: FFmpeg, what: str) -> None:
+    """Check a png sequence is complete (one file per frame) and put the workflow into its first frame."""
+    written = sorted(os.listdir(folder))
+    expected = [command.sequence_name(i) for i in range(1, total + 1)]
+    if written != expected:
+        raise FFmpegError(f"ffmpeg ({build.describe()}) wrote {len(written)} file(s) for {what}, expected {total} "
+                          f"({expected[0]} to {expected[-1]}); nothing was saved.")
+    if tags:
+        add_png_text(os.path.join(folder, expected[0]), tags)
+
+
 def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str, *,
                   audio: Mapping[str, Any] | None = None, ffmpeg: FFmpeg | None = None,
                   progress: ProgressFn | None = None,
                   check_interrupt: Callable[[], None] | None = None) -> EncodeResult:
-    """Write `images` [B,H,W,C] to `out_path` in `settings.format`; the file is removed if anything fails."""
+    """Write `images` [B,H,W,C] to `out_path` in `settings.format`; the file is removed if anything fails.
+
+    For the png sequences (kind "images") `out_path` is an existing empty folder that receives
+    00001.png, 00002.png, ...; on failure the frames in it are removed (the folder is the caller's).
+    """
     check_settings(settings)
     fmt = get_format(settings.format)
     build = ffmpeg or find_ffmpeg()
@@ -162,8 +200,8 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
 
     pix_fmt = fmt.resolve_pix_fmt(settings.pix_fmt, check.has_alpha)
     converter = FrameConverter(check.height, check.width, check.channels, keep_alpha=fmt.keeps_alpha(pix_fmt),
-                               pad_to_even=needs_even_size(pix_fmt))
-    repeats = 1 if fmt.container_loop else settings.loop_count + 1
+                               pad_to_even=needs_even_size(pix_fmt), depth=fmt.input_depth)
+    repeats = 1 if fmt.container_loop or fmt.kind == "images" else settings.loop_count + 1
     total = order_length(check.count, settings.pingpong, repeats)
     frame_rate = command.frame_rate_fraction(settings.frame_rate)
     audio_encoder = fmt.audio_encoder_for(build) if audio is not None else None
@@ -171,6 +209,14 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
         raise ValueError(f"this ffmpeg ({build.describe()}) has none of the audio encoders {fmt.name} uses "
                          f"({', '.join(fmt.audio_encoders)}); remove the audio input or use another ffmpeg.")
     notes = _notes(check, converter, settings, pix_fmt, audio_ignored=audio is not None and audio_encoder is None)
+    if ignored := ignored_options(fmt.name, settings.pix_fmt, settings.crf, build):
+        notes.append(f"{fmt.name} has no {' or '.join(o.split()[0] for o in ignored)} option; "
+                     f"{', '.join(ignored)} was not used")
+    if settings.trim_to_audio and audio_encoder is not None:
+        sound_frames = frames_for_audio(audio, frame_rate)
+        if sound_frames < total:
+            notes.append(f"trim_to_audio: the sound lasts {sound_frames} frame(s); the video was cut from {total}")
+            total = sound_frames
     palette_frames, pixel_step = palette_sample(check.count, check.height, check.width)
     steps = total + (len(palette_frames) if fmt.kind == "gif" else 0)
     done = 0
@@ -193,11 +239,11 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
             metadata_path = None
             if fmt.container_metadata and settings.metadata:
                 metadata_path = os.path.join(scratch, "metadata.txt")
-                write_ffmetadata(metadata_path, settings.metadata)
+                write_ffmetadata(metadata_path, container_tags(settings.metadata))
             job = command.Job(
                 ffmpeg=build.path, format=fmt, encoder=encoder, width=converter.out_width,
                 height=converter.out_height, input_pix_fmt=converter.pix_fmt, frame_rate=frame_rate,
-                pix_fmt=pix_fmt, crf=fmt.default_crf(encoder) if settings.crf == -1 else settings.crf,
+                pix_fmt=pix_fmt, crf=_crf(fmt, encoder, settings.crf),
                 loop_count=settings.loop_count, lossless=settings.lossless, quality=settings.quality,
                 audio=raw_audio, audio_encoder=audio_encoder, metadata_path=metadata_path)
             palette = None
@@ -207,16 +253,16 @@ def encode_frames(images: torch.Tensor, settings: EncodeSettings, out_path: str,
                            _frames(images, converter, iter(palette_frames)),
                            what=f"the GIF palette for {what}", env=env, on_frame=step,
                            check_interrupt=check_interrupt)
-            run_ffmpeg(command.encode_command(job, out_path, palette),
-                       _frames(images, converter, frame_order(check.count, settings.pingpong, repeats)),
+            order = itertools.islice(frame_order(check.count, settings.pingpong, repeats), total)
+            run_ffmpeg(command.encode_command(job, out_path, palette), _frames(images, converter, order),
                        what=what, env=env, on_frame=step, check_interrupt=check_interrupt)
+        if fmt.kind == "images":
+            _finish_sequence(out_path, total, settings.metadata, build, what)
     except BaseException:
-        if os.path.exists(out_path):
-            os.unlink(out_path)
+        _remove_output(out_path, fmt.kind == "images")
         raise
-    if not os.path.exists(out_path) or os.path.getsize(out_path) == 0:
-        if os.path.exists(out_path):
-            os.unlink(out_path)
+    if not os.path.exists(out_path) or (fmt.kind != "images" and os.path.getsize(out_path) == 0):
+        _remove_output(out_path, fmt.kind == "images")
         raise FFmpegError(f"ffmpeg ({build.describe()}) reported success but wrote nothing for {what}")
     return EncodeResult(out_path, fmt.name, encoder.name, pix_fmt, converter.out_width, converter.out_height,
                         total, frame_rate, raw_audio is not None, tuple(notes))

@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .formats import available_formats
+from .formats import FORMATS, available_formats
 
 ENV_VAR = "SLIPSTREAM_FFMPEG"
 _PROBE_TIMEOUT_S = 20
@@ -38,6 +38,8 @@ class FFmpeg:
     year: int                    # copyright year of the build (0 if unknown), a proxy for age
     encoders: frozenset[str]
     muxers: frozenset[str]
+    # Listed hardware encoders that failed a one-frame try, with ffmpeg's reason (no GPU, no driver).
+    unusable: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
         return f"ffmpeg {self.version} from {self.source} ({self.path})"
@@ -76,14 +78,44 @@ def _parse_muxers(text: str) -> frozenset[str]:
                      for name in names.split(","))
 
 
+_HARDWARE_TRY_SIZE = 256      # NVENC refuses frames below about 145×49; 256² is accepted everywhere
+_HARDWARE_TRY_TIMEOUT_S = 5   # a working encoder takes well under a second for one frame
+
+
+def _hardware_problem(path: str, encoder: str) -> str | None:
+    """Encode one black frame with a hardware encoder: None if it works, else ffmpeg's reason in a line.
+
+    `ffmpeg -encoders` lists every encoder the build was compiled with, including NVENC on machines
+    with no NVIDIA GPU; offering such a format would only fail when the node runs.
+    """
+    size = _HARDWARE_TRY_SIZE
+    try:
+        done = subprocess.run([path, "-hide_banner", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                               "-s", f"{size}x{size}", "-i", "-", "-frames:v", "1", "-c:v", encoder, "-f", "null",
+                               "-"], input=bytes(size * size * 3), capture_output=True, timeout=_HARDWARE_TRY_TIMEOUT_S,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    line = lines[0] if lines else f"exit code {done.returncode}"
+    return re.sub(r"^\[[^\]]*\]\s*", "", line)
+
+
+_HARDWARE_ENCODERS = tuple(dict.fromkeys(e.name for f in FORMATS for e in f.encoders if e.hardware))
+
+
 @functools.lru_cache(maxsize=16)
 def _probe_cached(path: str, source: str, _stamp: tuple[int, int]) -> FFmpeg:
     version_text = _run(path, "-version")
     first = version_text.splitlines()[0] if version_text else ""
     version = m.group(1) if (m := re.search(r"ffmpeg version (\S+)", first)) else "unknown"
     year = int(m.group(1)) if (m := re.search(r"Copyright \(c\) \d{4}-(\d{4})", first)) else 0
-    return FFmpeg(path, source, version, year, _parse_encoders(_run(path, "-encoders")),
-                  _parse_muxers(_run(path, "-muxers")))
+    encoders = _parse_encoders(_run(path, "-encoders"))
+    unusable = tuple((name, why) for name in _HARDWARE_ENCODERS if name in encoders
+                     and (why := _hardware_problem(path, name)) is not None)
+    return FFmpeg(path, source, version, year, encoders, _parse_muxers(_run(path, "-muxers")), unusable)
 
 
 def probe(path: str, source: str = "given path") -> FFmpeg:

@@ -9,12 +9,13 @@ the files they expect.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 # Pixel formats a user can pick. "auto" means the format's default (first of its pix_fmts,
 # or its alpha_pix_fmt when the frames carry alpha).
-PIX_FMT_CHOICES = ("auto", "yuv420p", "yuv420p10le", "yuv444p", "yuv444p10le", "yuva420p")
+PIX_FMT_CHOICES = ("auto", "yuv420p", "yuv420p10le", "yuv444p", "yuv444p10le", "yuva420p", "yuv422p10le",
+                   "yuva444p10le", "gbrp16le", "gbrap16le")
 # Chroma-subsampled layouts store one colour sample per 2×2 (or 2×1) block: odd sizes cannot be encoded.
 _EVEN_SIZE_PREFIXES = ("yuv420", "yuva420", "yuv422", "yuva422", "nv12", "p010")
 
@@ -34,6 +35,10 @@ class Encoder:
     args: tuple[str, ...] = ()                  # always passed after -c:v <name>
     crf_range: tuple[int, int] | None = None    # accepted -crf values; None = no crf option
     env: tuple[tuple[str, str], ...] = ()       # environment for ffmpeg (quiets chatty libraries)
+    crf_flag: str = "-crf"                      # the option that carries crf (nvenc calls it -cq)
+    # Needs a device beside ffmpeg (a GPU and its driver): listed by `-encoders` even where it cannot
+    # run, so ffmpeg.py tries it on one frame before the format is offered.
+    hardware: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class VideoFormat:
     extension: str                              # file extension without the dot
     muxer: str                                  # ffmpeg -f value
     encoders: tuple[Encoder, ...]               # in order of preference; the first the build has is used
-    kind: Literal["gif", "webp", "video"]       # gif: palette passes; webp: lossless/quality; video: crf/pix_fmt
+    # gif: palette passes; webp: lossless/quality; video: crf/pix_fmt; images: numbered PNGs in a folder
+    kind: Literal["gif", "webp", "video", "images"]
     pix_fmts: tuple[str, ...] = ()              # allowed pix_fmt choices, first = default
     alpha_pix_fmt: str | None = None            # used for RGBA frames when pix_fmt is auto; None = flatten alpha
     crf_default: int | None = None
@@ -54,15 +60,17 @@ class VideoFormat:
     container_metadata: bool = False            # can carry the workflow/prompt as container tags
     movflags: tuple[str, ...] = ()              # mp4 flags (faststart moves the index first for web playback)
     # Whether ComfyUI's VIDEO can be the file itself: its PyAV reader must decode it and core SaveVideo must
-    # be able to copy its streams into mp4. Animated WebP fails the first, GIF the second.
+    # be able to copy its streams into mp4. Animated WebP fails the first, GIF, ProRes and ffv1 the second.
     video_from_file: bool = True
     notes: str = ""                             # one line for the help text
+    input_depth: int = 8                        # bits per channel sent to ffmpeg (16 for 10/16-bit outputs)
 
     def encoder_for(self, build: EncoderSet) -> Encoder | None:
         """The first of this format's encoders that the ffmpeg build has, or None."""
         if self.muxer not in build.muxers:
             return None
-        return next((e for e in self.encoders if e.name in build.encoders), None)
+        unusable = dict(getattr(build, "unusable", ()))
+        return next((e for e in self.encoders if e.name in build.encoders and e.name not in unusable), None)
 
     def audio_encoder_for(self, build: EncoderSet) -> str | None:
         return next((a for a in self.audio_encoders if a in build.encoders), None)
@@ -72,6 +80,10 @@ class VideoFormat:
         if self.muxer not in build.muxers:
             return f"{self.name}: this ffmpeg cannot write .{self.extension} files (no '{self.muxer}' muxer)"
         if self.encoder_for(build) is None:
+            unusable = dict(getattr(build, "unusable", ()))
+            tried = [f"{e.name} ({unusable[e.name]})" for e in self.encoders if e.name in unusable]
+            if tried:
+                return f"{self.name}: this ffmpeg has {', '.join(tried)} but it cannot run here"
             names = " or ".join(e.name for e in self.encoders)
             return f"{self.name}: this ffmpeg has no {names} encoder"
         return None
@@ -89,7 +101,7 @@ class VideoFormat:
 
     def keeps_alpha(self, pix_fmt: str | None) -> bool:
         """Whether RGBA frames keep their alpha channel in this format with this pix_fmt."""
-        if self.kind == "webp":
+        if self.kind in ("webp", "images"):
             return True
         return pix_fmt is not None and pix_fmt == self.alpha_pix_fmt
 
@@ -104,6 +116,23 @@ _X265 = Encoder("libx265", ("-preset", "medium", "-x265-params", "log-level=erro
 _VP9 = Encoder("libvpx-vp9", ("-b:v", "0", "-deadline", "good", "-cpu-used", "4", "-row-mt", "1"), (0, 63))
 _SVTAV1 = Encoder("libsvtav1", ("-preset", "8"), (1, 63), env=(("SVT_LOG", "1"),))
 _AOMAV1 = Encoder("libaom-av1", ("-b:v", "0", "-cpu-used", "6", "-row-mt", "1"), (0, 63))
+# NVENC: constant-quality VBR (-cq is its crf); preset p5 is its "slow, good" middle.
+_NVENC_H264 = Encoder("h264_nvenc", ("-preset", "p5", "-rc", "vbr", "-b:v", "0"), (0, 51), crf_flag="-cq",
+                      hardware=True)
+_NVENC_HEVC = Encoder("hevc_nvenc", ("-preset", "p5", "-rc", "vbr", "-b:v", "0", "-tag:v", "hvc1"), (0, 51),
+                      crf_flag="-cq", hardware=True)
+# prores_ks picks its profile from the pix_fmt (auto): 422 HQ for yuv422p10le, 4444 for yuva444p10le.
+_PRORES = Encoder("prores_ks", ("-vendor", "apl0"))
+_FFV1 = Encoder("ffv1", ("-level", "3", "-g", "1", "-slicecrc", "1"))
+_PNG = Encoder("png")
+
+_MP4_AUDIO = {"audio_encoders": ("aac",), "audio_args": ("-b:a", "192k")}
+_WEBM_AUDIO = {"audio_encoders": ("libopus", "libvorbis")}
+_VP9_WEBM = VideoFormat("video/webm", "webm", "webm", (_VP9,), "video",
+                        pix_fmts=("yuv420p", "yuva420p", "yuv444p", "yuv420p10le"), alpha_pix_fmt="yuva420p",
+                        crf_default=20, container_metadata=True, notes="VP9; keeps alpha (yuva420p)", **_WEBM_AUDIO)
+_PNG_SEQUENCE = VideoFormat("image/png", "png", "image2", (_PNG,), "images", video_from_file=False,
+                            notes="a folder of numbered 8-bit PNGs (alpha kept); the first carries the workflow")
 
 FORMATS: tuple[VideoFormat, ...] = (
     VideoFormat("image/gif", "gif", "gif", (Encoder("gif"),), "gif", container_loop=True, video_from_file=False,
@@ -111,19 +140,32 @@ FORMATS: tuple[VideoFormat, ...] = (
     VideoFormat("image/webp", "webp", "webp", (Encoder("libwebp_anim"),), "webp", container_loop=True,
                 video_from_file=False, notes="animated WebP; keeps alpha; lossless or quality 0-100"),
     VideoFormat("video/h264-mp4", "mp4", "mp4", (_X264,), "video", pix_fmts=("yuv420p", "yuv420p10le", "yuv444p"),
-                crf_default=19, audio_encoders=("aac",), audio_args=("-b:a", "192k"),
-                container_metadata=True, movflags=("faststart",), notes="plays everywhere"),
+                crf_default=19, container_metadata=True, movflags=("faststart",), notes="plays everywhere",
+                **_MP4_AUDIO),
     VideoFormat("video/h265-mp4", "mp4", "mp4", (_X265,), "video",
                 pix_fmts=("yuv420p10le", "yuv420p", "yuv444p", "yuv444p10le"), crf_default=22,
-                audio_encoders=("aac",), audio_args=("-b:a", "192k"), container_metadata=True,
-                movflags=("faststart",), notes="smaller than h264 at the same quality"),
-    VideoFormat("video/vp9-webm", "webm", "webm", (_VP9,), "video",
-                pix_fmts=("yuv420p", "yuva420p", "yuv444p", "yuv420p10le"), alpha_pix_fmt="yuva420p",
-                crf_default=20, audio_encoders=("libopus", "libvorbis"), container_metadata=True,
-                notes="keeps alpha (yuva420p)"),
+                container_metadata=True, movflags=("faststart",), notes="smaller than h264 at the same quality",
+                **_MP4_AUDIO),
+    _VP9_WEBM,
+    replace(_VP9_WEBM, name="video/vp9-webm", notes="the same as video/webm (its earlier name)"),
     VideoFormat("video/av1-webm", "webm", "webm", (_SVTAV1, _AOMAV1), "video", pix_fmts=("yuv420p10le", "yuv420p"),
-                crf_default=23, audio_encoders=("libopus", "libvorbis"), container_metadata=True,
-                notes="smallest files; slower to encode"),
+                crf_default=23, container_metadata=True, notes="smallest files; slower to encode", **_WEBM_AUDIO),
+    VideoFormat("video/ProRes", "mov", "mov", (_PRORES,), "video", pix_fmts=("yuv422p10le", "yuva444p10le"),
+                alpha_pix_fmt="yuva444p10le", audio_encoders=("pcm_s16le",), container_metadata=True,
+                input_depth=16, video_from_file=False, notes="ProRes 422 HQ in .mov for editing (4444 with alpha); 10-bit; big files"),
+    VideoFormat("video/ffv1-mkv", "mkv", "matroska", (_FFV1,), "video", pix_fmts=("gbrp16le", "gbrap16le"),
+                alpha_pix_fmt="gbrap16le", audio_encoders=("flac", "pcm_s16le"), container_metadata=True,
+                input_depth=16, video_from_file=False, notes="lossless 16-bit RGB (alpha kept) in .mkv, for archiving and post work"),
+    VideoFormat("video/nvenc_h264-mp4", "mp4", "mp4", (_NVENC_H264,), "video", pix_fmts=("yuv420p", "yuv444p"),
+                crf_default=19, container_metadata=True, movflags=("faststart",),
+                notes="h264 on an NVIDIA GPU's encoder (fast)", **_MP4_AUDIO),
+    VideoFormat("video/nvenc_hevc-mp4", "mp4", "mp4", (_NVENC_HEVC,), "video", pix_fmts=("yuv420p", "yuv444p"),
+                crf_default=22, container_metadata=True, movflags=("faststart",),
+                notes="h265 on an NVIDIA GPU's encoder (fast)", **_MP4_AUDIO),
+    _PNG_SEQUENCE,
+    replace(_PNG_SEQUENCE, name="video/8bit-png", notes="the same as image/png"),
+    VideoFormat("video/16bit-png", "png", "image2", (_PNG,), "images", video_from_file=False, input_depth=16,
+                notes="a folder of numbered 16-bit PNGs (alpha kept); the first carries the workflow"),
 )
 
 FORMATS_BY_NAME: dict[str, VideoFormat] = {f.name: f for f in FORMATS}
@@ -147,6 +189,18 @@ def missing_formats(build: EncoderSet | None) -> dict[str, str]:
     return {f.name: r for f in FORMATS if (r := f.missing_reason(build)) is not None}
 
 
+def ignored_options(name: str, pix_fmt: str, crf: int, build: EncoderSet) -> list[str]:
+    """The options set away from their default that this format does not have (for a note on the node)."""
+    fmt = FORMATS_BY_NAME[name]
+    encoder = fmt.encoder_for(build)
+    ignored = []
+    if pix_fmt != "auto" and not fmt.pix_fmts:
+        ignored.append(f"pix_fmt {pix_fmt}")
+    if crf != -1 and (encoder is None or encoder.crf_range is None):
+        ignored.append(f"crf {crf}")
+    return ignored
+
+
 def check_choice(name: str, pix_fmt: str, crf: int, build: EncoderSet | None,
                  encoder_pix_fmts: Iterable[str] | None = None) -> str | None:
     """Why this combination of format, pix_fmt and crf cannot be written, or None if it can.
@@ -166,16 +220,14 @@ def check_choice(name: str, pix_fmt: str, crf: int, build: EncoderSet | None,
     assert encoder is not None
     if pix_fmt not in PIX_FMT_CHOICES:
         return f"pix_fmt '{pix_fmt}' is not one of {', '.join(PIX_FMT_CHOICES)}"
-    if pix_fmt != "auto":
-        if not fmt.pix_fmts:
-            return f"{name} has no pix_fmt option (it picks its own colours); set pix_fmt to 'auto'"
+    # An option the format does not have (pix_fmt for gif, crf for ProRes) is ignored, not refused: the
+    # widget keeps its value when the user switches formats, and that must not break the next run.
+    if pix_fmt != "auto" and fmt.pix_fmts:
         if pix_fmt not in fmt.pix_fmts:
             return f"{name} supports pix_fmt {', '.join(fmt.pix_fmts)} (or auto), not '{pix_fmt}'"
         if encoder_pix_fmts is not None and pix_fmt not in set(encoder_pix_fmts):
             return f"this ffmpeg's {encoder.name} cannot encode pix_fmt '{pix_fmt}'"
-    if crf != -1:
-        if encoder.crf_range is None:
-            return f"{name} has no crf option; set crf to -1"
+    if crf != -1 and encoder.crf_range is not None:
         lo, hi = encoder.crf_range
         if not lo <= crf <= hi:
             return f"crf {crf} is outside {lo}..{hi} for {encoder.name} (or use -1 for the default {fmt.crf_default})"

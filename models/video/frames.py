@@ -100,23 +100,34 @@ def order_length(count: int, pingpong: bool, repeats: int = 1) -> int:
 
 
 class FrameConverter:
-    """Turns one float frame [H,W,C] into contiguous uint8 RGB/RGBA bytes, padded if asked.
+    """Turns one float frame [H,W,C] into contiguous uint8 (or little-endian uint16) RGB/RGBA, padded if asked.
 
-    Rounding matches ComfyUI's savers: clamp(x·255 + 0.5) truncated to uint8. Padding repeats the
+    Rounding matches ComfyUI's savers: clamp(x·255 + 0.5) truncated to uint8 (x·65535 for 16 bits). Padding repeats the
     last row/column (a black border would show as a line after chroma subsampling). Flattening
     alpha composites onto black, i.e. what the pixels look like premultiplied.
     """
 
-    def __init__(self, height: int, width: int, channels: int, keep_alpha: bool, pad_to_even: bool):
+    def __init__(self, height: int, width: int, channels: int, keep_alpha: bool, pad_to_even: bool,
+                 depth: int = 8):
+        if depth not in (8, 16):
+            raise ValueError(f"depth must be 8 or 16 bits per channel, got {depth}")
         self.height, self.width, self.channels = height, width, channels
+        self.depth = depth
         self.keep_alpha = keep_alpha and channels == 4
         self.out_channels = 4 if self.keep_alpha else 3
         self.out_height = height + (height % 2 if pad_to_even else 0)
         self.out_width = width + (width % 2 if pad_to_even else 0)
-        self.pix_fmt = "rgba" if self.keep_alpha else "rgb24"
+        if depth == 8:
+            self.pix_fmt = "rgba" if self.keep_alpha else "rgb24"
+        else:
+            self.pix_fmt = "rgba64le" if self.keep_alpha else "rgb48le"
+        self._scale = 255.0 if depth == 8 else 65535.0
         self._float = torch.empty((height, width, self.out_channels), dtype=torch.float32)
-        self._bytes = np.empty((self.out_height, self.out_width, self.out_channels), dtype=np.uint8)
-        self._bytes_t = torch.from_numpy(self._bytes)
+        shape = (self.out_height, self.out_width, self.out_channels)
+        self._bytes = np.empty(shape, dtype=np.uint8 if depth == 8 else np.dtype("<u2"))
+        # torch has no general uint16 arithmetic: 16-bit values go through an int32 buffer.
+        self._wide = None if depth == 8 else torch.empty(shape, dtype=torch.int32)
+        self._bytes_t = torch.from_numpy(self._bytes) if depth == 8 else self._wide
 
     @property
     def frame_bytes(self) -> int:
@@ -136,9 +147,12 @@ class FrameConverter:
             torch.mul(src[..., :3], src[..., 3:4].clamp(0.0, 1.0), out=buf)
         else:
             buf.copy_(src[..., : self.out_channels])
-        buf.mul_(255.0).add_(0.5).clamp_(0.0, 255.0)
+        buf.mul_(self._scale).add_(0.5).clamp_(0.0, self._scale)
         out = self._bytes
         self._bytes_t[: self.height, : self.width].copy_(buf)
+        if self._wide is not None:
+            np.copyto(out[: self.height, : self.width], self._wide[: self.height, : self.width].numpy(),
+                      casting="unsafe")
         if self.out_width > self.width:
             out[: self.height, self.width:] = out[: self.height, self.width - 1: self.width]
         if self.out_height > self.height:

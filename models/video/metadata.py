@@ -1,13 +1,19 @@
 """The workflow and prompt inside the files, so a user can drag an output back onto the canvas.
 
 Video containers get them as tags from an FFMETADATA file (a command-line `-metadata` argument
-would hit the 128 KiB per-argument limit with large workflows); the first-frame PNG gets them as
-text chunks, exactly as ComfyUI's SaveImage writes them (key `prompt`, then each extra_pnginfo key).
+would hit the 128 KiB per-argument limit with large workflows): one tag per key, as core Save Video
+writes them, plus a `comment` tag holding all of them as one JSON object, which is where the widely
+used Video Combine node writes (and its loaders read) the workflow. The first-frame PNG (and the
+first frame of a png sequence) gets them as text chunks, exactly as ComfyUI's SaveImage writes them
+(key `prompt`, then each extra_pnginfo key).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +33,42 @@ def comfy_metadata(prompt: Any, extra_pnginfo: Mapping[str, Any] | None) -> dict
     for key, value in (extra_pnginfo or {}).items():
         tags[str(key)] = json.dumps(value)
     return tags
+
+
+def container_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags for a video container: each key, plus 'comment' = {key: JSON text, ...} as one JSON object."""
+    return {**tags, "comment": json.dumps(dict(tags))} if tags else {}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _text_chunk(key: str, value: str) -> bytes:
+    """tEXt when the text is Latin-1 (JSON from json.dumps always is), else uncompressed iTXt (UTF-8)."""
+    try:
+        return _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _png_chunk(b"iTXt", key.encode("latin-1", "replace") + b"\0\0\0\0\0" + value.encode("utf-8"))
+
+
+def add_png_text(path: str, tags: Mapping[str, str]) -> None:
+    """Insert text chunks right after the IHDR of an existing PNG (any bit depth), rewriting it in place.
+
+    ffmpeg's PNG encoder writes no text, and Pillow cannot write 16-bit RGB; adding chunks to the
+    bytes ffmpeg wrote keeps the pixels exactly as encoded. The file is rewritten through a temporary
+    name and os.replace, so it is never half-written.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise ValueError(f"{path} is not a PNG file")
+    ihdr_end = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4
+    chunks = b"".join(_text_chunk(str(k), str(v)) for k, v in tags.items())
+    tmp = path + ".text"
+    with open(tmp, "wb") as f:
+        f.write(data[:ihdr_end] + chunks + data[ihdr_end:])
+    os.replace(tmp, path)
 
 
 def _escape_ffmetadata(text: str) -> str:
