@@ -32,7 +32,7 @@ from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
 from ..finite import finite_input
-from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
+from .clean_frames import check_vae_generation, check_video_size, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
 from .dit import WanDiT
@@ -41,6 +41,7 @@ from .feta import FetaArgs
 from .guidance import check_cfg_list
 from .lora_runtime import RuntimeLora, attach_chain
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
+from .speech_sampling import MotionLatent, hold_given, speech_extras
 from .step_cache import CacheArgs, StepCache
 from .vace import VaceInput, check_chain
 from .vae import denormalize_latent, normalize_latent
@@ -115,6 +116,7 @@ class WanImageEmbeds:
     extra latent frames in front, cut off the sampled latent.
     subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
     for the positive pass (zeros for the negative one) and cut off each prediction.
+    motion: a streaming speech clip's first latent frames, held in place (models/wan/speech_sampling.py).
     """
 
     width: int
@@ -127,6 +129,7 @@ class WanImageEmbeds:
     denoise_mask: torch.Tensor | None = None
     vace: tuple[VaceInput, ...] = ()
     subject: torch.Tensor | None = None
+    motion: MotionLatent | None = None
 
     @property
     def ref_frames(self) -> int:
@@ -474,7 +477,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     `low_noise` (a Wan 2.2 A14B low-noise expert) the steps below the boundary run on it, and only
     the expert in use sits on `device`. `preview(x0)` receives each step's raw x0 prediction."""
     check_inputs(handle, text, image, samples, settings)
-    extras = extras or SamplingExtras()
+    extras = speech_extras(handle, image, extras or SamplingExtras(), context)
     if low_noise is not None:
         check_expert_pair(handle, low_noise)
         check_inputs(low_noise, text, image, samples, settings)
@@ -501,7 +504,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     dtype_bytes = torch.finfo(handle.dit.compute_dtype).bits // 8
     batched = {"on": True, "off": False}.get(settings.batched_cfg) if settings.batched_cfg != "auto" else \
         cfg_batch_fits(tokens, cfg.dim, cfg.ffn_dim, dtype_bytes, free_memory)
-    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
+    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0) and extras.audio is None
     batch = 1 if samples is None else samples.shape[0]
     zero_init = extras.guidance.zero_init_steps if extras.guidance is not None and extras.guidance.cfg_zero_star \
         else 0
@@ -522,6 +525,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     states = _resume_states(resume, settings.scheduler, schedule.sigmas, start, batch) \
         if not settings.add_noise else None
     xs, solvers = [], []
+    motion_gen = torch.Generator("cpu").manual_seed(int(settings.seed) ^ 0x40710)   # streaming motion frames
     for item in range(batch):
         noise = initial_noise(shape, settings.seed + item, context)
         sigma0 = schedule.sigmas[start]
@@ -533,7 +537,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
             x = sigma0 * noise + (1.0 - sigma0) * latent_in if settings.add_noise else latent_in
             if states is not None and torch.equal(states[item].get("latent_out", given.new_empty(0)), given):
                 x = states[item]["x"]      # the exact state, not its round trip through the raw convention
-        x = impose_clean(x.to(device), image.clean_latent, image.denoise_mask)
+        x = hold_given(x.to(device), image, sigma0, motion_gen)
         solver = make_solver(settings.scheduler, schedule)
         solver.index = start
         if states is not None:
@@ -562,7 +566,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
                     if i < zero_init:
                         v = torch.zeros_like(v)
                     x0s[item] = solvers[item].denoised(v, x)
-                    xs[item] = impose_clean(solvers[item].step(v, x), image.clean_latent, image.denoise_mask)
+                    xs[item] = hold_given(solvers[item].step(v, x), image, schedule.sigmas[i + 1], motion_gen)
                     _check_finite(xs[item], i, schedule.steps, model)
                     if preview is not None and item == 0:
                         preview(denormalize_latent(x0s[0].float()))
