@@ -22,9 +22,10 @@ How a later clip is conditioned (the two official modes):
 
 Length: exactly `num_frames` frames come out. The official loop always runs full clips and cuts
 the last one on audio it pads by reflection; here the last clip is only as long as the frames
-still missing (plus the motion frames, rounded up to 1 + 4k), so nothing is generated past the
-end and no audio past it is needed: the audio embeds must cover the frames the clips need
-(`clip_plan`). FantasyTalking has no official long-video mode and is refused.
+still missing (plus the motion frames, rounded up to 1 + 4k) and ends exactly at `num_frames`, so
+nothing is generated past the end and no audio past it is needed (`clip_plan`): the audio embeds
+must cover `num_frames` (a video shorter than one clip: the clip's 1 + 4k frames). FantasyTalking
+has no official long-video mode and is refused.
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class Clip:
-    """Pixel frames [start, start + length) of the video; frames from `keep` on are new."""
+    """Pixel frames [start, start + length) of the video; its frames from `keep` on are new (the ones
+    before are the previous clips' and are dropped); it continues from its first `motion` frames."""
 
     start: int
     length: int
     keep: int
+    motion: int = 0
 
 
 def _up_to_wan_length(n: int) -> int:
@@ -87,16 +90,19 @@ def _up_to_wan_length(n: int) -> int:
 
 def clip_plan(total: int, clip_frames: int, motion: int) -> list[Clip]:
     """The clips covering `total` frames: full clips of `clip_frames`, each later one starting `motion`
-    frames before the end of the previous, the last one shortened to what is still missing."""
+    frames before the end of the previous (official); the last one only as long as the missing
+    frames need (plus the motion frames, 1 + 4k in all) and placed to end exactly at `total`, so it
+    starts up to 3 frames earlier and drops those too."""
     if clip_frames <= motion:
         raise ValueError(f"motion_frames ({motion}) must be fewer than the clip's {clip_frames} frames (the image "
                          "embeds' num_frames): each clip must add new frames.")
     clips = [Clip(0, min(clip_frames, _up_to_wan_length(total)), 0)]
     produced = clips[0].length
     while produced < total:
-        start = produced - motion
-        length = min(clip_frames, _up_to_wan_length(motion + total - produced))
-        clips.append(Clip(start, length, motion))
+        length = _up_to_wan_length(motion + total - produced)
+        start = produced - motion if length > clip_frames else total - length
+        length = min(length, clip_frames)
+        clips.append(Clip(start, length, produced - start, motion))
         produced = start + length
     return clips
 
@@ -114,23 +120,28 @@ def _encode(vae: WanVAEHandle, pixels: torch.Tensor, device: torch.device, offlo
         return normalize_latent(model.encode(pixels[None]).cpu())[0]
 
 
-def _next_embeds(mode: str, image: WanImageEmbeds, clip: Clip, last: torch.Tensor, vae: WanVAEHandle,
-                 clip_vision: WanClipVisionHandle | None, device: torch.device, offload: bool) -> WanImageEmbeds:
-    """The conditioning of a later clip from the previous clip's decoded frames `last` (IMAGE, 0..1)."""
-    motion = last[-clip.keep:].permute(3, 0, 1, 2).float() * 2.0 - 1.0          # [3, M, H, W] in -1..1
+def _next_embeds(mode: str, image: WanImageEmbeds, clip: Clip, previous: Clip, last: torch.Tensor,
+                 vae: WanVAEHandle, clip_vision: WanClipVisionHandle | None, device: torch.device,
+                 offload: bool) -> WanImageEmbeds:
+    """The conditioning of a later clip from the previous clip's decoded frames `last` (IMAGE, 0..1):
+    its motion frames are the previous clip's frames at the clip's first frames (the previous clip's
+    last `motion` frames, as officially, except for a last clip placed to end on the video's end)."""
+    offset = clip.start - previous.start
+    frames = last[offset:offset + clip.motion]
+    motion = frames.permute(3, 0, 1, 2).float() * 2.0 - 1.0                    # [3, M, H, W] in -1..1
     if mode == "infinitetalk":
         latent = _encode(vae, motion, device, offload)
         return replace(_slice_embeds(image, clip.length), motion=MotionLatent(latent, "clean"))
     video = torch.zeros(3, clip.length, *motion.shape[2:])
-    video[:, :clip.keep] = motion
+    video[:, :clip.motion] = motion
     latent = _encode(vae, video, device, offload)
-    mask = i2v_mask(clip.length, latent.shape[2], latent.shape[3], known_frames=clip.keep)
+    mask = i2v_mask(clip.length, latent.shape[2], latent.shape[3], known_frames=clip.motion)
     tokens, negative = image.clip, image.negative_clip
     if clip_vision is not None:
-        tokens, negative = encode_clip(clip_vision, last[-1:], device, crop=False, offload=offload), None
+        tokens, negative = encode_clip(clip_vision, frames[-1:], device, crop=False, offload=offload), None
     return WanImageEmbeds(image.width, image.height, clip.length, y=torch.cat([mask, latent]), clip=tokens,
                           negative_clip=negative,
-                          motion=MotionLatent(latent[:, :(clip.keep - 1) // 4 + 1].clone(), "noised"))
+                          motion=MotionLatent(latent[:, :(clip.motion - 1) // 4 + 1].clone(), "noised"))
 
 
 def check_stream(handle: WanModelHandle, image: WanImageEmbeds, audio: AudioConditioning | None,
@@ -177,7 +188,8 @@ def stream_speech_video(handle: WanModelHandle, text: WanTextEmbeds, image: WanI
             if stream.mode == "infinitetalk":
                 embeds = replace(embeds, motion=MotionLatent(image.y[4:, :1].clone(), "clean"))
         else:
-            embeds = _next_embeds(stream.mode, image, clip, last, vae, clip_vision, device, force_offload)
+            embeds = _next_embeds(stream.mode, image, clip, clips[index - 1], last, vae, clip_vision, device,
+                                  force_offload)
         clip_progress = None if progress is None else \
             (lambda done, total, base=index * per_clip: progress(base + done, len(clips) * per_clip))
         seed = (int(settings.seed) + index) % (MAX_SEED + 1)
