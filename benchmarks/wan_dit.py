@@ -96,12 +96,10 @@ def model_config(name: str, layers: int):
 
 def to_int8(model) -> None:
     """The loader's int8_w8a8 conversion: block Linears to W8A8, the rest stays float."""
-    from slipstream.kernels.quant_layer import ExclusionRules, QuantPlan, convert_linears
-    from slipstream.nodes.quant import ROTATE_ON_THE_FLY
-    from slipstream.nodes.wan import INT8_KEEP_FLOAT
+    from slipstream.kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, convert_linears
+    from slipstream.models.quant_presets import BY_NAME
 
-    convert_linears(model, QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY,
-                                     exclude=ExclusionRules.of(INT8_KEEP_FLOAT)))
+    convert_linears(model, QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=BY_NAME["wan"].rules()))
 
 
 def worker(name: str, args) -> dict:

@@ -20,6 +20,7 @@ Interface (both implementations provide each name):
   notice(node, message)                 log + the node's UI text inside ComfyUI; add_notice_hook(fn) observes
   clear_stale_interrupt()               forget an interrupt requested while nothing ran (start of a run)
   managed_home() / manage_module(module) / load_managed(handles)   modules under the model manager
+  model_value / clip_value / vae_value  MODEL, CLIP, VAE values around modules of our own
 Plus, defined here for both: save_target(prefix, ...), publish(...), staged_file(...), counter_of(...).
 """
 
@@ -135,12 +136,20 @@ memory_flags = _impl.memory_flags                    # () -> dict[str, str]
 metadata_disabled = _impl.metadata_disabled          # () -> bool (ComfyUI's --disable-metadata)
 video_value = _impl.video_value                      # (path, *, frame_rate, width, height, frame_count, frames=None)
 
+# MODEL / CLIP / VAE values around modules of our own (host/graph_values.py)
+model_value = _impl.model_value                      # (module, load_device, offload_device) -> MODEL
+clip_value = _impl.clip_value                        # (text_encoder, tokenize, encode, load, offload) -> CLIP
+vae_value = _impl.vae_value                          # (module, encode, decode, load, offload, channels, ratio) -> VAE
+
 # Anima family (context tokens)
+anima_support = _impl.anima_support                    # () -> ComfyUI's Anima loaders/assembly (comfy_anima) | None
 load_model_fully = _impl.load_model_fully              # (MODEL) -> None: all weights on the load device
 bundled_tokenizer_dirs = _impl.bundled_tokenizer_dirs  # () -> [dirs holding qwen25_tokenizer/, t5_tokenizer/]
 
 # Wan family: make room on a device for weights the host's model manager does not track
 make_room = _impl.make_room                          # (nbytes, device) -> None
 # int8 family (W8A8 loading): see host/comfy_quant.py
-load_int8_diffusion_model = _impl.load_int8_diffusion_model  # (sd, plan, metadata, on_layer) -> (MODEL, report) | None
+# (sd, plan, metadata, on_layer, own_build) -> (MODEL, report) | None; own_build(sd) -> (MODEL, report) builds
+# one of our own architectures where the host has none (a plain process)
+load_int8_diffusion_model = _impl.load_int8_diffusion_model
 diffusion_state_dict = _impl.diffusion_state_dict            # (MODEL) -> state dict with patches baked in

@@ -27,7 +27,7 @@ import folder_paths
 import torch
 from comfy.ldm.cosmos.predict2 import MiniTrainDIT
 
-from .standalone_objects import CLIP
+from .graph_values import CLIP
 
 SUPPORTED_DTYPES = [torch.bfloat16, torch.float32]   # Anima in ComfyUI before fp16 support landed (2026-02-06)
 

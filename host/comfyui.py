@@ -238,11 +238,33 @@ def make_room(nbytes: int, device: torch.device) -> None:
 # ---------------------------------------------------------------- int8 family (W8A8 loading)
 
 
-def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None):
-    """(MODEL, QuantReport): ComfyUI builds the architecture; our fresh ops class quantizes its Linears."""
+def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None, own_build=None):
+    """(MODEL, QuantReport): ComfyUI builds the architecture; our fresh ops class quantizes its Linears.
+    (`own_build` is for plain processes: ComfyUI knows every architecture the loader accepts.)"""
     from . import comfy_quant
 
     return comfy_quant.load_int8_diffusion_model(sd, plan, metadata, on_layer)
+
+
+def anima_support():
+    """host/comfy_anima.py: ComfyUI's own Anima loaders where this version has them, and the pieces to
+    assemble Anima from ComfyUI's Cosmos DiT where it does not (v0.8.0)."""
+    from . import comfy_anima
+
+    return comfy_anima
+
+
+def clip_value(text_encoder, tokenize, encode, load_device, offload_device):
+    """A CLIP around our text encoder whose weights ComfyUI's model manager loads and offloads."""
+    from . import comfy_anima
+
+    return comfy_anima.managed_clip(text_encoder, tokenize, encode)
+
+
+from . import graph_values as _values  # noqa: E402
+
+model_value = _values.ModelPatcher            # (module, load_device, offload_device) -> MODEL
+vae_value = _values.VAE                       # (module, encode, decode, load, offload, channels, ratio) -> VAE
 
 
 def diffusion_state_dict(model):

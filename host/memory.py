@@ -2,7 +2,7 @@
 
 A MODEL value is a patcher; a CLIP or VAE value carries one in `.patcher`. Both hosts accept
 either. The ComfyUI way lives in comfy_memory.py (it must go through ComfyUI's model manager);
-the standalone way asks the stand-in patcher (host/standalone_objects.py) to unload itself.
+the standalone way asks the stand-in patcher (host/graph_values.py) to unload itself.
 """
 
 from __future__ import annotations

@@ -321,9 +321,26 @@ def make_room(nbytes: int, device: torch.device) -> None:
 # ---------------------------------------------------------------- int8 family (W8A8 loading)
 
 
-def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None):
-    """None: a plain process has no architecture zoo; the caller builds one of our own models."""
+def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None, own_build=None):
+    """`own_build(sd) -> (MODEL, report)`: a plain process has no architecture zoo, so the caller's own
+    architecture is built (None without one)."""
+    return None if own_build is None else own_build(sd)
+
+
+def anima_support():
+    """None: a plain process has no Anima of its own; the caller builds ours (see host/comfyui.py)."""
     return None
+
+
+def clip_value(text_encoder, tokenize, encode, load_device, offload_device):
+    """A CLIP around our text encoder, loaded and offloaded by its stand-in patcher."""
+    return _values.CLIP(text_encoder, tokenize, encode, load_device, offload_device)
+
+
+from . import graph_values as _values  # noqa: E402
+
+model_value = _values.ModelPatcher            # (module, load_device, offload_device) -> MODEL
+vae_value = _values.VAE                       # (module, encode, decode, load, offload, channels, ratio) -> VAE
 
 
 def diffusion_state_dict(model):

@@ -77,6 +77,21 @@ def supports_fp8_matmul(capability: tuple[int, int] | None) -> bool:
     return capability is not None and tuple(capability) >= (8, 9)
 
 
+def fp8_matmul_missing(device: torch.device | str) -> str | None:
+    """Why a `_fast` fp8 choice cannot multiply in fp8 on `device` (None when it can).
+
+    Every loader treats `_fast` the same way there: the weights are still stored in fp8 (the memory
+    saving stays) and computed in the activation dtype, and the user is told once, in the log and on
+    the node, rather than the load failing on a machine the workflow was not written for."""
+    capability = device_capability(device)
+    if supports_fp8_matmul(capability):
+        return None
+    device = torch.device(device)
+    where = f"this {device.type.upper()} device" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+    return (f"fp8 matmul needs an NVIDIA GPU with compute capability 8.9 or newer (RTX 40xx, H100), not {where}: "
+            "the weights stay in fp8 (same memory) and compute in the activation dtype instead")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """Short readable name ('bf16', 'fp8_e4m3fn', ...) for logs and node info strings."""
     for short, full in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):

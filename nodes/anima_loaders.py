@@ -18,7 +18,9 @@ from ..host import (
     NAME as HOST_NAME,
 )
 from ..host import (
+    anima_support,
     bundled_tokenizer_dirs,
+    clip_value,
     compute_device,
     input_dir,
     intermediate_device,
@@ -27,7 +29,9 @@ from ..host import (
     model_path,
     offload_device,
     text_encoder_device,
+    vae_value,
 )
+from ..host import model_value as host_model_value
 from ..host import paths as host_paths
 from ..kernels import dram
 from ..kernels.precision import resolve_dtype
@@ -37,13 +41,6 @@ from ..models.checkpoint import load_state_dict
 CATEGORY = "Slipstream/Anima"
 WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def _comfy_adapter():
-    """host/comfy_anima.py, imported only inside ComfyUI (it imports comfy)."""
-    from ..host import comfy_anima
-
-    return comfy_anima
 
 
 def _choices(key: str, hint: str) -> list[str]:
@@ -73,23 +70,22 @@ class SlipstreamAnimaModelLoader:
     def load(self, unet_name, weight_dtype):
         path = model_path("diffusion_models", unet_name)
         dtype = None if weight_dtype == "default" else resolve_dtype(weight_dtype)
-        if HOST_NAME == "comfyui":
-            return (_comfyui_model(path, dtype),)
-        from ..host.standalone_objects import ModelPatcher
+        comfy = anima_support()
+        if comfy is not None:
+            return (_comfyui_model(comfy, path, dtype),)
         from ..models.anima.dit import AnimaDiT
         from ..models.anima.model import AnimaModel
 
         dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device(), source=path)
-        return (ModelPatcher(AnimaModel(dm), compute_device(), offload_device()),)
+        return (host_model_value(AnimaModel(dm), compute_device(), offload_device()),)
 
 
-def _comfyui_model(path: str, dtype: torch.dtype | None):
+def _comfyui_model(comfy, path: str, dtype: torch.dtype | None):
     """ComfyUI's own Anima when it has one; else its Cosmos DiT with our adapter (see host/comfy_anima.py)."""
     from ..models.anima.dit import STATE_DICT_PREFIXES, comfy_dit_kwargs, config_from_state_dict
     from ..models.anima.llm_adapter import LLMAdapter, adapt_text
     from ..models.checkpoint import CheckpointError, strip_prefix
 
-    comfy = _comfy_adapter()
     if comfy.has_native_anima():
         return comfy.load_native_model(path, dtype)
     sd, _ = strip_prefix(load_state_dict(path), STATE_DICT_PREFIXES)
@@ -128,11 +124,10 @@ class SlipstreamAnimaTextEncoderLoader:
 
 def _load_text_encoder(path: str):
     """Anima's CLIP from disk: ComfyUI's own loader where it knows Anima, else models/anima/."""
-    if HOST_NAME == "comfyui":
-        native = _comfy_adapter().load_native_anima_clip(path)
-        if native is not None:
-            return native
-    from ..host.standalone_objects import CLIP
+    comfy = anima_support()
+    native = None if comfy is None else comfy.load_native_anima_clip(path)
+    if native is not None:
+        return native
     from ..models.anima.text_encoder import load_text_encoder
 
     search = [os.path.dirname(path), *model_folders("text_encoders"), *bundled_tokenizer_dirs()]
@@ -142,9 +137,8 @@ def _load_text_encoder(path: str):
     def encode(tokens):
         return encoder.encode(tokens, device=device)
 
-    if HOST_NAME == "comfyui":      # so ComfyUI can offload Qwen3 when the DiT needs the room
-        return _comfy_adapter().managed_clip(encoder.qwen, encoder.tokenize, encode)
-    return CLIP(encoder.qwen, encoder.tokenize, encode, device, offload_device())
+    # inside ComfyUI its model manager holds Qwen3, so it can offload it when the DiT needs the room
+    return clip_value(encoder.qwen, encoder.tokenize, encode, device, offload_device())
 
 
 class SlipstreamAnimaVAELoader:
@@ -165,9 +159,9 @@ class SlipstreamAnimaVAELoader:
 
     def load(self, vae_name):
         path = model_path("vae", vae_name)
-        if HOST_NAME == "comfyui":
-            return (_comfy_adapter().load_vae(path),)
-        from ..host.standalone_objects import VAE
+        comfy = anima_support()
+        if comfy is not None:
+            return (comfy.load_vae(path),)
         from ..models.wan.vae import SPATIAL_FACTOR, WanVAE
 
         vae = WanVAE.from_file(path, device=offload_device())
@@ -184,7 +178,7 @@ class SlipstreamAnimaVAELoader:
             frames = video.movedim(1, -1).flatten(0, 1)                      # [B*F, H, W, 3]
             return ((frames + 1) / 2).clamp(0, 1).to(intermediate_device())
 
-        return (VAE(vae, encode, decode, compute_device(), offload_device(), 16, SPATIAL_FACTOR),)
+        return (vae_value(vae, encode, decode, compute_device(), offload_device(), 16, SPATIAL_FACTOR),)
 
 
 class SlipstreamLoadReferenceImage:

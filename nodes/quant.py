@@ -21,6 +21,8 @@ from ..host import (
     list_models,
     load_int8_diffusion_model,
     model_path,
+    model_value,
+    notice,
     offload_device,
     prefix_problem,
     publish,
@@ -28,10 +30,9 @@ from ..host import (
     staged_file,
     ui_file,
 )
-from ..host.standalone_objects import ModelPatcher
 from ..kernels.int8 import kernel_note
-from ..kernels.precision import UnsupportedDtypeError, device_capability, fp8_dtype, supports_fp8_matmul
-from ..kernels.quant_layer import QuantPlan
+from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
+from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
 from ..models.checkpoint import load_state_dict, read_metadata
 from ..models.quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
 from ..models.quant_formats import file_metadata, normalize
@@ -44,9 +45,6 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16",
 # The INT8-Fast pack's float weight_dtype values (its workflows store them): the precision the layers that
 # stay floating point are kept and computed in.
 FLOAT_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# ConvRot for on-the-fly layers: channel outliers in real DiT activations cost plain W8A8 ~5×
-# its error; rotation brings it back to the Gaussian floor.
-ROTATE_ON_THE_FLY = True
 NO_MODELS = "(no files in models/diffusion_models)"
 
 
@@ -64,11 +62,10 @@ def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype |
         note += " (e5m2 has half of e4m3's precision; prefer fp8_e4m3fn)"
     fast = weight_dtype.endswith("_fast")
     if fast:
-        capability = device_capability(device)
-        if not supports_fp8_matmul(capability):
-            where = f"this {device.type.upper()} device" if capability is None else f"compute capability {capability}"
-            note += (f"; fp8 matmul needs an NVIDIA GPU with compute capability 8.9 or newer, not available on "
-                     f"{where}: those layers compute in the activation dtype instead")
+        missing = fp8_matmul_missing(device)
+        if missing is not None:
+            notice("Load Diffusion Model INT8 (W8A8)", f"{weight_dtype}: {missing}.")
+            note += f"; {missing}"
             fast = False
         else:
             note += "; fp8 matmul on for them"
@@ -161,24 +158,30 @@ class LoadDiffusionModelInt8:
 
     @staticmethod
     def _build(sd, plan, metadata, resolution, device, pbar):
-        loaded = load_int8_diffusion_model(sd, plan, metadata, pbar.update_absolute)
-        if loaded is not None:
-            return loaded
-        family = resolution.name
-        arch = standalone_architectures().get(family)
-        if arch is None:
-            title = BY_NAME[family].title if family in BY_NAME else "unrecognised"
-            supported = ", ".join(a.title for a in standalone_architectures().values())
-            raise ValueError(f"This is a {title} model. Outside ComfyUI this loader builds only our own "
-                             f"architectures ({supported}); inside ComfyUI every architecture ComfyUI supports loads.")
-        prefix = resolution.prefix
-        for key in list(sd):            # in place: build_quantized frees each tensor as it consumes it
-            value = sd.pop(key)
-            if key.startswith(prefix):
-                sd[key[len(prefix):]] = value
-        module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
-        wrapper = QuantizedDiffusionModel(module, family, report)
-        return ModelPatcher(wrapper, device, offload_device()), report
+        def own_build(sd):
+            return _build_own_architecture(sd, plan, metadata, resolution, device, pbar)
+
+        return load_int8_diffusion_model(sd, plan, metadata, pbar.update_absolute, own_build=own_build)
+
+
+def _build_own_architecture(sd, plan, metadata, resolution, device, pbar):
+    """(MODEL, report) from one of our own architectures: what a host without an architecture zoo
+    (a plain process) builds the int8 model from."""
+    family = resolution.name
+    arch = standalone_architectures().get(family)
+    if arch is None:
+        title = BY_NAME[family].title if family in BY_NAME else "unrecognised"
+        supported = ", ".join(a.title for a in standalone_architectures().values())
+        raise ValueError(f"This is a {title} model. Outside ComfyUI this loader builds only our own "
+                         f"architectures ({supported}); inside ComfyUI every architecture ComfyUI supports loads.")
+    prefix = resolution.prefix
+    for key in list(sd):            # in place: build_quantized frees each tensor as it consumes it
+        value = sd.pop(key)
+        if key.startswith(prefix):
+            sd[key[len(prefix):]] = value
+    module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
+    wrapper = QuantizedDiffusionModel(module, family, report)
+    return model_value(wrapper, device, offload_device()), report
 
 
 def _convert_float_tensors(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

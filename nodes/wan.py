@@ -22,6 +22,7 @@ from ..host import (
     make_room,
     model_folders,
     model_path,
+    notice,
     offload_device,
     soft_empty_cache,
     vram_info,
@@ -31,14 +32,15 @@ from ..kernels.attention import backend_choices, require_backend
 from ..kernels.blockswap import plan_block_swap, unit_bytes
 from ..kernels.precision import (
     UnsupportedDtypeError,
-    device_capability,
     fp8_dtype,
+    fp8_matmul_missing,
     resolve_dtype,
-    supports_fp8_matmul,
 )
+from ..kernels.quant_layer import ROTATE_ON_THE_FLY, ExclusionRules, QuantPlan, convert_linears
 from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
+from ..models.quant_presets import BY_NAME
 from ..models.wan.dit import WanDiT
 from ..models.wan.lora import merge_lora, parse_blocks, parse_lora
 from ..models.wan.pipeline import (
@@ -249,19 +251,11 @@ def _log_report(what: str, report) -> None:
 # ---------------------------------------------------------------------------------- model loader
 
 
-# Linear layers outside the transformer blocks stay float under int8 (as in the INT8 loader's Wan rules).
-INT8_KEEP_FLOAT = ("text_embedding", "time_embedding", "time_projection", "head", "img_emb", "audio_adapter")
-
-
 def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     if quantization == "disabled":
         return None
     if quantization == "int8_w8a8":
         return dtype  # load float (fp8 files are dequantized), then quantize the block Linears to int8
-    if quantization.endswith("_fast") and not supports_fp8_matmul(device_capability(device)):
-        raise UnsupportedDtypeError(
-            f"{quantization} needs fp8 matrix multiply, which only Ada (RTX 40xx, compute capability 8.9) and "
-            f"newer GPUs have; {device} does not. Choose {quantization.removesuffix('_fast')} (same memory).")
     return fp8_dtype(quantization)
 
 
@@ -305,7 +299,8 @@ class WanModelLoader:
             "quantization": (list(QUANTIZATIONS), {"default": "disabled",
                                                    "tooltip": "Storage of the big block weights: fp8 halves their "
                                                               "memory (fp8 files are kept as fp8 automatically). "
-                                                              "'_fast' needs an RTX 40xx or newer."}),
+                                                              "'_fast' also multiplies in fp8 on RTX 40xx / "
+                                                              "H100 and newer (elsewhere: plain fp8, with a note)."}),
             "load_device": (list(LOAD_DEVICES), {"default": "main_device",
                                                  "tooltip": "Where weights wait between runs: main_device (GPU, "
                                                             "fast start) or offload_device (RAM, frees VRAM for "
@@ -349,8 +344,12 @@ class WanModelLoader:
             _merge_loras(dit, lora)
         if quantization == "int8_w8a8":
             _quantize_int8(dit, device)
-        elif quantization.endswith("_fast"):   # the device was checked in _weight_dtype
-            log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
+        elif quantization.endswith("_fast"):
+            missing = fp8_matmul_missing(device)
+            if missing is None:
+                log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
+            else:   # the same rule as the INT8 loader: keep the fp8 storage, say so once, loudly
+                notice("Wan Model Loader", f"{quantization}: {missing}.")
         host_blocks = None
         if swapping:
             _log_swap_plan(dit, swap, device)
@@ -373,15 +372,14 @@ def _merge_loras(dit: WanDiT, chain) -> None:
         _log_report(entry.describe() + " merged", report)
 
 
+# The INT8 loader's Wan rules, and a speech model's projector stays float like the other embeddings.
+_INT8_RULES = ExclusionRules.of((*BY_NAME["wan"].excluded, "audio_adapter"))
+
+
 def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
-    """W8A8 for the block Linears through kernels/int8.py, the same path as the INT8 model loader."""
-    try:
-        from ..kernels.quant_layer import ExclusionRules, QuantPlan, convert_linears
-        from .quant import ROTATE_ON_THE_FLY
-    except ImportError as exc:
-        raise UnsupportedDtypeError("int8_w8a8 needs kernels/int8.py, which this build does not include yet; "
-                                    "choose fp8_e4m3fn or disabled.") from exc
-    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=ExclusionRules.of(INT8_KEEP_FLOAT),
+    """W8A8 for the block Linears through kernels/int8.py, with the INT8 model loader's Wan rules (the
+    embeddings, the head and the CLIP projection stay float)."""
+    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=_INT8_RULES,
                      work_device=device if device.type == "cuda" else None)
     bar = ProgressBar(1)
     report = convert_linears(dit, plan, on_layer=lambda done, total: bar.update_absolute(done, total))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from slipstream.host.standalone_objects import CLIP, VAE, ModelPatcher
+from slipstream.host.graph_values import CLIP, VAE, ModelPatcher
 from slipstream.models.anima.context_tokens import ReferenceContext
 from slipstream.models.anima.errors import (
     IncompatibleModelArchitecture,

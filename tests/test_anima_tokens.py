@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from slipstream.host.standalone_objects import ModelPatcher
+from slipstream.host.graph_values import ModelPatcher
 from slipstream.models.anima.context_tokens import (
     Injection,
     InjectionGate,

@@ -226,7 +226,7 @@ def _decode_no_frames(root: Path) -> None:
 
 
 def _anima_model_from_int8_loader(root: Path) -> None:
-    from slipstream.host.standalone_objects import CLIP
+    from slipstream.host.graph_values import CLIP
     from slipstream.nodes.quant import LoadDiffusionModelInt8
 
     files = write_tiny_anima(root / "models")

@@ -16,8 +16,8 @@ from unittest import mock
 
 import torch
 from slipstream.host import OutputFolderError
+from slipstream.host.graph_values import VAE
 from slipstream.host.paths import BadPrefixError
-from slipstream.host.standalone_objects import VAE
 from slipstream.kernels import dram
 from slipstream.kernels.dram import DramSettingError
 from slipstream.nodes.memory import NotAClipError, OffloadClipToDram

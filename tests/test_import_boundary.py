@@ -1,4 +1,6 @@
-"""Only host/ may import ComfyUI; kernels/ imports nothing of ours; arrows point one way (nodes → models/host → kernels)."""
+"""Only host/ may import ComfyUI; kernels/ imports nothing of ours; arrows point one way (nodes → models/host → kernels);
+nodes/ go through the host package's interface (host/__init__.py, plus the pure helpers in host/paths.py), never
+into its ComfyUI or plain-process implementations."""
 
 from __future__ import annotations
 
@@ -73,3 +75,37 @@ def test_layers_point_one_way():
                 offenders.append(f"{rel} imports {'.' * level}{name} ({layer} -> {target})")
     assert not offenders, "\n".join(offenders)
 
+
+
+# The host modules a node may import by name: the interface (host/__init__.py) and its pure path helpers.
+NODE_VISIBLE_HOST_MODULES = {"paths"}
+
+
+def _host_modules_named(rel: Path, tree: ast.AST):
+    """Every host submodule a file under nodes/ imports: `from ..host.x import …`, `from ..host import x`."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or _package_of(rel, node.level, node.module or "") != "host":
+            continue
+        parts = (node.module or "").split(".")
+        if len(parts) > 1:
+            yield parts[1]
+        elif node.module == "host" or (node.module is None and node.level):
+            host_py = REPO / "host"
+            yield from (a.name for a in node.names if (host_py / f"{a.name}.py").exists())
+
+
+def test_nodes_use_only_the_host_interface():
+    offenders = []
+    for rel, tree in _python_files():
+        if rel.parts[0] != "nodes":
+            continue
+        for name in _host_modules_named(rel, tree):
+            if name not in NODE_VISIBLE_HOST_MODULES:
+                offenders.append(f"{rel} imports host.{name}")
+    assert not offenders, ("nodes/ must reach ComfyUI and the plain-process stand-ins through host/__init__.py's "
+                           "functions:\n" + "\n".join(offenders))
+
+
+def test_the_node_rule_sees_a_direct_host_import():
+    tree = ast.parse("from ..host import comfy_anima\nfrom ..host.graph_values import CLIP\nfrom ..host import NAME\n")
+    assert sorted(_host_modules_named(Path("nodes/x.py"), tree)) == ["comfy_anima", "graph_values"]

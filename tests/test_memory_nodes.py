@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from slipstream.host import standalone
-from slipstream.host.standalone_objects import CLIP
+from slipstream.host.graph_values import CLIP
 from slipstream.kernels import dram
 from slipstream.kernels.dram import CacheKeyNotFoundError, DramCache, GiB
 from slipstream.kernels.sysmem import RamInfo

@@ -17,7 +17,7 @@ from slipstream.models.wan.denoiser import SamplingExtras, WanDenoiser
 from slipstream.models.wan.dit import WanDiT, random_state_dict
 from slipstream.models.wan.pipeline import RunStats, SamplerSettings, WanModelHandle, sample_video_full
 from slipstream.models.wan.speech_guidance import guidance_passes, window_frames
-from speech_fixtures import CPU, tiny_i2v_embeds, tiny_i2v_handle, tiny_text, toy_audio
+from wan_speech_fixtures import CPU, tiny_i2v_embeds, tiny_i2v_handle, tiny_text, toy_audio
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -20,7 +20,7 @@ from slipstream.models.wan.config import detect_config
 from slipstream.models.wan.denoiser import SamplingExtras
 from slipstream.models.wan.pipeline import SamplerSettings, WanImageEmbeds, WanTextEmbeds, sample_video_full
 from slipstream.models.wan.speech_models import SpeechModelError, describe_speech_model
-from speech_fixtures import ToyConditioning, toy_families, toy_state_dict
+from wan_speech_fixtures import ToyConditioning, toy_families, toy_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HAS_INT8 = importlib.util.find_spec("slipstream.kernels.quant_layer") is not None

@@ -17,7 +17,7 @@ from slipstream.models.wan.encoders import WanVAEHandle, i2v_mask
 from slipstream.models.wan.pipeline import SampleResult, SamplerSettings
 from slipstream.models.wan.streaming import Clip, StreamSettings, clip_plan, stream_speech_video
 from slipstream.models.wan.vae import TINY_VAE, WanVAE, normalize_latent
-from speech_fixtures import CPU, tiny_i2v_embeds, tiny_i2v_handle, tiny_text, toy_audio
+from wan_speech_fixtures import CPU, tiny_i2v_embeds, tiny_i2v_handle, tiny_text, toy_audio
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -274,25 +274,26 @@ def model_on_device(handle: WanModelHandle, device: torch.device, force_offload:
     """Put the resident weights on `device` (and open a swap session) for the duration of a run."""
     dit = handle.dit
     host = handle.host_blocks
-    session = None
-    try:
-        if host is None:
-            dit.to(device)
-        else:
-            host.move_rest(dit, device)
-            units, _ = swap_units(dit, handle.swap)
-            transport = default_transport(device, non_blocking=handle.swap.use_non_blocking)
-            session = SwapSession(host, units, transport, prefetch=handle.swap.prefetch_blocks, root=dit)
-            session.__enter__()
-        yield session
-    finally:
-        if session is not None:
-            session.__exit__(None, None, None)
+
+    def put_back() -> None:
         if force_offload and device != handle.resident_device:
             if host is None:
                 dit.to(handle.resident_device)
             else:
                 host.move_rest(dit, handle.resident_device)
+
+    # The stack closes the swap session before the weights go back, and hands it the real exception
+    # of a failed run (an interrupt, an OOM) rather than a clean exit.
+    with ExitStack() as stack:
+        stack.callback(put_back)
+        if host is None:
+            dit.to(device)
+            yield None
+            return
+        host.move_rest(dit, device)
+        units, _ = swap_units(dit, handle.swap)
+        transport = default_transport(device, non_blocking=handle.swap.use_non_blocking)
+        yield stack.enter_context(SwapSession(host, units, transport, prefetch=handle.swap.prefetch_blocks, root=dit))
 
 
 def cfg_batch_fits(tokens: int, dim: int, ffn_dim: int, dtype_bytes: int, free_bytes: int | None) -> bool:

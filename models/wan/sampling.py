@@ -215,19 +215,24 @@ class UniPCSolver(Solver):
             h_phi_k = h_phi_k / hh - 1.0 / factorial
         return torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
 
+    def _history(self, base: int, h: float, order: int) -> tuple[list[float], list[torch.Tensor]]:
+        """The step ratios r_k and divided differences D1_k of the older x0 predictions against the
+        newest, for a step from σ[base] of log-SNR length h; r ends with 1 (the step itself)."""
+        s0, m0 = self.sigmas[base], self.x0s[-1]
+        rks, d1s = [], []
+        for k in range(1, order):
+            rk = (_lambda(self.sigmas[base - k]) - _lambda(s0)) / h
+            rks.append(rk)
+            d1s.append((self.x0s[-(k + 1)] - m0) / rk)
+        return [*rks, 1.0], d1s
+
     def _correct(self, x0_new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """UniC: recompute the step just taken (σ[i−1] → σ[i]) with the model output at σ[i]."""
         i, order = self.index, self.last_order
         s0, t = self.sigmas[i - 1], self.sigmas[i]
         m0 = self.x0s[-1]
         h = _lambda(t) - _lambda(s0)
-        rks, d1s = [], []
-        for k in range(1, order):
-            sk = self.sigmas[i - 1 - k]
-            rk = (_lambda(sk) - _lambda(s0)) / h
-            rks.append(rk)
-            d1s.append((self.x0s[-(k + 1)] - m0) / rk)
-        rks.append(1.0)
+        rks, d1s = self._history(i - 1, h, order)
         hh = -h
         r, b, h_phi_1, b_h = self._coefficients(hh, rks, order)
         rhos = [0.5] if order == 1 else torch.linalg.solve(r, b).tolist()
@@ -241,13 +246,7 @@ class UniPCSolver(Solver):
         s0, t = self.sigmas[i], self.sigmas[i + 1]
         m0 = self.x0s[-1]
         h = _lambda(t) - _lambda(s0)
-        rks, d1s = [], []
-        for k in range(1, order):
-            sk = self.sigmas[i - k]
-            rk = (_lambda(sk) - _lambda(s0)) / h
-            rks.append(rk)
-            d1s.append((self.x0s[-(k + 1)] - m0) / rk)
-        rks.append(1.0)
+        rks, d1s = self._history(i, h, order)
         hh = -h
         _, _, h_phi_1, b_h = self._coefficients(hh, rks, order)
         alpha_t = 1.0 - t

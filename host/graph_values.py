@@ -1,8 +1,10 @@
-"""Plain-process stand-ins for ComfyUI's MODEL, CLIP and VAE values.
+"""MODEL, CLIP and VAE graph values around modules of our own, with ComfyUI's method names.
 
 Nodes receive MODEL/CLIP/VAE from the graph and use only the small part of ComfyUI's API listed
-here; in the standalone host those values are these classes, with the same method names and
-tensor conventions, so node code does not branch on the host:
+here. In a plain process every such value is one of these classes; inside ComfyUI they carry the
+models ComfyUI cannot build itself (Anima's text encoder on v0.8.0, the int8 loader's own
+architectures), so node code does not branch on the host. Nodes reach them through the host
+interface (`model_value`, `clip_value`, `vae_value` in host/__init__.py), never by importing this file:
 
   ModelPatcher  .model (holds .diffusion_model), .model_options, .load_device, .offload_device,
                 .clone(), .is_clone(), .model_size(), .loaded_size(), .get_model_object(name),
