@@ -76,11 +76,12 @@ class WanSpeechLongVideo:
             "motion_frames": ("INT", {"default": 25, "min": 1, "max": 1000, "step": 4,
                                       "tooltip": "Frames each clip shares with the one before (1 + 4k; official 25). "
                                                  "More: smoother joins, fewer new frames per clip."}),
-            "mode": (list(STREAM_MODES), {"default": "multitalk",
-                                          "tooltip": "multitalk: each clip is conditioned on the motion frames (the "
-                                                     "MultiTalk way). infinitetalk: on the start image as reference, "
-                                                     "with the motion frames held in the latent (InfiniteTalk "
-                                                     "models)."}),
+            "mode": (["auto", *STREAM_MODES], {"default": "auto",
+                                               "tooltip": "multitalk: each clip is conditioned on the motion frames "
+                                                          "(the MultiTalk way). infinitetalk: on the start image as "
+                                                          "reference, with the motion frames held in the latent "
+                                                          "(InfiniteTalk models). auto: infinitetalk for a file "
+                                                          "named infinitetalk*, else multitalk."}),
             "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "step": 1,
                               "tooltip": "Denoising steps per clip (official 40)."}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.01,
@@ -102,6 +103,9 @@ class WanSpeechLongVideo:
     def generate(self, model, vae, image_embeds, text_embeds, audio_embeds, num_frames, motion_frames, mode, steps,
                  cfg, audio_cfg, shift, seed, scheduler, force_offload, clip_vision=None):
         total = int(num_frames) or int(getattr(audio_embeds, "num_frames", 0))
+        if mode == "auto":
+            variant = getattr(getattr(model.dit, "audio_adapter", None), "variant", "multitalk")
+            mode = variant if variant in STREAM_MODES else "multitalk"
         stream = StreamSettings(total, int(motion_frames), mode)
         settings = SamplerSettings(steps, cfg, shift, seed, scheduler, 1.0, "off")
         extras = SamplingExtras(audio_cfg=finite_number("audio_cfg", audio_cfg, "Wan Speech Long Video"))
