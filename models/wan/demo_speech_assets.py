@@ -19,7 +19,8 @@ from . import config as wan_config
 from .demo_assets import _demo_draw, _save, seeded_state_dict, tiny_clip_config, write_tiny_wan_models
 from .t5 import TINY_UMT5
 
-SPEECH_ENCODER = "chinese-wav2vec2-base-tiny.safetensors"     # models/audio_encoders
+SPEECH_ENCODER = "chinese-wav2vec2-base-tiny.safetensors"     # models/audio_encoders (MultiTalk)
+SPEECH_ENCODER_960H = "wav2vec2-base-960h-tiny.safetensors"    # the same weights (FantasyTalking's encoder name)
 MULTITALK = "multitalk_tiny.safetensors"                       # models/diffusion_models
 FANTASYTALKING = "fantasytalking_tiny.safetensors"
 SPEECH_1 = "speech_demo_1.wav"                                 # input/
@@ -30,6 +31,7 @@ SAMPLE_RATE = 16000
 TINY_WAV2VEC2 = Wav2Vec2Config(conv_dim=(32, 32, 32), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2),
                                hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256,
                                pos_conv_kernel=16, pos_conv_groups=4)
+MULTITALK_FRAME_WIDTH = TINY_WAV2VEC2.num_layers * TINY_WAV2VEC2.hidden_size   # every hidden state but the first
 
 
 def tiny_i2v_config() -> wan_config.WanDiTConfig:
@@ -61,12 +63,11 @@ def tiny_wav2vec2_state_dict(seed: int = 41) -> dict[str, torch.Tensor]:
     return seeded_state_dict(lambda: Wav2Vec2(TINY_WAV2VEC2), seed, _demo_draw)
 
 
-def write_tiny_multitalk(path: Path, config: wan_config.WanDiTConfig, seed: int = 42) -> None:
+def tiny_multitalk_state_dict(config: wan_config.WanDiTConfig, seed: int = 42) -> dict[str, torch.Tensor]:
     """Random MultiTalk weights for `config` fed by the tiny wav2vec2 (2 hidden states of 128 a frame)."""
     from .multitalk import multitalk_keys
 
-    shapes = multitalk_keys(dim=config.dim, num_layers=config.num_layers,
-                            frame_width=TINY_WAV2VEC2.num_layers * TINY_WAV2VEC2.hidden_size,
+    shapes = multitalk_keys(dim=config.dim, num_layers=config.num_layers, frame_width=MULTITALK_FRAME_WIDTH,
                             intermediate=64, audio_dim=32, context_tokens=4)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -74,10 +75,10 @@ def write_tiny_multitalk(path: Path, config: wan_config.WanDiTConfig, seed: int 
         noise = torch.randn(shape, generator=g)
         sd[key] = 1.0 + 0.1 * noise if key.endswith("norm.weight") or key.endswith("norm_x.weight") else \
             0.02 * noise if len(shape) < 2 else noise / math.sqrt(shape[1])
-    _save(sd, path)
+    return sd
 
 
-def write_tiny_fantasytalking(path: Path, config: wan_config.WanDiTConfig, seed: int = 43) -> None:
+def tiny_fantasytalking_state_dict(config: wan_config.WanDiTConfig, seed: int = 43) -> dict[str, torch.Tensor]:
     """Random FantasyTalking weights for `config` fed by the tiny wav2vec2's last hidden state (128 wide)."""
     from .fantasytalking import expected_shapes
 
@@ -87,16 +88,18 @@ def write_tiny_fantasytalking(path: Path, config: wan_config.WanDiTConfig, seed:
         noise = torch.randn(shape, generator=g)
         sd[key] = 1.0 + 0.1 * noise if key.endswith("norm.weight") else \
             0.02 * noise if len(shape) < 2 else noise / math.sqrt(shape[-1])
-    _save(sd, path)
+    return sd
 
 
 def write_speech_demo(models_root: Path, input_root: Path) -> None:
     """Every file the speech demos need, the tiny Wan files included."""
     models_root, input_root = Path(models_root), Path(input_root)
     write_tiny_wan_models(models_root, input_root)
-    _save(tiny_wav2vec2_state_dict(), models_root / "audio_encoders" / SPEECH_ENCODER)
+    encoder = tiny_wav2vec2_state_dict()
+    _save(encoder, models_root / "audio_encoders" / SPEECH_ENCODER)
+    _save(encoder, models_root / "audio_encoders" / SPEECH_ENCODER_960H)
     config = tiny_i2v_config()
-    write_tiny_multitalk(models_root / "diffusion_models" / MULTITALK, config)
-    write_tiny_fantasytalking(models_root / "diffusion_models" / FANTASYTALKING, config)
+    _save(tiny_multitalk_state_dict(config), models_root / "diffusion_models" / MULTITALK)
+    _save(tiny_fantasytalking_state_dict(config), models_root / "diffusion_models" / FANTASYTALKING)
     write_speech_wav(input_root / SPEECH_1, 1.2, pitch=140.0, seed=1)
     write_speech_wav(input_root / SPEECH_2, 0.8, pitch=210.0, seed=2)

@@ -17,6 +17,7 @@ weights. The base weights may already be fp8 at that point (fp8 storage is decid
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -127,7 +128,10 @@ def load_speech_model(path: str, dit: WanDiT, *, dtype: torch.dtype | None = Non
     sd = dict(state_dict) if state_dict is not None else load_state_dict(path)
     name = path.replace("\\", "/").rsplit("/", 1)[-1]
     family = _family(family_of_keys(list(sd), name))
-    return family.adapter.from_state_dict(sd, dit, dtype=dtype if dtype is not None else dit.compute_dtype)
+    kwargs = {"dtype": dtype if dtype is not None else dit.compute_dtype}
+    if "what" in inspect.signature(family.adapter.from_state_dict).parameters:
+        kwargs["what"] = name          # the family's errors then name the file
+    return family.adapter.from_state_dict(sd, dit, **kwargs)
 
 
 def _block_linears(dit: WanDiT) -> dict[str, CastLinear]:
