@@ -1,15 +1,21 @@
 """Wan DiT forward on CPU: ms per forward and peak RSS per weight precision.
 
     python benchmarks/wan_dit.py [--model t2v-1.3B|ti2v-5B] [--frames 9 --height 240 --width 416] [--layers N]
+    python benchmarks/wan_dit.py --model ti2v-5B --only fp32 --only bf16 --only "int8 W8A8 (bf16 act)"
 
 `--model t2v-1.3B` (default): the Wan 2.1 T2V-1.3B architecture with random weights (no checkpoint
 needed), one forward of a 9-frame 240x416 video (latent 3x30x52, 1170 tokens) against 512 text tokens.
-`--model ti2v-5B`: the Wan 2.2 TI2V-5B architecture (width 3072, 48-channel latent, the Wan 2.2 VAE's
-16x grid) in its image-to-video form: the first latent frame is given, so every forward runs the
-per-token timesteps (`denoise_mask`). Its default is 4 of the 30 blocks at full width (the whole
-model in fp32 needs ~20 GB of RAM; `--layers 30` runs it all), and a 9-frame 352x640 video (660 tokens).
+`--model ti2v-5B`: the whole Wan 2.2 TI2V-5B architecture (30 blocks of width 3072, 48-channel
+latent, the Wan 2.2 VAE's 16x grid) in its image-to-video form: the first latent frame is given, so
+every forward runs the per-token timesteps (`denoise_mask`). To keep a 2-core CPU run to minutes it
+shrinks the tokens, not the model: a 9-frame 192x320 video (180 tokens; the 512 text tokens of the
+cross-attention then cost as much as the video's), so the rows show the full model's weight traffic
+and memory. `--layers N` runs the first N blocks only.
+
 Each precision runs in its own subprocess so its peak RSS is its own; fp32 is the baseline the
-ratios refer to. Rows: fp32, bf16, bf16 compute with fp8-stored block weights (the loader's fp8
+ratios refer to (the first row run when fp32 is left out). A row whose weights would not fit in the
+memory the machine has available right now (fp32 TI2V-5B needs ~20 GB) is reported as skipped
+rather than run into the OOM killer, and its worker volunteers as the OOM killer's first victim. Rows: fp32, bf16, bf16 compute with fp8-stored block weights (the loader's fp8
 option), and int8 W8A8 block Linears from bf16 (the loader's int8_w8a8 option, ConvRot as loaded).
 """
 
@@ -30,7 +36,8 @@ PRECISIONS = {            # name -> (compute dtype, block-weight storage dtype)
     "int8 W8A8 (bf16 act)": ("bfloat16", "int8"),
 }
 MODELS = ("t2v-1.3B", "ti2v-5B")
-DEFAULT_LAYERS = {"t2v-1.3B": 30, "ti2v-5B": 4}
+DEFAULT_LAYERS = {"t2v-1.3B": 30, "ti2v-5B": 30}
+GIB = 2**30
 
 
 def cpu_features() -> str:
@@ -102,9 +109,36 @@ def to_int8(model) -> None:
     convert_linears(model, QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=BY_NAME["wan"].rules()))
 
 
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weight_bytes(config, name: str) -> int:
+    """The model's weights in precision `name` (the float model before int8 conversion: its peak)."""
+    import torch
+    from slipstream.models.wan.dit import WanDiT
+
+    meta = WanDiT.build_meta(config)
+    size = torch.finfo(getattr(torch, PRECISIONS[name][0])).bits // 8
+    return sum(t.numel() for t in meta.state_dict().values()) * size
+
+
 def worker(name: str, args) -> dict:
     import torch
 
+    try:       # if memory runs out anyway, this measurement is what the OOM killer should take
+        with open("/proc/self/oom_score_adj", "w", encoding="utf-8") as adj:
+            adj.write("1000")
+    except OSError:
+        pass
     import_package()
     dtype, weight_name = PRECISIONS[name][0], PRECISIONS[name][1]
     dtype = getattr(torch, dtype)
@@ -140,10 +174,10 @@ def worker(name: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default=MODELS[0])
-    parser.add_argument("--layers", type=int, help="transformer blocks (default: 30 for t2v-1.3B, 4 for ti2v-5B)")
+    parser.add_argument("--layers", type=int, help="transformer blocks (default: all 30)")
     parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--height", type=int, help="default 240 (t2v-1.3B), 352 (ti2v-5B)")
-    parser.add_argument("--width", type=int, help="default 416 (t2v-1.3B), 640 (ti2v-5B)")
+    parser.add_argument("--height", type=int, help="default 240 (t2v-1.3B), 192 (ti2v-5B)")
+    parser.add_argument("--width", type=int, help="default 416 (t2v-1.3B), 320 (ti2v-5B)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=list(PRECISIONS), action="append", help="run only these rows")
@@ -151,29 +185,39 @@ def main() -> None:
     args = parser.parse_args()
     ti2v = args.model == "ti2v-5B"
     args.layers = args.layers or DEFAULT_LAYERS[args.model]
-    args.height = args.height or (352 if ti2v else 240)
-    args.width = args.width or (640 if ti2v else 416)
+    args.height = args.height or (192 if ti2v else 240)
+    args.width = args.width or (320 if ti2v else 416)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
-    rows = [run_child(__file__, "--worker", name, "--model", args.model, "--layers", str(args.layers),
-                      "--frames", str(args.frames), "--height", str(args.height),
-                      "--width", str(args.width), "--warmup", str(args.warmup), "--repeats", str(args.repeats))
-            for name in args.only or PRECISIONS]
-    base = next((r for r in rows if r["name"] == "fp32"), rows[0])
-    r0 = rows[0]
     import_package()
     config = model_config(args.model, args.layers)
-    blocks = f", {config.num_layers} of 30 blocks" if ti2v and config.num_layers != 30 else ""
+    rows, skipped = [], []
+    for name in args.only or PRECISIONS:
+        need, free = weight_bytes(config, name) + GIB, available_bytes()
+        if free is not None and need > free:
+            skipped.append(f"{name}: skipped, needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB available")
+            continue
+        rows.append(run_child(__file__, "--worker", name, "--model", args.model, "--layers", str(args.layers),
+                              "--frames", str(args.frames), "--height", str(args.height), "--width",
+                              str(args.width), "--warmup", str(args.warmup), "--repeats", str(args.repeats)))
+    if not rows:
+        raise SystemExit("no precision fits in the memory available: " + "; ".join(skipped))
+    base = next((r for r in rows if r["name"] == "fp32"), rows[0])
+    r0 = rows[0]
+    blocks = (f", {config.num_layers} of 30 blocks" if config.num_layers != 30 else ", all 30 blocks") if ti2v else ""
     timesteps = ", per-token timesteps (first frame given)" if ti2v else ""
     print(f"{config.name} DiT forward{blocks}, CPU, {args.frames} frames {args.height}x{args.width} "
           f"({r0['tokens']} tokens, 512 text tokens{timesteps}), random weights, {r0['threads']} threads, "
           f"best of {args.repeats} after {args.warmup} warm-up")
     print(f"CPU: {cpu_features()}")
-    print(f"{'precision':<28}{'ms/forward':>12}{'vs fp32':>9}{'weights MiB':>13}{'peak RSS MiB':>14}{'vs fp32':>9}")
+    vs = f"vs {base['name'][:5]}"
+    print(f"{'precision':<28}{'ms/forward':>12}{vs:>9}{'weights MiB':>13}{'peak RSS MiB':>14}{vs:>9}")
     for r in rows:
         print(f"{r['name']:<28}{r['ms']:>12.0f}{r['ms'] / base['ms']:>8.2f}x{r['weights'] / 2**20:>13.0f}"
               f"{r['peak_rss'] / 2**20:>14.0f}{r['peak_rss'] / base['peak_rss']:>8.2f}x")
+    for line in skipped:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -206,11 +206,17 @@ def _damaged_pickle(path: str, exc: BaseException) -> CheckpointError:
 
 
 def unwrap_state_dict(obj, path: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the tensor table inside common checkpoint wrappers ({'model': …}, {'state_dict': …})."""
+    """Find the tensor table inside common checkpoint wrappers ({'model': …}, {'state_dict': …});
+    a table of tensor tables is flattened to "outer.inner" keys."""
     for wrapper in ("state_dict", "model", "module", "ema"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
             break
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Mapping) and v and all(
+            isinstance(t, torch.Tensor) for t in v.values()) for v in obj.values()):
+        # A table of tensor tables (FantasyTalking's {"proj_model": …, "audio_processor": …}):
+        # flat "outer.inner" keys, the names the same model's safetensors files use.
+        return {f"{outer}.{inner}": t for outer, table in obj.items() for inner, t in table.items()}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: no tensor table found in the checkpoint.")
     return dict(obj)

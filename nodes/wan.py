@@ -72,6 +72,9 @@ SPEECH_SAMPLER_INPUTS = {
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "int8_w8a8")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOAD_DEVICES = ("main_device", "offload_device")
+# Wan Apply LoRA's modes: shown name -> models/wan/lora_runtime mode.
+LORA_MODES = {"exact (patch weights at run time)": "exact", "additive (low memory, adds B*A*x)": "additive"}
+LORA_MODES_DEFAULT = next(iter(LORA_MODES))
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ class WanLoraSelect:
 class WanApplyLora:
     DESCRIPTION = ("Applies LoRAs to a loaded Wan model at run time, without merging: the weights stay as "
                    "loaded (fp8 and int8 keep their storage), so changing a strength re-runs only this node and "
-                   "the sampler, never the model loader. Works with block swap (the LoRA stays on the GPU, "
+                   "the sampler, never the model loader. 'exact' mode gives the merged result bit for bit (also in "
+                   "bf16); 'additive' needs less memory. Works with block swap (the LoRA stays on the GPU, "
                    "outside the swapped weights). To merge instead, connect the LoRA to the Wan Model Loader.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
@@ -223,13 +227,24 @@ class WanApplyLora:
             "low_mem": ("BOOLEAN", {"default": False,
                                     "tooltip": "Keep the LoRA in RAM and copy each part to the GPU as its layer "
                                                "runs: no VRAM held by the LoRA, slower steps."}),
+            "lora_mode": (list(LORA_MODES), {"default": LORA_MODES_DEFAULT,
+                                             "tooltip": "exact: each patched layer builds W + strength·ΔW as it "
+                                                        "runs, so bf16/fp16 give the merged result bit for bit "
+                                                        "(fp8/int8 layers are widened, patched, computed in "
+                                                        "float). additive: adds strength·B·A·x to the layer's "
+                                                        "output, no weight-sized scratch, differs from merging "
+                                                        "by bf16 rounding."}),
         }}
 
-    def apply(self, model, lora, low_mem):
+    def apply(self, model, lora, low_mem, lora_mode=None):
         from ..models.wan.lora_runtime import RuntimeLora, attach_chain
 
+        mode = LORA_MODES.get(lora_mode or LORA_MODES_DEFAULT)
+        if mode is None:
+            raise BadSettingError(f"Wan Apply LoRA: 'lora_mode' must be one of {', '.join(LORA_MODES)}; got "
+                                  f"{lora_mode!r}.")
         added = tuple(RuntimeLora(entry.name, parse_lora(load_state_dict(model_path("loras", entry.name)), model.dit),
-                                  entry.strength, entry.blocks, bool(low_mem)) for entry in lora)
+                                  entry.strength, entry.blocks, bool(low_mem), mode) for entry in lora)
         chain = model.runtime_loras + added
         attached = attach_chain(model.dit, chain)   # checks now (no match, block range), attaches nothing
         attached.remove()
@@ -454,7 +469,7 @@ class WanSampler:
             "scheduler": (list(SCHEDULERS), {"default": "unipc",
                                              "tooltip": "Solver and schedule: unipc (official), dpm++ (2M), euler, "
                                                         "dpm++_sde, deis, lcm (distill LoRAs), res_multistep, "
-                                                        "er_sde; '/beta' = beta-spaced steps; flowmatch_causvid "
+                                                        "er_sde, dpm++_3m_sde; '/beta' = beta-spaced steps; flowmatch_causvid "
                                                         "and flowmatch_distill = the distilled models' fixed "
                                                         "timesteps."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
@@ -494,13 +509,14 @@ class WanSampler:
             "cfg_low_noise": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 30.0, "step": 0.01,
                                         "tooltip": "cfg of the low-noise expert; -1: official (t2v 3.0, "
                                                    "i2v 3.5)."}),
+            "nag_args": ("SLIP_WAN_NAG_ARGS", {"tooltip": "From Wan NAG Options (negative prompt at cfg 1)."}),
             **SPEECH_SAMPLER_INPUTS,
         }}
 
     def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
                batched_cfg, samples=None, context_options=None, feta_args=None, cache_args=None, slg_args=None,
                guidance_args=None, sigmas=None, start_step=0, end_step=-1, add_noise=True, low_noise_model=None,
-               boundary=-1.0, cfg_low_noise=-1.0, audio_embeds=None, audio_cfg=4.0):
+               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None, audio_embeds=None, audio_cfg=4.0):
         device = compute_device()
         sigma_values = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).flatten())
         settings = SamplerSettings(
@@ -523,7 +539,7 @@ class WanSampler:
             shown = previewer(latest.pop("x0")) if previewer is not None and "x0" in latest else None
             bar.update_absolute(value, total, preview=shown)
 
-        extras = SamplingExtras(cache_args, slg_args, guidance_args, audio=audio_embeds,
+        extras = SamplingExtras(cache_args, slg_args, guidance_args, nag=nag_args, audio=audio_embeds,
                                 audio_cfg=finite_number("audio_cfg", audio_cfg, "Wan Sampler"))
         try:
             result = sample_video_full(
@@ -543,8 +559,12 @@ class WanSampler:
 
 
 def _resident_bytes(handle: WanModelHandle) -> int:
-    """Bytes the model occupies on the compute device while sampling (resident part + swap ring)."""
+    """Bytes the model occupies on the compute device while sampling (resident part + swap ring +
+    run-time LoRAs)."""
+    from ..models.wan.lora_runtime import chain_device_bytes
+
     total = sum(p.numel() * p.element_size() for p in handle.dit.parameters())
+    total += chain_device_bytes(handle.runtime_loras, handle.dit)   # run-time LoRAs live beside the weights
     host_blocks = handle.host_blocks
     if host_blocks is None:
         return total

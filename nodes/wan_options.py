@@ -1,5 +1,5 @@
 """Option nodes for the Wan Sampler: context windows, Enhance-A-Video (FETA), step caches, Skip Layer
-Guidance and the guidance extras (CFG-Zero*, per-step cfg, RIFLEx).
+Guidance, the guidance extras (CFG-Zero*, per-step cfg, RIFLEx) and Normalized Attention Guidance.
 
 Each node only turns its widgets into the frozen settings dataclass models/wan defines; the sampler
 (nodes/wan.py) hands them to the pipeline. They live apart from the loader and the sampler so each
@@ -12,6 +12,8 @@ from ..models.wan.context import FUSE_METHODS, SCHEDULES, ContextOptions
 from ..models.wan.feta import FetaArgs
 from ..models.wan.guidance import GuidanceArgs, SLGArgs, parse_cfg_list
 from ..models.wan.guidance import parse_blocks as parse_slg_blocks
+from ..models.wan.nag import NagArgs
+from ..models.wan.step_cache import DEFAULT_THRESHOLDS as CACHE_DEFAULTS
 from ..models.wan.step_cache import METHODS as CACHE_METHODS
 from ..models.wan.step_cache import CacheArgs
 from .wan import CATEGORY
@@ -96,10 +98,10 @@ class WanCacheArgs:
         return {"required": {
             "method": (list(CACHE_METHODS), {"default": "teacache",
                                              "tooltip": "teacache, magcache or easycache (see the help page)."}),
-            "threshold": ("FLOAT", {"default": 0.3, "min": 0.001, "max": 1.0, "step": 0.001,
+            "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                     "tooltip": "How much predicted change may pile up before a forward runs again. "
-                                               "Higher = faster, less faithful. Defaults: teacache 0.3, magcache "
-                                               "0.12, easycache 0.05."}),
+                                               "Higher = faster, less faithful. 0 = the method's default: "
+                                               "teacache 0.3, magcache 0.12, easycache 0.05."}),
             "start_step": ("INT", {"default": 1, "min": 0, "max": 1000,
                                    "tooltip": "First step that may be skipped (earlier steps always run)."}),
             "end_step": ("INT", {"default": -1, "min": -1, "max": 1000,
@@ -116,7 +118,8 @@ class WanCacheArgs:
         }}
 
     def make(self, method, threshold, start_step, end_step, cache_device, magcache_k=2, retention=0.2):
-        return (CacheArgs(method, float(threshold), int(start_step), int(end_step), cache_device,
+        threshold = float(threshold) or CACHE_DEFAULTS.get(method, 0.0)   # 0: the chosen method's own default
+        return (CacheArgs(method, threshold, int(start_step), int(end_step), cache_device,
                           int(magcache_k), float(retention)),)
 
 
@@ -173,3 +176,42 @@ class WanGuidanceOptions:
     def make(self, cfg_zero_star, zero_init_steps, cfg_per_step, riflex_freq_index=0):
         return (GuidanceArgs(bool(cfg_zero_star), int(zero_init_steps), parse_cfg_list(cfg_per_step),
                              int(riflex_freq_index)),)
+
+
+class WanNagOptions:
+    DESCRIPTION = ("Normalized Attention Guidance for the Wan Sampler: the negative prompt steers every block's "
+                   "text cross-attention of the positive branch (extrapolate, clip by L1 norm, blend), so it "
+                   "works at cfg 1 with distilled few-step models (CausVid, lightx2v), where CFG cannot. Costs "
+                   "one more text attention per block. Works with cfg above 1 too.")
+    CATEGORY = CATEGORY
+    FUNCTION = "make"
+    RETURN_TYPES = ("SLIP_WAN_NAG_ARGS",)
+    RETURN_NAMES = ("nag_args",)
+    OUTPUT_TOOLTIPS = ("NAG settings for the Wan Sampler's nag_args input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "nag_scale": ("FLOAT", {"default": 11.0, "min": 1.0, "max": 100.0, "step": 0.01,
+                                    "tooltip": "How far the attention is pushed away from the negative prompt "
+                                               "(1 = no guidance)."}),
+            "nag_tau": ("FLOAT", {"default": 2.5, "min": 0.0, "max": 10.0, "step": 0.01,
+                                  "tooltip": "Clipping: the guided attention's L1 norm may grow to at most tau "
+                                             "times the plain one's, per token."}),
+            "nag_alpha": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Blend: the share of the guided attention in the result (the rest "
+                                               "is the plain positive attention)."}),
+        }, "optional": {
+            "nag_text_embeds": ("SLIP_WAN_TEXT_EMBEDS", {"tooltip": "Its negative prompt is the one NAG steers away "
+                                                                    "from; without it, the sampler's negative "
+                                                                    "prompt."}),
+        }}
+
+    def make(self, nag_scale, nag_tau, nag_alpha, nag_text_embeds=None):
+        negative = None
+        if nag_text_embeds is not None:
+            negative = nag_text_embeds.negative
+            if negative is None:
+                raise ValueError("Wan NAG Options: 'nag_text_embeds' holds no negative prompt; encode one with Wan "
+                                 "Text Encode, or disconnect it to use the sampler's negative prompt.")
+        return (NagArgs(float(nag_scale), float(nag_tau), float(nag_alpha), negative),)

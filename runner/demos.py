@@ -69,6 +69,14 @@ def demo_cases() -> list[DemoCase]:
                           "Wan T2V with a distill LoRA, TeaCache and Skip Layer Guidance (tiny random weights) -> mp4"))
     cases.append(DemoCase("wan22_a14b_t2v", "wan22_a14b_t2v_api.json", prepare_a14b_demo,
                           "Wan 2.2 A14B T2V: high- and low-noise experts switching at the boundary (tiny) -> mp4"))
+    def prepare_fun22_control_demo(models_root: Path, input_root: Path) -> None:
+        from ..models.wan.demo_sampler_assets import prepare_fun22_control_demo as prepare
+
+        prepare(models_root, input_root)
+
+    cases.append(DemoCase("wan22_fun_control", "wan22_fun_control_api.json", prepare_fun22_control_demo,
+                          "Wan 2.2 Fun Control A14B: a tiny T2V clip re-rendered by two tiny random-weight Fun "
+                          "Control experts following it, with a reference image -> mp4"))
     cases.append(DemoCase("wan22_ti2v_i2v", "wan22_ti2v_i2v_api.json", prepare_wan,
                           "Image to video with a tiny random-weight Wan 2.2 TI2V-5B DiT and Wan 2.2 VAE (clean first "
                           "latent frame) -> mp4"))

@@ -24,7 +24,8 @@ def _is_repo(entry: str) -> bool:
 
 
 def import_hf_wav2vec2():
-    """(transformers.Wav2Vec2Config, transformers.Wav2Vec2Model), or skip the test when transformers is absent."""
+    """(Wav2Vec2Config, Wav2Vec2Model, Wav2Vec2FeatureExtractor) of transformers, or skip the test when
+    transformers is absent."""
     saved_path = list(sys.path)
     ours = sys.modules.get("kernels")
     if ours is not None and Path(getattr(ours, "__file__", "") or "").resolve().parent.parent == REPO_ROOT:
@@ -35,8 +36,27 @@ def import_hf_wav2vec2():
     try:
         transformers = pytest.importorskip("transformers")
         modeling = importlib.import_module("transformers.models.wav2vec2.modeling_wav2vec2")
-        return transformers.Wav2Vec2Config, modeling.Wav2Vec2Model
+        extraction = importlib.import_module("transformers.models.wav2vec2.feature_extraction_wav2vec2")
+        return transformers.Wav2Vec2Config, modeling.Wav2Vec2Model, extraction.Wav2Vec2FeatureExtractor
     finally:
         sys.path[:] = saved_path
         if ours is not None:
             sys.modules.setdefault("kernels", ours)
+
+
+def hf_model(sd, variant: str = "base"):
+    """transformers' Wav2Vec2Model for the tiny spec (speech_fixtures.TINY_BASE) holding the tensors `sd`
+    (names without prefix; either weight-norm key style), in eval mode."""
+    from speech_fixtures import TINY_BASE, hf_config_kwargs
+
+    config_cls, model_cls, _ = import_hf_wav2vec2()
+    model = model_cls(config_cls(**hf_config_kwargs(TINY_BASE, variant))).eval()
+    own = model.state_dict()
+    pos = "encoder.pos_conv_embed.conv."
+    sd = dict(sd)
+    # transformers names the weight-normed conv the way its torch does; hand it the pair that way.
+    if pos + "weight_g" in sd and pos + "weight_g" not in own:
+        sd[pos + "parametrizations.weight.original0"] = sd.pop(pos + "weight_g")
+        sd[pos + "parametrizations.weight.original1"] = sd.pop(pos + "weight_v")
+    model.load_state_dict(sd, strict=True)
+    return model

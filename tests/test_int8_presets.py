@@ -43,7 +43,7 @@ LINEARS = {
                 *_blocks("layers", ["attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2",
                                     "feed_forward.w3", "adaLN_modulation.0"])],
     "wan": ["text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
-            "head.head", "img_emb.proj.1", "img_emb.proj.3",
+            "head.head", "img_emb.proj.1", "img_emb.proj.3", "audio_adapter.audio_proj.proj1",
             *_blocks("blocks", ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
                                 "cross_attn.k", "cross_attn.v", "cross_attn.o", "cross_attn.k_img",
                                 "cross_attn.v_img", "ffn.0", "ffn.2"])],

@@ -75,11 +75,13 @@ def test_apply_rope_rotates_adjacent_pairs_like_complex_multiplication():
 
 # ------------------------------------------------------------------------------------ reference
 def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, context, clip_fea=None, y=None,
-                      denoise_mask=None):
+                      denoise_mask=None, reference=None):
     """The official forward, rewritten from the official code's formulas in float64 with complex RoPE and einsum unpatchify.
 
     With `denoise_mask` it is Wan 2.2's: token (i, j, k) gets timestep t · mask[0, i, 2j, 2k], and the
-    time embedding and every modulation are per token."""
+    time embedding and every modulation are per token. With `reference` [B, C, H, W] it is the Fun
+    reference adapter's: the 2x2 patches of that frame, projected by `ref_conv`, go in front of the
+    video's tokens as RoPE frame 0 (the video's frames move to 1..F) and are cut off the output."""
     p = {k: v.double() for k, v in sd.items()}
     dim, nh, d = cfg.dim, cfg.num_heads, cfg.head_dim
 
@@ -107,6 +109,11 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
     xe = F.conv3d(x, p["patch_embedding.weight"], p["patch_embedding.bias"], stride=cfg.patch_size)
     f, h, w = xe.shape[2:]
     tok = xe.flatten(2).transpose(1, 2)
+    n_ref = 0
+    if reference is not None:   # patches as an einsum over [B, C, h, 2, w, 2], not a convolution
+        r = reference.double().unflatten(2, (h, 2)).unflatten(4, (w, 2))
+        r = torch.einsum("bcipjq,dcpq->bijd", r, p["ref_conv.weight"]) + p["ref_conv.bias"]
+        tok, n_ref = torch.cat([r.reshape(r.shape[0], h * w, dim), tok], dim=1), h * w
     half = cfg.freq_dim // 2
     tt = t.double()
     if denoise_mask is not None:   # one timestep per token, looped over the latent grid
@@ -133,10 +140,11 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
         ci = ln(ci, "img_emb.proj.0", 1e-5)
         ci = lin("img_emb.proj.3", F.gelu(lin("img_emb.proj.1", ci)))
         ctx = torch.cat([ln(ci, "img_emb.proj.4", 1e-5), ctx], dim=1)
+    fa = f + (1 if n_ref else 0)        # RoPE frames: the reference is frame 0
+    mult = torch.cat([fr[0][:fa].view(fa, 1, 1, -1).expand(fa, h, w, -1),
+                      fr[1][:h].view(1, h, 1, -1).expand(fa, h, w, -1),
+                      fr[2][:w].view(1, 1, w, -1).expand(fa, h, w, -1)], dim=-1).reshape(fa * h * w, 1, -1)
     L = f * h * w
-    mult = torch.cat([fr[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-                      fr[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-                      fr[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(L, 1, -1)
 
     def rope(v):
         return torch.view_as_real(torch.view_as_complex(v.reshape(*v.shape[:3], -1, 2)) * mult).flatten(3)
@@ -166,7 +174,7 @@ def reference_forward(sd: dict[str, torch.Tensor], cfg: WanDiTConfig, x, t, cont
         hs = ln(tok) * (1 + m[4]) + m[3]
         tok = tok + lin(b + "ffn.2", F.gelu(lin(b + "ffn.0", hs), approximate="tanh")) * m[5]
     hm = mod(p["head.modulation"], e.unsqueeze(-2), 2)
-    out = lin("head.head", ln(tok) * (1 + hm[1]) + hm[0])
+    out = lin("head.head", ln(tok) * (1 + hm[1]) + hm[0])[:, n_ref:]
     outs = []
     for u in out:
         u = u[:L].reshape(f, h, w, 1, 2, 2, cfg.out_dim)

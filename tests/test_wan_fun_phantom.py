@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from slipstream import NODE_CLASS_MAPPINGS as N
-from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan import config as wan_config
 from slipstream.models.wan.config import (
     WAN21_FUN_CONTROL_1_3B,
@@ -76,11 +75,11 @@ def test_released_fun_layouts_are_detected_from_shapes(config, prefix):
     assert found.name == config.name and found.cond_channels == config.in_dim - 16
 
 
-def test_fun_models_with_a_reference_adapter_are_named_with_what_to_use():
+def test_fun_control_with_a_reference_adapter_is_the_v1_1_model():
     shapes = dict(WanDiT.expected_shapes(WAN21_FUN_CONTROL_1_3B))
-    shapes["ref_conv.weight"] = (1536, 16, 2, 2)
-    with pytest.raises(CheckpointError, match="reference-image adapter.*Fun Control V1.0 model"):
-        detect_config(shapes, what="Wan2.1-Fun-V1.1-1.3B-Control.safetensors")
+    shapes["ref_conv.weight"], shapes["ref_conv.bias"] = (1536, 16, 2, 2), (1536,)
+    found = detect_config(shapes, what="Wan2.1-Fun-V1.1-1.3B-Control.safetensors")
+    assert found.name == "Wan2.1-Fun-V1.1-1.3B-Control" and found.ref_in_dim == 16
 
 
 def test_fun_control_forward_matches_the_float64_reference():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -15,7 +16,7 @@ from slipstream import NODE_CLASS_MAPPINGS as N
 from slipstream.models.wan.config import tiny
 from slipstream.models.wan.dit import WanDiT, random_state_dict
 from slipstream.models.wan.lora import LoraError, merge_lora, parse_blocks, parse_lora
-from slipstream.models.wan.lora_runtime import RuntimeLora, attach_chain, attach_lora
+from slipstream.models.wan.lora_runtime import ADDITIVE, EXACT, RuntimeLora, attach_chain, attach_lora
 from slipstream.models.wan.pipeline import (
     SamplerSettings,
     SwapSettings,
@@ -76,35 +77,46 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_unmerged_run_equals_the_merged_run_and_leaves_the_weights_alone():
+@pytest.mark.parametrize("mode", [EXACT, ADDITIVE])
+def test_unmerged_run_equals_the_merged_run_and_leaves_the_weights_alone(mode):
     lora = block_lora()
     model = dit()
-    unmerged = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0)])
+    unmerged = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0, mode=mode)])
     for key, value in weights().items():
         assert torch.equal(model.state_dict()[key], value), f"{key} changed"
     assert not model.blocks[0].self_attn.q._forward_hooks, "hooks left behind after the run"
+    assert "forward" not in model.blocks[0].self_attn.q.__dict__, "the layer's own forward is back"
     merge_lora(model, lora, 1.0)
     merged = run(model)
     assert max_rel(unmerged, merged) <= 1e-5
     assert max_rel(run(dit()), merged) > 1e-2, "the LoRA has a visible effect"
 
 
-def test_bf16_unmerged_run_is_as_exact_as_the_merged_run():
-    """In bf16 merging rounds W + ΔW to bf16 and running unmerged does not, so the two differ by bf16's
-    own rounding; measured against the fp32 merged run, unmerged is at least as close as merged."""
-    lora = block_lora()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_exact_mode_equals_the_merged_run(dtype):
+    """Exact mode builds the merged weight (fp32 sum, one rounding per LoRA) inside each layer call, so
+    a bf16/fp16 run equals the merged run bit for bit, chains included; additive mode differs from it
+    by the compute dtype's rounding of W + ΔW, and is still as close to the fp32 truth as merging."""
+    lora, second = block_lora(), block_lora(seed=5, scale=0.05)
     truth_model = dit()
     merge_lora(truth_model, lora, 1.0)
     truth = run(truth_model)
-    model = dit(dtype=torch.bfloat16)
-    unmerged = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0)])
+    model = dit(dtype=dtype)
+    exact = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0)])
+    chain = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0), RuntimeLora("m", parse_lora(second, model), -0.6)])
+    additive = run(model, [RuntimeLora("l", parse_lora(lora, model), 1.0, mode=ADDITIVE)])
     merge_lora(model, lora, 1.0)
     merged = run(model)
-    assert max_rel(unmerged, truth) <= 1.25 * max_rel(merged, truth)
-    assert max_rel(unmerged, merged) <= 2e-2
+    assert max_rel(exact, merged) <= 1e-3
+    assert torch.equal(exact, merged), "exact mode reproduces the merge's rounding"
+    merge_lora(model, second, -0.6)
+    assert torch.equal(chain, run(model)), "a chain rounds per LoRA, as merging one after another does"
+    assert max_rel(additive, truth) <= 1.25 * max_rel(merged, truth)
+    assert 0 < max_rel(additive, merged) <= 2e-2
 
 
-def test_fp8_and_int8_layers_keep_their_storage_and_get_the_exact_lora():
+@pytest.mark.parametrize("mode", [EXACT, ADDITIVE])
+def test_fp8_and_int8_layers_keep_their_storage_and_get_the_exact_lora(mode):
     from slipstream.kernels.quant_layer import QuantPlan, convert_linears
 
     fp8 = dit(weight_dtype=torch.float8_e4m3fn, dtype=torch.float32)
@@ -125,12 +137,14 @@ def test_fp8_and_int8_layers_keep_their_storage_and_get_the_exact_lora():
             if hasattr(module, "dequantize") and name.startswith("blocks."):
                 reference.get_submodule(name).weight.data.copy_(module.dequantize(torch.float32))
         merge_lora(reference, lora, 0.8)
-        with torch.no_grad(), attach_lora(model, lora, 0.8):
+        with torch.no_grad(), attach_lora(model, lora, 0.8, mode=mode):
             out = model(x, t, ctx)
         assert layer.weight.data_ptr() == ptr and layer.weight.dtype in (torch.float8_e4m3fn, torch.int8)
         for key, value in model.state_dict().items():
             assert torch.equal(value, stored[key]), f"{key} changed"
-        if model is fp8:   # fp8 storage widens exactly: the unmerged layer computes W_fp8 + ΔW
+        # fp8 storage widens exactly: the unmerged layer computes W_fp8 + ΔW; exact mode also computes an
+        # int8 layer in float from its widened weight
+        if model is fp8 or mode == EXACT:
             torch.testing.assert_close(out, reference(x, t, ctx), rtol=1e-4, atol=1e-4)
         else:              # int8 also quantizes activations: the LoRA part is exact, the base part W8A8
             assert max_rel(out, reference(x, t, ctx)) < 0.05
@@ -176,15 +190,22 @@ def test_block_selection_limits_which_blocks_change():
         parse_blocks("first ten")
 
 
-def test_input_axis_dora_after_another_lora_cannot_run_unmerged():
+def test_input_axis_dora_after_another_lora_runs_exact_only():
     model = dit()
     stem = "diffusion_model.blocks.0.self_attn.q"
-    first = {f"{stem}.lora_A.weight": torch.randn(4, 256), f"{stem}.lora_B.weight": torch.randn(256, 4)}
-    dora = dict(first, **{f"{stem}.dora_scale": torch.rand(1, 256) + 0.5})
-    chain = [RuntimeLora("a", parse_lora(first, model), 1.0), RuntimeLora("b", parse_lora(dora, model), 1.0)]
-    with pytest.raises(LoraError, match="put it first in the chain, or merge"):
+    g = torch.Generator().manual_seed(8)
+    first = {f"{stem}.lora_A.weight": torch.randn(4, 256, generator=g) * 0.1,
+             f"{stem}.lora_B.weight": torch.randn(256, 4, generator=g) * 0.1}
+    dora = dict(first, **{f"{stem}.dora_scale": torch.rand(1, 256, generator=g) + 0.5})
+    chain = [RuntimeLora("a", parse_lora(first, model), 1.0, mode=ADDITIVE),
+             RuntimeLora("b", parse_lora(dora, model), 1.0, mode=ADDITIVE)]
+    with pytest.raises(LoraError, match="lora_mode 'exact'"):
         attach_chain(model, chain)
     assert not model.blocks[0].self_attn.q._forward_hooks
+    exact = run(model, [replace(item, mode=EXACT) for item in chain])
+    merge_lora(model, first, 1.0)
+    merge_lora(model, dora, 1.0)
+    assert max_rel(exact, run(model)) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------- through the nodes
@@ -234,17 +255,34 @@ def test_strength_change_reruns_without_reading_the_model_file(lora_dirs, monkey
     assert reads, "the spy sees the loader read the model file"
     reads.clear()
     results = {}
-    for strength in (1.0, 0.4):
-        (chain,) = _node("SlipstreamWanLoraSelect")("style.safetensors", strength)
-        (patched,) = _node("SlipstreamWanApplyLora")(model, chain, False)
-        assert patched.dit is model.dit and not model.runtime_loras
-        results[strength] = _sample(patched)
-    assert reads == [], "a strength change read the model file again"
+    modes = N["SlipstreamWanApplyLora"].INPUT_TYPES()["required"]["lora_mode"][0]
+    for mode in modes:
+        for strength in (1.0, 0.4):
+            (chain,) = _node("SlipstreamWanLoraSelect")("style.safetensors", strength)
+            (patched,) = _node("SlipstreamWanApplyLora")(model, chain, False, mode)
+            assert patched.dit is model.dit and not model.runtime_loras
+            results[mode, strength] = _sample(patched)
+    assert reads == [], "a strength change (or a mode change) read the model file again"
     merged = dit()
     merge_lora(merged, block_lora(), 0.4)
-    assert max_rel(results[0.4], run(merged)) <= 1e-4
-    assert max_rel(results[1.0], results[0.4]) > 1e-3
+    for mode in modes:
+        assert max_rel(results[mode, 0.4], run(merged)) <= 1e-4
+        assert max_rel(results[mode, 1.0], results[mode, 0.4]) > 1e-3
     assert torch.equal(_sample(model), run(dit())), "the loader's own handle stays LoRA-free"
+
+
+def test_bf16_model_with_the_lora_applied_equals_the_model_with_it_merged_at_load(lora_dirs):
+    (model,) = _node("SlipstreamWanModelLoader")("tiny_t2v.safetensors", "bf16", "disabled", "main_device")
+    (chain,) = _node("SlipstreamWanLoraSelect")("style.safetensors", 1.0)
+    (patched,) = _node("SlipstreamWanApplyLora")(model, chain, False, "exact (patch weights at run time)")
+    unmerged = _sample(patched)
+    (merged,) = _node("SlipstreamWanModelLoader")("tiny_t2v.safetensors", "bf16", "disabled", "main_device",
+                                                  lora=chain)
+    reference = _sample(merged)
+    assert max_rel(unmerged, reference) <= 1e-3
+    assert torch.equal(unmerged, reference)
+    with pytest.raises(ValueError, match="'lora_mode' must be one of"):
+        _node("SlipstreamWanApplyLora")(model, chain, False, "merged")
 
 
 def test_apply_node_errors_and_warnings(lora_dirs, caplog):
@@ -268,7 +306,8 @@ def test_apply_node_errors_and_warnings(lora_dirs, caplog):
     assert patched.runtime_loras[0].low_mem and patched.runtime_loras[0].blocks == (1,)
 
 
-def test_compiled_blocks_see_the_lora_and_lose_it_after_the_run():
+@pytest.mark.parametrize("mode", [EXACT, ADDITIVE])
+def test_compiled_blocks_see_the_lora_and_lose_it_after_the_run(mode):
     """Hooks attached after compiling: compiled code must re-check them, not replay a LoRA-free graph."""
     from slipstream.models.wan.pipeline import CompileSettings, apply_compile
 
@@ -277,11 +316,29 @@ def test_compiled_blocks_see_the_lora_and_lose_it_after_the_run():
     g = torch.Generator().manual_seed(4)
     x, t, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([600.0]), torch.randn(1, 5, 64, generator=g)
     with torch.no_grad():
-        with attach_lora(model, lora, 1.0):
+        with attach_lora(model, lora, 1.0, mode=mode):
             eager = model(x, t, ctx)
         apply_compile(model, CompileSettings(backend="eager"))
         base = model(x, t, ctx)
-        with attach_lora(model, lora, 1.0):
+        with attach_lora(model, lora, 1.0, mode=mode):
             compiled = model(x, t, ctx)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
         assert torch.equal(model(x, t, ctx), base)
+
+
+def test_the_sampler_makes_room_for_run_time_lora_tensors():
+    from slipstream.nodes.wan import _resident_bytes
+
+    model = dit()
+    lora = parse_lora(block_lora(), model)
+    bare = _resident_bytes(WanModelHandle(model, "tiny", CPU, None, None))
+    lora_bytes = sum(4 * t.numel() for t in block_lora().values() if t.dim() > 0)
+    largest = max(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
+    exact = _resident_bytes(WanModelHandle(model, "tiny", CPU, None, None, runtime_loras=(RuntimeLora("l", lora, 1.0),)))
+    additive = _resident_bytes(WanModelHandle(model, "tiny", CPU, None, None,
+                                              runtime_loras=(RuntimeLora("l", lora, 1.0, mode=ADDITIVE),)))
+    in_ram = _resident_bytes(WanModelHandle(model, "tiny", CPU, None, None,
+                                            runtime_loras=(RuntimeLora("l", lora, 1.0, low_mem=True, mode=ADDITIVE),)))
+    assert additive - bare == lora_bytes
+    assert exact - bare == lora_bytes + 10 * largest
+    assert in_ram == bare

@@ -7,19 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-
-pytest.importorskip("slipstream.models.wan.multitalk", reason="the MultiTalk family is not in this build")
-pytest.importorskip("slipstream.models.wan.fantasytalking", reason="the FantasyTalking family is not in this build")
-
-from slipstream.models.wan import config as wan_config  # noqa: E402
-from slipstream.models.wan.demo_speech_assets import (  # noqa: E402
+from slipstream.models.wan import config as wan_config
+from slipstream.models.wan.demo_speech_assets import (
     tiny_fantasytalking_state_dict,
     tiny_i2v_config,
     tiny_multitalk_state_dict,
 )
-from slipstream.models.wan.dit import WanDiT, random_state_dict  # noqa: E402
-from slipstream.models.wan.speech_models import attach_speech_model, describe_speech_model  # noqa: E402
-from slipstream.models.wan.t5 import TINY_UMT5  # noqa: E402
+from slipstream.models.wan.dit import WanDiT, random_state_dict
+from slipstream.models.wan.speech_models import attach_speech_model, describe_speech_model
+from slipstream.models.wan.t5 import TINY_UMT5
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 WRITERS = {"multitalk": tiny_multitalk_state_dict, "fantasytalking": tiny_fantasytalking_state_dict}

@@ -15,8 +15,10 @@ encoder's own 50 frames per second; the last hidden state is kept: [1, L, 768].
 Audio shorter than the video is padded with silence to the video's duration (the official scripts
 would produce fewer frames than the video has, which no sampler can use); the padding is added after
 the input normalisation so the speech itself is encoded as the official pipeline encodes it.
-Memory: the conv stack holds [512, samples / 5] floats for its first layer (about 400 MB per minute
-of audio in fp32); the transformer's tokens (25 or 50 per second) cost little in comparison.
+Memory: the conv stack runs through long clips 30 s at a time (Wav2Vec2.extract_features: the same
+frames), about 200 MB of fp32 activations whatever the length; the transformer then sees 25 tokens a
+second (MultiTalk) or 50 (FantasyTalking) — a 10-minute MultiTalk clip is 15 000 tokens, which the
+memory-efficient attention kernels handle without the L² score matrix.
 """
 
 from __future__ import annotations

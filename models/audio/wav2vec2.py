@@ -41,6 +41,8 @@ from ..wan.weights import LoadableEncoder, Recipe, Source
 Progress = Callable[[int, int], None]
 
 HEAD_DIM = 64
+# Conv-stack frames computed at once for long clips: 1500 frames = 30 s at 16 kHz, ~200 MB of fp32 activations.
+CHUNK_FRAMES = 1500
 
 
 @dataclass(frozen=True)
@@ -112,23 +114,27 @@ class ConvLayer(nn.Module):
             self.layer_norm = nn.LayerNorm(cout, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.norm_kind is not None:
-            x = self.normalize(x)
-        return F.gelu(x)
+        return self.run(x)
 
     def normalize(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The norm in fp32. GroupNorm spans the whole clip; `stats` (mean, var per channel, [C]) lets a
-        caller working through the clip in chunks apply the whole clip's statistics to each chunk."""
+        """The norm in fp32. GroupNorm spans the whole clip; `stats` (mean, biased var per channel, [B, C])
+        lets a caller working through the clip in chunks apply the whole clip's statistics to each chunk."""
         w, b = self.layer_norm.weight.float(), self.layer_norm.bias.float()
         xf = x.float()
         if self.norm_kind == "layer":
             return F.layer_norm(xf.transpose(1, 2), (xf.shape[1],), w, b, self.layer_norm.eps).transpose(1, 2).to(x.dtype)
         if stats is None:
             return F.group_norm(xf, xf.shape[1], w, b, self.layer_norm.eps).to(x.dtype)
-        mean, var = stats
-        y = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.layer_norm.eps)
+        mean, var = (s.float()[..., None] for s in stats)
+        y = (xf - mean) * torch.rsqrt(var + self.layer_norm.eps)
         return (y * w[None, :, None] + b[None, :, None]).to(x.dtype)
+
+    def run(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """forward() with the clip's GroupNorm statistics given (see `normalize`)."""
+        x = self.conv(x)
+        if self.norm_kind is not None:
+            x = self.normalize(x, stats if self.norm_kind == "group" else None)
+        return F.gelu(x)
 
 
 class FeatureExtractor(nn.Module):
@@ -142,6 +148,41 @@ class FeatureExtractor(nn.Module):
         for layer in self.conv_layers:
             x = layer(x)
         return x
+
+    def chunked(self, wave: torch.Tensor, cfg: Wav2Vec2Config, chunk_frames: int) -> torch.Tensor:
+        """forward(), `chunk_frames` output frames at a time: the same result in bounded memory.
+
+        Output frame j sees input samples [hop·j, hop·j + receptive_field), and a chunk starting at a
+        multiple of the hop keeps every layer's grid aligned, so chunks of the input with that overlap
+        give exactly the full clip's frames. The first layer's GroupNorm is the exception — it
+        normalises each channel over the whole clip — so a first pass over that layer alone gathers
+        the clip's per-channel mean and variance (float64), which every chunk then uses.
+        """
+        x = wave[:, None]
+        first = self.conv_layers[0]
+        stats = None
+        if first.norm_kind == "group":
+            k0, s0 = cfg.conv_kernel[0], cfg.conv_stride[0]
+            n0 = (x.shape[-1] - k0) // s0 + 1
+            step = max(1, chunk_frames * cfg.hop // s0)
+            total = x.new_zeros(x.shape[0], cfg.conv_dim[0], dtype=torch.float64)
+            squares = torch.zeros_like(total)
+            for a in range(0, n0, step):
+                b = min(n0, a + step)
+                y = first.conv(x[..., a * s0:(b - 1) * s0 + k0]).double()
+                total += y.sum(-1)
+                squares += (y * y).sum(-1)
+            mean = total / n0
+            stats = (mean, (squares / n0 - mean * mean).clamp_min(0))
+        frames = cfg.num_frames(x.shape[-1])
+        out = []
+        for a in range(0, frames, chunk_frames):
+            b = min(frames, a + chunk_frames)
+            y = x[..., a * cfg.hop:(b - 1) * cfg.hop + cfg.receptive_field]
+            for i, layer in enumerate(self.conv_layers):
+                y = layer.run(y, stats if i == 0 else None)
+            out.append(y)
+        return torch.cat(out, dim=-1)
 
 
 class FeatureProjection(nn.Module):
@@ -284,14 +325,24 @@ class Wav2Vec2(LoadableEncoder):
         self.feature_projection = FeatureProjection(cfg)
         self.encoder = Encoder(cfg)
 
-    def extract_features(self, wave: torch.Tensor) -> torch.Tensor:
-        """[B, T] waveform -> conv features [B, frames, C] (float32)."""
+    def extract_features(self, wave: torch.Tensor, chunk_frames: int | None = CHUNK_FRAMES) -> torch.Tensor:
+        """[B, T] waveform -> conv features [B, frames, C] (float32).
+
+        Clips longer than `chunk_frames` output frames (default 30 s) go through the conv stack in chunks
+        (`FeatureExtractor.chunked`: the same frames), so memory stays bounded for long audio.
+        """
         if wave.dim() != 2:
             raise ValueError(f"wav2vec2 expects a waveform [B, T], got shape {tuple(wave.shape)}")
-        if self.config.num_frames(wave.shape[1]) == 0:
+        frames = self.config.num_frames(wave.shape[1])
+        if frames == 0:
             raise ValueError(f"audio of {wave.shape[1]} samples is too short for wav2vec2: it needs at least "
                              f"{self.config.receptive_field} samples ({self.config.receptive_field / 16:.0f} ms at 16 kHz).")
-        return self.feature_extractor(wave.to(device=self.device, dtype=self.dtype)).transpose(1, 2).float()
+        x = wave.to(device=self.device, dtype=self.dtype)
+        if chunk_frames is not None and frames > chunk_frames:
+            out = self.feature_extractor.chunked(x, self.config, chunk_frames)
+        else:
+            out = self.feature_extractor(x)
+        return out.transpose(1, 2).float()
 
     def encode_features(self, features: torch.Tensor, callback: Progress | None = None) -> list[torch.Tensor]:
         """conv features [B, L, C] -> every hidden state [B, L, D] (float32): num_layers + 1 of them."""

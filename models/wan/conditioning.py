@@ -1,6 +1,7 @@
 """What the Wan conditioning nodes do: VACE control inputs (control video, mask, reference images)
 turned into the VACE context the sampler passes to a VACE model; the Fun Control conditioning
-(control and start-image latents); Phantom's subject latents.
+(control and start-image latents, the reference image of Fun V1.1 / Wan 2.2 Fun Control, see
+models/wan/fun.py); the Fun InP frames; Phantom's subject latents.
 
 Frames arrive as ComfyUI IMAGE [F, H, W, C] in 0..1 and masks as MASK [F, H, W]; the VAE sees
 -1..1. Sizes are checked, not guessed: a control video or mask of another aspect ratio than the
@@ -11,13 +12,21 @@ cropping or padding a control signal moves or freezes what it controls.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from .encoders import WanVAEHandle, images_to_channels_first, on_device, resize_to
+from .encoders import (
+    WanVAEHandle,
+    i2v_mask,
+    image_to_video_embeds,
+    images_to_channels_first,
+    on_device,
+    resize_to,
+)
 from .pipeline import WanImageEmbeds
 from .tiling import Tiling
 from .vace import VaceInput, build_context, check_chain, split_by_mask
@@ -142,32 +151,93 @@ def _encode_frames(model, frames: torch.Tensor, tiling: Tiling | None, progress:
     return normalize_latent(model.encode(frames[None], callback=progress, tiling=tiling).cpu())[0]
 
 
+def _fill(pixels: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[1, 3, H, W] -> [1, 3, height, width]: centre-cropped to the video's aspect ratio, then resized
+    (a reference shows appearance, so it is cropped rather than stretched)."""
+    h, w = pixels.shape[-2:]
+    if w * height > h * width:                      # too wide: crop the sides
+        keep = max(1, round(h * width / height))
+        pixels = pixels[..., (w - keep) // 2:(w - keep) // 2 + keep]
+    elif w * height < h * width:                    # too tall: crop top and bottom
+        keep = max(1, round(w * height / width))
+        pixels = pixels[..., (h - keep) // 2:(h - keep) // 2 + keep, :]
+    return resize_to(pixels, width, height)
+
+
+def encode_reference(model, ref_image: torch.Tensor, width: int, height: int,
+                     tiling: Tiling | None = None) -> torch.Tensor:
+    """The first image of an IMAGE batch as a normalised reference latent frame [16, h, w]."""
+    if ref_image.dim() != 4 or ref_image.shape[0] == 0 or ref_image.shape[-1] < 3:
+        raise ValueError(f"ref_image must be an IMAGE batch [N, H, W, 3] with at least one image, got shape "
+                         f"{tuple(ref_image.shape)}")
+    pixels = _fill(images_to_channels_first(ref_image[:1]), width, height) * 2.0 - 1.0
+    return normalize_latent(model.encode(pixels[:, :, None], tiling=tiling).cpu())[0, :, 0]
+
+
 def fun_control_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, device: torch.device,
                        control_video: torch.Tensor | None = None, start_image: torch.Tensor | None = None,
                        clip: torch.Tensor | None = None, offload: bool = True, tiling: Tiling | None = None,
-                       progress: Progress | None = None) -> WanImageEmbeds:
-    """Wan Fun Control (in_dim 48): y = [control latent (16), start-image latent (16)], no mask, as
-    core's WanFunControlToVideo. A missing control video or start image is a zero latent; without
-    CLIP features the sampler uses zeros (VideoX-Fun's choice when there is no start image)."""
+                       progress: Progress | None = None, ref_image: torch.Tensor | None = None) -> WanImageEmbeds:
+    """Wan Fun Control: y = [control latent (16), start-image latent (16)] and the start frame's mask
+    beside it (`fun_mask`, which Wan 2.2 Fun Control takes between the two; models/wan/fun.py), as
+    core's WanFunControlToVideo / Wan22FunControlToVideo. A missing control video or start image is
+    a zero latent; without CLIP features the sampler uses zeros (VideoX-Fun's choice when there is
+    no start image). `ref_image` (Fun V1.1, Wan 2.2 Fun Control) becomes the reference latent frame."""
+    if vae.vae.GENERATION != "2.1":
+        raise ValueError("Wan Fun Control Encode needs the Wan 2.1 VAE (wan_2.1_vae.safetensors): every Fun Control "
+                         "model (Wan 2.1 Fun, Fun V1.1, Wan 2.2 Fun A14B) works in its 16-channel latent.")
     t = latent_frames(num_frames)
     h, w = height // 8, width // 8
     control = torch.zeros(16, t, h, w)
     image = torch.zeros(16, t, h, w)
     video = None if control_video is None else control_frames(control_video, num_frames, width, height)
+    reference = None
     with torch.no_grad(), on_device(vae.vae, device, vae.resident_device, offload) as model:
         if video is not None:
             control = _encode_frames(model, video, tiling, progress)
         if start_image is not None:
             first = resize_to(images_to_channels_first(start_image[:1]), width, height) * 2.0 - 1.0
             image[:, :1] = _encode_frames(model, first.transpose(0, 1), tiling, None)
-    return WanImageEmbeds(width, height, num_frames, y=torch.cat([control, image]), clip=clip)
+        if ref_image is not None:
+            reference = encode_reference(model, ref_image, width, height, tiling)
+    mask = i2v_mask(num_frames, h, w, known_frames=1 if start_image is not None else 0)
+    return WanImageEmbeds(width, height, num_frames, y=torch.cat([control, image]), clip=clip, fun_mask=mask,
+                          reference=reference)
+
+
+def fun_inpaint_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, device: torch.device,
+                       start_image: torch.Tensor | None = None, end_image: torch.Tensor | None = None,
+                       clip: torch.Tensor | None = None, offload: bool = True, tiling: Tiling | None = None,
+                       progress: Progress | None = None) -> WanImageEmbeds:
+    """Fun InP (and any I2V-layout model): start and/or end image as given frames among grey ones,
+    behind the 4-channel mask, as core's WanFunInpaintToVideo. Neither image: nothing is given (a
+    zero mask over grey frames), which Fun InP models take as text-to-video."""
+    if vae.vae.GENERATION != "2.1":
+        raise ValueError("Wan Fun InP Encode needs the Wan 2.1 VAE (16 latent channels; Fun InP 1.3B/14B and Wan "
+                         "2.2 Fun A14B InP use it); for TI2V-5B use Wan Image to Video Encode.")
+    if start_image is not None:
+        return image_to_video_embeds(vae, start_image, width, height, num_frames, device, clip=clip,
+                                     offload=offload, tiling=tiling, progress=progress, end_image=end_image)
+    video = torch.zeros(1, 3, num_frames, height, width)
+    if end_image is not None:
+        if end_image.dim() != 4 or end_image.shape[0] == 0:
+            raise ValueError(f"end_image must be an IMAGE batch [N, H, W, 3], got shape {tuple(end_image.shape)}")
+        video[0, :, -1] = resize_to(images_to_channels_first(end_image[:1]), width, height)[0] * 2.0 - 1.0
+    with torch.no_grad(), on_device(vae.vae, device, vae.resident_device, offload) as model:
+        latent = normalize_latent(model.encode(video, callback=progress, tiling=tiling).cpu())[0]
+    mask = i2v_mask(num_frames, height // 8, width // 8, known_frames=0, last_frame=end_image is not None)
+    return WanImageEmbeds(width, height, num_frames, y=torch.cat([mask, latent]), clip=clip)
 
 
 def phantom_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, device: torch.device,
                    images: torch.Tensor, offload: bool = True, tiling: Tiling | None = None,
-                   progress: Progress | None = None) -> WanImageEmbeds:
+                   progress: Progress | None = None, subject_cfg: float = 0.0) -> WanImageEmbeds:
     """Phantom subject-to-video: each subject image fitted on a white canvas of the video's size and
-    encoded as its own latent frame; the sampler appends them after the video's frames."""
+    encoded as its own latent frame; the sampler appends them after the video's frames. `subject_cfg`
+    > 0 turns on Phantom's separate subject guidance (models/wan/guidance.py, phantom_combine)."""
+    if not math.isfinite(subject_cfg) or subject_cfg < 0:
+        raise ValueError(f"subject_cfg must be a finite number >= 0 (0 = one cfg for text and subject), got "
+                         f"{subject_cfg!r}.")
     if images is None or images.dim() != 4 or images.shape[0] == 0:
         raise ValueError("Wan Phantom Subject Encode needs at least one subject image (an IMAGE batch).")
     refs = reference_frames(images, width, height)
@@ -177,4 +247,4 @@ def phantom_embeds(vae: WanVAEHandle, width: int, height: int, num_frames: int, 
             latents.append(_encode_frames(model, ref[:, None], tiling, None))
             if progress is not None:
                 progress(i + 1, refs.shape[0])
-    return WanImageEmbeds(width, height, num_frames, subject=torch.cat(latents, dim=1))
+    return WanImageEmbeds(width, height, num_frames, subject=torch.cat(latents, dim=1), subject_cfg=float(subject_cfg))

@@ -73,6 +73,9 @@ class WanDiTConfig:
     # VACE context's channels (96 = 16 inactive + 16 reactive latent + 64 mask). Empty: no VACE.
     vace_layers: tuple[int, ...] = ()
     vace_in_dim: int = 0
+    # Fun reference adapter (`ref_conv`, Wan 2.1 Fun V1.1, Wan 2.2 Fun A14B Control): the channels of
+    # the reference-image latent a Conv2d turns into one frame of tokens in front of the video. 0: none.
+    ref_in_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -91,10 +94,17 @@ class WanDiTConfig:
         if self.vace_layers and (self.vace_layers[0] != 0 or max(self.vace_layers) >= self.num_layers
                                  or list(self.vace_layers) != sorted(set(self.vace_layers))):
             raise ValueError(f"vace_layers {self.vace_layers} must start at block 0 and rise below {self.num_layers}")
+        if self.ref_in_dim < 0:
+            raise ValueError(f"ref_in_dim must be >= 0, got {self.ref_in_dim}")
 
     @property
     def is_vace(self) -> bool:
         return bool(self.vace_layers)
+
+    @property
+    def has_ref_conv(self) -> bool:
+        """Fun models that take a reference image as a frame of tokens in front of the video."""
+        return self.ref_in_dim > 0
 
     @property
     def head_dim(self) -> int:
@@ -170,13 +180,24 @@ WAN21_FUN_CONTROL_1_3B = replace(WAN21_FUN_INP_1_3B, name="Wan2.1-Fun-1.3B-Contr
                                  variant="fun-control-1.3B")
 WAN21_FUN_CONTROL_14B = replace(WAN21_I2V_14B_480P, name="Wan2.1-Fun-14B-Control", in_dim=48,
                                 variant="fun-control-14B")
+# Fun V1.1 Control adds the reference adapter (`ref_conv`, 16 latent channels -> tokens). Wan 2.2 Fun
+# A14B Control experts are the Wan 2.2 I2V-A14B tree (no CLIP) with 16 control + 4 mask + 16 start-image
+# channels (52 in all) and the adapter; the Wan 2.2 Fun A14B InP experts have exactly the Wan 2.2
+# I2V-A14B layout and load as it.
+WAN21_FUN_V11_CONTROL_1_3B = replace(WAN21_FUN_CONTROL_1_3B, name="Wan2.1-Fun-V1.1-1.3B-Control", ref_in_dim=16,
+                                     variant="fun-v1.1-control-1.3B")
+WAN21_FUN_V11_CONTROL_14B = replace(WAN21_FUN_CONTROL_14B, name="Wan2.1-Fun-V1.1-14B-Control", ref_in_dim=16,
+                                    variant="fun-v1.1-control-14B")
+WAN22_FUN_CONTROL_A14B = replace(WAN22_I2V_A14B, name="Wan2.2-Fun-A14B-Control", in_dim=52, ref_in_dim=16,
+                                 variant="fun-control-A14B")
 
 # Every released model detection can name. Rows sharing an architecture are told apart by generation
 # (a hint in the file, else the first row, Wan 2.1). Further families add their rows here.
 KNOWN: tuple[WanDiTConfig, ...] = (
     WAN21_T2V_1_3B, WAN21_T2V_14B, WAN21_I2V_14B_480P, WAN21_I2V_14B_720P, WAN21_FLF2V_14B,
     WAN22_T2V_A14B, WAN22_I2V_A14B, WAN22_TI2V_5B,
-    WAN21_VACE_1_3B, WAN21_VACE_14B, WAN21_FUN_INP_1_3B, WAN21_FUN_CONTROL_1_3B, WAN21_FUN_CONTROL_14B)
+    WAN21_VACE_1_3B, WAN21_VACE_14B, WAN21_FUN_INP_1_3B, WAN21_FUN_CONTROL_1_3B, WAN21_FUN_CONTROL_14B,
+    WAN21_FUN_V11_CONTROL_1_3B, WAN21_FUN_V11_CONTROL_14B, WAN22_FUN_CONTROL_A14B)
 CONFIGS: dict[str, WanDiTConfig] = {c.name: c for c in KNOWN}
 
 # Wan models with modules this DiT does not have: (key fragment, what it is and what to use instead).
@@ -184,7 +205,9 @@ UNSUPPORTED: tuple[tuple[str, str], ...] = (
     ("casual_audio_encoder.", "a Wan 2.2 S2V (speech-to-video) model; run it with ComfyUI's native Wan nodes"),
     ("face_adapter.", "a Wan 2.2 Animate model; run it with ComfyUI's native Wan nodes (WanAnimateToVideo)"),
     ("audio_proj.", "a HuMo (audio-conditioned Wan) model; run it with ComfyUI's native Wan nodes"),
-    ("control_adapter.", "a Wan Fun Camera model; run it with ComfyUI's native WanCameraImageToVideo"),
+    ("control_adapter.", "a Wan Fun Camera model (Fun Control-Camera: its camera adapter 'control_adapter.*' takes camera-pose "
+                         "embeddings, which this pack does not build); run it with ComfyUI's native "
+                         "WanCameraEmbedding + WanCameraImageToVideo nodes, or use the plain Fun Control model"),
 )
 
 
@@ -352,10 +375,14 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
         clip_dim = shape("img_emb.proj.0.weight")[0]
         if "img_emb.emb_pos" in shapes:
             model_type, clip_tokens = "flf2v", shape("img_emb.emb_pos")[1]
-    if "ref_conv.weight" in shapes:
-        raise CheckpointError(f"{what}: a Wan Fun Control model with a reference-image adapter ('ref_conv': Fun "
-                              "V1.1 or Wan 2.2 Fun Control), which this loader does not support yet. Use a Wan 2.1 "
-                              "Fun Control V1.0 model (48 input channels) or a VACE model for control videos.")
+    ref_in_dim = 0
+    if "ref_conv.weight" in shapes:             # Fun reference adapter: Conv2d [dim, C, ph, pw]
+        ref_w = shape("ref_conv.weight")
+        if len(ref_w) != 4 or ref_w[0] != dim or tuple(ref_w[2:]) != tuple(patch[1:]) or model_type != "i2v":
+            raise CheckpointError(f"{what}: 'ref_conv.weight' has shape {ref_w}; a Wan Fun reference adapter is a "
+                                  f"Conv2d [{dim}, C, {patch[1]}, {patch[2]}] on an image-conditioned model "
+                                  f"(this one is {model_type}, width {dim}).")
+        ref_in_dim = ref_w[1]
     vace_layers, vace_in_dim = (), 0
     if "vace_patch_embedding.weight" in shapes:   # VACE: the same blocks plus a VACE stack
         vace_in_dim = shape("vace_patch_embedding.weight")[1]
@@ -374,7 +401,8 @@ def detect_config(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, st
                               freq_dim=freq_dim, clip_dim=clip_dim, clip_tokens=clip_tokens,
                               patch_size=tuple(patch), image_context=has_clip or model_type not in ("i2v", "flf2v"),
                               generation="2.1" if has_clip or model_type == "t2v" else "2.2",
-                              vace_layers=vace_layers, vace_in_dim=vace_in_dim)  # type: ignore[arg-type]
+                              vace_layers=vace_layers, vace_in_dim=vace_in_dim,
+                              ref_in_dim=ref_in_dim)  # type: ignore[arg-type]
     except ValueError as exc:
         raise CheckpointError(f"{what}: inconsistent Wan DiT shapes ({exc}).") from exc
     return label(config, file_hint((), metadata, what) if hint is None else hint)

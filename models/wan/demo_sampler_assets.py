@@ -1,10 +1,12 @@
 """Tiny files for the sampler demos: a tiny T2V DiT deep enough for the Skip Layer Guidance example
-(block 9 exists) with a step-distill-style LoRA for it, and a pair of tiny Wan 2.2 A14B T2V experts
-(the 14B layout at tiny width: two t2v DiTs with their own weights). The other tiny Wan files come
+(block 9 exists) with a step-distill-style LoRA for it, a pair of tiny Wan 2.2 A14B T2V experts
+(the 14B layout at tiny width: two t2v DiTs with their own weights), and a pair of tiny Wan 2.2 Fun
+A14B Control experts (52 input channels, no CLIP, the 16-channel reference adapter). The other tiny Wan files come
 from models/wan/demo_assets.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ DISTILL_LORA = "wan_tiny_distill_lora.safetensors"
 DISTILL_BLOCKS = 10
 A14B_HIGH = "wan_tiny_a14b_t2v_high_noise.safetensors"
 A14B_LOW = "wan_tiny_a14b_t2v_low_noise.safetensors"
+FUN22_HIGH = "wan_tiny_fun22_control_high_noise.safetensors"
+FUN22_LOW = "wan_tiny_fun22_control_low_noise.safetensors"
 
 
 def write_tiny_distill_lora(models_root: Path, rank: int = 4, seed: int = 21) -> None:
@@ -47,6 +51,14 @@ def write_tiny_a14b_experts(models_root: Path) -> None:
     _save(random_state_dict(config, seed=32), root / A14B_LOW)
 
 
+def write_tiny_fun22_control_experts(models_root: Path) -> None:
+    """Two tiny Wan 2.2 Fun A14B Control experts (the released layout at tiny width)."""
+    config = replace(wan_config.tiny("i2v", text_dim=TINY_UMT5.dim, image_context=False), in_dim=52, ref_in_dim=16)
+    root = Path(models_root) / "diffusion_models"
+    _save(random_state_dict(config, seed=33), root / FUN22_HIGH)
+    _save(random_state_dict(config, seed=34), root / FUN22_LOW)
+
+
 def prepare_distill_demo(models_root: Path, input_root: Path) -> None:
     write_tiny_wan_models(models_root, input_root, image_to_video=False)
     write_tiny_distill_lora(models_root)
@@ -55,3 +67,8 @@ def prepare_distill_demo(models_root: Path, input_root: Path) -> None:
 def prepare_a14b_demo(models_root: Path, input_root: Path) -> None:
     write_tiny_wan_models(models_root, input_root, image_to_video=False)
     write_tiny_a14b_experts(models_root)
+
+
+def prepare_fun22_control_demo(models_root: Path, input_root: Path) -> None:
+    write_tiny_wan_models(models_root, input_root)
+    write_tiny_fun22_control_experts(models_root)

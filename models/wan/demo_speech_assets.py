@@ -17,6 +17,8 @@ import torch
 from ..audio.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 from . import config as wan_config
 from .demo_assets import _demo_draw, _save, seeded_state_dict, tiny_clip_config, write_tiny_wan_models
+from .fantasytalking import expected_shapes
+from .multitalk import multitalk_keys
 from .t5 import TINY_UMT5
 
 SPEECH_ENCODER = "chinese-wav2vec2-base-tiny.safetensors"     # models/audio_encoders (MultiTalk)
@@ -65,8 +67,6 @@ def tiny_wav2vec2_state_dict(seed: int = 41) -> dict[str, torch.Tensor]:
 
 def tiny_multitalk_state_dict(config: wan_config.WanDiTConfig, seed: int = 42) -> dict[str, torch.Tensor]:
     """Random MultiTalk weights for `config` fed by the tiny wav2vec2 (2 hidden states of 128 a frame)."""
-    from .multitalk import multitalk_keys
-
     shapes = multitalk_keys(dim=config.dim, num_layers=config.num_layers, frame_width=MULTITALK_FRAME_WIDTH,
                             intermediate=64, audio_dim=32, context_tokens=4)
     g = torch.Generator().manual_seed(seed)
@@ -80,8 +80,6 @@ def tiny_multitalk_state_dict(config: wan_config.WanDiTConfig, seed: int = 42) -
 
 def tiny_fantasytalking_state_dict(config: wan_config.WanDiTConfig, seed: int = 43) -> dict[str, torch.Tensor]:
     """Random FantasyTalking weights for `config` fed by the tiny wav2vec2's last hidden state (128 wide)."""
-    from .fantasytalking import expected_shapes
-
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, shape in expected_shapes(config.dim, config.num_layers, 64, TINY_WAV2VEC2.hidden_size).items():

@@ -3,9 +3,12 @@ FETA, Skip Layer Guidance, CFG-Zero*, RIFLEx and the step caches, all through th
 
 With batched CFG both branches run as one batch and a step cache skips the batch only when both
 branches may reuse their results; an active SLG runs the branches as two passes (it changes only the
-negative one). With speech-model audio the passes are those of models/wan/speech_guidance.py, each
-a batch-1 forward with its own audio (a window's audio: the features of its frames). Cache state is keyed by (branch, batch item, context window), so windows that move
-between steps never reuse another window's residual.
+negative one). Cache state is keyed by (branch, batch item, context window), so windows that move
+between steps never reuse another window's residual. Phantom with `subject_cfg` runs a third branch
+(negative prompt with the subject frames, branch 2) and combines the three by
+`guidance.phantom_combine`; the Fun reference frame (models/wan/fun.py) goes to every forward. With
+speech-model audio the passes are those of models/wan/speech_guidance.py, each a batch-1 forward
+with its own audio (a window's audio: the features of its frames).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 
 from .context import ContextOptions, WindowFuser, context_windows, window_weights
 from .feta import FetaArgs, enhance_score
-from .guidance import GuidanceArgs, SLGArgs, combine, riflex_cos_sin
+from .fun import for_model, reference_latent
+from .guidance import GuidanceArgs, SLGArgs, combine, phantom_combine, riflex_cos_sin
+from .nag import NagArgs, NagGuide
 from .speech_guidance import combine_speech, guidance_passes, window_frames
 from .step_cache import CacheArgs, StepCache
 from .vace import empty_context
@@ -37,6 +42,7 @@ class SamplingExtras:
     slg: SLGArgs | None = None
     guidance: GuidanceArgs | None = None
     cache: StepCache | None = None           # built per expert by the sampler
+    nag: NagArgs | None = None               # Normalized Attention Guidance (models/wan/nag.py)
     audio: AudioConditioning | None = None   # speech-model features of the video's frames
     audio_cfg: float = 1.0                   # audio guidance scale (1: no audio-dropped pass)
 
@@ -71,9 +77,17 @@ class WanDenoiser:
         self.riflex = extras.guidance.riflex_freq_index if extras.guidance is not None else 0
         self._riflex_tables: dict = {}
         dtype = self.dit.compute_dtype
+        image = for_model(handle.config, image)       # Wan 2.2 Fun Control: its mask channels in y
+        reference = reference_latent(handle.config, image)   # Fun ref_conv models: one reference latent frame
+        self.reference = None if reference is None else reference.to(device=device, dtype=torch.float32)
+        self.subject_cfg = float(image.subject_cfg)
+        if self.subject_cfg and self.zero_star:
+            raise ValueError("CFG-Zero* and Phantom's subject_cfg do not combine: set subject_cfg to 0 on Wan Phantom "
+                             "Subject Encode, or turn cfg_zero_star off in Wan Guidance Options.")
         self.prompts = [p.to(device=device, dtype=dtype) for p in text.positive]
         negative = text.negative if text.negative is not None else torch.zeros_like(text.positive[0][:1])
         self.negative = negative.to(device=device, dtype=dtype)
+        self.nag = None if extras.nag is None else NagGuide(extras.nag, self.dit, self.negative)
         self.y = None if image.y is None else image.y.to(device=device, dtype=torch.float32)
         # Wan 2.2 TI2V: 0 where the latent is given (kept clean), per token timesteps in the DiT
         self.denoise_mask = None if image.denoise_mask is None else image.denoise_mask.to(device)[None]
@@ -94,7 +108,7 @@ class WanDenoiser:
         self.audio_cfg = extras.audio_cfg
 
     def _block_runner(self, skip: frozenset[int] = frozenset(), rows: Sequence[tuple] = (), step: int = 0,
-                      outcome: dict | None = None):
+                      outcome: dict | None = None, nag=None):
         """The per-block hook: interrupt checks, RIFLEx, SLG's skipped blocks, and the token-level caches.
 
         `rows` names the cache state of each batch row ((branch, key) tuples). The cache decides at
@@ -104,7 +118,7 @@ class WanDenoiser:
         cache = self.cache if self.cache is not None and self.cache.args.method != "easycache" else None
         cache = cache if rows else None
         riflex = self.riflex
-        if check is None and not skip and cache is None and not riflex:
+        if check is None and not skip and cache is None and not riflex and nag is None:
             return None
         last = len(self.dit.blocks) - 1
         state = {"reuse": False, "start": None}
@@ -114,6 +128,8 @@ class WanDenoiser:
                 check()
             if riflex:
                 inputs = self._riflex_inputs(inputs)
+            if nag is not None:
+                inputs = replace(inputs, nag=nag)
             if cache is not None and index == 0:
                 decisions = [cache.skip_blocks(row, row[0], step, inputs.e0[i:i + 1]) for i, row in enumerate(rows)]
                 state["start"] = tokens
@@ -161,6 +177,8 @@ class WanDenoiser:
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
         extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
                                          "vace_strength": self.vace_strengths}
+        if self.reference is not None:
+            extra["reference"] = self.reference[None].expand(x.shape[0], *self.reference.shape)
         if audio is not None:
             extra["audio"] = audio
         return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on),
@@ -189,9 +207,10 @@ class WanDenoiser:
                 if v is not None:
                     cache.revoke_skip(row, row[0])
         outcome = {"reused": False}
-        batch = torch.cat([self._with_subject(x, row[0] == 0) for row in rows])
+        batch = torch.cat([self._with_subject(x, row[0] != 1) for row in rows])   # branch 1: no subject
+        nag = None if self.nag is None else self.nag.for_rows([row[0] for row in rows], self.device)
         v = self._forward(batch, t, context, clip, y, feta_on,
-                          self._block_runner(skip, rows if cache is not None else (), step, outcome),
+                          self._block_runner(skip, rows if cache is not None else (), step, outcome, nag),
                           vace, mask, audio)[:, :, :frames]
         if not outcome["reused"]:
             self.stats.branches_computed += len(rows)
@@ -200,10 +219,31 @@ class WanDenoiser:
                 cache.remember_output(row, x, v[i:i + 1])
         return v
 
+    def _phantom(self, x, t, prompt, y, feta_on, cfg, step, steps, key, slg_on):
+        """Phantom's three branches (prompt + subjects, negative + subjects, negative alone; rows 0, 2
+        and 1, so the cache and SLG treat row 1 as the negative), combined by `phantom_combine`."""
+        rows = [(0, key), (2, key), (1, key)]
+        if self.batched and not slg_on:
+            n = max(prompt.shape[0], self.negative.shape[0])
+            neg = _pad_rows(self.negative, n)
+            context = torch.stack([_pad_rows(prompt, n), neg, neg])
+            clip = None if self.clip is None else torch.cat([self.clip, self.negative_clip, self.negative_clip])
+            yy = None if y is None else torch.cat([y, y, y])
+            branches = self._rows(x, t, context, clip, yy, feta_on, rows, step).chunk(3)
+        else:
+            skip = frozenset(self.slg.blocks) if slg_on else frozenset()
+            branches = [self._rows(x, t, (prompt if row[0] == 0 else self.negative)[None],
+                                   self.clip if row[0] == 0 else self.negative_clip, y, feta_on, [row], step,
+                                   skip if row[0] == 1 else frozenset()) for row in rows]
+        return phantom_combine(*branches, cfg, self.subject_cfg)
+
     def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None, mask=None, audio=None):
         """Guided velocity for one (window of the) latent [1, C, T, h, w]."""
         if audio is not None:
             return self._speech_cfg(x, t, prompt, y, feta_on, cfg, step, steps, key, vace, mask, audio)
+        if self.subject_cfg:
+            slg_on = self.slg is not None and self.slg.active_at(step, steps)
+            return self._phantom(x, t, prompt, y, feta_on, cfg, step, steps, key, slg_on)
         if math.isclose(cfg, 1.0):
             return self._rows(x, t, prompt[None], self.clip, y, feta_on, [(0, key)], step, vace=vace, mask=mask)
         slg_on = self.slg is not None and self.slg.active_at(step, steps)

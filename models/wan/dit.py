@@ -33,6 +33,10 @@ optional `fn(q, k, grid) -> scale` called in every self-attention with q, k afte
 official Enhance-A-Video (FETA) processor applies its score. Use `dataclasses.replace(inputs, …)`
 to change one field for some blocks.
 
+Fun reference adapter (Wan 2.1 Fun V1.1, Wan 2.2 Fun A14B Control: `ref_conv`): `reference`
+[B, ref_in_dim, H, W], one latent frame, becomes a frame of tokens in front of the video's; the
+RoPE grid (`BlockInputs.grid`) counts it as latent frame 0 and the prediction drops it again.
+
 Speech models (MultiTalk, FantasyTalking) attach with `attach_audio(adapter)` and take their
 features through `audio=`; the hooks they use inside the blocks are in models/wan/audio_hooks.py.
 
@@ -69,6 +73,7 @@ from .loading import (
     safetensors_dtype,
     split_weight_scales,
 )
+from .nag import BlockNag
 
 # fn(q, k, grid) -> scale for the self-attention output (see the module docstring).
 SelfAttnScale = Callable[[torch.Tensor, torch.Tensor, tuple[int, int, int]], "torch.Tensor | float"]
@@ -89,6 +94,8 @@ class BlockInputs:
     attention_backend: str = "auto"
     self_attn_scale: SelfAttnScale | None = None
     audio: BlockAudio | None = None       # speech-model hooks of this forward (models/wan/audio_hooks.py)
+    ref_tokens: int = 0                   # Fun reference tokens in front of the video's (grid counts their frame)
+    nag: BlockNag | None = None           # Normalized Attention Guidance of the text cross-attention (models/wan/nag.py)
 
 
 BlockRunner = Callable[[int, "WanBlock", torch.Tensor, BlockInputs], torch.Tensor]
@@ -166,6 +173,8 @@ class WanCrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(ctx)).unflatten(-1, heads)
         out = _attend(q, k, self.v(ctx).unflatten(-1, heads), inputs.attention_backend)
+        if inputs.nag is not None:
+            out = inputs.nag.guide(self, q, out, inputs.attention_backend)
         if hasattr(self, "k_img"):
             img = inputs.context_img
             k_img = self.norm_k_img(self.k_img(img)).unflatten(-1, heads)
@@ -263,6 +272,9 @@ class WanDiT(nn.Module):
         self.head = WanHead(config)
         if config.has_clip:
             self.img_emb = WanImageEmbedding(config)
+        if config.has_ref_conv:      # Fun reference adapter: one latent frame -> one frame of tokens
+            self.ref_conv = nn.Conv2d(config.ref_in_dim, dim, kernel_size=config.patch_size[1:],
+                                      stride=config.patch_size[1:])
         self.audio_adapter: AudioAdapter | None = None
 
     def attach_audio(self, adapter: AudioAdapter) -> None:
@@ -371,22 +383,25 @@ class WanDiT(nn.Module):
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
                 block_runner: BlockRunner | None = None, attention_backend: str | None = None,
                 self_attn_scale: SelfAttnScale | None = None,
-                denoise_mask: torch.Tensor | None = None, audio: AudioConditioning | None = None) -> torch.Tensor:
+                denoise_mask: torch.Tensor | None = None, audio: AudioConditioning | None = None,
+                reference: torch.Tensor | None = None) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (fp32) for the noisy latent x; see the module docstring."""
         tokens, inputs = self.embed(x, timestep, context, clip_fea, y, attention_backend=attention_backend,
-                                    self_attn_scale=self_attn_scale, denoise_mask=denoise_mask, audio=audio)
+                                    self_attn_scale=self_attn_scale, denoise_mask=denoise_mask, audio=audio,
+                                    reference=reference)
         tokens = self.forward_blocks(tokens, inputs, block_runner)
         return self.unembed(tokens, inputs)
 
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
               clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
               attention_backend: str | None = None, self_attn_scale: SelfAttnScale | None = None,
-              denoise_mask: torch.Tensor | None = None,
-              audio: AudioConditioning | None = None) -> tuple[torch.Tensor, BlockInputs]:
+              denoise_mask: torch.Tensor | None = None, audio: AudioConditioning | None = None,
+              reference: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockInputs]:
         """Patchify and embed everything the blocks need: (fp32 tokens [B, L, dim], BlockInputs)."""
         cfg, cd = self.config, self.compute_dtype
         self._check_inputs(x, timestep, context, clip_fea, y)
         _check_denoise_mask(denoise_mask, x)
+        self._check_reference(reference, x, denoise_mask)
         check_conditioning(self.audio_adapter, audio, f"the {cfg.name} Wan DiT")
         device = x.device
         if cfg.has_image_input:
@@ -394,6 +409,12 @@ class WanDiT(nn.Module):
         patches = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(patches.shape[2:])
         tokens = patches.flatten(2).transpose(1, 2).float()          # (f, h, w) row-major order
+        ref_tokens = 0
+        if reference is not None:    # Fun: the reference frame's tokens go first, as latent frame 0 of the RoPE grid
+            ref = self.ref_conv(reference.to(device=device, dtype=self.ref_conv.weight.dtype))
+            ref = ref.flatten(2).transpose(1, 2).float()
+            ref_tokens, grid = ref.shape[1], (grid[0] + 1, grid[1], grid[2])
+            tokens = torch.cat([ref, tokens], dim=1)
 
         t = timestep.to(device).reshape(-1).expand(x.shape[0]) if timestep.numel() == 1 else timestep.to(device)
         if denoise_mask is not None:
@@ -417,7 +438,7 @@ class WanDiT(nn.Module):
         inputs = BlockInputs(e0=e0, e=e, context=context, context_img=context_img, rope_cos=cos, rope_sin=sin,
                              grid=grid, compute_dtype=cd,
                              attention_backend=attention_backend or self.attention_backend,
-                             self_attn_scale=self_attn_scale, audio=block_audio)
+                             self_attn_scale=self_attn_scale, audio=block_audio, ref_tokens=ref_tokens)
         return tokens, inputs
 
     def forward_blocks(self, tokens: torch.Tensor, inputs: BlockInputs,
@@ -432,8 +453,24 @@ class WanDiT(nn.Module):
         """Head + unpatchify: fp32 [B, out_dim, F·pt, H·ph, W·pw]."""
         out = self.head(tokens, inputs.e, inputs.compute_dtype).float()
         (f, h, w), (pt, ph, pw) = inputs.grid, self.config.patch_size
+        if inputs.ref_tokens:        # the Fun reference frame is cut off the prediction
+            out, f = out[:, inputs.ref_tokens:], f - 1
         out = out.view(out.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
+
+    def _check_reference(self, reference, x, denoise_mask) -> None:
+        if reference is None:
+            return
+        cfg = self.config
+        if not cfg.has_ref_conv:
+            raise ValueError(f"{cfg.name} has no reference-image adapter ('ref_conv'); only Wan 2.1 Fun V1.1 and "
+                             "Wan 2.2 Fun Control models take a reference image.")
+        want = (x.shape[0], cfg.ref_in_dim, x.shape[3], x.shape[4])
+        if reference.dim() != 4 or tuple(reference.shape) != want:
+            raise ValueError(f"reference must be one latent frame [B, {cfg.ref_in_dim}, H, W] = {want}, got "
+                             f"{tuple(reference.shape)}")
+        if denoise_mask is not None:
+            raise ValueError("a Fun reference frame cannot be combined with per-token timesteps (denoise_mask).")
 
     def _check_inputs(self, x, timestep, context, clip_fea, y) -> None:
         cfg = self.config

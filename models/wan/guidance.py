@@ -6,6 +6,8 @@ as from the negative prompt.
 CFG-Zero* (Fan et al. 2025): v = s*·u + w·(c − s*·u) with s* = ⟨c, u⟩ / ‖u‖² per sample (the
 projection of the conditional velocity onto the unconditional one), and the velocity of the first
 `zero_init_steps` steps set to zero.
+Phantom (Liu et al. 2025, Phantom-Wan): two scales, one for the subject images and one for the text,
+over three branches (see `phantom_combine`).
 """
 
 from __future__ import annotations
@@ -110,3 +112,14 @@ def combine(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, zero_star: boo
     if zero_star:
         uncond = uncond * cfg_zero_star_scale(cond, uncond)
     return uncond + cfg * (cond - uncond)
+
+
+def phantom_combine(text_subject: torch.Tensor, subject: torch.Tensor, neither: torch.Tensor,
+                    text_cfg: float, subject_cfg: float) -> torch.Tensor:
+    """Phantom-Wan's guidance: neither + subject_cfg·(subject − neither) + text_cfg·(text_subject − subject).
+
+    `text_subject` is the prediction with the prompt and the subject frames, `subject` the one with the
+    negative prompt and the subject frames, `neither` the one with the negative prompt and empty
+    (zero) subject frames. Equal scales give plain CFG between the first and the last branch; the
+    official defaults are text 7.5 and subject 5.0."""
+    return neither + subject_cfg * (subject - neither) + text_cfg * (text_subject - subject)

@@ -172,6 +172,13 @@ class LoraPatch:
             return shapes[0][0] * shapes[1][0], shapes[0][1] * shapes[1][1]
         return None
 
+    def to(self, device) -> LoraPatch:
+        """This patch with every tensor on `device` (dtypes kept): moved once, used for a whole run."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return LoraPatch(self.target, move(self.down), move(self.up), self.alpha, move(self.diff), move(self.diff_b),
+                         move(self.dora_scale), {k: v.to(device) for k, v in self.factors.items()})
+
     def family_delta(self, device=None) -> torch.Tensor | None:
         """The family's ΔW (scale applied, no strength) in fp32, flattened to [out, in·k…]."""
         family = self.family
@@ -411,15 +418,20 @@ def merge_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], str
     return _finish(report, lora)
 
 
+def patched_weight(weight: torch.Tensor, patch: LoraPatch, strength: float) -> torch.Tensor:
+    """The fp32 weight `weight` (shaped as the layer's) with one patch in at `strength`: what merging
+    stores (before rounding to the storage dtype) and what run-time exact mode computes with."""
+    if patch.dora_scale is not None:
+        return dora_weight(weight, patch.weight_delta(1.0, weight.device), patch.dora_scale.to(weight.device),
+                           strength).view_as(weight)
+    return weight + patch.weight_delta(strength, weight.device).view_as(weight)
+
+
 def _merge_into(module: nn.Module, patch: LoraPatch, strength: float) -> None:
     if patch.family is not None or patch.diff is not None:
         quantized = _is_quantized(module)
         weight = module.dequantize(torch.float32) if quantized else module.weight.float()
-        if patch.dora_scale is not None:
-            patched = dora_weight(weight, patch.weight_delta(1.0, weight.device), patch.dora_scale.to(weight.device),
-                                  strength)
-        else:
-            patched = weight + patch.weight_delta(strength, weight.device).view_as(weight)
+        patched = patched_weight(weight, patch, strength)
         if quantized:
             module.requantize(patched.view_as(weight))
         else:

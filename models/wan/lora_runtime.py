@@ -8,8 +8,21 @@ How: `attach_chain` hooks the layers a chain of LoRAs touches and `AttachedLora.
 unhooks them; the sampler attaches for one run and detaches after (so a handle carries only the
 recipe, `RuntimeLora`, and the shared module is never changed between runs).
 
-- Linear-like layers (nn.Linear, fp8 `CastLinear`, int8 `Int8Linear`, anything with
-  in/out_features) get `strength · ΔW x` added to their output. LoRA runs as two thin matmuls
+Two modes for Linear-like layers (nn.Linear, fp8 `CastLinear`, int8 `Int8Linear`, GGUF, anything
+with in/out_features):
+
+- `EXACT` (default): the layer's forward is replaced, for the run, by one that builds the patched
+  weight on every call, W' = (W.float() + s·ΔW) rounded to the weight's dtype, and computes with
+  it; W' is dropped when the call ends. On a float model this is bit for bit what merging
+  computes (the same fp32 sum, rounded once per LoRA like a chain of merges), so bf16 and fp16
+  runs equal merged runs. Quantized layers (fp8, int8, GGUF) are dequantized, patched in fp32
+  and computed in the activations' dtype, never requantized: closer to the float model than a
+  merge, which re-rounds the patched weight to the storage. Costs one ΔW per call (a small
+  matmul beside the layer's own) and a weight-sized scratch tensor while the layer runs; int8
+  and `_fast` fp8 layers compute in float while patched.
+- `ADDITIVE` (low memory): the layer keeps its own forward and gets `strength · ΔW x` added to
+  its output; no weight-sized tensor is ever built. The result differs from a merge by the
+  compute dtype's rounding of W + ΔW (≈1e-2 relative in bf16). LoRA runs as two thin matmuls
   and LoKr through `kron_apply`, so neither builds ΔW; LoHa and full `diff`s are dense and are
   built once per run (every call in low-memory mode). DoRA rescales the layer's weight part of
   the output per output row, or its input per column (see models/common/lora_formulas.py);
@@ -21,7 +34,7 @@ recipe, `RuntimeLora`, and the shared module is never changed between runs).
 Adapter tensors stay on the compute device for the run (cached in the compute dtype), outside
 the blocks' weights: block swap streams only the base weights, and the LoRA costs its own size
 once, not once per slot. `low_mem=True` keeps them in RAM and copies each one as its layer runs
-(slower; no VRAM held by the LoRA). Attach after block swap's session has started, so a block's
+(slower; no VRAM held by the LoRA), in either mode. Attach after block swap's session has started, so a block's
 weights are in place before a patch reads them.
 """
 
@@ -31,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..common.lora_formulas import dora_on_output_axis, dora_ratio, dora_weight, kron_apply
@@ -44,7 +58,12 @@ from .lora import (
     _finish,
     _is_quantized,
     block_filter,
+    patched_weight,
 )
+
+EXACT = "exact"
+ADDITIVE = "additive"
+MODES = (EXACT, ADDITIVE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,10 +75,37 @@ class RuntimeLora:
     strength: float
     blocks: tuple[int, ...] = ()
     low_mem: bool = False
+    mode: str = EXACT
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise LoraError(f"LoRA mode {self.mode!r} is not one of {', '.join(MODES)}; choose '{EXACT}' (patches "
+                            f"the weights per layer call, equals merging) or '{ADDITIVE}' (adds ΔW·x, less memory).")
 
     def describe(self) -> str:
         where = f" blocks {','.join(map(str, self.blocks))}" if self.blocks else ""
-        return f"{self.name}:{self.strength:g}{where} (unmerged{', low-mem' if self.low_mem else ''})"
+        return f"{self.name}:{self.strength:g}{where} (unmerged, {self.mode}{', low-mem' if self.low_mem else ''})"
+
+    def device_bytes(self) -> int:
+        """What this LoRA keeps on the compute device for a run: its tensors (fp32 in exact mode,
+        which builds ΔW in fp32; at most that in additive mode); none when `low_mem`."""
+        if self.low_mem:
+            return 0
+        total = 0
+        for patch in self.lora.patches.values():
+            tensors = [patch.down, patch.up, patch.diff, patch.diff_b, patch.dora_scale, *patch.factors.values()]
+            total += sum(4 * t.numel() for t in tensors if t is not None)
+        return total
+
+
+def chain_device_bytes(chain: Sequence[RuntimeLora], model: nn.Module) -> int:
+    """VRAM a run-time chain adds while sampling: the LoRAs' own tensors plus, when a LoRA runs
+    exact, the scratch of patching the largest Linear (its fp32 weight, ΔW and the rounded copy)."""
+    total = sum(item.device_bytes() for item in chain)
+    if any(item.mode == EXACT for item in chain):
+        largest = max((m.in_features * m.out_features for m in model.modules() if _is_linear_like(m)), default=0)
+        total += 10 * largest
+    return total
 
 
 @dataclass
@@ -94,6 +140,7 @@ class _Entry:
     patch: LoraPatch
     strength: float
     low_mem: bool
+    mode: str = EXACT
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -134,8 +181,9 @@ class _LinearAdapters(_TensorCache):
             if entry.patch.dora_scale is not None and not dora_on_output_axis(entry.patch.dora_scale,
                                                                                module.out_features):
                 raise LoraError(f"{entry.patch.target}: a DoRA LoRA that normalises input columns follows another "
-                                "LoRA on this layer, which cannot run unmerged; put it first in the chain, or merge "
-                                "the LoRAs at load (Wan Model Loader's 'lora' input).")
+                                "LoRA on this layer, which additive mode cannot run; set Wan Apply LoRA's lora_mode "
+                                "'exact', put it first in the chain, or merge the LoRAs at load (Wan Model Loader's "
+                                "'lora' input).")
 
     def release(self) -> None:
         super().release()
@@ -230,6 +278,66 @@ class _LinearAdapters(_TensorCache):
         return weight_part if bias_part is None else weight_part + bias_part
 
 
+class _ExactLinear:
+    """Exact mode for one Linear-like layer: its forward, for the run, computes with W' = W + Σ s·ΔW
+    built on each call (see the module docstring); `remove()` gives the layer its own forward back."""
+
+    def __init__(self, module: nn.Module, entries: list[_Entry]):
+        self.module = module
+        self.entries = entries
+        self.quantized = _is_quantized(module)
+        self.patches: dict[tuple[int, torch.device], LoraPatch] = {}
+        self.own_forward = module.__dict__.get("forward")
+        module.forward = self.forward
+
+    def _patch(self, index: int, device: torch.device) -> LoraPatch:
+        entry = self.entries[index]
+        if entry.low_mem:
+            return entry.patch.to(device)
+        key = (index, device)
+        if key not in self.patches:
+            self.patches[key] = entry.patch.to(device)
+        return self.patches[key]
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The patched weight in `dtype`. Float storage: rounded to the storage dtype after each LoRA,
+        as merging them one by one does; quantized storage: summed in fp32, rounded once to `dtype`."""
+        module = self.module
+        if self.quantized:
+            weight = module.dequantize(torch.float32)
+            storage = torch.float32
+        else:
+            weight = module.weight
+            storage = weight.dtype
+        for index, entry in enumerate(self.entries):
+            patch = entry.patch
+            if patch.family is None and patch.diff is None:
+                continue
+            weight = patched_weight(weight.float(), self._patch(index, weight.device), entry.strength).to(storage)
+        return weight.to(dtype)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        bias = getattr(self.module, "bias", None)
+        if bias is None:
+            return None
+        for index, entry in enumerate(self.entries):
+            if entry.patch.diff_b is not None:
+                diff_b = self._patch(index, bias.device).diff_b
+                bias = (bias.float() + diff_b.float() * entry.strength).to(bias.dtype)
+        return bias.to(dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return F.linear(x, self.weight(x.dtype), self.bias(x.dtype))
+
+    def release(self) -> None:
+        if self.module.__dict__.get("forward") == self.forward:
+            if self.own_forward is None:
+                del self.module.forward
+            else:
+                self.module.forward = self.own_forward
+        self.patches.clear()
+
+
 class _ParamPatch(_TensorCache):
     """Run-time patches of one small tensor (a norm's gain, a conv weight, a modulation table):
     swapped in as its module starts, the stored tensor put back as it ends."""
@@ -244,15 +352,16 @@ class _ParamPatch(_TensorCache):
     def pre(self, module, args):
         stored = module._parameters[self.name]
         self.stored.append(stored)
-        value = stored.detach().float()
-        for index, (entry, delta_of) in enumerate(self.entries):
-            delta = self.get(index, lambda d=delta_of: d(), value, entry.low_mem).view_as(value)
+        value = stored.detach()
+        for index, (entry, delta_of) in enumerate(self.entries):   # rounded per LoRA, as merging them is
+            wide = value.float()
+            delta = self.get(index, lambda d=delta_of: d(), wide, entry.low_mem).view_as(wide)
             if entry.patch.dora_scale is not None and self.name == "weight":
-                magnitude = entry.patch.dora_scale.to(value.device)
-                value = dora_weight(value, delta, magnitude, entry.strength)
+                magnitude = entry.patch.dora_scale.to(wide.device)
+                value = dora_weight(wide, delta, magnitude, entry.strength).to(stored.dtype)
             else:
-                value = value + entry.strength * delta
-        module._parameters[self.name] = nn.Parameter(value.to(stored.dtype), requires_grad=False)
+                value = (wide + entry.strength * delta).to(stored.dtype)
+        module._parameters[self.name] = nn.Parameter(value, requires_grad=False)
 
     def post(self, module, args, output):
         if self.stored:
@@ -296,7 +405,7 @@ def attach_chain(model: nn.Module, chain: Sequence[RuntimeLora]) -> AttachedLora
                 if reason is not None:
                     report.skipped[target] = reason
                     continue
-                entry = _Entry(patch, float(item.strength), item.low_mem)
+                entry = _Entry(patch, float(item.strength), item.low_mem, item.mode)
                 if module is not None and _is_linear_like(module):
                     linear.setdefault(id(module), (module, []))[1].append(entry)
                 else:
@@ -305,6 +414,9 @@ def attach_chain(model: nn.Module, chain: Sequence[RuntimeLora]) -> AttachedLora
                 report.applied.append(target)
             attached.reports.append(_finish(report, item.lora))
         for module, entries in linear.values():
+            if any(entry.mode == EXACT for entry in entries):   # one exact LoRA: the whole layer runs exact
+                attached.layers.append(_ExactLinear(module, entries))
+                continue
             layer = _LinearAdapters(module, entries)
             attached.layers.append(layer)
             if layer.input_dora:
@@ -322,6 +434,6 @@ def attach_chain(model: nn.Module, chain: Sequence[RuntimeLora]) -> AttachedLora
 
 
 def attach_lora(model: nn.Module, lora: LoraSet | Mapping[str, torch.Tensor], strength: float = 1.0,
-                blocks: tuple[int, ...] = (), low_mem: bool = False) -> AttachedLora:
+                blocks: tuple[int, ...] = (), low_mem: bool = False, mode: str = EXACT) -> AttachedLora:
     """Attach one LoRA (a state dict or a parsed `LoraSet`) at `strength`; `remove()` detaches it."""
-    return attach_chain(model, [RuntimeLora("lora", _as_lora_set(lora, model), strength, blocks, low_mem)])
+    return attach_chain(model, [RuntimeLora("lora", _as_lora_set(lora, model), strength, blocks, low_mem, mode)])

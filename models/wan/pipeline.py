@@ -32,6 +32,7 @@ from torch import nn
 
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
 from ..finite import finite_input
+from . import fun
 from .clean_frames import check_vae_generation, check_video_size, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
@@ -41,6 +42,7 @@ from .feta import FetaArgs
 from .guidance import check_cfg_list
 from .lora_runtime import RuntimeLora, attach_chain
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
+from .sizes import SIZE_MULTIPLE, round_video_size  # noqa: F401  (imported from here by the nodes)
 from .speech_sampling import MotionLatent, hold_given, speech_extras
 from .step_cache import CacheArgs, StepCache
 from .vace import VaceInput, check_chain
@@ -48,7 +50,6 @@ from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
 
-SIZE_MULTIPLE = 16       # pixels: 8 for the VAE × 2 for the DiT's patch
 LATENT_CHANNELS = 16
 
 
@@ -116,7 +117,6 @@ class WanImageEmbeds:
     extra latent frames in front, cut off the sampled latent.
     subject: [16, R, h, w] normalised Phantom subject latents, appended after the video's frames
     for the positive pass (zeros for the negative one) and cut off each prediction.
-    motion: a streaming speech clip's first latent frames, held in place (models/wan/speech_sampling.py).
     """
 
     width: int
@@ -129,7 +129,10 @@ class WanImageEmbeds:
     denoise_mask: torch.Tensor | None = None
     vace: tuple[VaceInput, ...] = ()
     subject: torch.Tensor | None = None
-    motion: MotionLatent | None = None
+    subject_cfg: float = 0.0                   # > 0: Phantom's separate subject guidance (guidance.py)
+    reference: torch.Tensor | None = None      # [16, h, w] Fun reference-image latent (models/wan/fun.py)
+    fun_mask: torch.Tensor | None = None       # [4, T, h, w] Wan 2.2 Fun Control start-frame mask (fun.py)
+    motion: MotionLatent | None = None         # streaming speech clip's held latent frames (speech_sampling.py)
 
     @property
     def ref_frames(self) -> int:
@@ -174,17 +177,21 @@ class SamplerSettings:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler '{self.scheduler}'. Valid choices: {', '.join(SCHEDULERS)}.")
         if self.batched_cfg not in ("auto", "on", "off"):
-            raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}'")
+            raise ValueError(f"batched_cfg must be auto, on or off, got '{self.batched_cfg}': pick one of those "
+                             "(auto batches the two prompts when the free VRAM allows it).")
         for name in ("cfg", "shift", "denoise"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+                raise ValueError(f"{name} must be a finite number, got {value!r}: set the sampler's '{name}' to a "
+                                 "number (defaults: cfg 6, shift 5, denoise 1).")
         if self.cfg < 0:
-            raise ValueError(f"cfg must be >= 0, got {self.cfg}.")
+            raise ValueError(f"cfg must be >= 0, got {self.cfg}: use 1 to skip the negative prompt, or a value "
+                             "above 1 (e.g. 5-6) to guide by it.")
         if not 0 <= int(self.seed) <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}.")
+            raise ValueError(f"seed must be in [0, 2^64-1], got {self.seed}: pick a seed between 0 and {MAX_SEED}.")
         if self.cfg_per_step is not None and any(not math.isfinite(c) or c < 0 for c in self.cfg_per_step):
-            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}.")
+            raise ValueError(f"Every per-step cfg must be a finite number >= 0, got {list(self.cfg_per_step)}: fix "
+                             "Wan Guidance Options' cfg_per_step (comma-separated numbers, e.g. '6,6,5,4').")
 
     def step_range(self, steps: int) -> tuple[int, int]:
         """[start, end) of the steps this run takes, checked against a schedule of `steps` steps."""
@@ -207,25 +214,6 @@ class RunStats:
     branches_computed: int = 0                                # CFG branches whose blocks really ran
     cache_skipped: int = 0                                    # branch evaluations a step cache replaced
     cache_by_branch: dict[str, int] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------- sizes
-
-
-def round_video_size(width: int, height: int, num_frames: int) -> tuple[int, int, int, str | None]:
-    """Round to what Wan can make (sides multiples of 16, 1+4k frames); the note says what changed."""
-    def nearest(value: float) -> int:  # halves round up (Python's round() would go to even)
-        return int(math.floor(value + 0.5))
-
-    w = max(SIZE_MULTIPLE, nearest(width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    h = max(SIZE_MULTIPLE, nearest(height / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    f = 1 + 4 * max(0, nearest((num_frames - 1) / 4))
-    changes = []
-    if (w, h) != (width, height):
-        changes.append(f"size {width}x{height} -> {w}x{h} (multiples of {SIZE_MULTIPLE})")
-    if f != num_frames:
-        changes.append(f"{num_frames} frames -> {f} (Wan makes 1+4k frames)")
-    return w, h, f, ("Wan: rounded " + "; ".join(changes)) if changes else None
 
 
 # ---------------------------------------------------------------------------------- block swap & placement
@@ -339,6 +327,7 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                  samples: torch.Tensor | None, settings: SamplerSettings) -> None:
     """Every mismatch a user can wire up, as one clear error before any work starts."""
     cfg = handle.config
+    image = fun.checked_for_model(cfg, handle.name, image)
     if not text.positive:
         raise ValueError("The text embeds hold no positive prompt.")
     for i, prompt in enumerate(text.positive):
@@ -359,11 +348,8 @@ def check_inputs(handle: WanModelHandle, text: WanTextEmbeds, image: WanImageEmb
                          "load an image-to-video (i2v) model, or use Wan Empty Embeds.")
     if cfg.has_image_input and image.y.shape[0] != cfg.cond_channels:
         raise ValueError(f"The image embeds carry {image.y.shape[0]} conditioning channels but {handle.name} takes "
-                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48) and "
+                         f"{cfg.cond_channels}: use Wan Fun Control Encode for Fun Control models (in_dim 48/52) and "
                          "Wan Image to Video Encode for I2V and Fun InP models (in_dim 36).")
-    if image.subject is not None and (image.vace or cfg.has_image_input):
-        raise ValueError("Phantom subject images go with a text-to-video (Phantom) model and no other conditioning: "
-                         "load the Phantom checkpoint and connect Wan Phantom Subject Encode alone.")
     if image.vace and not cfg.is_vace:
         raise ValueError(f"The image embeds carry a VACE control input but {handle.name} is not a VACE model: "
                          "load a Wan VACE checkpoint (e.g. wan2.1_vace_14B), or use Wan Empty Embeds.")

@@ -1,5 +1,5 @@
 """Flow-matching solvers for Wan: schedules with shift, and UniPC / DPM++ / Euler steps (DEIS, RES,
-LCM, DPM++ SDE and ER-SDE in models/wan/solvers_extra.py; beta, distill and user schedules in
+LCM, DPM++ 2M/3M SDE and ER-SDE in models/wan/solvers_extra.py; beta, distill and user schedules in
 models/wan/schedules.py).
 
 Wan is a rectified flow: x_σ = (1−σ)·x0 + σ·ε and the DiT predicts v = ε − x0, so x0 = x_σ − σ·v.
@@ -24,7 +24,7 @@ import torch
 from ..common.flow import shift_sigma
 from . import schedules
 
-SOLVERS = ("unipc", "dpm++", "euler", "dpm++_sde", "deis", "lcm", "res_multistep", "er_sde")
+SOLVERS = ("unipc", "dpm++", "euler", "dpm++_sde", "deis", "lcm", "res_multistep", "er_sde", "dpm++_3m_sde")
 DETERMINISTIC = ("unipc", "dpm++", "euler", "deis", "res_multistep")
 # What the sampler's `scheduler` menu offers: a solver, optionally "/beta" (beta-spaced σ), or a
 # fixed distill schedule (stepped with Euler).
@@ -56,7 +56,7 @@ def solver_of(scheduler: str) -> str:
 def _sigma_max(solver: str) -> float:
     # UniPC, DEIS and the SDE solvers start just below 1 (the training schedule's first value: their
     # log-SNR is finite there); DPM++, Euler, LCM and RES at 1.0.
-    return UNIPC_SIGMA_MAX if solver in ("unipc", "deis", "dpm++_sde", "er_sde") else 1.0
+    return UNIPC_SIGMA_MAX if solver in ("unipc", "deis", "dpm++_sde", "er_sde", "dpm++_3m_sde") else 1.0
 
 
 def make_schedule(solver: str, steps: int, shift: float, denoise: float = 1.0, dim: int = 1536) -> Schedule:
@@ -276,10 +276,18 @@ class UniPCSolver(Solver):
 
 def make_solver(name: str, schedule: Schedule) -> Solver:
     """A fresh solver for a scheduler-menu entry (or a bare solver name) on `schedule`."""
-    from .solvers_extra import DEISSolver, DPMPPSDESolver, ERSDESolver, LCMSolver, RESMultistepSolver
+    from .solvers_extra import (
+        DEISSolver,
+        DPMPP3MSDESolver,
+        DPMPPSDESolver,
+        ERSDESolver,
+        LCMSolver,
+        RESMultistepSolver,
+    )
 
     classes = {"unipc": UniPCSolver, "dpm++": DPMPPSolver, "euler": EulerSolver, "dpm++_sde": DPMPPSDESolver,
-               "deis": DEISSolver, "lcm": LCMSolver, "res_multistep": RESMultistepSolver, "er_sde": ERSDESolver}
+               "deis": DEISSolver, "lcm": LCMSolver, "res_multistep": RESMultistepSolver, "er_sde": ERSDESolver,
+               "dpm++_3m_sde": DPMPP3MSDESolver}
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{name}'. Valid choices: {', '.join(SCHEDULERS)}.")
     return classes[solver_of(name)](schedule.sigmas)

@@ -27,7 +27,9 @@ from ...kernels.precision import is_fp8
 from ..checkpoint import PICKLE_EXTS, load_state_dict, read_safetensors_header
 from .audio_hooks import AudioAdapter
 from .dit import WanDiT
+from .fantasytalking import FantasyTalkingAdapter, is_fantasytalking_file
 from .layers import CastLinear, quantize_fp8
+from .multitalk import MultiTalkAdapter, is_multitalk_file
 
 FAMILY_LABELS = {"multitalk": "MultiTalk / InfiniteTalk", "fantasytalking": "FantasyTalking"}
 
@@ -40,19 +42,9 @@ class SpeechFamily:
 
 
 def families() -> tuple[SpeechFamily, ...]:
-    """The speech model families this build has (each recognises its own files)."""
-    found = []
-    try:
-        from .multitalk import MultiTalkAdapter, is_multitalk_file
-        found.append(SpeechFamily("multitalk", is_multitalk_file, MultiTalkAdapter))
-    except ImportError:
-        pass
-    try:
-        from .fantasytalking import FantasyTalkingAdapter, is_fantasytalking_file
-        found.append(SpeechFamily("fantasytalking", is_fantasytalking_file, FantasyTalkingAdapter))
-    except ImportError:
-        pass
-    return tuple(found)
+    """The speech model families (each recognises its own files)."""
+    return (SpeechFamily("multitalk", is_multitalk_file, MultiTalkAdapter),
+            SpeechFamily("fantasytalking", is_fantasytalking_file, FantasyTalkingAdapter))
 
 
 @dataclass(frozen=True)

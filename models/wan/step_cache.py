@@ -39,6 +39,9 @@ class CacheArgs:
     cache_device: str = "main_device"     # or "offload_device": where residuals wait between steps
     magcache_k: int = 2
     retention: float = 0.2
+    # Calibration of this model (models/wan/cache_calibration.py); empty: the published tables.
+    coefficients: tuple[float, ...] = ()   # teacache polynomial, highest power first
+    mag_ratios: tuple[float, ...] = ()     # magcache ratios per step, cond/uncond interleaved, led by 1.0, 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -55,6 +58,11 @@ class CacheArgs:
             raise ValueError(f"magcache_k (most steps skipped in a row) must be >= 1, got {self.magcache_k}.")
         if not (math.isfinite(self.retention) and 0.0 <= self.retention < 1.0):
             raise ValueError(f"retention must be in [0, 1), got {self.retention}.")
+        if not all(math.isfinite(c) for c in (*self.coefficients, *self.mag_ratios)):
+            raise ValueError("cache calibration holds a NaN or infinite value; calibrate again on a finished run.")
+        if self.mag_ratios and (len(self.mag_ratios) < 4 or len(self.mag_ratios) % 2):
+            raise ValueError(f"mag_ratios needs a cond and an uncond value per step (an even count, at least 4); "
+                             f"got {len(self.mag_ratios)} values.")
         if self.cache_device not in ("main_device", "offload_device"):
             raise ValueError(f"cache_device must be main_device or offload_device, got '{self.cache_device}'.")
 
@@ -125,8 +133,9 @@ class StepCache:
         self.args = args
         self.steps = steps
         self.store_device = store_device
-        self.coefficients = teacache_coefficients(dim, model_type, pixels)
-        self.ratio_curves = {b: mag_ratios(dim, model_type, steps, b) for b in (0, 1)}
+        self.coefficients = args.coefficients or teacache_coefficients(dim, model_type, pixels)
+        self.ratio_curves = {b: interp_ratios(args.mag_ratios[b::2], steps) if args.mag_ratios else
+                             mag_ratios(dim, model_type, steps, b) for b in (0, 1)}
         self.states: dict[tuple, _BranchState] = {}
         self.report = CacheReport()
 

@@ -25,9 +25,12 @@ class Tiling:
 
     def __post_init__(self):
         if self.tile < 2:
-            raise ValueError(f"tile size must be at least 2 latent pixels (16 px), got {self.tile}")
+            raise ValueError(f"tile size must be at least 2 latent pixels (16 px), got {self.tile} latent pixels: "
+                             "raise tile_size to 16 px or more (or turn tiling off).")
         if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"tile overlap must be between 0 and tile-1 ({self.tile - 1}), got {self.overlap}")
+            raise ValueError(f"tile overlap must be between 0 and tile-1 ({self.tile - 1}) latent pixels, got "
+                             f"{self.overlap}: lower tile_overlap below tile_size (by at least 8 px), or raise "
+                             "tile_size.")
 
     @classmethod
     def from_pixels(cls, tile_px: int, overlap_px: int, scale: int = 8) -> Tiling:
