@@ -21,6 +21,7 @@ from . import (
     wan_fantasytalking,
     wan_multitalk,
     wan_options,
+    wan_speech,
 )
 
 NODES: list[tuple[str, type, str]] = [
@@ -76,6 +77,9 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanPhantomSubjectEncode", wan_conditioning.WanPhantomSubjectEncode, "Wan Phantom Subject Encode"),
     ("SlipstreamWanTextEmbedsFromConditioning", wan_bridges.WanTextEmbedsFromConditioning,
      "Wan Text Embeds from Conditioning"),
+    ("SlipstreamWanSpeechModelLoader", wan_speech.WanSpeechModelLoader,
+     "Wan Speech Model Loader (MultiTalk / InfiniteTalk / FantasyTalking)"),
+    ("SlipstreamWanSpeechLongVideo", wan_speech.WanSpeechLongVideo, "Wan Speech Long Video (MultiTalk / InfiniteTalk)"),
     ("SlipstreamWanClipEmbedsFromVisionOutput", wan_bridges.WanClipEmbedsFromVisionOutput,
      "Wan CLIP Embeds from CLIP Vision Output"),
     # audio (speech encoders for the talking-head Wan families)

@@ -36,7 +36,7 @@ from ..kernels.precision import (
     fp8_matmul_missing,
     resolve_dtype,
 )
-from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, convert_linears
+from ..kernels.quant_layer import ROTATE_ON_THE_FLY, ExclusionRules, QuantPlan, convert_linears
 from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
@@ -60,6 +60,15 @@ from ..models.wan.sampling import SCHEDULERS
 log = logging.getLogger("slipstream.wan")
 
 CATEGORY = "Slipstream/Wan"
+# Speech models (nodes/wan_speech.py loads them): the sampler's audio inputs, shared with the long-video node.
+SPEECH_SAMPLER_INPUTS = {
+    "audio_embeds": ("SLIPSTREAM_WAN_AUDIO", {"tooltip": "From a MultiTalk or FantasyTalking embeds node: the speech "
+                                                         "the video follows. Needs the speech model in the Wan "
+                                                         "Model Loader; its num_frames must cover the video."}),
+    "audio_cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.01,
+                            "tooltip": "Audio guidance (official 4). 1.0 skips the no-audio pass (faster); with cfg "
+                                       "above 1 too, each step runs three passes."}),
+}
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "int8_w8a8")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOAD_DEVICES = ("main_device", "offload_device")
@@ -320,10 +329,14 @@ class WanModelLoader:
             "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select (optional): merged into the weights at "
                                                   "load. A strength change reloads the model; Wan Apply LoRA "
                                                   "avoids that."}),
+            "speech_model": ("SLIPSTREAM_WAN_SPEECH_MODEL", {
+                "tooltip": "From Wan Speech Model Loader (optional): MultiTalk / InfiniteTalk or FantasyTalking "
+                           "weights added to this I2V model before quantization and block swap, so both cover "
+                           "them. Then feed the sampler audio embeds."}),
         }}
 
     def load(self, model, base_precision, quantization, load_device, attention_mode="auto", compile_args=None,
-             block_swap_args=None, lora=None):
+             block_swap_args=None, lora=None, speech_model=None):
         require_backend(attention_mode)
         path = model_path("diffusion_models", model)
         device = compute_device()
@@ -338,6 +351,10 @@ class WanModelLoader:
         else:
             dit = WanDiT.from_file(path, dtype=dtype, device=staging, weight_dtype=weight_dtype,
                                    attention_backend=attention_mode)
+        if speech_model is not None:   # before LoRA, int8 and block swap: they all cover the added weights
+            from ..models.wan.speech_models import attach_speech_model
+            attach_speech_model(dit, speech_model.path)
+            log.info("Wan: %s (%s) attached", speech_model.name, speech_model.label)
         if lora:
             _merge_loras(dit, lora)
         if quantization == "int8_w8a8":
@@ -370,10 +387,14 @@ def _merge_loras(dit: WanDiT, chain) -> None:
         _log_report(entry.describe() + " merged", report)
 
 
+# The INT8 loader's Wan rules, and a speech model's projector stays float like the other embeddings.
+_INT8_RULES = ExclusionRules.of((*BY_NAME["wan"].excluded, "audio_adapter"))
+
+
 def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
     """W8A8 for the block Linears through kernels/int8.py, with the INT8 model loader's Wan rules (the
     embeddings, the head and the CLIP projection stay float)."""
-    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=BY_NAME["wan"].rules(),
+    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=_INT8_RULES,
                      work_device=device if device.type == "cuda" else None)
     bar = ProgressBar(1)
     report = convert_linears(dit, plan, on_layer=lambda done, total: bar.update_absolute(done, total))
@@ -417,7 +438,8 @@ class WanSampler:
     DESCRIPTION = ("Generates a Wan video latent from text (and a start image for I2V). Same seed, same "
                    "video. Options: context windows, Enhance-A-Video, step caches, SLG, CFG-Zero*, vid2vid from "
                    "'samples', a part of the schedule (start/end step) for split or refine runs, a SIGMAS "
-                   "schedule, and a Wan 2.2 A14B low-noise expert. Outputs the latent and the denoised "
+                   "schedule, a Wan 2.2 A14B low-noise expert, and speech-driven video (audio_embeds with a "
+                   "MultiTalk / FantasyTalking model in the loader). Outputs the latent and the denoised "
                    "prediction as standard LATENTs.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
@@ -488,12 +510,13 @@ class WanSampler:
                                         "tooltip": "cfg of the low-noise expert; -1: official (t2v 3.0, "
                                                    "i2v 3.5)."}),
             "nag_args": ("SLIP_WAN_NAG_ARGS", {"tooltip": "From Wan NAG Options (negative prompt at cfg 1)."}),
+            **SPEECH_SAMPLER_INPUTS,
         }}
 
     def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
                batched_cfg, samples=None, context_options=None, feta_args=None, cache_args=None, slg_args=None,
                guidance_args=None, sigmas=None, start_step=0, end_step=-1, add_noise=True, low_noise_model=None,
-               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None):
+               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None, audio_embeds=None, audio_cfg=4.0):
         device = compute_device()
         sigma_values = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).flatten())
         settings = SamplerSettings(
@@ -516,7 +539,8 @@ class WanSampler:
             shown = previewer(latest.pop("x0")) if previewer is not None and "x0" in latest else None
             bar.update_absolute(value, total, preview=shown)
 
-        extras = SamplingExtras(cache_args, slg_args, guidance_args, nag=nag_args)
+        extras = SamplingExtras(cache_args, slg_args, guidance_args, nag=nag_args, audio=audio_embeds,
+                                audio_cfg=finite_number("audio_cfg", audio_cfg, "Wan Sampler"))
         try:
             result = sample_video_full(
                 model, text_embeds, image_embeds, settings, device=device, samples=start, context=context_options,

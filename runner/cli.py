@@ -95,15 +95,16 @@ def _listed_files(cls: type, outputs: tuple) -> list[str]:
 
 
 def run_file(path: str | Path, out=sys.stdout) -> list[str]:
+    from .core_nodes import CORE_STAND_INS
     from .graph import load_workflow, run_workflow
 
-    pkg = _package()
+    mappings = {**CORE_STAND_INS, **_package().NODE_CLASS_MAPPINGS}   # core Load Audio feeds the speech demos
     prompt = load_workflow(path)
     started = time.perf_counter()
-    result = run_workflow(prompt, pkg.NODE_CLASS_MAPPINGS, extra_pnginfo={"workflow": {"api_file": str(path)}})
+    result = run_workflow(prompt, mappings, extra_pnginfo={"workflow": {"api_file": str(path)}})
     files: list[str] = []
     for run in result.runs:
-        cls = pkg.NODE_CLASS_MAPPINGS[run.class_type]
+        cls = mappings[run.class_type]
         shown = _ui_files(run.ui) if run.ui else []
         for f in shown + [f for f in _listed_files(cls, result.outputs[run.node_id]) if f not in shown]:
             files.append(f)

@@ -83,6 +83,22 @@ def demo_cases() -> list[DemoCase]:
     cases.append(DemoCase("wan_flf2v", "wan_flf2v_api.json", prepare_wan,
                           "First/last-frame video (two-image CLIP context, end-frame mask) with a tiny random-weight "
                           "FLF2V DiT -> mp4"))
+    # Speech-driven Wan 2.1 I2V (MultiTalk / InfiniteTalk, FantasyTalking), fed by core Load Audio
+    def prepare_speech(models_root: Path, input_root: Path) -> None:
+        from ..models.wan.demo_speech_assets import write_speech_demo
+
+        write_speech_demo(models_root, input_root)
+
+    cases.append(DemoCase("wan_multitalk_long", "wan_multitalk_long_api.json", prepare_speech,
+                          "MultiTalk streaming: a WAV through a tiny wav2vec2 and tiny MultiTalk weights, three clips "
+                          "each continuing from the last frames of the one before -> mp4 with the speech",
+                          needs_comfyui_nodes=True))
+    cases.append(DemoCase("wan_multitalk_two_speakers", "wan_multitalk_two_speakers_api.json", prepare_speech,
+                          "MultiTalk with two speakers (left / right, one after the other) and audio guidance "
+                          "(tiny random weights) -> mp4 with both voices", needs_comfyui_nodes=True))
+    cases.append(DemoCase("wan_fantasytalking", "wan_fantasytalking_api.json", prepare_speech,
+                          "FantasyTalking: a WAV drives a tiny random-weight speech model on the I2V DiT with text "
+                          "and audio guidance -> mp4 with the speech", needs_comfyui_nodes=True))
     # INT8 W8A8
     def prepare_int8(models_root: Path, input_root: Path) -> None:
         from ..models.quant_build import DEMO_CHECKPOINT, write_demo_checkpoint

@@ -71,7 +71,8 @@ def _check_known(prompt: Mapping[str, dict], mappings: Mapping[str, type]) -> No
     if unknown:
         raise WorkflowError(
             "This workflow uses node types the headless runner does not have: " + ", ".join(unknown) + ". "
-            "Only Slipstream nodes run here; core ComfyUI nodes (and other packs) need ComfyUI itself — "
+            "Only Slipstream nodes (and core Load Audio, for WAV files) run here; other core ComfyUI nodes (and "
+            "other packs) need ComfyUI itself — "
             "queue the workflow in ComfyUI instead.")
 
 

@@ -27,6 +27,21 @@ def test_demo_runs_end_to_end(case, workdirs):
         assert os.path.getsize(path) > 0, path
     written = {str(p) for p in workdirs["output"].rglob("*") if p.is_file()}
     assert written == set(files), f"{case.name}: the runner must print every file written:\n{out.getvalue()}"
+    if _feeds_audio_to_video(case.workflow):       # e.g. the speech demos: the voice reaches the video file
+        import imageio_ffmpeg
+
+        for path in (p for p in files if p.endswith((".mp4", ".webm"))):
+            reader = imageio_ffmpeg.read_frames(path)
+            assert next(reader).get("audio_codec"), f"{case.name}: {path} has no audio stream"
+            reader.close()
+
+
+def _feeds_audio_to_video(workflow: str) -> bool:
+    import json
+
+    nodes = json.loads((cli.WORKFLOWS / workflow).read_text(encoding="utf-8")).values()
+    return any(n["class_type"] == "SlipstreamVideoCombine" and isinstance(n["inputs"].get("audio"), list)
+               for n in nodes)
 
 
 def test_demo_command_says_it_uses_tiny_models_and_reports_each_case(tmp_path, monkeypatch):

@@ -85,7 +85,7 @@ def test_api_twin_matches_ui(path):
 # The API twins run on CPU with tiny models, so they name other files and shrink the work; every
 # other widget value must be the one the user sees in the UI file.
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".gguf", ".png", ".jpg", ".glb", ".obj", ".fbx")
-SCALED_FOR_CPU = {"width", "height", "num_frames", "length", "steps", "blocks_to_swap"}
+SCALED_FOR_CPU = {"width", "height", "num_frames", "length", "steps", "blocks_to_swap", "motion_frames"}
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)

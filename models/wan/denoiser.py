@@ -6,7 +6,9 @@ branches may reuse their results; an active SLG runs the branches as two passes 
 negative one). Cache state is keyed by (branch, batch item, context window), so windows that move
 between steps never reuse another window's residual. Phantom with `subject_cfg` runs a third branch
 (negative prompt with the subject frames, branch 2) and combines the three by
-`guidance.phantom_combine`; the Fun reference frame (models/wan/fun.py) goes to every forward.
+`guidance.phantom_combine`; the Fun reference frame (models/wan/fun.py) goes to every forward. With
+speech-model audio the passes are those of models/wan/speech_guidance.py, each a batch-1 forward
+with its own audio (a window's audio: the features of its frames).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from .feta import FetaArgs, enhance_score
 from .fun import for_model, reference_latent
 from .guidance import GuidanceArgs, SLGArgs, combine, phantom_combine, riflex_cos_sin
 from .nag import NagArgs, NagGuide
+from .speech_guidance import combine_speech, guidance_passes, window_frames
 from .step_cache import CacheArgs, StepCache
 from .vace import empty_context
 
 if TYPE_CHECKING:
+    from .audio_hooks import AudioConditioning
     from .pipeline import RunStats, WanImageEmbeds, WanModelHandle, WanTextEmbeds
 
 
@@ -39,7 +43,8 @@ class SamplingExtras:
     guidance: GuidanceArgs | None = None
     cache: StepCache | None = None           # built per expert by the sampler
     nag: NagArgs | None = None               # Normalized Attention Guidance (models/wan/nag.py)
-
+    audio: AudioConditioning | None = None   # speech-model features of the video's frames
+    audio_cfg: float = 1.0                   # audio guidance scale (1: no audio-dropped pass)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -99,6 +104,8 @@ class WanDenoiser:
             self.vace = torch.stack([v.context for v in inputs]).to(device=device, dtype=torch.float32)
             self.vace_strengths = [v.strength for v in inputs]
         self.ref_frames = image.ref_frames
+        self.audio = extras.audio
+        self.audio_cfg = extras.audio_cfg
 
     def _block_runner(self, skip: frozenset[int] = frozenset(), rows: Sequence[tuple] = (), step: int = 0,
                       outcome: dict | None = None, nag=None):
@@ -165,13 +172,15 @@ class WanDenoiser:
             return enhance_score(q, k, grid[0], weight).view(-1, 1, 1)
         return scale
 
-    def _forward(self, x, t, context, clip, y, feta_on, runner, vace=None, mask=None):
+    def _forward(self, x, t, context, clip, y, feta_on, runner, vace=None, mask=None, audio=None):
         self.stats.forwards += 1
         timestep = torch.full((x.shape[0],), float(t), device=self.device)
         extra = {} if vace is None else {"vace_context": [c[None].expand(x.shape[0], *c.shape) for c in vace],
                                          "vace_strength": self.vace_strengths}
         if self.reference is not None:
             extra["reference"] = self.reference[None].expand(x.shape[0], *self.reference.shape)
+        if audio is not None:
+            extra["audio"] = audio
         return self.dit(x, timestep, context, clip, y, block_runner=runner, self_attn_scale=self._scale(feta_on),
                         denoise_mask=mask, **extra)
 
@@ -182,7 +191,8 @@ class WanDenoiser:
         subject = self.subject if positive else torch.zeros_like(self.subject)
         return torch.cat([x, subject[None].expand(x.shape[0], *subject.shape)], dim=2)
 
-    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset(), vace=None, mask=None):
+    def _rows(self, x, t, context, clip, y, feta_on, rows, step, skip=frozenset(), vace=None, mask=None,
+              audio=None):
         """One forward of the CFG rows `rows` ((branch, key) each, batched in that order) for the
         latent x [1, ...], through the cache when there is one. Phantom's subject frames join the
         model input (zeros for the negative branch) and are cut off its prediction."""
@@ -201,7 +211,7 @@ class WanDenoiser:
         nag = None if self.nag is None else self.nag.for_rows([row[0] for row in rows], self.device)
         v = self._forward(batch, t, context, clip, y, feta_on,
                           self._block_runner(skip, rows if cache is not None else (), step, outcome, nag),
-                          vace, mask)[:, :, :frames]
+                          vace, mask, audio)[:, :, :frames]
         if not outcome["reused"]:
             self.stats.branches_computed += len(rows)
         if easy:
@@ -227,8 +237,10 @@ class WanDenoiser:
                                    skip if row[0] == 1 else frozenset()) for row in rows]
         return phantom_combine(*branches, cfg, self.subject_cfg)
 
-    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None, mask=None):
+    def _cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace=None, mask=None, audio=None):
         """Guided velocity for one (window of the) latent [1, C, T, h, w]."""
+        if audio is not None:
+            return self._speech_cfg(x, t, prompt, y, feta_on, cfg, step, steps, key, vace, mask, audio)
         if self.subject_cfg:
             slg_on = self.slg is not None and self.slg.active_at(step, steps)
             return self._phantom(x, t, prompt, y, feta_on, cfg, step, steps, key, slg_on)
@@ -249,6 +261,21 @@ class WanDenoiser:
                                 vace=vace, mask=mask)
         return combine(cond, uncond, cfg, self.zero_star)
 
+    def _speech_cfg(self, x, t, prompt, y, feta_on, cfg, step, steps, key, vace, mask, audio):
+        """Text and audio guidance of a speech model: its family's passes, one forward each (the
+        negative-prompt passes are the ones SLG weakens; cache rows: 0 positive, 1 negative prompt)."""
+        passes = guidance_passes(audio.family, cfg, self.audio_cfg)
+        slg_on = self.slg is not None and self.slg.active_at(step, steps)
+        null = audio.null() if any(not p.audio for p in passes) else None
+        preds = []
+        for index, p in enumerate(passes):
+            context, clip = (prompt[None], self.clip) if p.text else (self.negative[None], self.negative_clip)
+            skip = frozenset(self.slg.blocks) if slg_on and not p.text else frozenset()
+            row = (0 if p.text else 1, (*key, "audio pass", index))
+            preds.append(self._rows(x, t, context, clip, y, feta_on, [row], step, skip, vace, mask,
+                                    audio if p.audio else null))
+        return combine_speech(audio.family, preds, cfg, self.audio_cfg, self.zero_star)
+
     def __call__(self, x: torch.Tensor, t: float, step: int, steps: int, cfg: float, item: int = 0) -> torch.Tensor:
         feta_on = self.feta is not None and self.feta.active_at(step, steps)
         y = None if self.y is None else self.y[None]
@@ -262,7 +289,7 @@ class WanDenoiser:
         if windows is None:
             self.stats.windows_per_step.append(1)
             return self._cfg(x, t, self.prompts[0], y, feta_on, cfg, step, steps, (item,), self.vace,
-                             self.denoise_mask)
+                             self.denoise_mask, self.audio)
         self.stats.windows_per_step.append(len(windows))
         fuser = WindowFuser(x, frame_dim=2)
         looped = self.context.schedule == "uniform_looped"
@@ -270,6 +297,7 @@ class WanDenoiser:
             weights = window_weights(window, frames, overlap, self.context.fuse_method, looped)
             prompt = self.prompts[_prompt_for_window(window, frames, len(self.prompts))]
             key = (item, *window)
+            audio = None if self.audio is None else self.audio.frames(*window_frames(window))
             if refs:
                 window, weights = list(range(refs)) + [refs + i for i in window], torch.cat([torch.ones(refs), weights])
             idx = torch.tensor(window, device=x.device)
@@ -279,6 +307,7 @@ class WanDenoiser:
                 yw[:, :, :1] = y[:, :, :1]   # every window is conditioned on the start image
             vace = None if self.vace is None else self.vace.index_select(2, idx)
             mask = None if self.denoise_mask is None else self.denoise_mask.index_select(2, idx)
-            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, key, vace, mask)
+            pred = self._cfg(x.index_select(2, idx), t, prompt, yw, feta_on, cfg, step, steps, key, vace, mask,
+                             audio)
             fuser.add(window, pred, weights)
         return fuser.result()

@@ -33,7 +33,7 @@ from torch import nn
 from ...kernels.blockswap import HostBlocks, SwapSession, default_transport, swap_indices
 from ..finite import finite_input
 from . import fun
-from .clean_frames import check_vae_generation, check_video_size, impose_clean, video_latent_shape
+from .clean_frames import check_vae_generation, check_video_size, video_latent_shape
 from .context import ContextOptions, freenoise
 from .denoiser import SamplingExtras, WanDenoiser
 from .dit import WanDiT
@@ -42,13 +42,14 @@ from .feta import FetaArgs
 from .guidance import check_cfg_list
 from .lora_runtime import RuntimeLora, attach_chain
 from .sampling import SCHEDULERS, Schedule, make_schedule, make_solver, schedule_from_sigmas
+from .sizes import SIZE_MULTIPLE, round_video_size  # noqa: F401  (imported from here by the nodes)
+from .speech_sampling import MotionLatent, hold_given, speech_extras
 from .step_cache import CacheArgs, StepCache
 from .vace import VaceInput, check_chain
 from .vae import denormalize_latent, normalize_latent
 
 log = logging.getLogger("slipstream.wan")
 
-SIZE_MULTIPLE = 16       # pixels: 8 for the VAE × 2 for the DiT's patch
 LATENT_CHANNELS = 16
 
 
@@ -131,6 +132,7 @@ class WanImageEmbeds:
     subject_cfg: float = 0.0                   # > 0: Phantom's separate subject guidance (guidance.py)
     reference: torch.Tensor | None = None      # [16, h, w] Fun reference-image latent (models/wan/fun.py)
     fun_mask: torch.Tensor | None = None       # [4, T, h, w] Wan 2.2 Fun Control start-frame mask (fun.py)
+    motion: MotionLatent | None = None         # streaming speech clip's held latent frames (speech_sampling.py)
 
     @property
     def ref_frames(self) -> int:
@@ -212,25 +214,6 @@ class RunStats:
     branches_computed: int = 0                                # CFG branches whose blocks really ran
     cache_skipped: int = 0                                    # branch evaluations a step cache replaced
     cache_by_branch: dict[str, int] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------- sizes
-
-
-def round_video_size(width: int, height: int, num_frames: int) -> tuple[int, int, int, str | None]:
-    """Round to what Wan can make (sides multiples of 16, 1+4k frames); the note says what changed."""
-    def nearest(value: float) -> int:  # halves round up (Python's round() would go to even)
-        return int(math.floor(value + 0.5))
-
-    w = max(SIZE_MULTIPLE, nearest(width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    h = max(SIZE_MULTIPLE, nearest(height / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    f = 1 + 4 * max(0, nearest((num_frames - 1) / 4))
-    changes = []
-    if (w, h) != (width, height):
-        changes.append(f"size {width}x{height} -> {w}x{h} (multiples of {SIZE_MULTIPLE})")
-    if f != num_frames:
-        changes.append(f"{num_frames} frames -> {f} (Wan makes 1+4k frames)")
-    return w, h, f, ("Wan: rounded " + "; ".join(changes)) if changes else None
 
 
 # ---------------------------------------------------------------------------------- block swap & placement
@@ -481,7 +464,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     `low_noise` (a Wan 2.2 A14B low-noise expert) the steps below the boundary run on it, and only
     the expert in use sits on `device`. `preview(x0)` receives each step's raw x0 prediction."""
     check_inputs(handle, text, image, samples, settings)
-    extras = extras or SamplingExtras()
+    extras = speech_extras(handle, image, extras or SamplingExtras(), context)
     if low_noise is not None:
         check_expert_pair(handle, low_noise)
         check_inputs(low_noise, text, image, samples, settings)
@@ -508,7 +491,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     dtype_bytes = torch.finfo(handle.dit.compute_dtype).bits // 8
     batched = {"on": True, "off": False}.get(settings.batched_cfg) if settings.batched_cfg != "auto" else \
         cfg_batch_fits(tokens, cfg.dim, cfg.ffn_dim, dtype_bytes, free_memory)
-    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0)
+    stats.batched_cfg = batched and not math.isclose(settings.cfg, 1.0) and extras.audio is None
     batch = 1 if samples is None else samples.shape[0]
     zero_init = extras.guidance.zero_init_steps if extras.guidance is not None and extras.guidance.cfg_zero_star \
         else 0
@@ -529,6 +512,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     states = _resume_states(resume, settings.scheduler, schedule.sigmas, start, batch) \
         if not settings.add_noise else None
     xs, solvers = [], []
+    motion_gen = torch.Generator("cpu").manual_seed(int(settings.seed) ^ 0x40710)   # streaming motion frames
     for item in range(batch):
         noise = initial_noise(shape, settings.seed + item, context)
         sigma0 = schedule.sigmas[start]
@@ -540,7 +524,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
             x = sigma0 * noise + (1.0 - sigma0) * latent_in if settings.add_noise else latent_in
             if states is not None and torch.equal(states[item].get("latent_out", given.new_empty(0)), given):
                 x = states[item]["x"]      # the exact state, not its round trip through the raw convention
-        x = impose_clean(x.to(device), image.clean_latent, image.denoise_mask)
+        x = hold_given(x.to(device), image, sigma0, motion_gen)
         solver = make_solver(settings.scheduler, schedule)
         solver.index = start
         if states is not None:
@@ -569,7 +553,7 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
                     if i < zero_init:
                         v = torch.zeros_like(v)
                     x0s[item] = solvers[item].denoised(v, x)
-                    xs[item] = impose_clean(solvers[item].step(v, x), image.clean_latent, image.denoise_mask)
+                    xs[item] = hold_given(solvers[item].step(v, x), image, schedule.sigmas[i + 1], motion_gen)
                     _check_finite(xs[item], i, schedule.steps, model)
                     if preview is not None and item == 0:
                         preview(denormalize_latent(x0s[0].float()))
