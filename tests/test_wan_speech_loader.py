@@ -4,7 +4,6 @@ clear errors for other files, and the added weights attached before quantization
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from slipstream.models.wan.speech_models import SpeechModelError, describe_speec
 from wan_speech_fixtures import ToyConditioning, toy_families, toy_state_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-HAS_INT8 = importlib.util.find_spec("slipstream.kernels.quant_layer") is not None
 SPEECH = "toy_multitalk.safetensors"
 
 
@@ -111,7 +109,6 @@ def test_fp8_storage_covers_the_speech_weights(wan_dirs):
     assert "blocks.1.toy_audio.weight" in handle.dit.quantizable_keys()
 
 
-@pytest.mark.skipif(not HAS_INT8, reason="kernels/int8.py is not in this build")
 def test_int8_quantization_covers_the_speech_weights(wan_dirs):
     _, handle = _load("int8_w8a8")
     assert handle.dit.blocks[0].toy_audio.weight.dtype == torch.int8
