@@ -96,3 +96,39 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[object]], format
     print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     for row in cells:
         print(line(row))
+
+
+def best_times(fns, repeats: int) -> list[float]:
+    """Best (minimum) CPU seconds of each function, measured round-robin so every one sees the same load.
+
+    Process CPU time, not wall time: on a shared machine wall time mostly measures preemption by
+    other jobs. Run with --threads 1 so CPU time equals the work done (no idle-spinning threads).
+    The minimum, because contention (cache, memory bandwidth) only ever adds time.
+    """
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.process_time()
+            fn()
+            bucket.append(time.process_time() - start)
+    return [min(bucket) for bucket in times]
+
+
+def cpu_features() -> str:
+    """The SIMD level torch dispatches to and the relevant flags of this CPU."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags: "
+            + (" ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)))

@@ -48,7 +48,7 @@ import argparse
 import math
 import time
 
-from _common import import_package
+from _common import best_times, cpu_features, import_package
 
 import_package()
 
@@ -84,24 +84,6 @@ def build_model(dim: int, layers: int, text_len: int) -> WanDiT:
     dit = WanDiT(cfg).eval().requires_grad_(False)
     dit.load_state_dict(random_state_dict(cfg, seed=0))
     return dit
-
-
-def best_times(fns, repeats: int) -> list[float]:
-    """Best (minimum) CPU seconds of each function, measured round-robin so every one sees the same load.
-
-    Process CPU time, not wall time: on a shared machine wall time mostly measures preemption by
-    other jobs. Run with --threads 1 so CPU time equals the work done (no idle-spinning threads).
-    The minimum, because contention (cache, memory bandwidth) only ever adds time.
-    """
-    for fn in fns:
-        fn()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.process_time()
-            fn()
-            bucket.append(time.process_time() - start)
-    return [min(bucket) for bucket in times]
 
 
 def bench_sampler_overhead(dit: WanDiT, size: int, frames: int, steps: int, repeats: int) -> list[tuple]:
@@ -222,22 +204,6 @@ def bench_swap_bookkeeping(repeats: int) -> float:
 
     base, with_swap = best_times([run, swapped], repeats)
     return (with_swap - base) / (forwards * len(units))
-
-
-def cpu_features() -> str:
-    """The SIMD level torch dispatches to and the relevant flags of this CPU."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags: "
-            + (" ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)))
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

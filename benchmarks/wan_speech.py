@@ -23,10 +23,9 @@ Run under the shared lock so heavy jobs do not overlap:
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
-from _common import import_package, print_table
+from _common import best_times, cpu_features, import_package, print_table
 
 import_package()
 
@@ -53,34 +52,6 @@ from slipstream.models.wan.speech_models import load_speech_model  # noqa: E402
 
 CPU = torch.device("cpu")
 FRAMES, SIZE = 17, 128
-
-
-def cpu_features() -> str:
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags: "
-            + (" ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)))
-
-
-def best_times(fns, repeats: int) -> list[float]:
-    """Best process CPU seconds of each function, round-robin after a warm-up (see wan_sampler.py)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times, strict=True):
-            start = time.process_time()
-            fn()
-            bucket.append(time.process_time() - start)
-    return [min(bucket) for bucket in times]
 
 
 def build(family: str | None) -> WanModelHandle:
