@@ -27,6 +27,9 @@ from slipstream.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, me
 from slipstream.nodes.memory import OffloadClipToDram
 from slipstream.nodes.memory_loaders import SlipstreamCLIPLoaderKeyed, SlipstreamDualCLIPLoaderKeyed
 
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
+from test_memory_nodes import TinyTextEncoder  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -115,17 +118,6 @@ def test_fingerprint_is_the_same_in_another_process(tmp_path):
 
 
 # ---------------------------------------------------------------- the keyed loaders, outside ComfyUI
-
-
-class TinyTextEncoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(64, 16)
-        self.proj = torch.nn.Linear(16, 16)
-
-    def forward(self, tokens):
-        h = self.proj(self.embed(tokens))
-        return h, h.mean(1)
 
 
 @pytest.fixture
