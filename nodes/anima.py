@@ -122,12 +122,12 @@ class AnimaFastTrainReferenceContext:
                        "A summary: steps, learning rate, token norms before and after, loss first/last, time.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return _training_inputs(masked=False)
 
     def train(self, model, clip, vae, reference_image, training_prompt, seed, training_steps, learning_rate,
               training_image_size, num_tokens, init_std, training_dtype, reference_image_2=None,
-              reference_image_3=None):
+              reference_image_3=None) -> tuple:
         images = [(n, im) for n, im in (("reference_image", reference_image), ("reference_image_2", reference_image_2),
                                         ("reference_image_3", reference_image_3)) if im is not None]
         ctx, info = train_reference_context(model, clip, vae, images, None, training_prompt, seed, training_steps,
@@ -146,12 +146,12 @@ class AnimaFastTrainMaskedReferenceContext:
     OUTPUT_TOOLTIPS = AnimaFastTrainReferenceContext.OUTPUT_TOOLTIPS
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return _training_inputs(masked=True)
 
     def train(self, model, clip, vae, reference_image, training_mask, training_prompt, seed, training_steps,
               learning_rate, training_image_size, num_tokens, init_std, training_dtype, reference_image_2=None,
-              reference_image_3=None, training_mask_2=None, training_mask_3=None):
+              reference_image_3=None, training_mask_2=None, training_mask_3=None) -> tuple:
         pairs = [("reference_image", reference_image, "training_mask", training_mask),
                  ("reference_image_2", reference_image_2, "training_mask_2", training_mask_2),
                  ("reference_image_3", reference_image_3, "training_mask_3", training_mask_3)]
@@ -174,7 +174,7 @@ class AnimaFastTrainPatchModel:
     OUTPUT_TOOLTIPS = ("A patched clone of the input MODEL; connect it to your sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The Anima model the context was trained on (or a LoRA'd version)."}),
@@ -200,7 +200,7 @@ class AnimaFastTrainPatchModel:
         }
 
     def patch(self, model, context, reference_context_scale, start_percent=0.0, end_percent=1.0,
-              positive_only=False):
+              positive_only=False) -> tuple:
         if not isinstance(context, ReferenceContext):
             raise IncompatibleModelArchitecture(
                 f"the context input is a {type(context).__name__}, not an ANIMA_REFERENCE_CONTEXT.")
@@ -229,7 +229,7 @@ class SlipstreamAnimaSaveReferenceContext:
     OUTPUT_TOOLTIPS = ()
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "context": (CONTEXT_TYPE, {"tooltip": "The reference context to save."}),
             "filename_prefix": ("STRING", {"default": "anima_context/reference",
@@ -242,7 +242,7 @@ class SlipstreamAnimaSaveReferenceContext:
         """Refuse a prefix no file can be saved under when the prompt is queued, before any training runs."""
         return prefix_problem(filename_prefix)
 
-    def save(self, context, filename_prefix):
+    def save(self, context, filename_prefix) -> dict:
         from safetensors.torch import save_file
 
         if not isinstance(context, ReferenceContext):
@@ -271,7 +271,7 @@ class SlipstreamAnimaLoadReferenceContext:
                        "What the file holds: tokens shape, steps, learning rate, loss, references, prompt.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         files = host_paths.list_model_files([input_dir()], (".safetensors",)) or \
             ["(copy saved contexts into the input folder)"]
         return {"required": {"context_file": (files, {
@@ -283,7 +283,7 @@ class SlipstreamAnimaLoadReferenceContext:
             return f"Reference context file not found in the input folder: {context_file}"
         return True
 
-    def load(self, context_file):
+    def load(self, context_file) -> tuple:
         path = os.path.join(input_dir(), context_file)
         meta = read_metadata(path)
         ctx = refs.context_from_file_dict(load_state_dict(path), meta, path)

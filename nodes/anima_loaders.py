@@ -58,7 +58,7 @@ class SlipstreamAnimaModelLoader:
     OUTPUT_TOOLTIPS = ("The Anima MODEL, for the AnimaFastTrain nodes and any sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "unet_name": (_choices("diffusion_models", "(put anima *.safetensors in models/diffusion_models)"),
                           {"tooltip": "The Anima DiT file (e.g. anima-preview.safetensors)."}),
@@ -67,7 +67,7 @@ class SlipstreamAnimaModelLoader:
                                                         "file's (bf16 for the released model)."}),
         }}
 
-    def load(self, unet_name, weight_dtype):
+    def load(self, unet_name, weight_dtype) -> tuple:
         path = model_path("diffusion_models", unet_name)
         dtype = None if weight_dtype == "default" else resolve_dtype(weight_dtype)
         comfy = anima_support()
@@ -107,13 +107,13 @@ class SlipstreamAnimaTextEncoderLoader:
     OUTPUT_TOOLTIPS = ("Anima's CLIP: encodes prompts into Qwen3 states plus the T5 ids Anima's adapter needs.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "clip_name": (_choices("text_encoders", "(put qwen_3_06b_base.safetensors in models/text_encoders)"),
                           {"tooltip": "Anima's text encoder, qwen_3_06b_base.safetensors."}),
         }}
 
-    def load(self, clip_name):
+    def load(self, clip_name) -> tuple:
         path = model_path("text_encoders", clip_name)
         # Keyed by file identity, so Offload CLIP keeps this CLIP in RAM under a stable key and the
         # next workflow that loads the same file gets it from RAM instead of disk.
@@ -151,13 +151,13 @@ class SlipstreamAnimaVAELoader:
     OUTPUT_TOOLTIPS = ("Anima's VAE, for the AnimaFastTrain nodes and VAE Encode/Decode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae_name": (_choices("vae", "(put qwen_image_vae.safetensors in models/vae)"),
                          {"tooltip": "qwen_image_vae.safetensors (or the Wan 2.1 VAE)."}),
         }}
 
-    def load(self, vae_name):
+    def load(self, vae_name) -> tuple:
         path = model_path("vae", vae_name)
         comfy = anima_support()
         if comfy is not None:
@@ -193,7 +193,7 @@ class SlipstreamLoadReferenceImage:
                        "Image gives the inverse.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         files = host_paths.list_model_files([input_dir()], IMAGE_EXTENSIONS) or ["(put images in the input folder)"]
         return {"required": {"image": (files, {"tooltip": "An image file in ComfyUI's input folder."})}}
 
@@ -211,7 +211,7 @@ class SlipstreamLoadReferenceImage:
             return f"Reference image not found in the input folder: {image}"
         return True
 
-    def load(self, image):
+    def load(self, image) -> tuple:
         path = os.path.join(input_dir(), image)
         arr = read_reference_pixels(path, image)
         pixels = torch.from_numpy(arr[..., :3].copy())[None]

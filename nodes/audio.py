@@ -33,7 +33,7 @@ class SlipstreamSpeechEncoderLoader:
     OUTPUT_TOOLTIPS = ("The speech encoder, for the MultiTalk / InfiniteTalk and FantasyTalking embeds nodes.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": (list_models(FOLDER) or ["(no speech encoders found)"],
                            {"tooltip": "wav2vec2 file from models/audio_encoders, e.g. chinese-wav2vec2-base "
@@ -54,7 +54,7 @@ class SlipstreamSpeechEncoderLoader:
                            "on for wav2vec2-base-960h and other models."}),
         }}
 
-    def load(self, model_name, precision, load_device, normalize_input="auto"):
+    def load(self, model_name, precision, load_device, normalize_input="auto") -> tuple:
         if normalize_input not in NORMALIZE_CHOICES:
             raise ValueError(f"normalize_input must be one of {', '.join(NORMALIZE_CHOICES)}, got {normalize_input!r}.")
         path = model_path(FOLDER, model_name)

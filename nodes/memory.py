@@ -106,7 +106,7 @@ class OffloadClipToDram:
     )
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": "The text encoder to move out of VRAM (a clone works too: the "
@@ -118,7 +118,7 @@ class OffloadClipToDram:
             },
         }
 
-    def offload(self, clip, trigger=None):
+    def offload(self, clip, trigger=None) -> tuple:
         _check_clip(clip)
         cache = dram.default_cache()
         cache.relieve_pressure()
@@ -180,7 +180,7 @@ class MemoryCleanup:
     MODES = ("all", "key", "kind")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "clear": (list(cls.MODES), {"default": "all", "tooltip": "all: empty the cache; key: drop the "
@@ -197,7 +197,7 @@ class MemoryCleanup:
             },
         }
 
-    def cleanup(self, clear, target, empty_device_cache, trigger=None):
+    def cleanup(self, clear, target, empty_device_cache, trigger=None) -> tuple:
         cache = dram.default_cache()
         target = target.strip()
         if clear not in self.MODES:

@@ -85,7 +85,7 @@ class SlipstreamCLIPLoaderKeyed:
                        "dram_id).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "clip_name": (_file_choices(), {"tooltip": "The text encoder file in models/text_encoders."}),
@@ -99,7 +99,7 @@ class SlipstreamCLIPLoaderKeyed:
     def IS_CHANGED(cls, clip_name, type, device="default"):
         return _changed([clip_name], type, device)
 
-    def load_clip(self, clip_name, type="stable_diffusion", device="default"):
+    def load_clip(self, clip_name, type="stable_diffusion", device="default") -> tuple:
         return _load([clip_name], type, device, "Load CLIP (keyed)")
 
 
@@ -117,7 +117,7 @@ class SlipstreamDualCLIPLoaderKeyed:
                        "dram_id).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "clip_name1": (_file_choices(), {"tooltip": "The first text encoder file (models/text_encoders)."}),
@@ -132,5 +132,5 @@ class SlipstreamDualCLIPLoaderKeyed:
     def IS_CHANGED(cls, clip_name1, clip_name2, type, device="default"):
         return _changed([clip_name1, clip_name2], type, device)
 
-    def load_clip(self, clip_name1, clip_name2, type, device="default"):
+    def load_clip(self, clip_name1, clip_name2, type, device="default") -> tuple:
         return _load([clip_name1, clip_name2], type, device, "Load Dual CLIP (keyed)")

@@ -96,7 +96,7 @@ class MIALoadModel:
                        "on the first rig that uses normals).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {}, "optional": {
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip": (
                 "Network precision. auto: bf16 on Ampere and newer GPUs, fp16 on Volta/Turing, fp32 on older GPUs "
@@ -106,7 +106,7 @@ class MIALoadModel:
                 "self-attention layers can use flash_attn; the others always use sdpa.")}),
         }}
 
-    def load(self, precision: str = "auto", attn_backend: str = "auto"):
+    def load(self, precision: str = "auto", attn_backend: str = "auto") -> tuple:
         device = compute_device()
         dtype = resolve_dtype(precision, device)
         backend = resolve_attention(attn_backend, device, dtype)   # AttentionBackendUnavailable names the fix
@@ -175,7 +175,7 @@ class MIAAutoRig:
     )
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "trimesh": ("TRIMESH,MESH", {"tooltip": (
                 "The humanoid mesh: from Load Mesh (Slipstream) or any node giving a TRIMESH, or core ComfyUI's "
@@ -197,7 +197,7 @@ class MIAAutoRig:
         }}
 
     def rig(self, trimesh, model: MIANetworks, fbx_name: str = "", no_fingers: bool = True,
-            use_normal: bool = False, reset_to_rest: bool = True):
+            use_normal: bool = False, reset_to_rest: bool = True) -> dict:
         mesh = as_triangle_mesh(trimesh)
         check_rig_input(np.asarray(mesh.vertices), np.asarray(mesh.faces), "The trimesh input")
         doubt = humanoid_doubt(mesh, "The trimesh input")
@@ -241,7 +241,7 @@ class SlipstreamLoadMesh:
     OUTPUT_TOOLTIPS = ("The mesh as a trimesh.Trimesh (scenes are flattened into one mesh).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         files = list_mesh_files(input_dir()) or ["(put meshes in input/3d)"]
         return {"required": {"mesh_file": (files, {"tooltip": (
             f"A mesh file under input/3d or input ({', '.join(MESH_EXTENSIONS)}).")})}}
@@ -257,7 +257,7 @@ class SlipstreamLoadMesh:
                 h.update(block)
         return h.hexdigest()
 
-    def load(self, mesh_file: str):
+    def load(self, mesh_file: str) -> tuple:
         root = os.path.abspath(input_dir())
         path = os.path.abspath(os.path.join(root, mesh_file))
         if os.path.commonpath((root, path)) != root:

@@ -97,7 +97,7 @@ class LoadDiffusionModelInt8:
                        "ComfyUI's memory management.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "unet_name": (list_models("diffusion_models") or [NO_MODELS], {
@@ -131,7 +131,7 @@ class LoadDiffusionModelInt8:
         }
 
     def load_unet(self, unet_name: str, weight_dtype: str, model_type: str, on_the_fly_quantization: bool,
-                  enable_convrot: bool = True):
+                  enable_convrot: bool = True) -> tuple:
         path = model_path("diffusion_models", unet_name)
         device = compute_device()
         storage, fast, storage_note = storage_plan(weight_dtype, device)
@@ -212,7 +212,7 @@ class SaveInt8Model:
     OUTPUT_NODE = True
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "A MODEL from 'Load Diffusion Model INT8 (W8A8)' (at least one int8 "
@@ -230,7 +230,7 @@ class SaveInt8Model:
         """A prefix no file can be saved under fails when the prompt is queued, not after quantizing."""
         return prefix_problem(filename_prefix)
 
-    def save(self, model, filename_prefix: str):
+    def save(self, model, filename_prefix: str) -> dict:
         from safetensors.torch import save_file
 
         sd = diffusion_state_dict(model)

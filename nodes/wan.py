@@ -105,7 +105,7 @@ class WanBlockSwap:
     OUTPUT_TOOLTIPS = ("Block swap settings for the Wan Model Loader.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "blocks_to_swap": ("INT", {"default": 20, "min": 0, "max": 48, "step": 1,
                                        "tooltip": "How many transformer blocks live in RAM (14B models have 40, "
@@ -126,7 +126,7 @@ class WanBlockSwap:
                                                    "block of VRAM."}),
         }}
 
-    def make(self, blocks_to_swap, offload_img_emb, offload_txt_emb, use_non_blocking, prefetch_blocks):
+    def make(self, blocks_to_swap, offload_img_emb, offload_txt_emb, use_non_blocking, prefetch_blocks) -> tuple:
         for name, value in (("blocks_to_swap", blocks_to_swap), ("prefetch_blocks", prefetch_blocks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BadSettingError(f"Wan Block Swap: '{name}' must be a whole number, 0 or more; got {value!r} "
@@ -145,7 +145,7 @@ class WanCompileSettings:
     OUTPUT_TOOLTIPS = ("Compile settings for the Wan Model Loader.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "backend": (["inductor", "cudagraphs", "eager"], {"default": "inductor",
                                                              "tooltip": "inductor: generated kernels (fastest). "
@@ -167,7 +167,7 @@ class WanCompileSettings:
         }}
 
     def make(self, backend, fullgraph, mode, dynamic, dynamo_cache_size_limit, dynamo_recompile_limit,
-             compile_transformer_blocks_only):
+             compile_transformer_blocks_only) -> tuple:
         return (CompileSettings(backend, mode, fullgraph, dynamic, dynamo_cache_size_limit, dynamo_recompile_limit,
                                 compile_transformer_blocks_only),)
 
@@ -184,7 +184,7 @@ class WanLoraSelect:
     OUTPUT_TOOLTIPS = ("This LoRA after the ones before it in the chain.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "lora": (list_models("loras") or ["(no loras found)"],
                      {"tooltip": "LoRA file from the loras folder (kohya, diffusion-pipe, PEFT or LyCORIS naming)."}),
@@ -198,7 +198,7 @@ class WanLoraSelect:
                                              "head) are always patched."}),
         }}
 
-    def select(self, lora, strength, prev_lora=None, blocks=""):
+    def select(self, lora, strength, prev_lora=None, blocks="") -> tuple:
         strength = finite_number("strength", strength, "Wan LoRA Select")
         chain = tuple(prev_lora or ())
         if strength != 0.0:
@@ -220,7 +220,7 @@ class WanApplyLora:
     OUTPUT_TOOLTIPS = ("The same loaded model with these LoRAs applied while it samples.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader (or another Wan Apply LoRA)."}),
             "lora": ("SLIP_WAN_LORA", {"tooltip": "From Wan LoRA Select; the chain is applied in order."}),
@@ -236,7 +236,7 @@ class WanApplyLora:
                                                         "by bf16 rounding."}),
         }}
 
-    def apply(self, model, lora, low_mem, lora_mode=None):
+    def apply(self, model, lora, low_mem, lora_mode=None) -> tuple:
         from ..models.wan.lora_runtime import RuntimeLora, attach_chain
 
         mode = LORA_MODES.get(lora_mode or LORA_MODES_DEFAULT)
@@ -302,7 +302,7 @@ class WanModelLoader:
     OUTPUT_TOOLTIPS = ("The loaded Wan model, for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": (_diffusion_model_files() or ["(no models found)"],
                       {"tooltip": "Wan 2.1 DiT file from models/diffusion_models, e.g. "
@@ -336,7 +336,7 @@ class WanModelLoader:
         }}
 
     def load(self, model, base_precision, quantization, load_device, attention_mode="auto", compile_args=None,
-             block_swap_args=None, lora=None, speech_model=None):
+             block_swap_args=None, lora=None, speech_model=None) -> tuple:
         require_backend(attention_mode)
         path = model_path("diffusion_models", model)
         device = compute_device()
@@ -450,7 +450,7 @@ class WanSampler:
                        "The model's clean (x0) prediction at the last step run.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader (for Wan 2.2 A14B: the high-noise "
                                                     "expert)."}),
@@ -516,7 +516,7 @@ class WanSampler:
     def sample(self, model, image_embeds, text_embeds, steps, cfg, shift, seed, scheduler, denoise, force_offload,
                batched_cfg, samples=None, context_options=None, feta_args=None, cache_args=None, slg_args=None,
                guidance_args=None, sigmas=None, start_step=0, end_step=-1, add_noise=True, low_noise_model=None,
-               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None, audio_embeds=None, audio_cfg=4.0):
+               boundary=-1.0, cfg_low_noise=-1.0, nag_args=None, audio_embeds=None, audio_cfg=4.0) -> tuple:
         device = compute_device()
         sigma_values = None if sigmas is None else tuple(float(v) for v in torch.as_tensor(sigmas).flatten())
         settings = SamplerSettings(

@@ -23,7 +23,7 @@ class WanTextEmbedsFromConditioning:
     OUTPUT_TOOLTIPS = ("Prompt embeddings for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "From CLIPTextEncode with a umT5-XXL CLIP: what the "
@@ -50,7 +50,7 @@ class WanClipEmbedsFromVisionOutput:
     OUTPUT_TOOLTIPS = ("CLIP image tokens for Wan Image to Video Encode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "From core CLIP Vision Encode of the "

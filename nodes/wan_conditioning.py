@@ -29,7 +29,7 @@ class WanVaceEncode:
                        "Encode of a chain.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             **_size_inputs(),
@@ -53,7 +53,7 @@ class WanVaceEncode:
         }}
 
     def encode(self, vae, width, height, num_frames, strength, force_offload, tiled_vae, control_video=None,
-               control_masks=None, reference_images=None, prev_embeds=None):
+               control_masks=None, reference_images=None, prev_embeds=None) -> tuple:
         width, height, num_frames = _valid_size(width, height, num_frames)
         refs = 0 if reference_images is None else reference_images.shape[0]
         bar = ProgressBar(2 * ((num_frames - 1) // 4 + 1) + refs)
@@ -81,7 +81,7 @@ class WanFunControlEncode:
     OUTPUT_TOOLTIPS = ("Fun Control conditioning for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             **_size_inputs(),
@@ -100,7 +100,7 @@ class WanFunControlEncode:
         }}
 
     def encode(self, vae, width, height, num_frames, force_offload, tiled_vae, control_video=None, start_image=None,
-               clip_embeds=None, ref_image=None):
+               clip_embeds=None, ref_image=None) -> tuple:
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar((num_frames - 1) // 4 + 1)
         try:
@@ -124,7 +124,7 @@ class WanFunInpaintEncode:
     OUTPUT_TOOLTIPS = ("Fun InP conditioning for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader (the Wan 2.1 VAE)."}),
             **_size_inputs(),
@@ -140,7 +140,7 @@ class WanFunInpaintEncode:
         }}
 
     def encode(self, vae, width, height, num_frames, force_offload, tiled_vae, start_image=None, end_image=None,
-               clip_embeds=None):
+               clip_embeds=None) -> tuple:
         for name, image in (("start_image", start_image), ("end_image", end_image)):
             if image is not None:
                 require_images(image, name)
@@ -168,7 +168,7 @@ class WanPhantomSubjectEncode:
     OUTPUT_TOOLTIPS = ("Phantom conditioning for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             "images": ("IMAGE", {"tooltip": "The subjects (1-4 images); each is fitted onto a white canvas of the "
@@ -183,7 +183,7 @@ class WanPhantomSubjectEncode:
                                                  "official recipe: subject_cfg 5.0 with cfg 7.5)."}),
         }}
 
-    def encode(self, vae, images, width, height, num_frames, force_offload, subject_cfg=0.0):
+    def encode(self, vae, images, width, height, num_frames, force_offload, subject_cfg=0.0) -> tuple:
         width, height, num_frames = _valid_size(width, height, num_frames)
         bar = ProgressBar(max(1, images.shape[0]))
         try:

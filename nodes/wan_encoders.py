@@ -121,7 +121,7 @@ class WanTextEncoderLoader:
     OUTPUT_TOOLTIPS = ("The text encoder, for Wan Text Encode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": (_text_encoder_files() or ["(no text encoders found)"],
                            {"tooltip": "umT5-XXL file from models/text_encoders, e.g. umt5_xxl_fp8_e4m3fn_scaled."
@@ -133,7 +133,7 @@ class WanTextEncoderLoader:
                                                              "for the video model)."}),
         }}
 
-    def load(self, model_name, precision, load_device):
+    def load(self, model_name, precision, load_device) -> tuple:
         path = model_path("text_encoders", model_name)
         resident = _device(load_device)
         if is_gguf(path):
@@ -156,7 +156,7 @@ class WanTextEncode:
     OUTPUT_TOOLTIPS = ("Prompt embeddings for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "text_encoder": ("SLIP_WAN_TEXT_ENCODER", {"tooltip": "From Wan Text Encoder Loader."}),
             "positive_prompt": ("STRING", {"default": "", "multiline": True,
@@ -170,7 +170,7 @@ class WanTextEncode:
                                           "tooltip": "Send the encoder back to its load device afterwards."}),
         }}
 
-    def encode(self, text_encoder, positive_prompt, negative_prompt, device, force_offload):
+    def encode(self, text_encoder, positive_prompt, negative_prompt, device, force_offload) -> tuple:
         target = compute_device() if device == "gpu" else torch.device("cpu")
         bar = ProgressBar(len(text_encoder.encoder.blocks))
         try:
@@ -198,7 +198,7 @@ class WanClipVisionLoader:
     OUTPUT_TOOLTIPS = ("The CLIP vision model, for Wan CLIP Vision Encode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": (list_models("clip_vision") or ["(no clip vision models found)"],
                            {"tooltip": "CLIP vision file from models/clip_vision, e.g. clip_vision_h.safetensors."}),
@@ -207,7 +207,7 @@ class WanClipVisionLoader:
                                                   "tooltip": "Where it waits between uses."}),
         }}
 
-    def load(self, model_name, precision, load_device):
+    def load(self, model_name, precision, load_device) -> tuple:
         from ..models.wan.clip_vision import WanClipVision
 
         path = model_path("clip_vision", model_name)
@@ -227,7 +227,7 @@ class WanClipVisionEncode:
     OUTPUT_TOOLTIPS = ("CLIP image tokens for Wan Image to Video Encode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "clip_vision": ("SLIP_WAN_CLIP_VISION", {"tooltip": "From Wan CLIP Vision Loader."}),
             "image": ("IMAGE", {"tooltip": "The start image (several images are averaged)."}),
@@ -243,7 +243,7 @@ class WanClipVisionEncode:
                                                "the start image's. Leave empty for plain image-to-video."}),
         }}
 
-    def encode(self, clip_vision, image, crop, strength, force_offload, end_image=None):
+    def encode(self, clip_vision, image, crop, strength, force_offload, end_image=None) -> tuple:
         require_images(image, "image")
         if end_image is not None:
             require_images(end_image, "end_image")
@@ -271,7 +271,7 @@ class WanVAELoader:
     OUTPUT_TOOLTIPS = ("The VAE, for Wan Image to Video Encode and Wan Decode.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": (list_models("vae") or ["(no vae found)"],
                            {"tooltip": "Wan VAE file from models/vae: wan_2.1_vae for Wan 2.1 and 2.2 A14B models, "
@@ -279,7 +279,7 @@ class WanVAELoader:
             "precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "Compute precision of the VAE."}),
         }}
 
-    def load(self, model_name, precision):
+    def load(self, model_name, precision) -> tuple:
         path = model_path("vae", model_name)
         vae = load_wan_vae(path, dtype=resolve_dtype(precision, compute_device()), device=offload_device())
         return (WanVAEHandle(vae, model_name, offload_device()),)
@@ -294,10 +294,10 @@ class WanEmptyEmbeds:
     OUTPUT_TOOLTIPS = ("Video size for the Wan Sampler (no start image).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": _size_inputs()}
 
-    def make(self, width, height, num_frames):
+    def make(self, width, height, num_frames) -> tuple:
         return (WanImageEmbeds(*_valid_size(width, height, num_frames)),)
 
 
@@ -313,7 +313,7 @@ class WanImageToVideoEncode:
     OUTPUT_TOOLTIPS = ("I2V conditioning for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             "start_image": ("IMAGE", {"tooltip": "The first frame of the video."}),
@@ -332,7 +332,7 @@ class WanImageToVideoEncode:
         }}
 
     def encode(self, vae, start_image, width, height, num_frames, noise_aug_strength, force_offload,
-               tiled_vae, clip_embeds=None, end_image=None):
+               tiled_vae, clip_embeds=None, end_image=None) -> tuple:
         require_images(start_image, "start_image")
         if end_image is not None:
             require_images(end_image, "end_image")
@@ -359,7 +359,7 @@ class WanDecode:
     OUTPUT_TOOLTIPS = ("The video frames [F,H,W,3] in 0..1 (batch items one after another).",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "vae": ("SLIP_WAN_VAE", {"tooltip": "From Wan VAE Loader."}),
             "samples": ("LATENT", {"tooltip": "A Wan video latent (Wan Sampler or core Wan nodes)."}),
@@ -379,7 +379,7 @@ class WanDecode:
             return f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})."
         return True
 
-    def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload):
+    def decode(self, vae, samples, enable_vae_tiling, tile_size, tile_overlap, force_offload) -> tuple:
         latent = finite_input("samples", samples["samples"], "Wan Decode")
         bar = ProgressBar(latent.shape[0] * latent.shape[2] if latent.dim() == 5 else 1)
         try:

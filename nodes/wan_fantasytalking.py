@@ -56,7 +56,7 @@ class WanFantasyTalkingEmbeds:
                        "The input audio cut or padded with silence to the video's length, to mux into the video.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "speech_encoder": ("SLIPSTREAM_SPEECH_ENCODER", {
                 "tooltip": "From Load Speech Encoder (wav2vec2): wav2vec2-base-960h, the encoder FantasyTalking was "
@@ -74,7 +74,7 @@ class WanFantasyTalkingEmbeds:
                                                  "turns the audio off)."}),
         }}
 
-    def encode(self, speech_encoder, audio, num_frames, frame_rate, audio_scale):
+    def encode(self, speech_encoder, audio, num_frames, frame_rate, audio_scale) -> tuple:
         if speech_encoder is None:
             raise BadSettingError(f"{NODE}: connect a speech encoder (Load Speech Encoder, wav2vec2-base-960h).")
         _check_audio(audio)

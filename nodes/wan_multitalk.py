@@ -52,7 +52,7 @@ class WanMultiTalkEmbeds:
                        "mixed at 16 kHz), cut to the video's length: connect it to Video Combine.")
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "speech_encoder": ("SLIPSTREAM_SPEECH_ENCODER", {"tooltip": "From Load Speech Encoder (wav2vec2): "
                                                                         "chinese-wav2vec2-base for MultiTalk."}),
@@ -90,7 +90,7 @@ class WanMultiTalkEmbeds:
 
     def encode(self, speech_encoder, audio_1, num_frames, frame_rate, audio_scale, normalize_loudness,
                multi_audio_type, placement, audio_2=None, mask_1=None, mask_2=None, bbox_1="", bbox_2="",
-               start_image=None):
+               start_image=None) -> tuple:
         regions = None
         if audio_2 is not None:
             regions = speaker_regions(placement, mask_1, mask_2, bbox_1, bbox_2, start_image)

@@ -30,7 +30,7 @@ class WanEnhanceVideo:
     OUTPUT_TOOLTIPS = ("Enhance-A-Video settings for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "weight": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 100.0, "step": 0.01,
                                  "tooltip": "Enhancement temperature; 0 = off. 2 suits ~81 frames."}),
@@ -40,7 +40,7 @@ class WanEnhanceVideo:
                                       "tooltip": "Last step (as a fraction of all steps) it applies to."}),
         }}
 
-    def make(self, weight, start_percent, end_percent):
+    def make(self, weight, start_percent, end_percent) -> tuple:
         return (FetaArgs(weight, start_percent, end_percent),)
 
 
@@ -55,7 +55,7 @@ class WanContextOptions:
     OUTPUT_TOOLTIPS = ("Context-window settings for the Wan Sampler.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "context_schedule": (list(SCHEDULES), {"default": SCHEDULES[0],
                                                    "tooltip": "uniform_standard: windows shift every step (seams "
@@ -76,7 +76,7 @@ class WanContextOptions:
                                                             "or a pyramid over the whole window."}),
         }}
 
-    def make(self, context_schedule, context_frames, context_stride, context_overlap, freenoise, fuse_method):
+    def make(self, context_schedule, context_frames, context_stride, context_overlap, freenoise, fuse_method) -> tuple:
         return (ContextOptions(context_schedule, context_frames, context_stride, context_overlap, freenoise,
                                fuse_method),)
 
@@ -94,7 +94,7 @@ class WanCacheArgs:
     OUTPUT_TOOLTIPS = ("Step cache settings for the Wan Sampler's cache_args input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "method": (list(CACHE_METHODS), {"default": "teacache",
                                              "tooltip": "teacache, magcache or easycache (see the help page)."}),
@@ -117,7 +117,7 @@ class WanCacheArgs:
                                     "tooltip": "magcache: fraction of the first steps that always run."}),
         }}
 
-    def make(self, method, threshold, start_step, end_step, cache_device, magcache_k=2, retention=0.2):
+    def make(self, method, threshold, start_step, end_step, cache_device, magcache_k=2, retention=0.2) -> tuple:
         threshold = float(threshold) or CACHE_DEFAULTS.get(method, 0.0)   # 0: the chosen method's own default
         return (CacheArgs(method, threshold, int(start_step), int(end_step), cache_device,
                           int(magcache_k), float(retention)),)
@@ -134,7 +134,7 @@ class WanSkipLayerGuidance:
     OUTPUT_TOOLTIPS = ("SLG settings for the Wan Sampler's slg_args input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "blocks": ("STRING", {"default": "9", "tooltip": "Block indices to skip, e.g. '9', '8,9' or '8-10' "
                                                               "(0-29 for 1.3B, 0-39 for 14B)."}),
@@ -144,7 +144,7 @@ class WanSkipLayerGuidance:
                                       "tooltip": "Part of the schedule where SLG ends."}),
         }}
 
-    def make(self, blocks, start_percent, end_percent):
+    def make(self, blocks, start_percent, end_percent) -> tuple:
         return (SLGArgs(parse_slg_blocks(blocks), float(start_percent), float(end_percent)),)
 
 
@@ -159,7 +159,7 @@ class WanGuidanceOptions:
     OUTPUT_TOOLTIPS = ("Guidance settings for the Wan Sampler's guidance_args input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "cfg_zero_star": ("BOOLEAN", {"default": True,
                                           "tooltip": "Scale the negative prediction by its optimal projection "
@@ -173,7 +173,7 @@ class WanGuidanceOptions:
                                                      "temporal RoPE frequency to retune (6 for Wan); 0 = off."}),
         }}
 
-    def make(self, cfg_zero_star, zero_init_steps, cfg_per_step, riflex_freq_index=0):
+    def make(self, cfg_zero_star, zero_init_steps, cfg_per_step, riflex_freq_index=0) -> tuple:
         return (GuidanceArgs(bool(cfg_zero_star), int(zero_init_steps), parse_cfg_list(cfg_per_step),
                              int(riflex_freq_index)),)
 
@@ -190,7 +190,7 @@ class WanNagOptions:
     OUTPUT_TOOLTIPS = ("NAG settings for the Wan Sampler's nag_args input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "nag_scale": ("FLOAT", {"default": 11.0, "min": 1.0, "max": 100.0, "step": 0.01,
                                     "tooltip": "How far the attention is pushed away from the negative prompt "
@@ -207,7 +207,7 @@ class WanNagOptions:
                                                                     "prompt."}),
         }}
 
-    def make(self, nag_scale, nag_tau, nag_alpha, nag_text_embeds=None):
+    def make(self, nag_scale, nag_tau, nag_alpha, nag_text_embeds=None) -> tuple:
         negative = None
         if nag_text_embeds is not None:
             negative = nag_text_embeds.negative

@@ -35,7 +35,7 @@ class WanSpeechModelLoader:
     OUTPUT_TOOLTIPS = ("The speech model file and its family, for the Wan Model Loader's speech_model input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         files = [f for f in list_models("diffusion_models") if not is_gguf(f)]
         return {"required": {
             "model": (files or ["(no models found)"],
@@ -43,7 +43,7 @@ class WanSpeechModelLoader:
                                   "infinitetalk_single.safetensors or fantasytalking_model.ckpt."}),
         }}
 
-    def pick(self, model):
+    def pick(self, model) -> tuple:
         return (describe_speech_model(model_path("diffusion_models", model), model.rsplit("/", 1)[-1]),)
 
 
@@ -60,7 +60,7 @@ class WanSpeechLongVideo:
     OUTPUT_TOOLTIPS = ("The video frames [num_frames, H, W, 3] in 0..1.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("SLIP_WAN_MODEL", {"tooltip": "A Wan 2.1 I2V model with the MultiTalk / InfiniteTalk speech "
                                                     "model attached (Wan Model Loader's speech_model)."}),
@@ -101,7 +101,7 @@ class WanSpeechLongVideo:
         }}
 
     def generate(self, model, vae, image_embeds, text_embeds, audio_embeds, num_frames, motion_frames, mode, steps,
-                 cfg, audio_cfg, shift, seed, scheduler, force_offload, clip_vision=None):
+                 cfg, audio_cfg, shift, seed, scheduler, force_offload, clip_vision=None) -> tuple:
         total = int(num_frames) or int(getattr(audio_embeds, "num_frames", 0))
         if mode == "auto":
             variant = getattr(getattr(model.dit, "audio_adapter", None), "variant", "multitalk")
