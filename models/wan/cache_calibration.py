@@ -30,7 +30,8 @@ TEACACHE_DEGREE = 4
 
 @dataclass
 class BranchTrace:
-    """What one CFG branch showed at each forward: e0, the block residual, the model output."""
+    """What one CFG branch showed at each forward: e0, the per-token norm of the block residual
+    ([tokens, 1]: all MagCache's ratio needs, a fraction of the residual's memory), the model output."""
 
     e0: list[torch.Tensor] = field(default_factory=list)
     residual: list[torch.Tensor] = field(default_factory=list)
@@ -72,7 +73,7 @@ class CacheRecorder:
     def _last_block(self, module, args, output):
         residual = output.detach().float() - self._start
         for row in range(residual.shape[0]):
-            self._trace(row).residual.append(residual[row].cpu())
+            self._trace(row).residual.append(residual[row].norm(dim=-1, keepdim=True).cpu())
 
     def _model_output(self, module, args, output):
         for row in range(output.shape[0]):
