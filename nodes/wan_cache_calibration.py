@@ -33,7 +33,7 @@ class WanCacheCalibrate:
                        "ratios, for the Wan Sampler's cache_args input.",)
 
     @classmethod
-    def INPUT_TYPES(cls):
+    def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("SLIP_WAN_MODEL", {"tooltip": "From the Wan Model Loader: the model to calibrate (the one "
                                                     "the Wan Sampler will run)."}),
