@@ -14,7 +14,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -287,11 +287,21 @@ def _new_staging_file(target: SaveTarget, ext: str) -> str:
     open() would (tempfile.mkstemp would make every output private, 0600). The stem is cut short in
     this name so a stem that fits the final name always fits the staging name too.
     """
+    return _claim_staging_name(target, ext, _create_empty_file)
+
+
+def _create_empty_file(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _claim_staging_name(target: SaveTarget, ext: str, create: Callable[[str], None]) -> str:
+    """The first free '.<stem>.<random>.partial.<ext>' beside the destination, made by `create`
+    (which must fail with FileExistsError when the name is taken: O_EXCL open, mkdir)."""
     short = target.stem.encode("utf-8", "surrogateescape")[:_STAGING_STEM_BYTES].decode("utf-8", "ignore")
     for _ in range(100):
         path = os.path.join(target.directory, f".{short}.{secrets.token_hex(4)}{PARTIAL_MARK}{ext.lstrip('.')}")
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            create(path)
         except FileExistsError:
             continue
         except OSError as exc:
@@ -371,18 +381,7 @@ def staged_folder(target: SaveTarget, ext: str = "frames") -> Iterator[str]:
     sequence); it is removed with its contents if the block fails. publish_folder() gives it its name."""
     _make_directory(target.directory)
     sweep_once(target.directory)
-    short = target.stem.encode("utf-8", "surrogateescape")[:_STAGING_STEM_BYTES].decode("utf-8", "ignore")
-    for _ in range(100):
-        path = os.path.join(target.directory, f".{short}.{secrets.token_hex(4)}{PARTIAL_MARK}{ext}")
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            _raise_folder_problem(exc, target.directory)
-        break
-    else:
-        raise OutputFolderError(errno.EEXIST, f"no free staging name in {target.directory}")
+    path = _claim_staging_name(target, ext, os.mkdir)
     try:
         yield path
     except OSError as exc:
