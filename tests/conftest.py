@@ -61,15 +61,24 @@ _load_repo_as_package()
 
 
 @pytest.fixture
-def workdirs(tmp_path, monkeypatch):
+def host_folders(tmp_path, monkeypatch):
+    """A function pointing the standalone host's models and input folders at given trees (shared
+    fixtures written once per module) and its output and temp folders at this test's own tmp_path."""
+    def point(models, inputs) -> None:
+        monkeypatch.setenv("SLIPSTREAM_MODELS", str(models))
+        monkeypatch.setenv("SLIPSTREAM_INPUT", str(inputs))
+        monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
+        monkeypatch.setenv("SLIPSTREAM_TEMP", str(tmp_path / "temp"))
+    return point
+
+
+@pytest.fixture
+def workdirs(tmp_path, host_folders):
     """Point the standalone host's models/output/temp/input folders at a fresh temporary tree."""
     dirs = {k: tmp_path / k for k in ("models", "output", "temp", "input")}
     for d in dirs.values():
         d.mkdir()
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(dirs["models"]))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(dirs["output"]))
-    monkeypatch.setenv("SLIPSTREAM_TEMP", str(dirs["temp"]))
-    monkeypatch.setenv("SLIPSTREAM_INPUT", str(dirs["input"]))
+    host_folders(dirs["models"], dirs["input"])
     return dirs
 
 

@@ -20,11 +20,8 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture
-def wan_dirs(tiny_models, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
-    monkeypatch.setenv("SLIPSTREAM_INPUT", str(tiny_models / "input"))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
-    monkeypatch.setenv("SLIPSTREAM_TEMP", str(tmp_path / "temp"))
+def wan_dirs(tiny_models, host_folders):
+    host_folders(tiny_models / "models", tiny_models / "input")
     return tiny_models
 
 

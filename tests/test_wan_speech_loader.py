@@ -38,11 +38,8 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture
-def wan_dirs(tiny_models, monkeypatch, tmp_path):
-    monkeypatch.setenv("SLIPSTREAM_MODELS", str(tiny_models / "models"))
-    monkeypatch.setenv("SLIPSTREAM_INPUT", str(tiny_models / "input"))
-    monkeypatch.setenv("SLIPSTREAM_OUTPUT", str(tmp_path / "output"))
-    monkeypatch.setenv("SLIPSTREAM_TEMP", str(tmp_path / "temp"))
+def wan_dirs(tiny_models, monkeypatch, host_folders):
+    host_folders(tiny_models / "models", tiny_models / "input")
     monkeypatch.setattr(speech_models, "families", lambda: toy_families("multitalk"))
     return tiny_models
 
