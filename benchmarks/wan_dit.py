@@ -64,9 +64,9 @@ def random_model(config, dtype, weight_dtype):
     """Random weights made tensor by tensor directly in their storage dtype (no fp32 detour), at
     the scale of the official init, so activations stay in a realistic range."""
     import torch
+    from slipstream.kernels.fp8 import quantize_scaled_fp8
     from slipstream.kernels.precision import is_fp8
     from slipstream.models.wan.dit import WanDiT
-    from slipstream.models.wan.layers import quantize_fp8
 
     gen = torch.Generator().manual_seed(0)
     meta = WanDiT.build_meta(config)
@@ -85,7 +85,7 @@ def random_model(config, dtype, weight_dtype):
         else:
             t = torch.randn(shape, generator=gen, dtype=dtype).mul_(0.01)
         if key in quantizable and is_fp8(weight_dtype):     # what the loader's fp8 option stores
-            sd[key], sd[key.removesuffix("weight") + "weight_scale"] = quantize_fp8(t, weight_dtype)
+            sd[key], sd[key.removesuffix("weight") + "weight_scale"] = quantize_scaled_fp8(t, weight_dtype)
         else:
             sd[key] = t.to(weight_dtype if key in quantizable else dtype)
         del t

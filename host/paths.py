@@ -280,23 +280,16 @@ def _make_directory(directory: str) -> None:
         _raise_folder_problem(exc, directory)
 
 
-def _new_staging_file(target: SaveTarget, ext: str) -> str:
-    """Create an empty, hidden '.<stem>.<random>.partial.<ext>' beside the destination.
-
-    Created with mode 0666 so the process umask decides the final permissions, exactly as a plain
-    open() would (tempfile.mkstemp would make every output private, 0600). The stem is cut short in
-    this name so a stem that fits the final name always fits the staging name too.
-    """
-    return _claim_staging_name(target, ext, _create_empty_file)
-
-
 def _create_empty_file(path: str) -> None:
+    """An empty staging file, made with mode 0666 so the process umask decides the final permissions,
+    exactly as a plain open() would (tempfile.mkstemp would make every output private, 0600)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def _claim_staging_name(target: SaveTarget, ext: str, create: Callable[[str], None]) -> str:
     """The first free '.<stem>.<random>.partial.<ext>' beside the destination, made by `create`
-    (which must fail with FileExistsError when the name is taken: O_EXCL open, mkdir)."""
+    (which must fail with FileExistsError when the name is taken: O_EXCL open, mkdir). The stem is
+    cut short in this name so a stem that fits the final name always fits the staging name too."""
     short = target.stem.encode("utf-8", "surrogateescape")[:_STAGING_STEM_BYTES].decode("utf-8", "ignore")
     for _ in range(100):
         path = os.path.join(target.directory, f".{short}.{secrets.token_hex(4)}{PARTIAL_MARK}{ext.lstrip('.')}")
@@ -363,32 +356,33 @@ def staged_file(target: SaveTarget, ext: str) -> Iterator[str]:
     The caller writes the file, then calls publish(); nothing half-written ever carries a final name.
     A full, read-only or locked folder raises OutputFolderError naming the folder and what to do.
     """
-    _make_directory(target.directory)
-    sweep_once(target.directory)
-    tmp = _new_staging_file(target, ext)
-    try:
+    with _staging(target, ext, _create_empty_file, os.unlink) as tmp:
         yield tmp
-    except OSError as exc:
-        _raise_folder_problem(exc, target.directory)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextmanager
 def staged_folder(target: SaveTarget, ext: str = "frames") -> Iterator[str]:
     """Yield an empty hidden folder beside the destination, for a result made of many files (a png
     sequence); it is removed with its contents if the block fails. publish_folder() gives it its name."""
+    with _staging(target, ext, os.mkdir, lambda path: shutil.rmtree(path, ignore_errors=True)) as path:
+        yield path
+
+
+@contextmanager
+def _staging(target: SaveTarget, ext: str, create: Callable[[str], None], remove: Callable[[str], None],
+             ) -> Iterator[str]:
+    """The staging life cycle both kinds share: folder made and swept, a hidden name claimed by
+    `create`, folder problems explained, and the staged path removed by `remove` unless published."""
     _make_directory(target.directory)
     sweep_once(target.directory)
-    path = _claim_staging_name(target, ext, os.mkdir)
+    path = _claim_staging_name(target, ext, create)
     try:
         yield path
     except OSError as exc:
         _raise_folder_problem(exc, target.directory)
     finally:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            remove(path)
 
 
 def publish_folder(tmp_dir: str, target: SaveTarget, counter: int | None = None) -> str:

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from . import hadamard
-from .fp8 import FP8_FORMAT_OF, Fp8Linear, dequantize_scaled_fp8, quantize_scaled_fp8
+from .cast_linear import Fp8Linear
+from .fp8 import FP8_FORMAT_OF, dequantize_scaled_fp8, quantize_scaled_fp8
 from .int8 import FORMAT, Int8Linear, QuantizationError, canonical_scale, quantize_weight, rotation_group_of
 from .precision import is_fp8
 

@@ -3,7 +3,9 @@
 Inside a ComfyUI that knows Anima these hand the file to ComfyUI's own loaders; inside one that
 does not (v0.8.0 predates Anima) or outside ComfyUI they build the model from models/anima/ and
 wrap it in a MODEL / CLIP / VAE with ComfyUI's method names. Either way the outputs plug into the
-AnimaFastTrain nodes and (inside ComfyUI) into core samplers and decoders.
+AnimaFastTrain nodes and (inside ComfyUI) into core samplers and decoders. What is built from a
+file is models/anima/ (the DiT and Qwen3 stream from their files; loading.py has the parts for
+ComfyUI's own DiT and the VAE's image functions); these classes only pick paths and devices.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from ..host import paths as host_paths
 from ..kernels import dram
 from ..kernels.precision import resolve_dtype
 from ..models.anima.errors import InvalidReferenceImageFile
-from ..models.checkpoint import load_state_dict
 
 CATEGORY = "Slipstream/Anima"
 WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32"]
@@ -76,25 +77,18 @@ class SlipstreamAnimaModelLoader:
         from ..models.anima.dit import AnimaDiT
         from ..models.anima.model import AnimaModel
 
-        dm = AnimaDiT.from_state_dict(load_state_dict(path), dtype=dtype, device=offload_device(), source=path)
+        dm = AnimaDiT.from_file(path, dtype=dtype, device=offload_device())
         return (host_model_value(AnimaModel(dm), compute_device(), offload_device()),)
 
 
 def _comfyui_model(comfy, path: str, dtype: torch.dtype | None):
     """ComfyUI's own Anima when it has one; else its Cosmos DiT with our adapter (see host/comfy_anima.py)."""
-    from ..models.anima.dit import STATE_DICT_PREFIXES, comfy_dit_kwargs, config_from_state_dict
-    from ..models.anima.llm_adapter import LLMAdapter, adapt_text
-    from ..models.checkpoint import CheckpointError, strip_prefix
-
     if comfy.has_native_anima():
         return comfy.load_native_model(path, dtype)
-    sd, _ = strip_prefix(load_state_dict(path), STATE_DICT_PREFIXES)
-    cfg = config_from_state_dict(sd)
-    if cfg.adapter is None:
-        raise CheckpointError(f"{path} has no llm_adapter.* tensors: it is a Cosmos-Predict2 model, not Anima.")
-    with torch.device("meta"):
-        adapter = LLMAdapter(cfg.adapter)
-    return comfy.build_anima_model(sd, dtype, comfy_dit_kwargs(cfg), adapter.to_empty(device="cpu"), adapt_text)
+    from ..models.anima.loading import comfy_dit_parts
+
+    sd, dit_kwargs, adapter, adapt_text = comfy_dit_parts(path)
+    return comfy.build_anima_model(sd, dtype, dit_kwargs, adapter, adapt_text)
 
 
 class SlipstreamAnimaTextEncoderLoader:
@@ -162,22 +156,11 @@ class SlipstreamAnimaVAELoader:
         comfy = anima_support()
         if comfy is not None:
             return (comfy.load_vae(path),)
+        from ..models.anima.loading import image_vae_functions
         from ..models.wan.vae import SPATIAL_FACTOR, WanVAE
 
         vae = WanVAE.from_file(path, device=offload_device())
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            """[B, H, W, 3] in 0..1 -> raw latents [B, 16, 1, H/8, W/8], each image on its own."""
-            h, w = (pixels.shape[1] // SPATIAL_FACTOR) * SPATIAL_FACTOR, (pixels.shape[2] // SPATIAL_FACTOR) * SPATIAL_FACTOR
-            video = (pixels[:, :h, :w].movedim(-1, 1) * 2 - 1)[:, :, None]
-            return torch.cat([vae.encode(v[None]) for v in video]).to(intermediate_device())
-
-        def decode(latent: torch.Tensor) -> torch.Tensor:
-            latent = latent[:, :, None] if latent.ndim == 4 else latent
-            video = vae.decode(latent)                                       # [B, 3, F, H, W]
-            frames = video.movedim(1, -1).flatten(0, 1)                      # [B*F, H, W, 3]
-            return ((frames + 1) / 2).clamp(0, 1).to(intermediate_device())
-
+        encode, decode = image_vae_functions(vae, intermediate_device())
         return (vae_value(vae, encode, decode, compute_device(), offload_device(), 16, SPATIAL_FACTOR),)
 
 

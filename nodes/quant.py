@@ -1,10 +1,10 @@
 """INT8 family: "Load Diffusion Model INT8 (W8A8)" and "Save INT8 Model".
 
-The loader reads any quantized dialect (models/quant_formats.py), picks the family's exclusion
-list (models/quant_presets.py), then lets the host build the model: inside ComfyUI, ComfyUI's
-own loader with our operations class (every architecture ComfyUI knows); standalone, one of our
-architectures (models/quant_build.py). The saver writes ComfyUI's official int8 layout, which
-ComfyUI's own "Load Diffusion Model" reads.
+The loader's reading and planning is models/quant_loading.py (any quantized dialect, the family's
+exclusion list, a plan per Linear); this node passes the host's device, notice and progress, then
+lets the host build the model: inside ComfyUI, ComfyUI's own loader with our operations class
+(every architecture ComfyUI knows); standalone, one of our architectures (models/quant_build.py).
+The saver writes ComfyUI's official int8 layout, which ComfyUI's own "Load Diffusion Model" reads.
 """
 
 from __future__ import annotations
@@ -31,52 +31,14 @@ from ..host import (
     ui_file,
 )
 from ..kernels.int8 import kernel_note
-from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
-from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
-from ..models.checkpoint import load_state_dict, read_metadata
-from ..models.quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
-from ..models.quant_formats import file_metadata, normalize
-from ..models.quant_presets import BY_NAME, MODEL_TYPES, detect, resolve
+from ..models.quant_formats import file_metadata
+from ..models.quant_loading import WEIGHT_DTYPES, build_own_architecture, prepare_int8_load, storage_plan
+from ..models.quant_presets import MODEL_TYPES, detect
 
 log = logging.getLogger("slipstream.int8")
 
 CATEGORY = "Slipstream/INT8"
-WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "fp16", "bf16", "fp32")
-# The INT8-Fast pack's float weight_dtype values (its workflows store them): the precision the layers that
-# stay floating point are kept and computed in.
-FLOAT_WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NO_MODELS = "(no files in models/diffusion_models)"
-
-
-def storage_plan(weight_dtype: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:
-    """(fp8 storage dtype or None, fp8 matmul on?, a note for the log) for the weight_dtype widget."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise UnsupportedDtypeError(f"Unknown weight_dtype '{weight_dtype}'. Valid choices: {', '.join(WEIGHT_DTYPES)}.")
-    if weight_dtype == "default":
-        return None, False, "float layers keep the file's precision"
-    if weight_dtype in FLOAT_WEIGHT_DTYPES:
-        return None, False, f"float layers in {weight_dtype}"
-    dtype = fp8_dtype(weight_dtype)
-    note = f"float layers stored in scaled {weight_dtype.removesuffix('_fast')}"
-    if weight_dtype == "fp8_e5m2":
-        note += " (e5m2 has half of e4m3's precision; prefer fp8_e4m3fn)"
-    fast = weight_dtype.endswith("_fast")
-    if fast:
-        missing = fp8_matmul_missing(device)
-        if missing is not None:
-            notice("Load Diffusion Model INT8 (W8A8)", f"{weight_dtype}: {missing}.")
-            note += f"; {missing}"
-            fast = False
-        else:
-            note += "; fp8 matmul on for them"
-    return dtype, fast, note
-
-
-def _float_dtypes(sd: dict, prefix: str) -> dict[str, torch.dtype]:
-    """{key under the diffusion model: dtype} of the file's float tensors, so a save writes them back
-    as they came (a host may widen some: ComfyUI keeps Wan's patch embedding in fp32)."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v.dtype for k, v in sd.items()
-            if v.is_floating_point() and v.element_size() > 1}
 
 
 class LoadDiffusionModelInt8:
@@ -134,66 +96,28 @@ class LoadDiffusionModelInt8:
                   enable_convrot: bool = True) -> tuple:
         path = model_path("diffusion_models", unet_name)
         device = compute_device()
-        storage, fast, storage_note = storage_plan(weight_dtype, device)
-        metadata = read_metadata(path)
-        sd, fmt = normalize(load_state_dict(path), metadata)
-        if weight_dtype in FLOAT_WEIGHT_DTYPES:
-            _convert_float_tensors(sd, FLOAT_WEIGHT_DTYPES[weight_dtype])
-        resolution = resolve(model_type, sd.keys())
-        if not fmt.prequantized and not on_the_fly_quantization:
+        storage = storage_plan(weight_dtype, device)
+        if storage.notice is not None:
+            notice("Load Diffusion Model INT8 (W8A8)", storage.notice)
+        load = prepare_int8_load(path, weight_dtype, storage, model_type, on_the_fly_quantization, enable_convrot,
+                                 device)
+        if not load.fmt.prequantized and not on_the_fly_quantization:
             log.warning("%s has no int8 layers and on_the_fly_quantization is off: it loads as a float model. "
                         "Turn on on_the_fly_quantization to get int8.", unet_name)
-        plan = QuantPlan(on_the_fly=bool(on_the_fly_quantization), rotation=ROTATE_ON_THE_FLY and bool(enable_convrot),
-                         exclude=resolution.rules, float_storage=storage, fp8_fast=fast,
-                         work_device=device if device.type == "cuda" else None)
-        pbar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
-        source_dtypes = _float_dtypes(sd, resolution.prefix)
-        model, report = self._build(sd, plan, metadata, resolution, device, pbar)
-        model.model.source_float_dtypes = source_dtypes
+        pbar = ProgressBar(load.linear_count)
+
+        def own_build(sd):
+            module, report = build_own_architecture(sd, load, device, on_layer=pbar.update_absolute)
+            return model_value(module, device, offload_device()), report
+
+        model, report = load_int8_diffusion_model(load.sd, load.plan, load.metadata, pbar.update_absolute,
+                                                  own_build=own_build)
+        model.model.source_float_dtypes = load.source_float_dtypes
         pbar.update_absolute(pbar.total)
         kernel = kernel_note(device, sum(1 for _, note in report.entries.values() if ", ConvRot " in note))
-        log.info("Loaded %s: %s. %s. %s; %s%s.", unet_name, resolution.message, fmt.summary(), report.summary(),
-                 storage_note, f". {kernel}" if kernel else "")
+        log.info("Loaded %s: %s. %s. %s; %s%s.", unet_name, load.resolution.message, load.fmt.summary(),
+                 report.summary(), storage.note, f". {kernel}" if kernel else "")
         return (model,)
-
-    @staticmethod
-    def _build(sd, plan, metadata, resolution, device, pbar):
-        def own_build(sd):
-            return _build_own_architecture(sd, plan, metadata, resolution, device, pbar)
-
-        return load_int8_diffusion_model(sd, plan, metadata, pbar.update_absolute, own_build=own_build)
-
-
-def _build_own_architecture(sd, plan, metadata, resolution, device, pbar):
-    """(MODEL, report) from one of our own architectures: what a host without an architecture zoo
-    (a plain process) builds the int8 model from."""
-    family = resolution.name
-    arch = standalone_architectures().get(family)
-    if arch is None:
-        title = BY_NAME[family].title if family in BY_NAME else "unrecognised"
-        supported = ", ".join(a.title for a in standalone_architectures().values())
-        raise ValueError(f"This is a {title} model. Outside ComfyUI this loader builds only our own "
-                         f"architectures ({supported}); inside ComfyUI every architecture ComfyUI supports loads.")
-    prefix = resolution.prefix
-    for key in list(sd):            # in place: build_quantized frees each tensor as it consumes it
-        value = sd.pop(key)
-        if key.startswith(prefix):
-            sd[key[len(prefix):]] = value
-    module, report = build_quantized(sd, arch, plan, metadata, device, on_layer=pbar.update_absolute)
-    wrapper = QuantizedDiffusionModel(module, family, report)
-    return model_value(wrapper, device, offload_device()), report
-
-
-def _convert_float_tensors(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Plain float tensors to `dtype`, in place, one at a time; int8, fp8 and scale tensors stay as they are
-    (their precision is the quantized format's)."""
-    for key, value in sd.items():
-        if value.dtype in (torch.float16, torch.bfloat16, torch.float32) and not key.endswith(_SCALE_SUFFIXES):
-            sd[key] = value.to(dtype)
-
-
-# Tensors that belong to a quantized layer's format (kept float32 by every producer).
-_SCALE_SUFFIXES = (".weight_scale", ".scale_weight", ".input_scale", ".scale_input")
 
 
 class SaveInt8Model:

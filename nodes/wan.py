@@ -29,20 +29,12 @@ from ..host import (
 )
 from ..host.paths import list_model_files
 from ..kernels.attention import backend_choices, require_backend
-from ..kernels.blockswap import plan_block_swap, unit_bytes
-from ..kernels.precision import (
-    UnsupportedDtypeError,
-    fp8_dtype,
-    fp8_matmul_missing,
-    resolve_dtype,
-)
-from ..kernels.quant_layer import ROTATE_ON_THE_FLY, ExclusionRules, QuantPlan, convert_linears
+from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
-from ..models.gguf_file import GGUF_EXTS, is_gguf
-from ..models.quant_presets import BY_NAME
-from ..models.wan.dit import WanDiT
-from ..models.wan.lora import merge_lora, parse_blocks, parse_lora
+from ..models.gguf_file import GGUF_EXTS
+from ..models.wan.lora import parse_blocks, parse_lora
+from ..models.wan.model_loading import QUANTIZATIONS, LoadSettings, LoraFile, load_model, log_lora_report
 from ..models.wan.pipeline import (
     RESUME_KEY,
     CompileSettings,
@@ -50,10 +42,7 @@ from ..models.wan.pipeline import (
     SamplingExtras,
     SwapSettings,
     WanModelHandle,
-    apply_compile,
-    build_host_blocks,
     sample_video_full,
-    swap_units,
 )
 from ..models.wan.sampling import SCHEDULERS
 
@@ -69,7 +58,6 @@ SPEECH_SAMPLER_INPUTS = {
                             "tooltip": "Audio guidance (official 4). 1.0 skips the no-audio pass (faster); with cfg "
                                        "above 1 too, each step runs three passes."}),
 }
-QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "int8_w8a8")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOAD_DEVICES = ("main_device", "offload_device")
 # Wan Apply LoRA's modes: shown name -> models/wan/lora_runtime mode.
@@ -250,43 +238,17 @@ class WanApplyLora:
         attached.remove()
         for item, report in zip(chain[len(model.runtime_loras):], attached.reports[len(model.runtime_loras):],
                                 strict=True):
-            _log_report(item.describe(), report)
+            log_lora_report(item.describe(), report)
         return (replace(model, runtime_loras=chain),)
 
 
-def _log_report(what: str, report) -> None:
-    """Info when a LoRA fully applies; a warning naming the fix when part of it matched nothing."""
-    if report.skipped or report.unknown:
-        log.warning("Wan: %s (%s). Keys that match nothing are ignored: check the LoRA was made for this model "
-                    "(size, t2v/i2v) and the block selection.", report.summary(), what)
-    else:
-        log.info("Wan: %s (%s)", report.summary(), what)
-
-
 # ---------------------------------------------------------------------------------- model loader
-
-
-def _weight_dtype(quantization: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    if quantization == "disabled":
-        return None
-    if quantization == "int8_w8a8":
-        return dtype  # load float (fp8 files are dequantized), then quantize the block Linears to int8
-    return fp8_dtype(quantization)
 
 
 def _diffusion_model_files() -> list[str]:
     """The diffusion_models folder's files, GGUF included (ComfyUI's own list leaves .gguf out)."""
     gguf_files = list_model_files(model_folders("diffusion_models"), GGUF_EXTS)
     return sorted(set(list_models("diffusion_models")) | set(gguf_files))
-
-
-def _load_gguf_dit(path: str, quantization: str, dtype: torch.dtype, device, attention_mode: str) -> WanDiT:
-    """A GGUF DiT: its block weights stay quantized as the file has them (per-layer dequant)."""
-    if quantization != "disabled":
-        raise UnsupportedDtypeError(f"{path.rsplit('/', 1)[-1]} is a GGUF file, already quantized; set "
-                                    f"quantization to 'disabled' (it was '{quantization}').")
-    from ..models.gguf_wan import load_wan_dit_gguf
-    return load_wan_dit_gguf(path, dtype=dtype, device=device, attention_backend=attention_mode)
 
 
 class WanModelLoader:
@@ -340,88 +302,29 @@ class WanModelLoader:
         require_backend(attention_mode)
         path = model_path("diffusion_models", model)
         device = compute_device()
-        dtype = resolve_dtype(base_precision, device)
-        weight_dtype = None if is_gguf(path) else _weight_dtype(quantization, device, dtype)
-        resident = device if load_device == "main_device" else offload_device()
-        swap = block_swap_args
-        swapping = swap is not None and (swap.blocks_to_swap > 0 or swap.offload_txt_emb or swap.offload_img_emb)
-        staging = offload_device() if (swapping or lora) else resident
-        if is_gguf(path):
-            dit = _load_gguf_dit(path, quantization, dtype, staging, attention_mode)
-        else:
-            dit = WanDiT.from_file(path, dtype=dtype, device=staging, weight_dtype=weight_dtype,
-                                   attention_backend=attention_mode)
-        if speech_model is not None:   # before LoRA, int8 and block swap: they all cover the added weights
-            from ..models.wan.speech_models import attach_speech_model
-            attach_speech_model(dit, speech_model.path)
-            log.info("Wan: %s (%s) attached", speech_model.name, speech_model.label)
-        if lora:
-            _merge_loras(dit, lora)
-        if quantization == "int8_w8a8":
-            _quantize_int8(dit, device)
-        elif quantization.endswith("_fast"):
-            missing = fp8_matmul_missing(device)
-            if missing is None:
-                log.info("Wan: fp8 matmul on for %d block Linears (%s)", dit.use_fp8_matmul(), quantization)
-            else:   # the same rule as the INT8 loader: keep the fp8 storage, say so once, loudly
-                notice("Wan Model Loader", f"{quantization}: {missing}.")
-        host_blocks = None
-        if swapping:
-            _log_swap_plan(dit, swap, device)
-            host_blocks = build_host_blocks(dit, swap)
-            host_blocks.move_rest(dit, resident)
-        else:
-            dit.to(resident)
-        if compile_args is not None:
-            apply_compile(dit, compile_args)
-        name = model.rsplit("/", 1)[-1]
-        log.info("Wan: loaded %s (%s, %s, %s)", name, dit.config.name, base_precision, quantization)
-        return (WanModelHandle(dit, name, resident, swap if swapping else None, host_blocks, quantization,
-                               tuple(entry.describe() for entry in (lora or ()))),)
+        settings = LoadSettings(
+            dtype=resolve_dtype(base_precision, device), quantization=quantization, device=device,
+            resident=device if load_device == "main_device" else offload_device(), offload=offload_device(),
+            attention_mode=attention_mode, compile=compile_args, swap=block_swap_args, speech_model=speech_model,
+            loras=tuple(LoraFile(model_path("loras", entry.name), entry.strength, entry.blocks, entry.describe())
+                        for entry in (lora or ())))
+        vram = vram_info(device) if settings.swapping else None
+        bars: list[ProgressBar] = []
 
+        def on_layer(done: int, total: int) -> None:
+            if not bars:
+                bars.append(ProgressBar(1))
+            bars[0].update_absolute(done, total)
 
-def _merge_loras(dit: WanDiT, chain) -> None:
-    """Merge each LoRA of the chain into the weights once, at load (fp8/int8 layers are patched per layer)."""
-    for entry in chain:
-        report = merge_lora(dit, load_state_dict(model_path("loras", entry.name)), entry.strength, entry.blocks)
-        _log_report(entry.describe() + " merged", report)
-
-
-# The INT8 loader's Wan rules, and a speech model's projector stays float like the other embeddings.
-_INT8_RULES = ExclusionRules.of((*BY_NAME["wan"].excluded, "audio_adapter"))
-
-
-def _quantize_int8(dit: WanDiT, device: torch.device) -> None:
-    """W8A8 for the block Linears through kernels/int8.py, with the INT8 model loader's Wan rules (the
-    embeddings, the head and the CLIP projection stay float)."""
-    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=_INT8_RULES,
-                     work_device=device if device.type == "cuda" else None)
-    bar = ProgressBar(1)
-    report = convert_linears(dit, plan, on_layer=lambda done, total: bar.update_absolute(done, total))
-    bar.close()
-    log.info("Wan: %s", report.summary())
-
-
-def _log_swap_plan(dit: WanDiT, swap: SwapSettings, device: torch.device) -> None:
-    """Tell the user what the plan costs and what the planner would pick with the VRAM free now."""
-    sizes = [unit_bytes(block) for block in dit.blocks]
-    plan = plan_block_swap(sizes, blocks_to_swap=swap.blocks_to_swap, prefetch=swap.prefetch_blocks)
-    log.info("Wan: %s", plan.describe())
-    vace = list(getattr(dit, "vace_blocks", ()))
-    if vace:   # swapped in the same share as the main blocks (models/wan/pipeline.swap_units)
-        units, swapped = swap_units(dit, swap)
-        count = sum(any(units[i] is block for block in vace) for i in swapped)
-        log.info("Wan: %d of %d VACE blocks swapped too (%.0f MiB in RAM)", count, len(vace),
-                 count * unit_bytes(vace[-1]) / 2 ** 20)
-    vram = vram_info(device)
-    if vram is not None:
-        rest = sum(p.numel() * p.element_size() for p in dit.parameters()) - sum(sizes)
         try:
-            auto = plan_block_swap(sizes, prefetch=swap.prefetch_blocks, free_vram=vram[0], reserve_bytes=rest)
-            log.info("Wan: with %.1f GiB free now, swapping %d blocks would be enough for the weights "
-                     "(leave more for activations at high resolution)", vram[0] / 1024 ** 3, auto.count)
-        except ValueError as exc:
-            log.warning("Wan: %s", exc)
+            handle = load_model(path, settings, name=model.rsplit("/", 1)[-1], on_layer=on_layer,
+                                notice=lambda message: notice("Wan Model Loader", message),
+                                free_vram=None if vram is None else vram[0])
+        finally:
+            for bar in bars:
+                bar.close()
+        log.info("Wan: loaded %s (%s, %s, %s)", handle.name, handle.dit.config.name, base_precision, quantization)
+        return (handle,)
 
 
 # ---------------------------------------------------------------------------------- sampler

@@ -8,6 +8,7 @@ in the standalone host, and tests/integration posts them to a real ComfyUI.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,15 @@ class DemoCase:
     prepare: Callable[[Path, Path], None]       # (models_root, input_root) -> writes tiny assets
     description: str                            # one line shown by `demo`
     needs_comfyui_nodes: bool = False           # True if the workflow also uses core ComfyUI nodes
+
+
+def _deferred(module: str, name: str) -> Callable[[Path, Path], None]:
+    """A prepare function that imports `name` from the pack's `module` only when a demo runs."""
+
+    def prepare(models_root: Path, input_root: Path) -> None:
+        getattr(importlib.import_module(f"..{module}", __package__), name)(models_root, input_root)
+
+    return prepare
 
 
 def demo_cases() -> list[DemoCase]:
@@ -42,10 +52,7 @@ def demo_cases() -> list[DemoCase]:
                           "Anima: train reference context tokens from one image and save them"))
 
     # Wan 2.1 video
-    def prepare_wan(models_root: Path, input_root: Path) -> None:
-        from ..models.wan.demo_assets import write_tiny_wan_models
-
-        write_tiny_wan_models(models_root, input_root)
+    prepare_wan = _deferred("models.wan.demo_assets", "write_tiny_wan_models")
 
     cases.append(DemoCase("wan_t2v", "wan_t2v_api.json", prepare_wan,
                           "Text to video with a tiny random-weight Wan 2.1 DiT, umT5 and VAE -> 9-frame mp4"))
@@ -54,25 +61,15 @@ def demo_cases() -> list[DemoCase]:
                           "its motion, with a reference image -> mp4"))
     cases.append(DemoCase("wan_i2v", "wan_i2v_api.json", prepare_wan,
                           "Image to video (CLIP vision, block swap) with tiny random-weight Wan 2.1 models -> mp4"))
-    def prepare_distill_demo(models_root: Path, input_root: Path) -> None:
-        from ..models.wan.demo_sampler_assets import prepare_distill_demo as prepare
-
-        prepare(models_root, input_root)
-
-    def prepare_a14b_demo(models_root: Path, input_root: Path) -> None:
-        from ..models.wan.demo_sampler_assets import prepare_a14b_demo as prepare
-
-        prepare(models_root, input_root)
+    prepare_distill_demo = _deferred("models.wan.demo_sampler_assets", "prepare_distill_demo")
+    prepare_a14b_demo = _deferred("models.wan.demo_sampler_assets", "prepare_a14b_demo")
 
     cases.append(DemoCase("wan_t2v_distill_teacache_slg", "wan_t2v_distill_teacache_slg_api.json",
                           prepare_distill_demo,
                           "Wan T2V with a distill LoRA, TeaCache and Skip Layer Guidance (tiny random weights) -> mp4"))
     cases.append(DemoCase("wan22_a14b_t2v", "wan22_a14b_t2v_api.json", prepare_a14b_demo,
                           "Wan 2.2 A14B T2V: high- and low-noise experts switching at the boundary (tiny) -> mp4"))
-    def prepare_fun22_control_demo(models_root: Path, input_root: Path) -> None:
-        from ..models.wan.demo_sampler_assets import prepare_fun22_control_demo as prepare
-
-        prepare(models_root, input_root)
+    prepare_fun22_control_demo = _deferred("models.wan.demo_sampler_assets", "prepare_fun22_control_demo")
 
     cases.append(DemoCase("wan22_fun_control", "wan22_fun_control_api.json", prepare_fun22_control_demo,
                           "Wan 2.2 Fun Control A14B: a tiny T2V clip re-rendered by two tiny random-weight Fun "
@@ -84,10 +81,7 @@ def demo_cases() -> list[DemoCase]:
                           "First/last-frame video (two-image CLIP context, end-frame mask) with a tiny random-weight "
                           "FLF2V DiT -> mp4"))
     # Speech-driven Wan 2.1 I2V (MultiTalk / InfiniteTalk, FantasyTalking), fed by core Load Audio
-    def prepare_speech(models_root: Path, input_root: Path) -> None:
-        from ..models.wan.demo_speech_assets import write_speech_demo
-
-        write_speech_demo(models_root, input_root)
+    prepare_speech = _deferred("models.wan.demo_speech_assets", "write_speech_demo")
 
     cases.append(DemoCase("wan_multitalk_long", "wan_multitalk_long_api.json", prepare_speech,
                           "MultiTalk streaming: a WAV through a tiny wav2vec2 and tiny MultiTalk weights, three clips "

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from slipstream import host
 from slipstream.models.checkpoint import load_state_dict
+from slipstream.models.common.loading import read_safetensors
 from slipstream.models.finite import BadSettingError, NonFiniteError, is_finite_tensor
 from slipstream.models.wan.config import tiny
 from slipstream.models.wan.demo_assets import tiny_vae_state_dict
 from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.loading import read_safetensors
 from slipstream.models.wan.pipeline import WanTextEmbeds
 from slipstream.models.wan.vae import WanVAE
 from slipstream.nodes import wan_encoders

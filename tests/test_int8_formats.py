@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from slipstream.kernels.fp8 import Fp8Linear, quantize_scaled_fp8
+from slipstream.kernels.cast_linear import Fp8Linear
+from slipstream.kernels.fp8 import quantize_scaled_fp8
 from slipstream.kernels.int8 import (
     Int8Linear,
     QuantizationError,

@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from slipstream.host.paths import ModelNotFoundError
-from slipstream.kernels.fp8 import Fp8Linear, quantize_scaled_fp8
+from slipstream.kernels.cast_linear import Fp8Linear
+from slipstream.kernels.fp8 import quantize_scaled_fp8
 from slipstream.kernels.int8 import Int8Linear, decode_comfy_quant
 from slipstream.kernels.precision import UnsupportedDtypeError
 from slipstream.models.checkpoint import CheckpointError

@@ -1,4 +1,4 @@
-"""The README's node table and commands stay true to the code."""
+"""The README's node table and commands stay true to the code, so a reader can trust it without running anything."""
 
 from __future__ import annotations
 

@@ -308,27 +308,27 @@ def test_bad_inputs_get_clear_errors():
 
 
 def test_cast_linear_fp8_matmul_path(monkeypatch):
-    from slipstream.models.wan import layers
+    from slipstream.kernels import cast_linear, fp8
 
     g = torch.Generator().manual_seed(0)
-    lin = layers.CastLinear(64, 32)
+    lin = cast_linear.CastLinear(64, 32)
     with torch.no_grad():
         lin.weight.normal_(generator=g)
-        q, scale = layers.quantize_fp8(lin.weight.detach(), torch.float8_e4m3fn)
+        q, scale = fp8.quantize_scaled_fp8(lin.weight.detach(), torch.float8_e4m3fn)
     lin.weight = torch.nn.Parameter(q, requires_grad=False)
     lin.weight_scale = scale
     x = torch.randn(3, 5, 64, generator=g).bfloat16()
     widened = lin(x)
     assert lin.use_fp8_matmul()
     assert torch.equal(lin(x), widened)            # this CPU is no fp8-matmul GPU: the widening path runs
-    monkeypatch.setattr(layers, "fp8_matmul_usable", lambda x, w: True)
+    monkeypatch.setattr(fp8, "fp8_matmul_usable", lambda x, w: True)
     fast = lin(x)                                  # torch's CPU _scaled_mm: the fp8 × fp8 product
     assert fast.dtype == torch.bfloat16 and fast.shape == widened.shape and not torch.equal(fast, widened)
     assert (fast.float() - widened.float()).norm() / widened.float().norm() < 0.08
     assert torch.equal(lin(x.float()), F.linear(x.float(), lin.dequantize(torch.float32), lin.bias))  # fp32: widen
     lin.weight_scale = scale.expand(32, 1).clone()       # per-row scales: _scaled_mm takes tensorwise only
     assert not lin.use_fp8_matmul()
-    assert not layers.CastLinear(64, 32).use_fp8_matmul()     # float storage has nothing to multiply in fp8
+    assert not cast_linear.CastLinear(64, 32).use_fp8_matmul()     # float storage has nothing to multiply in fp8
 
 
 # ------------------------------------------------------------------------------------ Wan 2.2

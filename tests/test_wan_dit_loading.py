@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from slipstream.kernels.cast_linear import CastLinear
 from slipstream.models.checkpoint import CheckpointError
 from slipstream.models.wan.config import tiny
 from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.layers import CastLinear
 
 FP8 = torch.float8_e4m3fn
 

@@ -220,20 +220,20 @@ def test_fp8_fast_falls_back_to_plain_fp8_with_a_notice_where_the_device_cannot(
 
 
 def test_fp8_fast_multiplies_in_fp8_where_the_device_can(wan_dirs, monkeypatch):
-    from slipstream.models.wan import layers
-    from slipstream.nodes import wan as wan_nodes
+    from slipstream.kernels import fp8
+    from slipstream.models.wan import model_loading
 
     calls = []
-    real_linear = layers.fp8_linear
+    real_linear = fp8.fp8_linear
 
     def spy(x, weight, scale, bias, fast=False):
         calls.append(fast)
         return real_linear(x, weight, scale, bias, fast)
 
     # This CPU stands in for an fp8-capable GPU: torch's CPU _scaled_mm runs the same fp8 math.
-    monkeypatch.setattr(wan_nodes, "fp8_matmul_missing", lambda device: None)
-    monkeypatch.setattr(layers, "fp8_matmul_usable", lambda x, w: w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
-    monkeypatch.setattr(layers, "fp8_linear", spy)
+    monkeypatch.setattr(model_loading, "fp8_matmul_missing", lambda device: None)
+    monkeypatch.setattr(fp8, "fp8_matmul_usable", lambda x, w: w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
+    monkeypatch.setattr(fp8, "fp8_linear", spy)
     (model,) = _node("SlipstreamWanModelLoader")(assets.DIT_T2V, "bf16", "fp8_e4m3fn_fast", "main_device")
     ffn = model.dit.blocks[0].ffn[0]
     assert ffn.weight.dtype == torch.float8_e4m3fn and ffn.fp8_matmul

@@ -265,12 +265,12 @@ def test_bad_vace_context_shapes_get_clear_errors():
 
 
 def test_int8_w8a8_covers_the_vace_blocks():
-    from slipstream.nodes.wan import _quantize_int8
+    from slipstream.models.wan.model_loading import quantize_int8
 
     cfg = small()
     sd = random_state_dict(cfg, seed=1)
     model, ref = build(cfg, sd), build(cfg, sd)
-    _quantize_int8(model, torch.device("cpu"))
+    quantize_int8(model, torch.device("cpu"))
     assert type(model.vace_blocks[0].before_proj).__name__ == "Int8Linear"
     assert type(model.vace_blocks[1].ffn[0]).__name__ == "Int8Linear"
     x, t, ctx, vace = make_inputs(cfg, batch=1)

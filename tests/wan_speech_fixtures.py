@@ -11,10 +11,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 import torch
+from slipstream.kernels.cast_linear import CastLinear
 from slipstream.models.wan import config as wan_config
 from slipstream.models.wan.audio_hooks import AudioAdapter
 from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.layers import CastLinear
 from slipstream.models.wan.pipeline import WanImageEmbeds, WanModelHandle, WanTextEmbeds
 from slipstream.models.wan.speech_models import SpeechFamily
 

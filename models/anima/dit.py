@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import CheckpointError, strip_prefix
 from ..common.layers import RMSNorm, rope_inv_freqs
-from ..common.state_dict import count_numbered, load_built_on_meta
-from .layers import CastLinear, apply_rope, cos_sin
+from ..common.state_dict import count_numbered, load_built_on_meta, load_file_built_on_meta
+from .layers import apply_rope, cos_sin
 from .llm_adapter import AdapterConfig, LLMAdapter, adapt_text
 
 log = logging.getLogger("slipstream.anima")
@@ -309,14 +310,33 @@ class AnimaDiT(nn.Module):
                         device: torch.device | str = "cpu", source: str | None = None) -> AnimaDiT:
         """Build the model a checkpoint describes (config read from its shapes) and load it; `source`
         (the file) is named in errors."""
-        sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
+        sd = _model_tensors(sd)
+        return load_built_on_meta(cls._factory(sd), sd, _what(source), dtype, device)
+
+    @classmethod
+    def from_file(cls, path: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> AnimaDiT:
+        """`from_state_dict` of a checkpoint file, read tensor by tensor into the final dtype (the
+        file is never held in RAM beside the model)."""
+        return load_file_built_on_meta(path, _model_tensors, cls._factory, _what(path), dtype, device)
+
+    @classmethod
+    def _factory(cls, sd: Mapping[str, torch.Tensor]) -> Callable[[], AnimaDiT]:
         cfg = config_from_state_dict(sd)
-        ignored = [k for k in sd if k.startswith(_IGNORED_KEY_PREFIXES)]
-        if ignored:
-            sd = {k: v for k, v in sd.items() if k not in ignored}
-            log.info("Anima: ignored %d non-model tensors (%s …)", len(ignored), ignored[0])
-        what = "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)" + (f" in {source}" if source else "")
-        return load_built_on_meta(lambda: cls(cfg), sd, what, dtype, device)
+        return lambda: cls(cfg)
+
+
+def _model_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DiT's tensors of a checkpoint, keyed as the model names them (values untouched)."""
+    sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
+    ignored = [k for k in sd if k.startswith(_IGNORED_KEY_PREFIXES)]
+    if ignored:
+        sd = {k: v for k, v in sd.items() if k not in ignored}
+        log.info("Anima: ignored %d non-model tensors (%s …)", len(ignored), ignored[0])
+    return sd
+
+
+def _what(source: str | None) -> str:
+    return "the Anima DiT (Cosmos-Predict2 MiniTrainDIT + LLM adapter)" + (f" in {source}" if source else "")
 
 
 def comfy_dit_kwargs(cfg: AnimaConfig) -> dict:

@@ -1,5 +1,6 @@
 """Small building blocks shared by the Anima DiT, its LLM adapter and the Qwen3 text encoder
-(the RMS norm and RoPE's frequencies, which Wan uses too, are in models/common/layers.py).
+(the RMS norm and RoPE's frequencies, which Wan uses too, are in models/common/layers.py; the
+Linear every family shares is kernels/cast_linear.py).
 
 Weights may be stored in a narrower dtype than the one a forward pass computes in (bf16 or fp8
 storage, fp32 training), so every weight is cast to the input's dtype at use — the same contract
@@ -14,16 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.layers import rope_inv_freqs
-
-
-class CastLinear(nn.Linear):
-    """nn.Linear whose weight (and bias) follow the input's dtype and device at call time (so a layer
-    ComfyUI's partial load left in RAM still computes, on the input's device)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(device=x.device, dtype=x.dtype)
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return F.linear(x, weight, bias)
 
 
 class CastEmbedding(nn.Embedding):

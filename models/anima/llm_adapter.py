@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
 from ..common.layers import RMSNorm
-from .layers import CastEmbedding, CastLinear, apply_rope, cos_sin, rope_angles
+from .layers import CastEmbedding, apply_rope, cos_sin, rope_angles
 
 T5_VOCAB = 32128
 CONTEXT_MIN_LENGTH = 512   # Anima is trained on contexts zero-padded to 512 rows; shorter ones give black images

@@ -9,17 +9,18 @@ KV heads and RoPE (theta 1e6), as Qwen3-0.6B: 28 layers, hidden 1024, 16 query /
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import CheckpointError, strip_prefix
 from ..common.layers import RMSNorm
-from ..common.state_dict import count_numbered, load_built_on_meta
-from .layers import CastEmbedding, CastLinear, apply_rope, cos_sin, rope_angles
+from ..common.state_dict import count_numbered, load_built_on_meta, load_file_built_on_meta
+from .layers import CastEmbedding, apply_rope, cos_sin, rope_angles
 
 STATE_DICT_PREFIXES = ("text_encoders.qwen3_06b.transformer.", "qwen3_06b.transformer.", "transformer.")
 
@@ -122,11 +123,29 @@ class Qwen3Encoder(nn.Module):
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", source: str | None = None) -> Qwen3Encoder:
         """The encoder a checkpoint describes; `source` (the file) is named in errors."""
-        sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}   # the encoder stops before the LM head
+        sd = _encoder_tensors(sd)
+        return load_built_on_meta(cls._factory(sd), sd, _what(source), dtype, device)
+
+    @classmethod
+    def from_file(cls, path: str, dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> Qwen3Encoder:
+        """`from_state_dict` of a checkpoint file, read tensor by tensor into the final dtype."""
+        return load_file_built_on_meta(path, _encoder_tensors, cls._factory, _what(path), dtype, device)
+
+    @classmethod
+    def _factory(cls, sd: Mapping[str, torch.Tensor]) -> Callable[[], Qwen3Encoder]:
         cfg = qwen3_config_from_state_dict(sd)
-        what = "the Qwen3 text encoder" + (f" in {source}" if source else "")
-        return load_built_on_meta(lambda: cls(cfg), sd, what, dtype, device)
+        return lambda: cls(cfg)
+
+
+def _encoder_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's tensors of a checkpoint, keyed as the model names them (values untouched)."""
+    sd, _ = strip_prefix(sd, STATE_DICT_PREFIXES)
+    return {k: v for k, v in sd.items() if k != "lm_head.weight"}   # the encoder stops before the LM head
+
+
+def _what(source: str | None) -> str:
+    return "the Qwen3 text encoder" + (f" in {source}" if source else "")
 
 
 def qwen3_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Qwen3Config:

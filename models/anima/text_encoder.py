@@ -132,9 +132,6 @@ def find_tokenizer_dirs(search_dirs: list[str]) -> tuple[str, str]:
 def load_text_encoder(path: str, search_dirs: list[str], dtype: torch.dtype | None = None,
                       device: torch.device | str = "cpu") -> AnimaTextEncoder:
     """Qwen3 weights from `path` plus the tokenizers found in `search_dirs`."""
-    from ..checkpoint import load_state_dict
-
     qwen_dir, t5_dir = find_tokenizer_dirs(search_dirs)
-    model = Qwen3Encoder.from_state_dict(load_state_dict(path, device=device), dtype=dtype, device=device,
-                                        source=path)
+    model = Qwen3Encoder.from_file(path, dtype=dtype, device=device)
     return AnimaTextEncoder(model, ByteLevelBPE.from_dir(qwen_dir), Unigram.from_dir(t5_dir))

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import CheckpointError
 from ..common.state_dict import count_numbered
-from ..wan.layers import CastLinear, FP32LayerNorm
+from ..wan.layers import FP32LayerNorm
 from ..wan.weights import LoadableEncoder, Recipe, Source
 
 Progress = Callable[[int, int], None]

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import CheckpointError
 from ..common.state_dict import count_numbered
-from .layers import CastLinear, FP32LayerNorm
+from .layers import FP32LayerNorm
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 
 Progress = Callable[[int, int], None]

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ...kernels.attention import attention, require_backend
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import (
     PICKLE_EXTS,
     check_state_dict,
@@ -62,10 +63,7 @@ from ..checkpoint import (
     read_safetensors_header,
     refuse_non_float,
 )
-from .audio_hooks import AudioAdapter, AudioConditioning, BlockAudio, check_conditioning
-from .config import WanDiTConfig, detect_config, file_hint, strip_dit_prefix
-from .layers import CastLinear, FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
-from .loading import (
+from ..common.loading import (
     allocate_outputs,
     assign_weights,
     plan_dtypes,
@@ -73,6 +71,9 @@ from .loading import (
     safetensors_dtype,
     split_weight_scales,
 )
+from .audio_hooks import AudioAdapter, AudioConditioning, BlockAudio, check_conditioning
+from .config import WanDiTConfig, detect_config, file_hint, strip_dit_prefix
+from .layers import FP32LayerNorm, RMSNorm, apply_rope, rope_cos_sin, sinusoidal_embedding
 from .nag import BlockNag
 
 # fn(q, k, grid) -> scale for the self-attention output (see the module docstring).

@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import PICKLE_EXTS, CheckpointError, check_state_dict, load_state_dict
 from .audio_hooks import AudioAdapter, AudioConditioning
-from .layers import CastLinear
 
 FAMILY = "fantasytalking"
 EXPAND_TOKENS = 4              # official `expand_length`: tokens added on both sides of every window

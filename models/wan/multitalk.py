@@ -40,6 +40,8 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
+from ...kernels.precision import is_fp8
 from ..checkpoint import (
     PICKLE_EXTS,
     CheckpointError,
@@ -48,12 +50,18 @@ from ..checkpoint import (
     read_safetensors_header,
     refuse_non_float,
 )
+from ..common.loading import (
+    DtypePlan,
+    allocate_outputs,
+    assign_weights,
+    read_safetensors,
+    split_weight_scales,
+)
 from .audio_hooks import AudioAdapter, AudioConditioning
 from .config import known_name
 from .dit import WanDiT
 from .errors import WanInputError
-from .layers import FP8_MAX, CastLinear, FP32LayerNorm
-from .loading import DtypePlan, allocate_outputs, assign_weights, read_safetensors, split_weight_scales
+from .layers import FP32LayerNorm
 from .multitalk_attention import MultiTalkAudioAttention, MultiTalkBlockAudio
 from .multitalk_conditioning import AUDIO_WINDOW, FAMILY, MultiTalkConditioning, audio_windows, token_regions
 
@@ -270,7 +278,7 @@ class MultiTalkAdapter(AudioAdapter):
         compute = dtype or dit.compute_dtype
         block_linears = [k for k in expected if ".audio_cross_attn." in k and k.endswith(".weight")]
         dit_storage = dit.blocks[0].self_attn.q.weight.dtype
-        plan = DtypePlan(compute, dit_storage if dit_storage in FP8_MAX else compute, frozenset(block_linears))
+        plan = DtypePlan(compute, dit_storage if is_fp8(dit_storage) else compute, frozenset(block_linears))
         stored = {k: v.dtype for k, v in weights.items()}
         # where the blocks live (RAM for a block-swapped model): no detour through the GPU for 2.4 B weights
         device = dit.blocks[0].self_attn.q.weight.device

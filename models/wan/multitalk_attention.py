@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..common.layers import rope_inv_freqs
-from .layers import CastLinear, apply_rope
+from .layers import apply_rope
 
 if TYPE_CHECKING:
     from .dit import BlockInputs

@@ -100,20 +100,15 @@ class LCMSolver(Solver):
         return (1.0 - s_next) * x0 + s_next * self._fresh_noise(x)
 
 
-class DPMPPSDESolver(Solver):
-    """DPM-Solver++(2M) SDE (eta 1, midpoint), data prediction in λ = log(α/σ):
-    x' = (σ'/σ)e^{−h}x + α'(1 − e^{−2h})x0 [+ ½α'(1 − e^{−2h})(x0 − x0_prev)/r] + σ'√(1 − e^{−2h})·z."""
+class _LambdaSDESolver(Solver):
+    """The step the DPM-Solver++ SDE family shares, in λ = log(α/σ) with eta 1 and h = λ' − λ:
+    x' = (σ'/σ)e^{−h}x + α'(1 − e^{−2h})x0 + [the solver's history terms] + σ'√(1 − e^{−2h})·z;
+    the step to σ = 0 returns x0. Subclasses add their history terms and keep what they need."""
 
     stochastic = True
 
-    def __init__(self, sigmas):
-        super().__init__(sigmas)
-        self.prev_x0: torch.Tensor | None = None
-        self.prev_h: float | None = None
-
     def _update(self, v, x):
-        i = self.index
-        s, s_next = self.sigmas[i], self.sigmas[i + 1]
+        s, s_next = self.sigmas[self.index], self.sigmas[self.index + 1]
         x0 = self.denoised(v, x)
         if s_next <= 0.0:
             out = x0
@@ -122,13 +117,42 @@ class DPMPPSDESolver(Solver):
             alpha_next = 1.0 - s_next
             weight = -math.expm1(-2.0 * h)
             out = (s_next / s) * math.exp(-h) * x + alpha_next * weight * x0
-            if self.prev_x0 is not None:
-                r = self.prev_h / h
-                out = out + 0.5 * alpha_next * weight * (x0 - self.prev_x0) / r
+            out = self._history_terms(out, x0, h, alpha_next, weight)
             out = out + s_next * math.sqrt(weight) * self._fresh_noise(x)
-            self.prev_h = h
-        self.prev_x0 = x0
+            self._remember_h(h)
+        self._remember_x0(x0)
         return out
+
+    def _history_terms(self, out, x0, h: float, alpha_next: float, weight: float):
+        raise NotImplementedError
+
+    def _remember_h(self, h: float) -> None:
+        raise NotImplementedError
+
+    def _remember_x0(self, x0) -> None:
+        raise NotImplementedError
+
+
+class DPMPPSDESolver(_LambdaSDESolver):
+    """DPM-Solver++(2M) SDE (eta 1, midpoint), data prediction in λ = log(α/σ):
+    x' = (σ'/σ)e^{−h}x + α'(1 − e^{−2h})x0 [+ ½α'(1 − e^{−2h})(x0 − x0_prev)/r] + σ'√(1 − e^{−2h})·z."""
+
+    def __init__(self, sigmas):
+        super().__init__(sigmas)
+        self.prev_x0: torch.Tensor | None = None
+        self.prev_h: float | None = None
+
+    def _history_terms(self, out, x0, h, alpha_next, weight):
+        if self.prev_x0 is not None:
+            r = self.prev_h / h
+            out = out + 0.5 * alpha_next * weight * (x0 - self.prev_x0) / r
+        return out
+
+    def _remember_h(self, h):
+        self.prev_h = h
+
+    def _remember_x0(self, x0):
+        self.prev_x0 = x0
 
 
 def _er_noise_scaler(lam: float) -> float:
@@ -183,7 +207,7 @@ class ERSDESolver(Solver):
         return out
 
 
-class DPMPP3MSDESolver(Solver):
+class DPMPP3MSDESolver(_LambdaSDESolver):
     """DPM-Solver++(3M) SDE (eta 1), data prediction in λ = log(α/σ), as k-diffusion's dpmpp_3m_sde:
     with h = λ' − λ, η-scaled ĥ = 2h and φ₂ = (e^{−ĥ} − 1)/ĥ + 1, φ₃ = φ₂/ĥ − ½,
     x' = (σ'/σ)e^{−h}x + α'(1 − e^{−ĥ})x0 + α'φ₂·D1 − α'φ₃·D2 + σ'√(1 − e^{−2h})·z,
@@ -191,36 +215,28 @@ class DPMPP3MSDESolver(Solver):
     d₀ = (x0 − x0₋₁)/r₀, d₁ = (x0₋₁ − x0₋₂)/r₁, D1 = d₀ + (d₀ − d₁)·r₀/(r₀ + r₁), D2 = (d₀ − d₁)/(r₀ + r₁);
     with two x0 known only α'φ₂·d₀, with one neither. The step to σ = 0 returns x0."""
 
-    stochastic = True
-
     def __init__(self, sigmas):
         super().__init__(sigmas)
         self.x0s: list[torch.Tensor] = []    # previous x0 predictions, newest last (at most 2)
         self.hs: list[float] = []            # their steps' h, newest last
 
-    def _update(self, v, x):
-        i = self.index
-        s, s_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = self.denoised(v, x)
-        if s_next <= 0.0:
-            out = x0
-        else:
-            h = _lambda(s_next) - _lambda(s)
-            h_eta = 2.0 * h
-            alpha_next = 1.0 - s_next
-            out = (s_next / s) * math.exp(-h) * x + alpha_next * -math.expm1(-h_eta) * x0
-            phi2 = math.expm1(-h_eta) / h_eta + 1.0
-            if len(self.x0s) == 2:
-                r0, r1 = self.hs[-1] / h, self.hs[-2] / h
-                d0 = (x0 - self.x0s[-1]) / r0
-                d1 = (self.x0s[-1] - self.x0s[-2]) / r1
-                first = d0 + (d0 - d1) * (r0 / (r0 + r1))
-                second = (d0 - d1) / (r0 + r1)
-                phi3 = phi2 / h_eta - 0.5
-                out = out + (alpha_next * phi2) * first - (alpha_next * phi3) * second
-            elif len(self.x0s) == 1:
-                out = out + (alpha_next * phi2) * ((x0 - self.x0s[-1]) / (self.hs[-1] / h))
-            out = out + s_next * math.sqrt(-math.expm1(-2.0 * h)) * self._fresh_noise(x)
-            self.hs = (self.hs + [h])[-2:]
-        self.x0s = (self.x0s + [x0])[-2:]
+    def _history_terms(self, out, x0, h, alpha_next, weight):
+        h_eta = 2.0 * h
+        phi2 = math.expm1(-h_eta) / h_eta + 1.0
+        if len(self.x0s) == 2:
+            r0, r1 = self.hs[-1] / h, self.hs[-2] / h
+            d0 = (x0 - self.x0s[-1]) / r0
+            d1 = (self.x0s[-1] - self.x0s[-2]) / r1
+            first = d0 + (d0 - d1) * (r0 / (r0 + r1))
+            second = (d0 - d1) / (r0 + r1)
+            phi3 = phi2 / h_eta - 0.5
+            out = out + (alpha_next * phi2) * first - (alpha_next * phi3) * second
+        elif len(self.x0s) == 1:
+            out = out + (alpha_next * phi2) * ((x0 - self.x0s[-1]) / (self.hs[-1] / h))
         return out
+
+    def _remember_h(self, h):
+        self.hs = (self.hs + [h])[-2:]
+
+    def _remember_x0(self, x0):
+        self.x0s = (self.x0s + [x0])[-2:]

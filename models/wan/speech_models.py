@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ...kernels.cast_linear import CastLinear
+from ...kernels.fp8 import quantize_scaled_fp8
 from ...kernels.precision import is_fp8
 from ..checkpoint import PICKLE_EXTS, load_state_dict, read_safetensors_header
 from .audio_hooks import AudioAdapter
 from .dit import WanDiT
 from .fantasytalking import FantasyTalkingAdapter, is_fantasytalking_file
-from .layers import CastLinear, quantize_fp8
 from .multitalk import MultiTalkAdapter, is_multitalk_file
 
 FAMILY_LABELS = {"multitalk": "MultiTalk / InfiniteTalk", "fantasytalking": "FantasyTalking"}
@@ -144,7 +145,7 @@ def attach_speech_model(dit: WanDiT, path: str) -> AudioAdapter:
         for module in added.values():
             module.to(device)
             if storage is not None and is_fp8(storage) and module.weight.dtype != storage:
-                weight, scale = quantize_fp8(module.weight, storage)
+                weight, scale = quantize_scaled_fp8(module.weight, storage)
                 module.weight = torch.nn.Parameter(weight, requires_grad=False)
                 module.weight_scale = scale.to(device)
         adapter.to(device)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from ...kernels.attention import attention
+from ...kernels.cast_linear import CastLinear
 from ..checkpoint import CheckpointError
 from ..common.layers import RMSNorm
 from ..common.state_dict import count_numbered
-from .layers import CastLinear
 from .tokenizer import TokenBatch
 from .weights import LoadableEncoder, Recipe, Source, identity_recipe, rename
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
 from .config import WanDiTConfig, tiny
 from .dit import BlockInputs, BlockRunner, WanBlock, WanDiT, run_block
-from .layers import CastLinear
 
 VACE_IN_DIM = 96           # 16 inactive + 16 reactive latent channels + 64 mask channels
 MASK_CHANNELS = 64         # 8 × 8 pixels per latent cell

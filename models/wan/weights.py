@@ -4,7 +4,7 @@ The same tower ships under different names (official, ComfyUI/HF, open_clip, kij
 prefix, all-in-one files with `vae.` / `text_encoders.umt5xxl.transformer.` prefixes), sometimes
 with q/k/v split where we keep them fused, sometimes as scaled fp8. Each model describes its
 layouts as *recipes* — model key <- the file key(s) it is made of — and this module does the rest
-the DiT loader does too (it reuses `loading.py`): locate the tower by an anchor key under any
+the DiT loader does too (it reuses models/common/loading.py): locate the tower by an anchor key under any
 prefix, check every name and shape against the meta-built model (computed from the header, before
 any tensor is read), then stream the tensors one by one into their final dtype and device and let
 the model adopt them. Nothing holds a second copy of the weights. `LoadableEncoder` is the one
@@ -22,6 +22,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
 from ...kernels.precision import is_fp8
 from ..checkpoint import (
     PICKLE_EXTS,
@@ -30,8 +31,7 @@ from ..checkpoint import (
     load_state_dict,
     read_safetensors_header,
 )
-from .layers import CastLinear
-from .loading import (
+from ..common.loading import (
     DtypePlan,
     assign_weights,
     plan_dtypes,

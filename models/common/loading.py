@@ -1,5 +1,9 @@
 """Loading a module's weights without a second copy in RAM, and the storage-dtype plan.
 
+Every family's own loaders use it (Wan's DiT, encoders and speech models, Anima's DiT and Qwen3
+through models/common/state_dict.load_file_built_on_meta), so a checkpoint costs about its
+loaded size in RAM whatever the model.
+
 The recipe: build the module on the `meta` device (no memory); allocate every output tensor up
 front in its final dtype and device; read the checkpoint one tensor at a time straight into its
 output (or into one reused scratch buffer when it must be converted, then convert in small
@@ -22,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...kernels.cast_linear import CastLinear
+from ...kernels.fp8 import as_weight_scale, dequantize_into, quantize_scaled_fp8
 from ...kernels.precision import is_fp8
 from ..checkpoint import CheckpointError, read_safetensors_header
 from ..finite import check_tensor
-from .layers import CastLinear, as_weight_scale, dequantize_into, quantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -112,14 +117,14 @@ def split_weight_scales(entries: Mapping[str, object]) -> tuple[dict[str, object
 class DtypePlan:
     """Which dtype each loaded tensor gets: `weight_dtype` for the big matmul weights, `dtype` for the rest."""
 
-    dtype: torch.dtype                 # compute dtype and storage of every other float tensor
-    weight_dtype: torch.dtype          # storage of the quantizable Linear weights (may be fp8)
+    dtype: torch.dtype | None          # compute dtype and storage of every other float tensor (None: as stored)
+    weight_dtype: torch.dtype | None   # storage of the quantizable Linear weights (may be fp8)
     quantizable: frozenset[str]        # state-dict keys that get weight_dtype
 
     def target(self, key: str, stored: torch.dtype) -> torch.dtype:
         if not stored.is_floating_point:
             return stored
-        return self.weight_dtype if key in self.quantizable else self.dtype
+        return (self.weight_dtype if key in self.quantizable else self.dtype) or stored
 
 
 def plan_dtypes(dtype: torch.dtype | None, weight_dtype: torch.dtype | None, reference: torch.dtype,
@@ -166,7 +171,7 @@ def fill_output(out: torch.Tensor | None, tensor: torch.Tensor, device: torch.de
         return tensor.to(device=device or tensor.device), file_scale
     if out is not tensor:
         if is_fp8(out.dtype) and tensor.dtype != out.dtype:
-            return quantize_fp8(tensor, out.dtype, out=out, source_scale=file_scale)
+            return quantize_scaled_fp8(tensor, out.dtype, out=out, source_scale=file_scale)
         if file_scale is not None and not is_fp8(out.dtype):
             dequantize_into(out, tensor, file_scale)
             return out, None
@@ -194,7 +199,7 @@ def assign_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]
     state: dict[str, torch.Tensor | None] = dict.fromkeys(keys or ())
     slot_device = torch.device(device) if device is not None else torch.device("cpu")
     slots = ({key.rsplit(".", 1)[0]: torch.empty((), dtype=torch.float32, device=slot_device)
-              for key in plan.quantizable} if is_fp8(plan.weight_dtype) else {})
+              for key in plan.quantizable} if plan.weight_dtype is not None and is_fp8(plan.weight_dtype) else {})
     kept_scales: dict[str, torch.Tensor | None] = dict.fromkeys(slots)
     for key, tensor in tensors:
         layer = key.rsplit(".", 1)[0]
