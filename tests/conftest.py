@@ -96,3 +96,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """The tiny random-weight Wan 2.1 VAE on the CPU, as the sampler and encoder tests take it (one per
+    module; a test file with a VAE of its own defines its own `vae`)."""
+    import torch
+    from slipstream.models.wan.demo_assets import tiny_vae_state_dict
+    from slipstream.models.wan.encoders import WanVAEHandle
+    from slipstream.models.wan.vae import WanVAE
+
+    return WanVAEHandle(WanVAE.from_state_dict(tiny_vae_state_dict()), "tiny", torch.device("cpu"))

@@ -19,9 +19,7 @@ from slipstream.models.wan.config import (
     detect_config,
     strip_dit_prefix,
 )
-from slipstream.models.wan.demo_assets import tiny_vae_state_dict
 from slipstream.models.wan.dit import WanDiT, random_state_dict
-from slipstream.models.wan.encoders import WanVAEHandle
 from slipstream.models.wan.pipeline import (
     SamplerSettings,
     WanImageEmbeds,
@@ -29,7 +27,7 @@ from slipstream.models.wan.pipeline import (
     WanTextEmbeds,
     sample_video,
 )
-from slipstream.models.wan.vae import WanVAE, normalize_latent
+from slipstream.models.wan.vae import normalize_latent
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
 from test_wan_dit import reference_forward  # noqa: E402
@@ -37,11 +35,6 @@ from test_wan_dit import reference_forward  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
 TEXT_DIM, CLIP_DIM = 32, 48
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return WanVAEHandle(WanVAE.from_state_dict(tiny_vae_state_dict()), "tiny", CPU)
 
 
 def _fun_control_config(layers=2):

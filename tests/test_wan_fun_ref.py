@@ -25,7 +25,6 @@ from slipstream.models.wan.config import (
     file_hint,
     strip_dit_prefix,
 )
-from slipstream.models.wan.demo_assets import tiny_vae_state_dict
 from slipstream.models.wan.denoiser import SamplingExtras, WanDenoiser
 from slipstream.models.wan.dit import WanDiT, random_state_dict
 from slipstream.models.wan.encoders import WanVAEHandle
@@ -38,7 +37,7 @@ from slipstream.models.wan.pipeline import (
     WanTextEmbeds,
     sample_video,
 )
-from slipstream.models.wan.vae import WanVAE, normalize_latent
+from slipstream.models.wan.vae import normalize_latent
 from slipstream.models.wan.vae22 import TINY_VAE22, Wan22VAE
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib: helpers beside us
@@ -47,11 +46,6 @@ from test_wan_dit import reference_forward  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")
 TEXT_DIM, CLIP_DIM = 32, 48
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return WanVAEHandle(WanVAE.from_state_dict(tiny_vae_state_dict()), "tiny", CPU)
 
 
 def _fun22_control(layers=2, text_dim=TEXT_DIM):

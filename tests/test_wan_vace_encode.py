@@ -6,18 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from slipstream import NODE_CLASS_MAPPINGS as N
-from slipstream.models.wan.demo_assets import tiny_vae_state_dict
-from slipstream.models.wan.encoders import WanVAEHandle
-from slipstream.models.wan.vae import WanVAE, normalize_latent
+from slipstream.models.wan.vae import normalize_latent
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def vae():
-    return WanVAEHandle(WanVAE.from_state_dict(tiny_vae_state_dict()), "tiny", CPU)
 
 
 def encode(vae, width=32, height=16, frames=5, strength=1.0, **optional):
