@@ -2,7 +2,8 @@
 option nodes are in nodes/wan_options.py; encoders, VAE and decode in nodes/wan_encoders.py.
 
 Thin classes: every input has a tooltip, every value that travels is a frozen dataclass from
-models/wan, and the work happens in models/wan/pipeline.py. LATENT is ComfyUI's raw-latent
+models/wan, and the work happens in models/wan (loading in model_loading.py, sampling in pipeline.py);
+the nodes resolve names to paths, pick devices and pass the host's progress and notices in. LATENT is ComfyUI's raw-latent
 convention, so core Wan nodes (WanImageToVideo, EmptyHunyuanLatentVideo, VAE Decode) mix with ours.
 """
 
