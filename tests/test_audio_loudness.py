@@ -42,7 +42,10 @@ def test_blocked_biquad_equals_the_recursion(rate):
     x = np.random.default_rng(0).standard_normal(3001)
     for b, a in k_weighting(rate):
         ours = biquad(torch.from_numpy(x), b, a).numpy()
-        assert np.abs(ours - _loop_biquad(x, b, a)).max() < 1e-10
+        # The blocked form sums block products whose rounding depends on the BLAS kernel the CPU gets;
+        # the 48 kHz high-pass (poles at radius ~0.99) amplifies it to ~2e-10 on some machines. Loudness
+        # needs 1e-6, so 1e-9 still catches any wrong coefficient or block seam by orders of magnitude.
+        assert np.abs(ours - _loop_biquad(x, b, a)).max() < 1e-9
 
 
 def test_k_weighting_at_48k_follows_the_standard_filter():
