@@ -4,8 +4,9 @@ workflow ends.
 The node is thin: it resolves where the file goes (host.save_target), lets models/video encode
 into a staged temporary name (a staged folder for png sequences), publishes under a numbered name
 only after ffmpeg succeeded, and answers with ComfyUI's core preview dict so the frontend shows the
-result without custom JS. Format names follow the widely used Video Combine node, so its workflows
-load with their format intact.
+result without custom JS for the preview. Format names follow the widely used Video Combine node, so its
+workflows load with their format intact. Which inputs each format has comes from formats.widget_table(),
+sent with the format input to web/js/video_combine_formats.js, which shows only those.
 
 Long clips: the optional latent + vae inputs decode through the core VAE a chunk at a time into a
 disk-backed spool (models/video/spool.py), so the decoded video is never held in memory as one IMAGE.

@@ -123,3 +123,18 @@ def test_frontend_extension_reads_this_node_and_this_key():
     # The extension learns format names and inputs only from the table: no format is spelled out in it.
     for fmt in FORMATS:
         assert f'"{fmt.name}"' not in text, fmt.name
+
+
+def test_help_page_table_matches_the_format_table():
+    text = (REPO / "web" / "docs" / "SlipstreamVideoCombine.md").read_text(encoding="utf-8")
+    section = text.split("## Inputs per format", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, set[str]] = {}
+    for row in re.findall(r"^\| (.+?) \| (.+?) \|$", section, re.M):
+        names, inputs = row
+        if names in ("Format", "---"):
+            continue
+        shown = set(re.findall(r"`(\w+)`", inputs))
+        for fmt in FORMATS:
+            if f"`{fmt.name}`" in names or ("nvenc" in fmt.name and re.search(r"\bnvenc\b", names)):
+                documented[fmt.name] = shown
+    assert documented == {f.name: set(format_widgets(f)) for f in FORMATS}

@@ -179,8 +179,8 @@ def _combine_workflow(values: list) -> dict:
 COMBINE_HELPERS = """
 const combine = () => window.app.graph._nodes.find(n => n.type === 'SlipstreamVideoCombine');
 const shown = n => n.widgets.filter(w => n.isWidgetVisible ? n.isWidgetVisible(w) : !w.hidden).map(w => w.name);
-const values = n => Object.fromEntries(n.widgets.filter(w => w.name !== 'control_after_generate')
-                                           .map(w => [w.name, w.value]));
+// [name, value] pairs in widget order (an object's keys would not keep that order on the way back).
+const values = n => n.widgets.filter(w => w.name !== 'control_after_generate').map(w => [w.name, w.value]);
 const look = n => ({shown: shown(n), values: values(n), height: n.size[1], computed: n.computeSize()[1],
                     pixFmts: [...(n.widgets.find(w => w.name === 'pix_fmt').options.values || [])]});
 const pick = (n, name, value) => n.widgets.find(w => w.name === name).setValue(value,
@@ -254,10 +254,15 @@ def _expected_shown(all_widgets: list[str], table: dict, fmt: str) -> list[str]:
     return [w for w in all_widgets if w not in table["widgets"] or w in has]
 
 
-def _load_combine(frontend, values: list) -> dict:
-    result = frontend.execute_async_script(LOAD_COMBINE, _combine_workflow(values))
+def _looked(result: dict) -> dict:
+    """The page's look(): `names` in widget order, `values` as a dict."""
     assert "error" not in result, result.get("error")
-    return result
+    return {**result, "names": [n for n, _ in result["values"]], "values": dict(result["values"])}
+
+
+def _load_combine(frontend, values: list | dict) -> dict:
+    workflow = values if isinstance(values, dict) else _combine_workflow(values)
+    return _looked(frontend.execute_async_script(LOAD_COMBINE, workflow))
 
 
 def test_video_combine_format_table_is_the_python_one(comfyui):
@@ -276,7 +281,7 @@ def test_video_combine_shows_only_the_inputs_of_its_format(frontend, comfyui):
 
     table, listed = _format_table(comfyui)
     state = _load_combine(frontend, COMBINE_VALUES)
-    every = list(state["values"])
+    every = state["names"]
     assert state["shown"] == _expected_shown(every, table, "video/h264-mp4")
     assert "lossless" not in state["shown"] and "crf" in state["shown"]
 
@@ -290,13 +295,13 @@ def test_video_combine_shows_only_the_inputs_of_its_format(frontend, comfyui):
     assert entries, "the format menu did not open (or lacks image/gif)"
     entries[0].click()
     time.sleep(0.3)
-    after = frontend.execute_async_script(COMBINE_HELPERS + "arguments[0](look(combine()));")
+    after = _looked(frontend.execute_async_script(COMBINE_HELPERS + "arguments[0](look(combine()));"))
     assert after["values"]["format"] == "image/gif"
     assert after["shown"] == _expected_shown(every, table, "image/gif")
     assert not {"crf", "pix_fmt", "lossless", "quality", "trim_to_audio"} & set(after["shown"])
     assert after["height"] < state["height"]                    # the node shrank by the hidden rows
 
-    seen = frontend.execute_async_script(EVERY_FORMAT, listed)
+    seen = {f: _looked(v) for f, v in frontend.execute_async_script(EVERY_FORMAT, listed).items()}
     for fmt in listed:
         assert seen[fmt]["shown"] == _expected_shown(every, table, fmt), fmt
         assert seen[fmt]["height"] >= seen[fmt]["computed"], f"{fmt}: shown inputs do not fit the node"
@@ -306,7 +311,7 @@ def test_video_combine_shows_only_the_inputs_of_its_format(frontend, comfyui):
 
 def test_video_combine_keeps_values_across_formats(frontend, comfyui):
     _load_combine(frontend, COMBINE_VALUES)
-    steps = dict((what, values) for what, values in frontend.execute_async_script(ROUND_TRIPS))
+    steps = {what: dict(values) for what, values in frontend.execute_async_script(ROUND_TRIPS)}
     assert steps["to gif"]["crf"] == 30 and steps["back to h264"]["crf"] == 30       # hidden, kept
     assert steps["h265, yuv444p10le"]["pix_fmt"] == "yuv444p10le"
     assert steps["to webm"]["pix_fmt"] == "auto"          # webm has no yuv444p10le: set aside, not sent
@@ -321,12 +326,11 @@ def test_saved_video_combine_with_another_format_reloads(frontend, comfyui):
     saved[3:4] = ["image/webp"]
     saved[6:10] = [30, "yuv444p", False, 70]         # crf and pix_fmt hidden for webp, still stored
     loaded = _load_combine(frontend, saved)
-    names = list(loaded["values"])
     assert list(loaded["values"].values()) == saved
-    assert loaded["shown"] == _expected_shown(names, table, "image/webp")
+    assert loaded["shown"] == _expected_shown(loaded["names"], table, "image/webp")
     # Saved again by the frontend and loaded back: the same values, the same inputs shown.
     workflow = frontend.execute_async_script(TO_PROMPT)["workflow"]
-    again = frontend.execute_async_script(LOAD_COMBINE, workflow)
+    again = _load_combine(frontend, workflow)
     assert list(again["values"].values()) == saved and again["shown"] == loaded["shown"]
 
 
