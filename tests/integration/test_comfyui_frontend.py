@@ -296,6 +296,7 @@ def test_video_combine_shows_only_the_inputs_of_its_format(frontend, comfyui):
     entries[0].click()
     time.sleep(0.3)
     after = _looked(frontend.execute_async_script(COMBINE_HELPERS + "arguments[0](look(combine()));"))
+    frontend.save_screenshot(str(comfyui.base / "video_combine_gif.png"))
     assert after["values"]["format"] == "image/gif"
     assert after["shown"] == _expected_shown(every, table, "image/gif")
     assert not {"crf", "pix_fmt", "lossless", "quality", "trim_to_audio"} & set(after["shown"])
@@ -353,3 +354,32 @@ def test_video_combine_queues_after_a_format_change(frontend, comfyui):
         inputs.pop(name, None)
     inputs["filename_prefix"] = "slip_front/bare"
     assert comfyui.run(api)["outputs"]["2"]["images"][0]["filename"].endswith("_.gif")
+
+
+VUE_NODES = """
+const [on, done] = arguments;
+window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on).then(() => done(true),
+                                                                         e => done(String(e)));
+"""
+NODE_TEXT = "const e = document.querySelector('[data-node-id=\"2\"]'); return e ? e.innerText.split('\\n') : null;"
+
+
+def test_video_combine_inputs_follow_the_format_in_vue_nodes(frontend, comfyui):
+    """The same with the DOM node renderer ("Modern Node Design (Nodes 2.0)") turned on."""
+    from slipstream.models.video.formats import FORMAT_WIDGETS
+
+    table, _ = _format_table(comfyui)
+    assert frontend.execute_async_script(VUE_NODES, True) is True
+    try:
+        time.sleep(0.5)
+        _load_combine(frontend, COMBINE_VALUES)
+        time.sleep(0.5)
+        for fmt in ("video/h264-mp4", "image/gif", "image/webp", "video/ProRes", "image/png"):
+            frontend.execute_async_script(COMBINE_HELPERS + "pick(combine(), 'format', arguments[0]); "
+                                          "sleep(300).then(() => arguments[1](true));", fmt)
+            lines = frontend.execute_script(NODE_TEXT)
+            assert lines, "the Video Combine node is not drawn as a DOM node"
+            assert fmt in lines
+            assert set(lines) & set(FORMAT_WIDGETS) == set(table["formats"][fmt]), fmt
+    finally:
+        frontend.execute_async_script(VUE_NODES, False)

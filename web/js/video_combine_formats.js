@@ -55,7 +55,9 @@ function fitValue(state, widget, rule, changing) {
 function applyFormat(node, table, { changing }) {
   const state = node[STATE];
   const format = widgetNamed(node, "format")?.value;
-  const has = table.formats[format];  // a format this table does not know: show everything
+  // A format this table does not know, or one that arrives through a link (its value is not known
+  // here): show everything.
+  const has = isLinked(node, "format") ? undefined : table.formats[format];
   const before = node.computeSize()[1];
   for (const name of table.widgets) {
     const widget = widgetNamed(node, name);
