@@ -107,8 +107,8 @@ class SlipstreamVideoCombine:
         "the video to it). Format names match the well-known Video Combine node. Shows the result on the node, "
         "embeds the workflow and prompt (video tags and a comment tag, a first-frame PNG you can drag back onto "
         "the canvas) unless save_metadata is off, and never overwrites: files get the next free number and "
-        "appear only once ffmpeg has finished. Options a format does not have (crf for ProRes, pix_fmt for "
-        "gif) are ignored with a note, so switching formats never breaks a run."
+        "appear only once ffmpeg has finished. The node shows only the inputs the chosen format has; the others "
+        "keep their values and are ignored (with a note when set), so switching formats never breaks a run."
     )
 
     @classmethod

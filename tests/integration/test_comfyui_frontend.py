@@ -310,6 +310,25 @@ def test_video_combine_shows_only_the_inputs_of_its_format(frontend, comfyui):
             assert seen[fmt]["pixFmts"] == table["formats"][fmt]["pix_fmt"]["values"], fmt
 
 
+FRESH_NODE = COMBINE_HELPERS + """
+const done = arguments[0];
+const n = LiteGraph.createNode('SlipstreamVideoCombine');
+window.app.graph.add(n);
+const seen = look(n);
+window.app.graph.remove(n);
+done(seen);
+"""
+
+
+def test_a_new_video_combine_shows_its_default_format_inputs(frontend, comfyui):
+    table, _ = _format_table(comfyui)
+    _load_combine(frontend, COMBINE_VALUES)
+    fresh = _looked(frontend.execute_async_script(FRESH_NODE))
+    assert fresh["values"]["format"] == "video/h264-mp4"
+    assert fresh["shown"] == _expected_shown(fresh["names"], table, "video/h264-mp4")
+    assert 0 <= fresh["height"] - fresh["computed"] < 20, fresh      # no empty rows where hidden inputs were
+
+
 def test_video_combine_keeps_values_across_formats(frontend, comfyui):
     _load_combine(frontend, COMBINE_VALUES)
     steps = {what: dict(values) for what, values in frontend.execute_async_script(ROUND_TRIPS)}

@@ -52,7 +52,9 @@ function fitValue(state, widget, rule, changing) {
   }
 }
 
-function applyFormat(node, table, { changing }) {
+// changing: the user picked another format (values may be set aside). fit: resize the node by what
+// appeared or vanished; otherwise (a loaded node) keep its saved size unless that is now too small.
+function applyFormat(node, table, { changing, fit = changing }) {
   const state = node[STATE];
   const format = widgetNamed(node, "format")?.value;
   // A format this table does not know, or one that arrives through a link (its value is not known
@@ -67,9 +69,8 @@ function applyFormat(node, table, { changing }) {
     fitValue(state, widget, rule, changing);
   }
   const after = node.computeSize()[1];
-  // A user's change grows or shrinks the node by what appeared or vanished (keeping room a preview took);
-  // a loaded node keeps its saved size unless that is now too small.
-  const height = changing ? Math.max(after, node.size[1] + after - before) : Math.max(after, node.size[1]);
+  // Resizing by the difference keeps any room a preview took below the inputs.
+  const height = fit ? Math.max(after, node.size[1] + after - before) : Math.max(after, node.size[1]);
   node.setSize([node.size[0], height]);
   node.setDirtyCanvas?.(true, true);
 }
@@ -98,7 +99,8 @@ function setUp(node, table) {
   for (const widget of [pixFmt, crf]) {
     if (widget) chainCallback(widget, () => node[STATE].kept.delete(widget.name));
   }
-  applyFormat(node, table, { changing: false });
+  // A new node was sized with every input shown; a loaded one gets its saved size right after this.
+  applyFormat(node, table, { changing: false, fit: true });
 }
 
 app.registerExtension({
