@@ -4,8 +4,9 @@ workflow ends.
 The node is thin: it resolves where the file goes (host.save_target), lets models/video encode
 into a staged temporary name (a staged folder for png sequences), publishes under a numbered name
 only after ffmpeg succeeded, and answers with ComfyUI's core preview dict so the frontend shows the
-result without custom JS. Format names follow the widely used Video Combine node, so its workflows
-load with their format intact.
+result without custom JS for the preview. Format names follow the widely used Video Combine node, so its
+workflows load with their format intact. Which inputs each format has comes from formats.widget_table(),
+sent with the format input to web/js/video_combine_formats.js, which shows only those.
 
 Long clips: the optional latent + vae inputs decode through the core VAE a chunk at a time into a
 disk-backed spool (models/video/spool.py), so the decoded video is never held in memory as one IMAGE.
@@ -47,6 +48,7 @@ from ..models.video.formats import (
     check_choice,
     get_format,
     missing_formats,
+    widget_table,
 )
 from ..models.video.frames import frame_order
 from ..models.video.metadata import comfy_metadata, save_first_frame_png
@@ -55,6 +57,8 @@ from ..models.video.spool import FrameSpool
 log = logging.getLogger("slipstream.video")
 
 DEFAULT_FORMAT = "video/h264-mp4"
+# Key of the format input's options that carries widget_table() to web/js/video_combine_formats.js.
+FORMAT_WIDGETS_KEY = "slipstream_format_widgets"
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,8 +67,8 @@ def _log_missing(reasons: tuple[str, ...]) -> None:
         log.warning("Video Combine: %s", reason)
 
 
-def _format_choices() -> tuple[list[str], str]:
-    """(formats to list, tooltip) for the ffmpeg found now."""
+def _format_choices() -> tuple[list[str], str, dict[str, Any]]:
+    """(formats to list, tooltip, the format -> inputs table for the frontend) for the ffmpeg found now."""
     build, why = find_ffmpeg_or_none()
     missing = missing_formats(build)
     names = [f.name for f in available_formats(build)]
@@ -79,7 +83,7 @@ def _format_choices() -> tuple[list[str], str]:
         if missing:
             tip += " Not listed: " + "; ".join(missing.values()) + f". Set {ENV_VAR} to a fuller ffmpeg build."
             _log_missing(tuple(missing.values()))
-    return names, tip
+    return names, tip, widget_table(build)
 
 
 class SlipstreamVideoCombine:
@@ -103,13 +107,13 @@ class SlipstreamVideoCombine:
         "the video to it). Format names match the well-known Video Combine node. Shows the result on the node, "
         "embeds the workflow and prompt (video tags and a comment tag, a first-frame PNG you can drag back onto "
         "the canvas) unless save_metadata is off, and never overwrites: files get the next free number and "
-        "appear only once ffmpeg has finished. Options a format does not have (crf for ProRes, pix_fmt for "
-        "gif) are ignored with a note, so switching formats never breaks a run."
+        "appear only once ffmpeg has finished. The node shows only the inputs the chosen format has; the others "
+        "keep their values and are ignored (with a note when set), so switching formats never breaks a run."
     )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        formats, format_tip = _format_choices()
+        formats, format_tip, widgets = _format_choices()
         return {
             "required": {
                 "frame_rate": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 240.0, "step": 1.0, "round": 0.001,
@@ -118,37 +122,44 @@ class SlipstreamVideoCombine:
                 "loop_count": ("INT", {"default": 0, "min": 0, "max": 100,
                                        "tooltip": "image/gif and image/webp: how many times the file loops "
                                                   "(0 = forever). Videos: the clip is repeated this many extra "
-                                                  "times in the file (0 = play once). PNG sequences: not used."}),
+                                                  "times in the file (0 = play once). Hidden for PNG "
+                                                  "sequences, which have no loop."}),
                 "filename_prefix": ("STRING", {"default": "video/Slipstream",
                                                "tooltip": "Name of the file, with sub-folders (video/clip) and "
                                                           "patterns like %date:yyyy-MM-dd%. A counter is added; "
                                                           "existing files are never overwritten."}),
+                # The table rides on the format input: the frontend shows only the inputs the chosen format
+                # has, from the same data the encoder uses to ignore the others.
                 "format": (formats, {"default": DEFAULT_FORMAT if DEFAULT_FORMAT in formats else formats[0],
-                                     "tooltip": format_tip}),
+                                     "tooltip": format_tip, FORMAT_WIDGETS_KEY: widgets}),
                 "pingpong": ("BOOLEAN", {"default": False,
                                          "tooltip": "Play forward then backward (n frames become 2n−2), for a "
                                                     "seamless loop."}),
                 "save_output": ("BOOLEAN", {"default": True,
                                             "tooltip": "On: save to the output folder. Off: a preview in the temp "
                                                        "folder, which ComfyUI clears on restart."}),
+            },
+            "optional": {
                 "crf": ("INT", {"default": -1, "min": -1, "max": 63,
                                 "tooltip": "Video quality: lower = better and bigger. -1 = the format's default "
                                            "(h264 19, h265 22, vp9 20, av1 23; nvenc: its -cq). h264/h265 accept "
-                                           "0-51. Ignored by formats without it (gif, webp, ProRes, ffv1, png)."}),
+                                           "0-51. Shown only for formats that have it (not gif, webp, ProRes, ffv1, "
+                                           "png); a hidden value is kept and ignored."}),
                 "pix_fmt": (list(PIX_FMT_CHOICES), {"default": "auto",
                                                     "tooltip": "Video pixel format. auto = the format's default "
                                                                "(yuv420p for h264/vp9, 10-bit yuv420p10le for "
                                                                "h265/av1, yuv422p10le for ProRes, gbrp16le for "
                                                                "ffv1; the alpha variant when frames have alpha). "
-                                                               "Odd sizes are padded to even for yuv420. Ignored "
-                                                               "by gif, webp and png."}),
+                                                               "Odd sizes are padded to even for yuv420. Lists "
+                                                               "only the chosen format's pixel formats; hidden "
+                                                               "(and ignored) for gif, webp and png."}),
                 "lossless": ("BOOLEAN", {"default": True,
                                          "tooltip": "image/webp only: exact colours (on by default); off for much "
-                                                    "smaller lossy files at `quality`."}),
+                                                    "smaller lossy files at `quality`. Shown only for "
+                                                    "image/webp."}),
                 "quality": ("INT", {"default": 90, "min": 0, "max": 100,
-                                    "tooltip": "image/webp only (when not lossless): 0-100, higher = better."}),
-            },
-            "optional": {
+                                    "tooltip": "image/webp only: 0-100, higher = better "
+                                                   "(lossless: compresses harder). Shown only for image/webp."}),
                 "images": ("IMAGE", {"tooltip": "The frames, in order. RGBA keeps its alpha in image/webp, "
                                                 "video/webm, ProRes, ffv1 and the PNG sequences, and is flattened "
                                                 "onto black elsewhere. Connect this or latent + vae."}),
@@ -163,7 +174,8 @@ class SlipstreamVideoCombine:
                 "trim_to_audio": ("BOOLEAN", {"default": False,
                                               "tooltip": "When the audio is shorter than the video, cut the video "
                                                          "to the audio's length (the last frame may overlap its "
-                                                         "end). Off: the audio is padded with silence."}),
+                                                         "end). Off: the audio is padded with silence. Shown "
+                                                         "only for formats that carry sound."}),
                 "latent": ("LATENT", {"tooltip": "Instead of images: latents decoded through `vae` a chunk at a "
                                                  "time into a file on disk, so a long clip is never held in "
                                                  "memory as pixels."}),

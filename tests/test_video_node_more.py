@@ -122,8 +122,8 @@ def test_trim_to_audio_through_the_node(workdirs):
 
 
 def test_webp_is_lossless_by_default_and_old_workflows_keep_their_choice(workdirs):
-    required = SlipstreamVideoCombine.INPUT_TYPES()["required"]
-    assert required["lossless"][1]["default"] is True
+    optional = SlipstreamVideoCombine.INPUT_TYPES()["optional"]
+    assert optional["lossless"][1]["default"] is True
     images = frames(3)
     lossless = combine(images, fmt="image/webp")["result"][0][1]
     with Image.open(lossless) as im:
@@ -146,8 +146,14 @@ def test_switching_format_keeps_working_with_the_other_formats_options(workdirs)
 def test_new_inputs_are_optional_so_old_prompts_stay_valid():
     types = SlipstreamVideoCombine.INPUT_TYPES()
     old_widgets = ["frame_rate", "loop_count", "filename_prefix", "format", "pingpong", "save_output", "crf",
-                   "pix_fmt", "lossless", "quality"]
-    assert list(types["required"]) == old_widgets                       # widget order of saved workflows
+                   "pix_fmt", "lossless", "quality", "save_metadata", "trim_to_audio", "decode_chunk"]
+    # The frontend makes widgets in input order, required first: saved widgets_values map by that order.
+    inputs = {**types["required"], **types["optional"]}
+    widgets = [name for name, spec in inputs.items() if isinstance(spec[0], list) or spec[0] in (
+        "INT", "FLOAT", "STRING", "BOOLEAN")]
+    assert widgets == old_widgets
+    # Inputs only some formats have are optional: a prompt for gif need not carry crf or pix_fmt.
+    assert {"crf", "pix_fmt", "lossless", "quality"} <= set(types["optional"])
     assert {"images", "audio", "save_metadata", "trim_to_audio", "latent", "vae", "decode_chunk"} <= set(
         types["optional"])
     formats = types["required"]["format"][0]

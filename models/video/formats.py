@@ -189,14 +189,54 @@ def missing_formats(build: EncoderSet | None) -> dict[str, str]:
     return {f.name: r for f in FORMATS if (r := f.missing_reason(build)) is not None}
 
 
+# The node inputs that only some formats have. Each format's entry in format_widgets() names which of
+# these it uses; the node's frontend extension shows exactly those, and the encoder ignores the others.
+FORMAT_WIDGETS = ("loop_count", "crf", "pix_fmt", "lossless", "quality", "trim_to_audio")
+
+
+def format_widgets(fmt: VideoFormat, encoder: Encoder | None = None) -> dict[str, dict[str, object]]:
+    """The format-specific inputs `fmt` has, each with the values it accepts (empty dict: any value).
+
+    The one table both sides read: the frontend shows these inputs and limits crf and pix_fmt to the ranges
+    given here; check_choice() and ignored_options() use it to decide what is refused and what is ignored.
+    `encoder` is the one the ffmpeg build will use (crf ranges differ: SVT-AV1 starts at 1); without it the
+    format's first encoder is assumed.
+    """
+    encoder = encoder or fmt.encoders[0]
+    has: dict[str, dict[str, object]] = {}
+    if fmt.kind != "images":                       # png sequences have no loop and no repeats
+        has["loop_count"] = {}
+    if encoder.crf_range is not None:
+        lo, hi = encoder.crf_range
+        has["crf"] = {"min": lo, "max": hi, "default": -1, "format_default": fmt.crf_default}
+    if fmt.pix_fmts:
+        has["pix_fmt"] = {"values": ["auto", *fmt.pix_fmts], "default": "auto"}
+    if fmt.kind == "webp":
+        has["lossless"] = {}
+        has["quality"] = {}
+    if fmt.audio_encoders:                         # only formats that carry sound can be cut to it
+        has["trim_to_audio"] = {}
+    return has
+
+
+def widget_table(build: EncoderSet | None) -> dict[str, object]:
+    """{"widgets": FORMAT_WIDGETS, "formats": {name: format_widgets(...)}} for every known format.
+
+    Every format is listed, not only those this ffmpeg can write, so a saved workflow naming a missing
+    format still shows its inputs.
+    """
+    formats = {f.name: format_widgets(f, f.encoder_for(build) if build is not None else None) for f in FORMATS}
+    return {"widgets": list(FORMAT_WIDGETS), "formats": formats}
+
+
 def ignored_options(name: str, pix_fmt: str, crf: int, build: EncoderSet) -> list[str]:
     """The options set away from their default that this format does not have (for a note on the node)."""
     fmt = FORMATS_BY_NAME[name]
-    encoder = fmt.encoder_for(build)
+    has = format_widgets(fmt, fmt.encoder_for(build))
     ignored = []
-    if pix_fmt != "auto" and not fmt.pix_fmts:
+    if pix_fmt != "auto" and "pix_fmt" not in has:
         ignored.append(f"pix_fmt {pix_fmt}")
-    if crf != -1 and (encoder is None or encoder.crf_range is None):
+    if crf != -1 and "crf" not in has:
         ignored.append(f"crf {crf}")
     return ignored
 
@@ -222,12 +262,13 @@ def check_choice(name: str, pix_fmt: str, crf: int, build: EncoderSet | None,
         return f"pix_fmt '{pix_fmt}' is not one of {', '.join(PIX_FMT_CHOICES)}"
     # An option the format does not have (pix_fmt for gif, crf for ProRes) is ignored, not refused: the
     # widget keeps its value when the user switches formats, and that must not break the next run.
-    if pix_fmt != "auto" and fmt.pix_fmts:
+    has = format_widgets(fmt, encoder)
+    if pix_fmt != "auto" and "pix_fmt" in has:
         if pix_fmt not in fmt.pix_fmts:
             return f"{name} supports pix_fmt {', '.join(fmt.pix_fmts)} (or auto), not '{pix_fmt}'"
         if encoder_pix_fmts is not None and pix_fmt not in set(encoder_pix_fmts):
             return f"this ffmpeg's {encoder.name} cannot encode pix_fmt '{pix_fmt}'"
-    if crf != -1 and encoder.crf_range is not None:
+    if crf != -1 and "crf" in has and encoder.crf_range is not None:
         lo, hi = encoder.crf_range
         if not lo <= crf <= hi:
             return f"crf {crf} is outside {lo}..{hi} for {encoder.name} (or use -1 for the default {fmt.crf_default})"
