@@ -85,8 +85,9 @@ class WanCacheArgs:
     DESCRIPTION = ("Step cache for the Wan Sampler: skips whole model forwards when the predicted change since "
                    "the last computed step is small, reusing that step's result (per CFG branch and context "
                    "window). teacache: time-embedding change through the published Wan polynomial; magcache: "
-                   "calibrated residual magnitude ratios; easycache: change of the model input. The sampler "
-                   "logs how many forwards were skipped.")
+                   "calibrated residual magnitude ratios; easycache: change of the model input, as ComfyUI "
+                   "core's EasyCache (one decision per step for all CFG branches). The sampler logs how many "
+                   "forwards were skipped.")
     CATEGORY = CATEGORY
     FUNCTION = "make"
     RETURN_TYPES = ("SLIP_WAN_CACHE_ARGS",)
@@ -101,12 +102,16 @@ class WanCacheArgs:
             "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
                                     "tooltip": "How much predicted change may pile up before a forward runs again. "
                                                "Higher = faster, less faithful. 0 = the method's default: "
-                                               "teacache 0.3, magcache 0.12, easycache 0.05."}),
+                                               "teacache 0.3, magcache 0.12, easycache 0.2 (core EasyCache's "
+                                               "default and formula)."}),
             "start_step": ("INT", {"default": 1, "min": 0, "max": 1000,
-                                   "tooltip": "First step that may be skipped (earlier steps always run)."}),
+                                   "tooltip": "First step that may be skipped (earlier steps always run). "
+                                              "Core EasyCache's start_percent 0.15 is about step "
+                                              "0.15 x steps."}),
             "end_step": ("INT", {"default": -1, "min": -1, "max": 1000,
                                  "tooltip": "Steps from here on always run; -1: up to the last step (which "
-                                            "always runs)."}),
+                                            "always runs). Core's end_percent 0.95 is about step "
+                                            "0.95 x steps."}),
             "cache_device": (["main_device", "offload_device"], {"default": "main_device",
                                                                  "tooltip": "Where the cached residuals wait "
                                                                             "between steps (offload saves VRAM)."}),

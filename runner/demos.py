@@ -67,6 +67,10 @@ def demo_cases() -> list[DemoCase]:
     cases.append(DemoCase("wan_t2v_distill_teacache_slg", "wan_t2v_distill_teacache_slg_api.json",
                           prepare_distill_demo,
                           "Wan T2V with a distill LoRA, TeaCache and Skip Layer Guidance (tiny random weights) -> mp4"))
+    cases.append(DemoCase("wan_t2v_distill_nag_easycache", "wan_t2v_distill_nag_easycache_api.json",
+                          prepare_distill_demo,
+                          "Wan T2V with a distill LoRA at cfg 1, the negative prompt through NAG, and EasyCache at "
+                          "its default (tiny random weights) -> mp4"))
     cases.append(DemoCase("wan22_a14b_t2v", "wan22_a14b_t2v_api.json", prepare_a14b_demo,
                           "Wan 2.2 A14B T2V: high- and low-noise experts switching at the boundary (tiny) -> mp4"))
     prepare_fun22_control_demo = _deferred("models.wan.demo_sampler_assets", "prepare_fun22_control_demo")

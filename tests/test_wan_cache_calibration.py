@@ -113,13 +113,20 @@ def _euler(sigmas, noise, mean, std, cache: StepCache | None):
     return x
 
 
+def _shifted(steps: int, shift: float = 5.0) -> list[float]:
+    return [shift * t / (1 + (shift - 1) * t) for t in (1 - i / steps for i in range(steps + 1))]
+
+
 def test_easycache_fires_at_its_default_threshold_on_an_exact_denoisers_trajectory():
     """The trajectory of the exact flow-matching denoiser of a Gaussian data set (what a trained model
-    approximates): its velocity moves slowly through the middle of the schedule, so the transformation
-    rate k = mean|Δv| / mean|Δx| times each step's input change stays under the default threshold for
-    several steps; the reused steps cost little accuracy."""
-    steps, shift = 30, 5.0
-    sigmas = [shift * t / (1 + (shift - 1) * t) for t in (1 - i / steps for i in range(steps + 1))]
+    approximates): its velocity moves slowly through the middle of the schedule, so core's accumulated
+    prediction (k times the input change since the last computed step) stays under the default 0.2 for
+    runs of steps. Measured: 22 of 30 steps reused, 3.3% off the uncached run (share of the model's
+    contribution); against the exact ODE solution (2000 steps) the 8 computed forwards land at 14%, the
+    uncached 30 steps at 11% and a plain 8-step run at 38%: the reused steps cost far less than dropping
+    steps does."""
+    steps = 30
+    sigmas = _shifted(steps)
     g = torch.Generator().manual_seed(0)
     mean, noise = torch.randn(4096, generator=g) * 0.5, torch.randn(4096, generator=g)
     std = 0.6
@@ -128,6 +135,10 @@ def test_easycache_fires_at_its_default_threshold_on_an_exact_denoisers_trajecto
                       pixels=0, steps=steps)
     cached = _euler(sigmas, noise, mean, std, cache)
     skipped = cache.report.skipped.get("cond", 0)
-    assert skipped >= steps // 4, f"EasyCache skipped only {skipped} of {steps} steps"
+    assert skipped >= steps // 2, f"EasyCache skipped only {skipped} of {steps} steps"
     error = float((cached - reference).norm() / (reference - noise).norm())
-    assert error < 0.02, f"reused steps moved the result by {100 * error:.2f}% of the model's contribution"
+    assert error < 0.04, f"reused steps moved the result by {100 * error:.2f}% of the model's contribution"
+    exact = _euler(_shifted(2000), noise, mean, std, None)
+    plain = _euler(_shifted(steps - skipped), noise, mean, std, None)
+    to_exact = float((cached - exact).norm() / (exact - noise).norm())
+    assert to_exact < 0.5 * float((plain - exact).norm() / (exact - noise).norm())

@@ -266,6 +266,32 @@ def test_phantom_subject_cfg_runs_three_branches_and_combines_them_officially(va
     assert stats.forwards == (1 if batched else 3) and stats.branches_computed == 3
 
 
+@pytest.mark.parametrize("method", ["teacache", "magcache", "easycache"])
+def test_phantom_third_branch_goes_through_every_step_cache(vae, method):
+    """The negative-with-subjects branch (row 2) has its own cache state and report entry; with EasyCache
+    it follows the step's one decision like the other two."""
+    from slipstream.models.wan.step_cache import CacheArgs, StepCache
+
+    images = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(5))
+    (embeds,) = N["SlipstreamWanPhantomSubjectEncode"]().encode(vae, images, 32, 32, 5, True, subject_cfg=5.0)
+    handle = _handle(wan_config.tiny("t2v", num_layers=2, text_dim=TEXT_DIM))
+    steps = 6
+    cache = StepCache(CacheArgs(method, 1.0, start_step=1, retention=0.0, magcache_k=4), handle.config.dim,
+                      "t2v", 32 * 32, steps)
+    denoiser = WanDenoiser(handle, _text(), embeds, False, CPU, None, None, None, RunStats(),
+                           SamplingExtras(cache=cache))
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for step in range(steps):
+            v = denoiser(x, 1000.0 * (1 - step / steps), step, steps, 7.5)
+            x = x - v / steps
+    assert torch.isfinite(x).all()
+    counts = {b: cache.report.computed.get(b, 0) + cache.report.skipped.get(b, 0) for b in cache.report.computed}
+    assert counts == {"cond": steps, "uncond": steps, "uncond+subject": steps}
+    if method == "easycache":
+        assert len(set(cache.report.skipped.values())) == 1, "the three branches skip the same steps"
+
+
 def test_phantom_subject_cfg_bad_wiring_is_refused(vae):
     images = torch.rand(1, 24, 24, 3, generator=torch.Generator().manual_seed(5))
     node = N["SlipstreamWanPhantomSubjectEncode"]()

@@ -96,26 +96,6 @@ def test_magcache_multiplies_calibrated_ratios_and_caps_consecutive_skips():
     assert cache.report.skipped["cond"] == sum(decisions)
 
 
-def test_easycache_weights_the_input_change_by_the_measured_output_ratio():
-    cache = StepCache(CacheArgs("easycache", 0.05, start_step=1), dim=1536, model_type="t2v", pixels=0, steps=10)
-    x0, v0 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
-    assert cache.skip_forward("k", 0, 0, x0) is None
-    cache.remember_output("k", x0, v0)
-    x1, v1 = torch.tensor([1.1, 0.0]), torch.tensor([0.0, 2.1])
-    assert cache.skip_forward("k", 0, 1, x1) is None, "no k measured yet"
-    cache.remember_output("k", x1, v1)
-    k = (0.1 / 2) / (0.1 / 2)                      # mean |Δv| = 0.05 over mean |Δx| = 0.05
-    assert cache.states["k"].k == pytest.approx(k, rel=1e-5)
-    x2 = torch.tensor([1.15, 0.0])
-    predicted = k * (0.05 / 2) / (2.1 / 2)         # k · mean|Δx| / mean|v_last|
-    reused = cache.skip_forward("k", 0, 2, x2)
-    assert predicted < 0.05 and reused is not None
-    assert cache.states["k"].accumulated == pytest.approx(predicted, rel=1e-5)
-    assert torch.allclose(reused, x2 + (v1 - x1))
-    x3 = torch.tensor([1.3, 0.0])                  # + k · 0.075 / 1.05 = 0.071: over the threshold
-    assert cache.skip_forward("k", 0, 3, x3) is None, "accumulated prediction crossed the threshold"
-
-
 def test_cache_arguments_out_of_range_are_refused():
     for kwargs, message in ((dict(threshold=0.0), "threshold must be in"), (dict(threshold=1.5), "threshold"),
                             (dict(threshold=math.nan), "threshold"), (dict(end_step=1), "end_step"),

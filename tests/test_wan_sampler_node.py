@@ -79,7 +79,7 @@ def test_node_level_bad_input():
 def test_args_nodes_build_their_settings():
     (cache,) = wan_options.WanCacheArgs().make("magcache", 0.12, 2, -1, "offload_device", 3, 0.1)
     assert (cache.method, cache.magcache_k, cache.cache_device) == ("magcache", 3, "offload_device")
-    for method, default in (("teacache", 0.3), ("magcache", 0.12), ("easycache", 0.05)):   # 0: the method's own
+    for method, default in (("teacache", 0.3), ("magcache", 0.12), ("easycache", 0.2)):   # 0: the method's own
         assert wan_options.WanCacheArgs().make(method, 0.0, 1, -1, "main_device")[0].threshold == default
     (guidance,) = wan_options.WanGuidanceOptions().make(True, 1, "4,4,3,3", 6)
     assert guidance.cfg_per_step == (4.0, 4.0, 3.0, 3.0) and guidance.riflex_freq_index == 6

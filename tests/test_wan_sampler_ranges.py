@@ -80,6 +80,8 @@ def test_sigmas_input_replaces_the_schedule_and_splits_like_core_split_sigmas():
     assert torch.allclose(low.latent, whole.latent, atol=1e-5)
     with pytest.raises(ValueError, match="past the 5 steps the SIGMAS input holds"):
         _full(handle, SamplerSettings(steps=4, scheduler="euler", sigmas=sigmas, end_step=6))
+    with pytest.raises(ValueError, match="start_step 5 is past the 5 steps the SIGMAS input holds"):
+        _full(handle, SamplerSettings(steps=4, scheduler="euler", sigmas=sigmas, start_step=5))
     with pytest.raises(ValueError, match="descending"):
         _full(handle, SamplerSettings(steps=4, scheduler="euler", sigmas=(0.2, 0.5, 0.0)))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):

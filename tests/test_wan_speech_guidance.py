@@ -157,3 +157,31 @@ def test_looped_context_windows_with_audio_are_refused_before_sampling():
         sample_video_full(tiny_i2v_handle(), tiny_text(), tiny_i2v_embeds(frames=25), SamplerSettings(steps=1),
                           device=CPU, context=ContextOptions("uniform_looped", frames=9, stride=4, overlap=4),
                           extras=SamplingExtras(audio=toy_audio("multitalk", 25)))
+
+
+def test_easycache_takes_one_decision_per_step_for_all_three_speech_passes(monkeypatch):
+    """The positive pass decides and the no-text and no-audio passes follow, as core's other conds."""
+    from slipstream.models.wan import pipeline
+    from slipstream.models.wan.step_cache import CacheArgs, StepCache
+
+    built: list[StepCache] = []
+
+    class Recorded(StepCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(pipeline, "StepCache", Recorded)
+    handle = tiny_i2v_handle("multitalk")
+    steps = 8
+    stats = RunStats()
+    sample_video_full(handle, tiny_text(), tiny_i2v_embeds(), SamplerSettings(steps=steps, cfg=5.0, shift=5.0, seed=1),
+                      device=CPU, stats=stats,
+                      extras=SamplingExtras(audio=toy_audio("multitalk", 9), audio_cfg=4.0,
+                                            cache_args=CacheArgs("easycache", 1.0, start_step=1)))
+    (cache,) = built
+    assert len(cache.step_decisions) == steps
+    skipped = sum(cache.step_decisions.values())
+    assert skipped > 0
+    assert cache.report.skipped == {"cond": skipped, "uncond": 2 * skipped}   # passes 2 and 3: negative text
+    assert stats.forwards == 3 * (steps - skipped)

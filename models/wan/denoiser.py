@@ -4,7 +4,8 @@ FETA, Skip Layer Guidance, CFG-Zero*, RIFLEx and the step caches, all through th
 With batched CFG both branches run as one batch and a step cache skips the batch only when both
 branches may reuse their results; an active SLG runs the branches as two passes (it changes only the
 negative one). Cache state is keyed by (branch, batch item, context window), so windows that move
-between steps never reuse another window's residual. Phantom with `subject_cfg` runs a third branch
+between steps never reuse another window's residual; EasyCache decides once per step and latent
+(batch item, window) and every branch follows that decision. Phantom with `subject_cfg` runs a third branch
 (negative prompt with the subject frames, branch 2) and combines the three by
 `guidance.phantom_combine`; the Fun reference frame (models/wan/fun.py) goes to every forward. With
 speech-model audio the passes are those of models/wan/speech_guidance.py, each a batch-1 forward
@@ -200,7 +201,7 @@ class WanDenoiser:
         cache = self.cache
         easy = cache is not None and cache.args.method == "easycache"
         if easy:
-            reused = [cache.skip_forward(row, row[0], step, x) for row in rows]
+            reused = [cache.skip_forward(row, row[0], step, x, group=row[1]) for row in rows]
             if all(v is not None for v in reused):
                 return torch.cat(reused)
             for row, v in zip(rows, reused, strict=True):
@@ -216,7 +217,7 @@ class WanDenoiser:
             self.stats.branches_computed += len(rows)
         if easy:
             for i, row in enumerate(rows):
-                cache.remember_output(row, x, v[i:i + 1])
+                cache.remember_output(row, x, v[i:i + 1], group=row[1])
         return v
 
     def _phantom(self, x, t, prompt, y, feta_on, cfg, step, steps, key, slg_on):
@@ -271,7 +272,7 @@ class WanDenoiser:
         for index, p in enumerate(passes):
             context, clip = (prompt[None], self.clip) if p.text else (self.negative[None], self.negative_clip)
             skip = frozenset(self.slg.blocks) if slg_on and not p.text else frozenset()
-            row = (0 if p.text else 1, (*key, "audio pass", index))
+            row = (0 if p.text else 1, key, "audio pass", index)   # one EasyCache decision for all passes
             preds.append(self._rows(x, t, context, clip, y, feta_on, [row], step, skip, vace, mask,
                                     audio if p.audio else null))
         return combine_speech(audio.family, preds, cfg, self.audio_cfg, self.zero_star)

@@ -474,6 +474,10 @@ def sample_video_full(handle: WanModelHandle, text: WanTextEmbeds, image: WanIma
     c, t, h, w = video_latent_shape(handle.config, image.width, image.height, image.num_frames)
     shape = (c, t + image.ref_frames, h, w)   # VACE reference frames in front
     schedule = _schedule_for(settings, handle)
+    if settings.sigmas is not None and settings.start_step >= schedule.steps:
+        raise ValueError(f"start_step {settings.start_step} is past the {schedule.steps} steps the SIGMAS input holds "
+                         f"({schedule.steps + 1} values): set start_step below {schedule.steps}, or give the "
+                         "sigmas of the whole schedule (a SplitSigmas low part already starts at its own step 0).")
     start, end = settings.step_range(schedule.steps)
     if settings.sigmas is not None and settings.end_step > schedule.steps:
         raise ValueError(f"end_step {settings.end_step} is past the {schedule.steps} steps the SIGMAS input holds "

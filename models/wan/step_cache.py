@@ -1,5 +1,6 @@
 """Step caches: skip whole DiT forwards when the predicted change since the last computed step is
-small, reusing that step's residual. One state per CFG branch and context window.
+small, reusing that step's residual. One state per CFG branch and context window (EasyCache: one
+decision per step and window, shared by the branches).
 
   teacache  (Liu et al. 2024): the relative L1 change of the time modulation e0 between steps,
             rescaled by a per-model polynomial, is accumulated; below `threshold` the block stack is
@@ -7,11 +8,13 @@ small, reusing that step's residual. One state per CFG branch and context window
   magcache  (Ma et al. 2025): the calibrated magnitude ratio of consecutive residuals γ_t is
             multiplied up over skipped steps; |1 − Πγ| is accumulated as the error; skip while it
             is below `threshold` and at most K steps in a row, never in the first `retention` part.
-  easycache (Zhou et al. 2025): the change of the model *input* x since the previous step (mean
-            |Δx|), times the transformation rate k = mean|Δv| / mean|Δx| measured between the last
-            two computed steps, relative to the last output (mean |v|), is accumulated as the
-            predicted output change; below `threshold` the output is the input plus the cached
-            transformation (v − x) of the last computed step.
+  easycache (Zhou et al. 2025), as in ComfyUI core: the transformation rate k = mean|Δv| / mean|Δx|
+            is measured between the last two computed steps; each step adds k times the input's
+            change since the last *computed* step, mean|x_t − x_c|, over that step's output mean|v_c|,
+            to the predicted output change (so a run of skips adds ever larger amounts); below
+            `threshold` the output is the input plus the cached transformation (v − x) of the last
+            computed step. One decision per step and latent (window): the first branch seen (cond)
+            decides, the other CFG branches follow it.
 
 Every method always computes the first step of its window and the last step of the schedule.
 """
@@ -26,7 +29,7 @@ import torch
 from .cache_tables import MAG_RATIOS, TEACACHE_COEFFICIENTS
 
 METHODS = ("teacache", "magcache", "easycache")
-DEFAULT_THRESHOLDS = {"teacache": 0.3, "magcache": 0.12, "easycache": 0.05}
+DEFAULT_THRESHOLDS = {"teacache": 0.3, "magcache": 0.12, "easycache": 0.2}
 MAX_THRESHOLD = 1.0
 
 
@@ -96,16 +99,30 @@ def mag_ratios(dim: int, model_type: str, steps: int, branch: int) -> list[float
     return interp_ratios(tuple(table[branch::2]), steps)
 
 
+BRANCH_NAMES = ("cond", "uncond", "uncond+subject")   # row 0, 1 and Phantom's negative with its subjects
+
+
 @dataclass
 class _BranchState:
     accumulated: float = 0.0
-    previous: torch.Tensor | None = None       # teacache: e0; easycache: model input x
+    previous: torch.Tensor | None = None       # teacache: e0
     residual: torch.Tensor | None = None       # teacache/magcache: token residual; easycache: v − x
     ratio: float = 1.0                         # magcache: Π γ since the last computed step
     skipped_in_row: int = 0
-    k: float | None = None                     # easycache: output/input change ratio
-    last_output: torch.Tensor | None = None    # easycache: v of the last computed step
-    last_input: torch.Tensor | None = None     # easycache: x of the last computed step
+
+
+@dataclass
+class _EasyGroup:
+    """EasyCache's prediction for one latent (batch item, context window): the CFG branches of a step
+    share one decision, made by its leader (the first branch seen, as core's first cond) from the
+    leader's own input and output, so cond and uncond never drift apart on different steps."""
+    leader: object = None
+    accumulated: float = 0.0
+    k: float | None = None                     # output/input change ratio of the last two computed steps
+    last_input: torch.Tensor | None = None     # x_c: the leader's input at the last computed step
+    last_output: torch.Tensor | None = None    # v_c: its output there
+    last_norm: float = 0.0                     # mean |v_c|
+    step: int = -1                             # the step last decided
 
 
 @dataclass
@@ -137,6 +154,9 @@ class StepCache:
         self.ratio_curves = {b: interp_ratios(args.mag_ratios[b::2], steps) if args.mag_ratios else
                              mag_ratios(dim, model_type, steps, b) for b in (0, 1)}
         self.states: dict[tuple, _BranchState] = {}
+        self.groups: dict[object, _EasyGroup] = {}          # easycache: per latent (batch item, window)
+        self._group_of: dict[object, object] = {}
+        self.step_decisions: dict[tuple, bool] = {}          # easycache: (group, step) -> skipped
         self.report = CacheReport()
 
     def _state(self, key) -> _BranchState:
@@ -171,7 +191,7 @@ class StepCache:
             decision = False
             retained = step < int(self.args.retention * self.steps)
             if state.residual is not None and self._window(step) and not retained:
-                ratio = state.ratio * self.ratio_curves[branch][step]
+                ratio = state.ratio * self.ratio_curves[min(branch, 1)][step]
                 error = state.accumulated + abs(1.0 - ratio)
                 if error < self.args.threshold and state.skipped_in_row < self.args.magcache_k:
                     state.ratio, state.accumulated = ratio, error
@@ -179,15 +199,22 @@ class StepCache:
                     decision = True
             if not decision:
                 state.ratio, state.accumulated, state.skipped_in_row = 1.0, 0.0, 0
-        self.report.count(("cond", "uncond")[branch], decision)
+        self.report.count(BRANCH_NAMES[branch], decision)
         return decision
 
     def revoke_skip(self, key, branch: int) -> None:
         """A skip this branch was granted but cannot take (its batch partner must compute): it is
-        computed after all, so its predicted error starts again from zero."""
+        computed after all, so its predicted error starts again from zero (EasyCache: the step's shared
+        decision becomes "computed" when the revoked branch is the one that decides)."""
         state = self.states[key]
         state.accumulated, state.ratio, state.skipped_in_row = 0.0, 1.0, 0
-        name = ("cond", "uncond")[branch]
+        group_key = self._group_of.get(key)
+        if group_key is not None:
+            group = self.groups[group_key]
+            if group.leader == key:
+                group.accumulated = 0.0
+                self.step_decisions[(group_key, group.step)] = False
+        name = BRANCH_NAMES[branch]
         self.report.skipped[name] -= 1
         self.report.computed[name] = self.report.computed.get(name, 0) + 1
 
@@ -198,29 +225,53 @@ class StepCache:
         self._state(key).residual = self._store(residual)
 
     # ---------------------------------------------------------------- easycache (model level)
-    def skip_forward(self, key, branch: int, step: int, x: torch.Tensor) -> torch.Tensor | None:
-        """The reused velocity for this branch, or None when the model must run."""
+    def skip_forward(self, key, branch: int, step: int, x: torch.Tensor, group=None) -> torch.Tensor | None:
+        """The reused velocity for this branch, or None when the model must run. `group` names the
+        latent the branch belongs to (its batch item and window; default: the key itself); the first
+        branch of a group to ask decides for every branch of that group at this step."""
+        group_key = key if group is None else group
+        self._group_of[key] = group_key
+        shared = self.groups.setdefault(group_key, _EasyGroup())
+        if shared.leader is None:
+            shared.leader = key
+        decision = self.step_decisions.get((group_key, step))
+        if decision is None:
+            # A follower asking before its leader at this step (the leader did not run here) computes.
+            decision = self._decide(shared, step, x) if key == shared.leader else False
+            if key == shared.leader:
+                self.step_decisions[(group_key, step)] = decision
+                shared.step = step
         state = self._state(key)
-        decision = False
-        if state.previous is not None and state.k is not None and self._window(step):
-            prev = state.previous.to(x.device)
-            output = state.last_output.to(x.device)
-            change = ((x - prev).abs().mean() / output.abs().mean().clamp_min(1e-12)).item()
-            state.accumulated += state.k * change
-            decision = state.accumulated < self.args.threshold
-        state.previous = self._store(x)
-        self.report.count(("cond", "uncond")[branch], decision)
-        if decision:
-            return x + self._load(state.residual, x)
-        state.accumulated = 0.0
-        return None
+        reuse = decision and state.residual is not None   # a branch never computed yet must run
+        self.report.count(BRANCH_NAMES[branch], reuse)
+        return x + self._load(state.residual, x) if reuse else None
 
-    def remember_output(self, key, x: torch.Tensor, v: torch.Tensor) -> None:
-        state = self._state(key)
-        if state.last_output is not None:
-            last_out, last_in = state.last_output.to(v.device), state.last_input.to(x.device)
-            out_change = (v - last_out).abs().mean()
-            in_change = (x - last_in).abs().mean()
-            state.k = (out_change / in_change.clamp_min(1e-12)).item()
-        state.last_output, state.last_input = self._store(v), self._store(x)
-        state.residual = self._store(v - x)
+    def _decide(self, shared: _EasyGroup, step: int, x: torch.Tensor) -> bool:
+        """Core's rule: add k · mean|x_t − x_c| / mean|v_c| and skip while the sum is under the threshold."""
+        if shared.k is None or shared.last_input is None or not self._window(step):
+            shared.accumulated = 0.0
+            return False
+        change = (x - shared.last_input.to(x.device)).abs().mean().item() / max(shared.last_norm, 1e-12)
+        shared.accumulated += shared.k * change
+        if shared.accumulated < self.args.threshold:
+            return True
+        shared.accumulated = 0.0
+        return False
+
+    def remember_output(self, key, x: torch.Tensor, v: torch.Tensor, group=None) -> None:
+        """A computed forward: the branch's transformation v − x is kept for reuse; the leader's input
+        and output become the new x_c, v_c and give the new rate k."""
+        self._state(key).residual = self._store(v - x)
+        group_key = key if group is None else group
+        shared = self.groups.setdefault(group_key, _EasyGroup())
+        if shared.leader is None:
+            shared.leader = key
+        if key != shared.leader:
+            return
+        if shared.last_output is not None:
+            out_change = (v - shared.last_output.to(v.device)).abs().mean()
+            in_change = (x - shared.last_input.to(x.device)).abs().mean()
+            shared.k = (out_change / in_change.clamp_min(1e-12)).item()
+        shared.last_input, shared.last_output = self._store(x), self._store(v)
+        shared.last_norm = v.abs().mean().item()
+        shared.accumulated = 0.0
