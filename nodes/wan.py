@@ -41,6 +41,7 @@ from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS, is_gguf
 from ..models.quant_presets import BY_NAME
+from ..models.wan.core_source import LoraRecord, WanSource
 from ..models.wan.dit import WanDiT
 from ..models.wan.lora import merge_lora, parse_blocks, parse_lora
 from ..models.wan.pipeline import (
@@ -376,8 +377,13 @@ class WanModelLoader:
             apply_compile(dit, compile_args)
         name = model.rsplit("/", 1)[-1]
         log.info("Wan: loaded %s (%s, %s, %s)", name, dit.config.name, base_precision, quantization)
+        source = WanSource(path, base_precision, quantization,
+                           tuple(LoraRecord(e.name, model_path("loras", e.name), e.strength, e.blocks)
+                                 for e in (lora or ())),
+                           None if speech_model is None else f"{speech_model.name} ({speech_model.label})",
+                           compile_args is not None)
         return (WanModelHandle(dit, name, resident, swap if swapping else None, host_blocks, quantization,
-                               tuple(entry.describe() for entry in (lora or ()))),)
+                               tuple(entry.describe() for entry in (lora or ())), source=source),)
 
 
 def _merge_loras(dit: WanDiT, chain) -> None:
