@@ -63,6 +63,7 @@ def _layer_kinds(module) -> dict:
 def core_model(ctx) -> dict:
     """Our loader (int8, block swap) -> Wan Model to core MODEL -> core ModelSamplingSD3 -> core KSampler
     with core text conditioning; then core LoraLoaderModelOnly on it, and a loader-merged LoRA."""
+    import comfy.model_management
     import torch
     from comfy.patcher_extension import CallbacksMP
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
@@ -106,6 +107,23 @@ def core_model(ctx) -> dict:
     out["swap_moves"] = [swap.log.moves_in, swap.log.moves_out]
     out["swap_resident_after"] = sorted(swap.resident)
     out["swap_moves_real"] = swap.moves_real
+
+    # a load device ComfyUI books apart from the offload one (cpu:0, as a GPU would be): the ON_LOAD
+    # callback parks the swapped block and the patches really call Module.to; the result is unchanged
+    twin = shifted.clone()
+    twin.load_device = torch.device("cpu", 0)
+    twin, real_swap = ctx.pack_module("host").core_block_swap(twin, (0,), 0, False)
+    parks: list[int] = []
+    park = real_swap.park
+    real_swap.park = lambda: (parks.append(1), park())[1]
+    moved: list[str] = []
+    move = real_swap._move
+    real_swap._move = lambda module, device, nb: (moved.append(str(device)), move(module, device, nb))[1]
+    comfy.model_management.unload_all_models()        # loaded afresh: ComfyUI's load runs ON_LOAD
+    (twin_sample,) = nodes.common_ksampler(twin, 1, 2, 4.0, "euler", "simple", pos, neg, latent)
+    out["real_swap"] = {"moves_real": real_swap.moves_real, "parks": len(parks), "moved": moved,
+                        "runs": [[i, list(r)] for i, r in real_swap.log.runs],
+                        "same_sample": bool(torch.equal(twin_sample["samples"], sampled["samples"]))}
 
     # the same file as core's own float model: our int8 layers stay close to it
     (float_model,) = nodes.UNETLoader().load_unet(p["dit_file"], "default")

@@ -102,6 +102,15 @@ def test_block_swap_patch_runs_around_the_swapped_block(core_result):
     assert r["swap_moves_real"] is False           # CPU: load and offload device are one
 
 
+def test_block_swap_moves_blocks_when_the_devices_differ(core_result):
+    s = core_result["real_swap"]
+    assert s["moves_real"] and s["parks"] >= 1
+    assert s["runs"] == [[0, [0]]] * 2                        # block 0, alone, once per step
+    assert s["moved"][:len(s["moved"]) - 4] == ["cpu"] * (len(s["moved"]) - 4)      # parked at load
+    assert s["moved"][-4:] == ["cpu:0", "cpu", "cpu:0", "cpu"]                      # in, out per step
+    assert s["same_sample"]
+
+
 def test_core_lora_loader_on_the_core_model(core_result):
     r = core_result
     assert r["core_lora_patches"] == 2 and r["core_lora_keeps_swap"]
