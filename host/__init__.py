@@ -159,3 +159,7 @@ make_room = _impl.make_room                          # (nbytes, device) -> None
 # one of our own architectures where the host has none (a plain process)
 load_int8_diffusion_model = _impl.load_int8_diffusion_model
 diffusion_state_dict = _impl.diffusion_state_dict            # (MODEL) -> state dict with patches baked in
+# Wan as ComfyUI's own MODEL (host/comfy_wan.py): core architecture, our int8/fp8 Linears, block swap patches
+core_wan_model = _impl.core_wan_model                # (sd, plan, dtype, metadata, on_layer) -> (MODEL, report)
+core_lora = _impl.core_lora                          # (MODEL, lora_sd, strength, keep) -> (MODEL, added, found)
+core_block_swap = _impl.core_block_swap              # (MODEL, swapped, prefetch, non_blocking) -> (MODEL, swap)

@@ -260,6 +260,27 @@ def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None, own_build=
     return comfy_quant.load_int8_diffusion_model(sd, plan, metadata, on_layer)
 
 
+def core_wan_model(sd, plan, dtype, metadata=None, on_layer=None):
+    """(MODEL, QuantReport): ComfyUI's own Wan architecture with our int8/fp8 Linears (host/comfy_wan.py)."""
+    from . import comfy_wan
+
+    return comfy_wan.core_wan_model(sd, plan, dtype, metadata, on_layer)
+
+
+def core_lora(model, lora_sd, strength, keep):
+    """(MODEL clone, patches added, LoRA modules found) through ComfyUI's own LoRA loading."""
+    from . import comfy_wan
+
+    return comfy_wan.add_lora(model, lora_sd, strength, keep)
+
+
+def core_block_swap(model, swapped, prefetch, non_blocking):
+    """(MODEL clone whose swapped blocks wait on the offload device, the swap state)."""
+    from . import comfy_wan
+
+    return comfy_wan.block_swap(model, swapped, prefetch, non_blocking)
+
+
 def anima_support():
     """host/comfy_anima.py: ComfyUI's own Anima loaders where this version has them, and the pieces to
     assemble Anima from ComfyUI's Cosmos DiT where it does not (v0.8.0)."""

@@ -344,6 +344,20 @@ def load_int8_diffusion_model(sd, plan, metadata=None, on_layer=None, own_build=
     return None if own_build is None else own_build(sd)
 
 
+def core_wan_model(sd, plan, dtype, metadata=None, on_layer=None):
+    """Refused: a plain process has no ComfyUI architecture to build a core MODEL in."""
+    raise NeedsComfyUIError("'Wan Model to core MODEL' builds ComfyUI's own Wan model and runs only inside "
+                            "ComfyUI; outside it, sample the Wan model with the Wan Sampler.")
+
+
+def core_lora(model, lora_sd, strength, keep):
+    raise NeedsComfyUIError("core LoRA patches need ComfyUI's model patcher (run inside ComfyUI).")
+
+
+def core_block_swap(model, swapped, prefetch, non_blocking):
+    raise NeedsComfyUIError("block swap on a core MODEL needs ComfyUI's model patcher (run inside ComfyUI).")
+
+
 def anima_support():
     """None: a plain process has no Anima of its own; the caller builds ours (see host/comfyui.py)."""
     return None

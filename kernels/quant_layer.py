@@ -76,6 +76,7 @@ class QuantPlan:
     exclude: ExclusionRules = ExclusionRules()
     float_storage: torch.dtype | None = None   # fp8 dtype for layers that stay float; None keeps them float
     fp8_fast: bool = False                     # fp8 matmul for those layers where the GPU has it
+    fp8_exclude: ExclusionRules = ExclusionRules()   # layers kept in float_dtype instead of float_storage
     work_device: torch.device | None = None    # quantize on this device (e.g. the GPU), store where loaded
 
 
@@ -146,7 +147,7 @@ def _prepare(path, weight, bias, plan, float_dtype, scale, conf) -> PreparedLine
         if plan.rotation:
             note += f", ConvRot {group}" if group else ", no ConvRot (in_features not a multiple of 16)"
         return PreparedLinear("int8", q.to(weight.device), s.to(weight.device), bias, group, note)
-    if plan.float_storage is not None and weight.dim() == 2:
+    if plan.float_storage is not None and weight.dim() == 2 and plan.fp8_exclude.match(path) is None:
         if fmt == "fp8" and weight.dtype == plan.float_storage:
             kept = scale if scale is not None else torch.ones((), device=weight.device)
             return PreparedLinear("fp8", weight, kept.float().reshape(()), bias, note=reason + "; fp8 as stored")

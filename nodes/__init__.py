@@ -18,6 +18,7 @@ from . import (
     wan_bridges,
     wan_cache_calibration,
     wan_conditioning,
+    wan_core,
     wan_encoders,
     wan_fantasytalking,
     wan_multitalk,
@@ -84,6 +85,7 @@ NODES: list[tuple[str, type, str]] = [
     ("SlipstreamWanSpeechLongVideo", wan_speech.WanSpeechLongVideo, "Wan Speech Long Video (MultiTalk / InfiniteTalk)"),
     ("SlipstreamWanClipEmbedsFromVisionOutput", wan_bridges.WanClipEmbedsFromVisionOutput,
      "Wan CLIP Embeds from CLIP Vision Output"),
+    ("SlipstreamWanToCoreModel", wan_core.WanToCoreModel, "Wan Model to core MODEL"),
     # audio (speech encoders for the talking-head Wan families)
     ("SlipstreamSpeechEncoderLoader", audio.SlipstreamSpeechEncoderLoader, "Load Speech Encoder (wav2vec2)"),
     # int8 family

@@ -34,6 +34,7 @@ from ..kernels.precision import resolve_dtype
 from ..models.checkpoint import load_state_dict
 from ..models.finite import BadSettingError, finite_number
 from ..models.gguf_file import GGUF_EXTS
+from ..models.wan.core_source import LoraRecord, WanSource
 from ..models.wan.lora import parse_blocks, parse_lora
 from ..models.wan.model_loading import QUANTIZATIONS, LoadSettings, LoraFile, load_model, log_lora_report
 from ..models.wan.pipeline import (
@@ -325,7 +326,12 @@ class WanModelLoader:
             for bar in bars:
                 bar.close()
         log.info("Wan: loaded %s (%s, %s, %s)", handle.name, handle.dit.config.name, base_precision, quantization)
-        return (handle,)
+        source = WanSource(path, base_precision, quantization,
+                           tuple(LoraRecord(e.name, model_path("loras", e.name), e.strength, e.blocks)
+                                 for e in (lora or ())),
+                           None if speech_model is None else f"{speech_model.name} ({speech_model.label})",
+                           compile_args is not None)
+        return (replace(handle, source=source),)
 
 
 # ---------------------------------------------------------------------------------- sampler

@@ -35,6 +35,7 @@ from ..finite import finite_input
 from . import fun
 from .clean_frames import check_vae_generation, check_video_size, video_latent_shape
 from .context import ContextOptions, freenoise
+from .core_source import WanSource
 from .denoiser import SamplingExtras, WanDenoiser
 from .dit import WanDiT
 from .experts import check_expert_pair, expert_variant, plan_experts
@@ -90,6 +91,7 @@ class WanModelHandle:
     quantization: str = "disabled"
     loras: tuple[str, ...] = ()
     runtime_loras: tuple[RuntimeLora, ...] = ()   # applied unmerged, for the length of each run
+    source: WanSource | None = None          # what the loader built it from (for the core MODEL bridge)
 
     @property
     def config(self):
