@@ -108,3 +108,20 @@ def vae():
     from slipstream.models.wan.vae import WanVAE
 
     return WanVAEHandle(WanVAE.from_state_dict(tiny_vae_state_dict()), "tiny", torch.device("cpu"))
+
+
+@pytest.fixture
+def built_step_caches(monkeypatch) -> list:
+    """Every StepCache a sampler run builds, kept for the test to read its recorded decisions."""
+    from slipstream.models.wan import pipeline
+    from slipstream.models.wan.step_cache import StepCache
+
+    built: list[StepCache] = []
+
+    class Recorded(StepCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(pipeline, "StepCache", Recorded)
+    return built

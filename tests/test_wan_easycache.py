@@ -102,19 +102,10 @@ def test_a_revoked_leader_skip_marks_the_step_computed():
     assert cache.report.skipped == {"cond": 0} and cache.report.computed == {"cond": 3, "uncond": 1}
 
 
-def test_a_two_pass_cfg_run_skips_the_same_steps_in_both_branches(monkeypatch):
+def test_a_two_pass_cfg_run_skips_the_same_steps_in_both_branches(built_step_caches):
     """With the branches as two forwards (batched CFG off), every skipped step skips both, and the
     skips are the steps the cache recorded as reused."""
-    from slipstream.models.wan import pipeline
 
-    built: list[StepCache] = []
-
-    class Recorded(StepCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(pipeline, "StepCache", Recorded)
     settings = SamplerSettings(steps=10, cfg=4.0, seed=3, batched_cfg="off")
     stats = RunStats()
     out = sample_video(tiny_handle(3), tiny_text(), WanImageEmbeds(32, 32, 5), settings, device=CPU,
@@ -122,6 +113,6 @@ def test_a_two_pass_cfg_run_skips_the_same_steps_in_both_branches(monkeypatch):
                        extras=SamplingExtras(CacheArgs("easycache", 1.0, start_step=1)))
     assert torch.isfinite(out).all() and stats.cache_skipped > 0
     assert stats.cache_by_branch["cond"] == stats.cache_by_branch["uncond"] == stats.cache_skipped // 2
-    (cache,) = built
+    (cache,) = built_step_caches
     assert len(cache.step_decisions) == 10, "one decision per step (one latent, no windows)"
     assert sum(cache.step_decisions.values()) == stats.cache_by_branch["cond"]

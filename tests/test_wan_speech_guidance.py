@@ -159,19 +159,10 @@ def test_looped_context_windows_with_audio_are_refused_before_sampling():
                           extras=SamplingExtras(audio=toy_audio("multitalk", 25)))
 
 
-def test_easycache_takes_one_decision_per_step_for_all_three_speech_passes(monkeypatch):
+def test_easycache_takes_one_decision_per_step_for_all_three_speech_passes(built_step_caches):
     """The positive pass decides and the no-text and no-audio passes follow, as core's other conds."""
-    from slipstream.models.wan import pipeline
-    from slipstream.models.wan.step_cache import CacheArgs, StepCache
+    from slipstream.models.wan.step_cache import CacheArgs
 
-    built: list[StepCache] = []
-
-    class Recorded(StepCache):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(pipeline, "StepCache", Recorded)
     handle = tiny_i2v_handle("multitalk")
     steps = 8
     stats = RunStats()
@@ -179,7 +170,7 @@ def test_easycache_takes_one_decision_per_step_for_all_three_speech_passes(monke
                       device=CPU, stats=stats,
                       extras=SamplingExtras(audio=toy_audio("multitalk", 9), audio_cfg=4.0,
                                             cache_args=CacheArgs("easycache", 1.0, start_step=1)))
-    (cache,) = built
+    (cache,) = built_step_caches
     assert len(cache.step_decisions) == steps
     skipped = sum(cache.step_decisions.values())
     assert skipped > 0
