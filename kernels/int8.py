@@ -149,15 +149,17 @@ def canonical_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
                             "the file to bf16 and quantize it on the fly instead")
 
 
-def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
-                        temporary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0, temporary: bool = False,
+                        unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [M, K], fp32 scale [M, 1]) of activations, one symmetric scale per row.
 
     Rotation (ConvRot) happens chunk by chunk right before quantizing, so the rotated fp32 copy of
     the activation never exists in full. `temporary=True` returns reused scratch memory, valid
-    only until the next int8 call on this thread (what int8_linear wants).
+    only until the next int8 call on this thread (what int8_linear wants). `unsigned=True` stores
+    the same values as uint8 q + 128 (oneDNN's prepacked kernel takes that form).
     """
-    fused = int8_fused.quantize_rows(x2d, rotation_group)
+    fused = int8_fused.quantize_rows_u8(x2d, rotation_group) if unsigned else \
+        int8_fused.quantize_rows(x2d, rotation_group)
     if fused is not None:
         return fused
     m, k = x2d.shape
@@ -182,7 +184,7 @@ def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
         s.div_(INT8_MAX).clamp_min_(MIN_SCALE)
         torch.div(src, s, out=b)                           # bf16/fp16 / fp32 -> fp32, no separate upcast
         q[i:i + step].copy_(b.round_())
-    return q, scale
+    return (int8_onednn.to_unsigned_(q), scale) if unsigned else (q, scale)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -277,7 +279,7 @@ def backend_calls() -> dict[str, int]:
 def _packed_linear(x: torch.Tensor, weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                    rotation_group: int) -> torch.Tensor | None:
     k = x.shape[-1]
-    x8, act_scale = quantize_activation(x.reshape(-1, k), rotation_group, temporary=True)
+    x8, act_scale = quantize_activation(x.reshape(-1, k), rotation_group, temporary=True, unsigned=True)
     out = int8_onednn.linear(x8, act_scale, weight, weight_scale, bias, x.dtype)
     return None if out is None else out.view(*x.shape[:-1], weight.shape[0])
 
