@@ -215,3 +215,4 @@ def test_large_inputs_through_the_compiled_quantizer_equal_int_mm(per_row, bias)
     packed, plain, _ = _pair(1024, 96, seed=11, bias=bias, per_row=per_row)
     x = torch.randn(300, 1024, generator=torch.Generator().manual_seed(12)).bfloat16()   # >= 256 K values
     assert torch.equal(packed(x), plain(x))
+
