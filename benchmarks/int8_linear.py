@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [16, 256] if args.quick else ROWS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; min over {rounds} interleaved "
           "rounds (median in brackets)")
-    print(onednn.cpu_features_line())
+    print(f"{onednn.cpu_features_line()}; oneDNN kernel: {onednn.kernel_implementation()}")
     variants, cases = build_cases(rows, int8, onednn)
     with torch.inference_mode():
         times = interleaved_times(variants, rounds)

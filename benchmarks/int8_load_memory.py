@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     import_package()
     onednn = importlib.import_module("slipstream.kernels.int8_onednn")
-    print(onednn.cpu_features_line())
+    print(f"{onednn.cpu_features_line()}; oneDNN kernel: {onednn.kernel_implementation()}")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "wan_2blocks_int8.safetensors")
         sizes = write_file(path)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {config.name}; "
           f"1024 tokens, 512 text tokens; min over {args.rounds} interleaved rounds (median in brackets)")
-    print(onednn.cpu_features_line())
+    print(f"{onednn.cpu_features_line()}; oneDNN kernel: {onednn.kernel_implementation()}")
     ref_bytes = block_bytes(models["bf16"])
     rows = []
     for name, model in models.items():

@@ -73,3 +73,33 @@ def rotate(t: torch.Tensor, group: int, out: torch.Tensor | None = None) -> torc
         return torch.mm(grouped, h).reshape(t.shape)
     torch.mm(grouped, h, out=out.view(-1, group))
     return out
+
+
+def _kron_factors(group: int) -> tuple[int, int]:
+    """(a, b), a · b = group, both valid groups and a <= b as close as possible: H_group = H_a ⊗ H_b."""
+    a = 4
+    while (a * 4) ** 2 <= group:
+        a *= 4
+    return a, group // a
+
+
+def rotate_kron(t: torch.Tensor, group: int, out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """`rotate` for activations through H = H_a ⊗ H_b: each group viewed as an a×b block T becomes
+    H_a·T·H_b — a + b multiply-adds per value instead of `group` (32 instead of 256), as two GEMMs
+    in caller-owned fp32 buffers (`out`, `work`: t's shape, reused between calls so a big
+    activation does not page-fault fresh memory in). Equal to `rotate` up to float rounding;
+    weights keep `rotate`, whose exact products reproduce rotated files bit for bit.
+    """
+    k = t.shape[-1]
+    if k % group:
+        raise ValueError(f"cannot rotate {k} channels in groups of {group}: {k} is not a multiple of {group}.")
+    if group < 16:
+        return rotate(t, group, out=out)
+    a, b = _kron_factors(group)
+    src = t
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        out.copy_(t)
+        src = out
+    torch.mm(src.view(-1, b), regular_hadamard(b, t.device), out=work.view(-1, b))
+    torch.matmul(regular_hadamard(a, t.device), work.view(-1, a, b), out=out.view(-1, a, b))
+    return out

@@ -149,21 +149,29 @@ def canonical_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
                             "the file to bf16 and quantize it on the fly instead")
 
 
-def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
-                        temporary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0, temporary: bool = False,
+                        unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [M, K], fp32 scale [M, 1]) of activations, one symmetric scale per row.
 
     Rotation (ConvRot) happens chunk by chunk right before quantizing, so the rotated fp32 copy of
     the activation never exists in full. `temporary=True` returns reused scratch memory, valid
-    only until the next int8 call on this thread (what int8_linear wants).
+    only until the next int8 call on this thread (what int8_linear wants). `unsigned=True` stores
+    the same values as uint8 q + 128 (oneDNN's prepacked kernel takes that form).
     """
-    fused = int8_fused.quantize_rows(x2d, rotation_group)
+    fused = None
+    if not (rotation_group and x2d.device.type == "cpu"):
+        # Rotated CPU activations stay on the chunked loop below: its two small GEMMs per chunk
+        # (hadamard.rotate_kron) ran 5-10x faster than the compiled rotation, which lowers the
+        # 16x16 products to scalar loops over the whole activation.
+        fused = int8_fused.quantize_rows_u8(x2d, rotation_group) if unsigned else \
+            int8_fused.quantize_rows(x2d, rotation_group)
     if fused is not None:
         return fused
     m, k = x2d.shape
     dev = x2d.device
     step = _rows_per_chunk(x2d, k)
     buf = scratch("qchunk", (min(step, m), k), torch.float32, dev)
+    work = scratch("qwork", (min(step, m), k), torch.float32, dev) if rotation_group else None
     if temporary:
         q, scale = scratch("x8", (m, k), torch.int8, dev), scratch("xscale", (m, 1), torch.float32, dev)
     else:
@@ -173,7 +181,7 @@ def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
         src = x2d[i:i + step]
         b = buf[:src.shape[0]]
         if rotation_group:
-            src = hadamard.rotate(src, rotation_group, out=b)
+            src = hadamard.rotate_kron(src, rotation_group, out=b, work=work[:src.shape[0]])
         s = scale[i:i + step]
         if src.dtype == torch.float32:
             torch.amax(src.abs(), dim=1, keepdim=True, out=s)
@@ -182,7 +190,7 @@ def quantize_activation(x2d: torch.Tensor, rotation_group: int = 0,
         s.div_(INT8_MAX).clamp_min_(MIN_SCALE)
         torch.div(src, s, out=b)                           # bf16/fp16 / fp32 -> fp32, no separate upcast
         q[i:i + step].copy_(b.round_())
-    return q, scale
+    return (int8_onednn.to_unsigned_(q), scale) if unsigned else (q, scale)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -263,8 +271,9 @@ def kernel_note(device: torch.device, rotated_layers: int = 0) -> str:
     note = f"int8 CPU kernel: {int8_onednn.describe()}"
     if rotated_layers:
         note += (f"; ConvRot on {rotated_layers} layers rotates each activation row in fp32 before quantizing "
-                 "(two 16x16 Hadamard products per 256 channels): on CPU that is a visible share of each int8 "
-                 "layer's time (benchmarks/int8_model.py measures it)")
+                 "(two 16x16 Hadamard products per 256 channels, ~32 multiply-adds per value): on CPU about "
+                 "15-20% more time per int8 transformer block than without it (benchmarks/int8_model.py "
+                 "measures it)")
     return note
 
 
@@ -277,7 +286,7 @@ def backend_calls() -> dict[str, int]:
 def _packed_linear(x: torch.Tensor, weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                    rotation_group: int) -> torch.Tensor | None:
     k = x.shape[-1]
-    x8, act_scale = quantize_activation(x.reshape(-1, k), rotation_group, temporary=True)
+    x8, act_scale = quantize_activation(x.reshape(-1, k), rotation_group, temporary=True, unsigned=True)
     out = int8_onednn.linear(x8, act_scale, weight, weight_scale, bias, x.dtype)
     return None if out is None else out.view(*x.shape[:-1], weight.shape[0])
 

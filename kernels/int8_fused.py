@@ -64,6 +64,19 @@ def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int,
     return torch.round(x.float() / scale).to(torch.int8), scale
 
 
+def quantize_rows_u8_reference(x2d: torch.Tensor, rotation_group: int,
+                               h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same quantization stored as uint8 with an offset of 128 (q + 128, bit for bit `q ^ 0x80`),
+    what oneDNN's prepacked kernel takes (its fast u8·s8 path, the zero point folded into the
+    packed weight); one pass, so the offset costs nothing."""
+    if rotation_group:
+        x = _rotate(x2d, rotation_group, rotation_matrix(rotation_group, x2d.device) if h is None else h)
+    else:
+        x = x2d
+    scale = x.abs().amax(dim=1, keepdim=True).float().div(127.0).clamp_min(1e-30)
+    return (torch.round(x.float() / scale) + 128.0).to(torch.uint8), scale
+
+
 def rescale_reference(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """The epilogue being compiled: fp32 acc · weight scale · activation scale (+ bias), row-major.
@@ -78,7 +91,8 @@ def rescale_reference(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.T
     return y.contiguous()
 
 
-_REFERENCES = {"quantize": quantize_rows_reference, "rescale": rescale_reference}
+_REFERENCES = {"quantize": quantize_rows_reference, "quantize_u8": quantize_rows_u8_reference,
+               "rescale": rescale_reference}
 _NOISY_LOGGERS = {"torch.utils.cpp_extension": ("No CUDA runtime is found",)}
 _announced: set[str] = set()     # kernels whose first (compiling) call has run in this process
 
@@ -162,6 +176,14 @@ def quantize_rows(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor,
         return None
     h = rotation_matrix(rotation_group, x2d.device) if rotation_group else None
     return _call("quantize", x2d, rotation_group, h)
+
+
+def quantize_rows_u8(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """quantize_rows with the uint8 (+128) output of quantize_rows_u8_reference, or None."""
+    if not _usable(x2d):
+        return None
+    h = rotation_matrix(rotation_group, x2d.device) if rotation_group else None
+    return _call("quantize_u8", x2d, rotation_group, h)
 
 
 def rescale(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,

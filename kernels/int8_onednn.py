@@ -5,6 +5,13 @@ Why: `torch._int_mm` hands oneDNN a plain int8 weight, which oneDNN reorders int
 bf16, which goes to the AMX tiles directly. Packing the weight once at load and calling the
 prepacked kernel removes the reorder; AMX-INT8 has twice AMX-BF16's peak.
 
+Activations go in as uint8 q + 128 with a zero point of 128, never as int8. `qlinear_prepack`
+packs the weight for u8 activations (the packing carries oneDNN's zero-point compensation, ΣW per
+column), and with int8 activations oneDNN finds no optimised kernel for that packing: it ran its
+reference matmul, ~1000× slower than bf16 on an AVX512-VNNI machine. u8 + zero point is the
+combination the x86 kernels (VNNI brgemm, AMX) are built for, and it is exact: the kernel forms
+Σ(q+128)·w − 128·Σw = Σq·w in int32. The quantizer writes the offset form in the same pass.
+
 Exact per-row activation scales: the kernel takes one activation scale per call. Activations are
 quantized per row as everywhere else, the kernel runs with a unit activation scale and the
 weight scales (so it returns `acc · w_scale` in fp32, the same product the `_int_mm` path forms),
@@ -24,8 +31,11 @@ re-packs after an in-place write. So loading never holds a second copy of the in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -238,25 +248,36 @@ def pack(dense: torch.Tensor, what: str = "a layer") -> PackedInt8Weight | None:
     return PackedInt8Weight(_Box(raw, n), (n, k))
 
 
+_ZERO_POINT = 128     # the activation offset: uint8 q + 128 holds int8 q
+
+
+def to_unsigned_(x8: torch.Tensor) -> torch.Tensor:
+    """int8 q as uint8 q + 128, in place (flipping the sign bit is exactly + 128 mod 256)."""
+    return x8.view(torch.uint8).bitwise_xor_(_ZERO_POINT)
+
+
 def _weight_scales(weight_scale: torch.Tensor, n: int) -> torch.Tensor:
     scale = weight_scale.reshape(-1).float()
     return scale.expand(n).contiguous() if scale.numel() == 1 else scale
 
 
-def _pointwise(x8: torch.Tensor, packed: PackedInt8Weight, w_scales: torch.Tensor) -> torch.Tensor:
-    """fp32 x8 · Wᵀ · w_scales from oneDNN's packed kernel (unit activation scale, no bias)."""
-    return torch.ops.onednn.qlinear_pointwise(x8, 1.0, 0, packed.packed, w_scales, packed.zero_points, None,
-                                              1.0, 0, torch.float32, "none", [], "")
+def _pointwise(xu8: torch.Tensor, packed: PackedInt8Weight, w_scales: torch.Tensor) -> torch.Tensor:
+    """fp32 (xu8 − 128) · Wᵀ · w_scales from oneDNN's packed kernel (unit activation scale, no bias)."""
+    return torch.ops.onednn.qlinear_pointwise(xu8, 1.0, _ZERO_POINT, packed.packed, w_scales, packed.zero_points,
+                                              None, 1.0, 0, torch.float32, "none", [], "")
 
 
 def linear(x8: torch.Tensor, act_scale: torch.Tensor, weight: PackedInt8Weight, weight_scale: torch.Tensor,
            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor | None:
     """[M, N] in `out_dtype` = (x8 · Wᵀ) · weight_scale · act_scale + bias, or None if oneDNN refuses.
 
-    `x8` int8 [M, K] and `act_scale` fp32 [M, 1] come from the per-row quantizer. The products
+    `x8` [M, K] and `act_scale` fp32 [M, 1] come from the per-row quantizer: uint8 q + 128 (its
+    `unsigned` form, what the kernel takes) or int8 q (converted here, into a new tensor). The products
     are formed in the same order and precision as the `_int_mm` path's epilogue (acc · w_scale,
     then · act_scale + bias in fp32), so both paths give the same output.
     """
+    if x8.dtype == torch.int8:
+        x8 = to_unsigned_(x8.clone())
     m = x8.shape[0]
     n = weight.shape[0]
     w_scales = _weight_scales(weight_scale, n)
@@ -278,3 +299,37 @@ def linear(x8: torch.Tensor, act_scale: torch.Tensor, weight: PackedInt8Weight, 
         _report_refusal(f"an input of {m} rows for a {n}x{x8.shape[1]} layer", exc)
         return None
     return out
+
+
+def kernel_implementation(k: int = 256, n: int = 256, m: int = 64) -> str:
+    """The name oneDNN gives the implementation that runs the prepacked kernel here, e.g.
+    "brg_matmul:avx512_core_vnni" or "brg_matmul:avx512_core_amx"; one starting "ref" is its
+    unoptimised reference code (the slow path this module's uint8 activations avoid).
+
+    A diagnostic for benchmarks and tests, not for the hot path: it runs one small call with
+    oneDNN's verbose log on and reads that log from the process's stdout file descriptor.
+    """
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack(w8, "the probe")
+    if packed is None:
+        return "none (this machine runs torch._int_mm)"
+    xu8 = to_unsigned_(torch.zeros(m, k, dtype=torch.int8))
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as log_file:
+        try:
+            os.dup2(log_file.fileno(), 1)
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                _pointwise(xu8, packed, torch.ones(n))
+            libc.fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log_file.seek(0)
+        text = log_file.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 6 and fields[2] == "primitive" and fields[3] == "exec" and fields[5] == "matmul":
+            return fields[6]
+    return "unknown (oneDNN's verbose log was empty)"

@@ -443,3 +443,15 @@ def test_comfy_kitchen_is_used_on_cuda_only_and_switched_off_by_a_failure(monkey
     monkeypatch.setattr(int8_kitchen, "_state", {})
     assert int8_kitchen.linear(x, layer.weight, layer.weight_scale, None, 0, allow_cpu=True) is None
     assert "no usable CUDA/HIP backend" in int8_kitchen.status()
+
+
+@pytest.mark.parametrize("group", [16, 64, 256, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kronecker_activation_rotation_equals_the_full_matrix(group, dtype):
+    from slipstream.kernels import hadamard
+
+    x = torch.randn(7, 2048, generator=torch.Generator().manual_seed(group)).to(dtype)
+    out, work = torch.empty(7, 2048), torch.empty(7, 2048)
+    fast = hadamard.rotate_kron(x, group, out=out, work=work)
+    assert fast is out
+    assert torch.allclose(fast, hadamard.rotate(x, group), rtol=1e-5, atol=1e-5)

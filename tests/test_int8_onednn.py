@@ -175,3 +175,44 @@ def test_per_row_activation_scales_stay_exact_with_outlier_rows():
     assert torch.equal(y, plain(x))
     small = packed(x[[0, 1, 3]])
     assert torch.equal(small, y[[0, 1, 3]])
+
+
+def test_the_kernel_oneDNN_runs_is_an_optimised_one_not_its_reference_code():
+    """With int8 activations oneDNN ran its reference matmul for the prepacked weight (~1000x
+    slower than bf16); the layer feeds uint8 + 128 so an optimised kernel (brgemm) runs."""
+    name = int8_onednn.kernel_implementation()
+    assert not name.startswith(("ref", "unknown")), name
+    assert int8_onednn.cpu_features()["vnni"] or int8_onednn.cpu_features()["amx"]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_the_uint8_activation_form_is_the_int8_one_plus_128(m, k, n):
+    from slipstream.kernels.int8 import quantize_activation
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    q, s = quantize_activation(x)
+    u, su = quantize_activation(x, unsigned=True)
+    assert u.dtype == torch.uint8 and torch.equal(su, s)
+    assert torch.equal(u.to(torch.int16) - 128, q.to(torch.int16))
+
+
+def test_the_compiled_uint8_quantizer_matches_the_eager_one(monkeypatch):
+    from slipstream.kernels import int8_fused
+    from slipstream.kernels.int8 import quantize_activation
+
+    x = (torch.randn(512, 1024) * torch.logspace(-3, 3, 512).unsqueeze(1)).bfloat16()
+    fused = int8_fused.quantize_rows_u8(x, 0)
+    if fused is None:
+        pytest.skip(f"torch.compile unavailable here: {int8_fused.status()}")
+    monkeypatch.setattr(int8_fused, "quantize_rows_u8", lambda x, g: None)   # force the eager path
+    eager = quantize_activation(x, unsigned=True)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_large_inputs_through_the_compiled_quantizer_equal_int_mm(per_row, bias):
+    packed, plain, _ = _pair(1024, 96, seed=11, bias=bias, per_row=per_row)
+    x = torch.randn(300, 1024, generator=torch.Generator().manual_seed(12)).bfloat16()   # >= 256 K values
+    assert torch.equal(packed(x), plain(x))
+
