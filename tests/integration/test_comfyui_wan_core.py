@@ -7,11 +7,14 @@
 2. In process: core CLIPLoader -> CLIPTextEncode -> Wan Text Embeds from Conditioning -> Wan Sampler.
 3. Over HTTP: the workflow users queue — Wan Model Loader + Wan Block Swap -> Wan Model to core MODEL
    -> LoraLoaderModelOnly -> ModelSamplingSD3 -> KSampler -> SaveLatent.
+4. Over HTTP: the example workflow workflows/wan_core_ksampler_api.json as shipped, with tiny files and a
+   CPU-sized video, through core VAELoader / VAEDecode to an mp4 from Video Combine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parents[1] / "workflows" / "wan_core_ksampler_api.json"
+VAE = "slipstream_core_tiny_wan_vae.safetensors"
 DIT = "slipstream_core_tiny_wan_t2v.safetensors"          # text_dim 4096: core umT5 conditioning
 DIT_768 = "slipstream_core_tiny_wan_t2v_768.safetensors"  # text_dim 768: the HTTP test's CLIP-L conditioning
 LORA = "slipstream_core_tiny_wan_lora.safetensors"
@@ -185,3 +190,60 @@ def test_workflow_wan_loader_to_core_ksampler(comfyui, harness_module):
     assert all(torch.isfinite(t).all() for t in latents)
     assert not torch.equal(latents[0], latents[1])            # the core LoRA reached the core MODEL
     assert "Wan to core MODEL: " in comfyui.log_text()
+
+
+def _example_on_tiny_files(api: dict, clip_file: str) -> dict:
+    """The example workflow with the tiny files and a CPU-sized run; every other setting as shipped.
+
+    The tiny CLIP-L file stands in for umT5 (core would build the full 5.7B umT5 from its bundled config),
+    with 768-wide text to match DIT_768; it holds one real key and random rest, so both prompts are
+    zeroed before the KSampler, as in the workflow above.
+    """
+    api = json.loads(json.dumps(api))
+    by_class = {}
+    for node_id, node in api.items():
+        by_class.setdefault(node["class_type"], []).append(node_id)
+    (loader,) = by_class["SlipstreamWanModelLoader"]
+    (swap,) = by_class["SlipstreamWanBlockSwap"]
+    (clip,) = by_class["CLIPLoader"]
+    (latent,) = by_class["EmptyHunyuanLatentVideo"]
+    (ksampler,) = by_class["KSampler"]
+    (vae,) = by_class["VAELoader"]
+    api[loader]["inputs"]["model"] = DIT_768
+    api[swap]["inputs"]["blocks_to_swap"] = 1
+    api[clip]["inputs"].update(clip_name=clip_file, type="stable_diffusion")
+    api[latent]["inputs"].update(width=64, height=48, length=5)
+    api[ksampler]["inputs"]["steps"] = 2
+    api[vae]["inputs"]["vae_name"] = VAE
+    for name in ("positive", "negative"):
+        zero = f"zero_{name}"
+        api[zero] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": api[ksampler]["inputs"][name]}}
+        api[ksampler]["inputs"][name] = [zero, 0]
+    return api
+
+
+def test_example_workflow_runs_to_a_video(comfyui, harness_module):
+    import imageio_ffmpeg
+    from slipstream.models.wan.demo_assets import tiny_vae_state_dict
+
+    write_models(comfyui.models_dir)
+    clip_file = _write_tiny_clip_l(comfyui.models_dir)
+    vae_path = comfyui.models_dir / "vae" / VAE
+    vae_path.parent.mkdir(parents=True, exist_ok=True)
+    if not vae_path.exists():
+        save_file(tiny_vae_state_dict(13), str(vae_path))
+    shipped = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    classes = sorted(n["class_type"] for n in shipped.values())
+    assert "SlipstreamWanToCoreModel" in classes and "KSampler" in classes and "VAEDecode" in classes
+
+    entry = comfyui.run(_example_on_tiny_files(shipped, clip_file), timeout=600)
+    videos = [f for f in harness_module.output_files(entry, comfyui.base) if f.suffix == ".mp4"]
+    assert len(videos) == 1, entry.get("outputs")
+    assert videos[0].is_file() and videos[0].stat().st_size > 0
+    reader = imageio_ffmpeg.read_frames(str(videos[0]))
+    meta = next(reader)
+    frames = sum(1 for _ in reader)
+    assert tuple(meta["size"]) == (64, 48) and frames == 5, (meta, frames)
+    log = comfyui.log_text()
+    assert "Wan to core MODEL: 1 of 2 blocks swapped" in log
+    assert f"Wan to core MODEL: {DIT_768} as WAN21, 20 int8 Linear layers" in log   # 10 per block
