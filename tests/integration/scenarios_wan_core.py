@@ -24,7 +24,7 @@ def _use_scenario_folders(ctx) -> None:
     --base-directory can be honoured)."""
     import folder_paths
 
-    for key in ("diffusion_models", "loras", "text_encoders"):
+    for key in ("diffusion_models", "loras", "text_encoders", "vae"):
         (ctx.models / key).mkdir(parents=True, exist_ok=True)
         folder_paths.add_model_folder_path(key, str(ctx.models / key), is_default=True)
 
@@ -180,4 +180,54 @@ def core_text_to_our_sampler(ctx) -> dict:
     out["latent_shape"] = list(latent["samples"].shape)
     out["latent_finite"] = bool(torch.isfinite(latent["samples"]).all())
     out["prompt_changes_video"] = _rel(other_latent["samples"], latent["samples"])
+    return out
+
+
+def core_image_to_video(ctx) -> dict:
+    """A Wan 2.1 I2V file through our loader (int8) -> Wan Model to core MODEL -> ModelSamplingSD3 -> core
+    KSampler, fed by core WanImageToVideo (start image through core VAELoader's Wan VAE) and core text."""
+    import torch
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    import nodes
+
+    _use_scenario_folders(ctx)
+    p = ctx.params
+    n = ctx.pack.NODE_CLASS_MAPPINGS
+    (handle,) = n["SlipstreamWanModelLoader"]().load(p["i2v_file"], "fp32", "int8_w8a8", "offload_device")
+    (core,) = n["SlipstreamWanToCoreModel"]().convert(handle)
+    dm = core.model.diffusion_model
+    out: dict = {"host": ctx.pack_module("host").NAME, "model_class": type(core.model).__name__,
+                 "image_to_video": bool(core.model.image_to_video), "kinds": _layer_kinds(dm),
+                 "patch_in_channels": int(dm.patch_embedding.weight.shape[1])}
+    seen: list[int] = []
+    hook = dm.patch_embedding.register_forward_pre_hook(lambda module, args: seen.append(int(args[0].shape[1])))
+    concat: list[list[int]] = []
+
+    def record_concat(apply_model, args):
+        c_concat = args["c"].get("c_concat")
+        concat.append(list(c_concat.shape) if c_concat is not None else [])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    core.set_model_unet_function_wrapper(record_concat)
+    (shifted,) = ModelSamplingSD3().patch(core, 8.0)
+    _, (pos, neg) = _core_text(ctx, ["a red fox runs through fresh snow", "blurry"])
+    (vae,) = nodes.VAELoader().load_vae(p["vae_file"])
+    g = torch.Generator().manual_seed(7)
+    samples = []
+    for _ in range(2):       # two different start images: the image must reach the sample
+        start = torch.rand(1, 48, 64, 3, generator=g)
+        i2v_pos, i2v_neg, latent = WanImageToVideo.execute(pos, neg, vae, 64, 48, 5, 1, start_image=start).result
+        (sampled,) = nodes.common_ksampler(shifted, 1, 2, 5.0, "euler", "simple", i2v_pos, i2v_neg, latent)
+        samples.append(sampled["samples"])
+    hook.remove()
+    out["cond_concat_image"] = list(i2v_pos[0][1]["concat_latent_image"].shape)
+    out["cond_concat_mask"] = list(i2v_pos[0][1]["concat_mask"].shape)
+    out["latent_shape"] = list(latent["samples"].shape)
+    out["c_concat"] = concat
+    out["seen_channels"] = seen
+    out["sample_shape"] = list(samples[0].shape)
+    out["sample_finite"] = all(bool(torch.isfinite(s).all()) for s in samples)
+    out["start_image_changes_sample"] = _rel(samples[1], samples[0])
     return out

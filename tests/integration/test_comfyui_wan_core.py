@@ -5,13 +5,18 @@
    wan) and CLIPTextEncode; the MODEL is core's WAN21 with our int8 layers, the block patches run
    around the swapped block; core LoraLoaderModelOnly on it; a loader-merged LoRA as core patches.
 2. In process: core CLIPLoader -> CLIPTextEncode -> Wan Text Embeds from Conditioning -> Wan Sampler.
-3. Over HTTP: the workflow users queue — Wan Model Loader + Wan Block Swap -> Wan Model to core MODEL
+3. In process: an I2V file through our loader and the bridge, sampled by core KSampler with core
+   WanImageToVideo's conditioning and latent (the start image encoded by core's VAE).
+4. Over HTTP: the workflow users queue — Wan Model Loader + Wan Block Swap -> Wan Model to core MODEL
    -> LoraLoaderModelOnly -> ModelSamplingSD3 -> KSampler -> SaveLatent.
+5. Over HTTP: the example workflow workflows/wan_core_ksampler_api.json as shipped, with tiny files and a
+   CPU-sized video, through core VAELoader / VAEDecode to an mp4 from Video Combine.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -19,8 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+EXAMPLE = HERE.parents[1] / "workflows" / "wan_core_ksampler_api.json"
+VAE = "slipstream_core_tiny_wan_vae.safetensors"
 DIT = "slipstream_core_tiny_wan_t2v.safetensors"          # text_dim 4096: core umT5 conditioning
 DIT_768 = "slipstream_core_tiny_wan_t2v_768.safetensors"  # text_dim 768: the HTTP test's CLIP-L conditioning
+DIT_I2V = "slipstream_core_tiny_wan_i2v.safetensors"     # Wan 2.1 I2V: 36 input channels, CLIP branch
 LORA = "slipstream_core_tiny_wan_lora.safetensors"
 UMT5 = "slipstream_tiny_umt5_4096.safetensors"
 # umT5 geometry for core's config (the form of its umt5_config_xxl.json): 4096 wide and 24 blocks, as
@@ -62,6 +70,20 @@ def write_models(models_dir: Path) -> None:
     umt5 = {k: v.to(torch.bfloat16) for k, v in assets._umt5_hf_names(sd).items()}
     umt5["spiece_model"] = torch.frombuffer(bytearray(assets.tiny_spiece_model()), dtype=torch.uint8)
     save_file(umt5, str(models_dir / "text_encoders" / UMT5))
+
+
+def write_image_to_video_models(models_dir: Path) -> None:
+    """The tiny Wan 2.1 I2V DiT (text 4096 wide, for core umT5 conditioning) and the tiny Wan 2.1 VAE."""
+    from slipstream.models.wan.config import tiny
+    from slipstream.models.wan.demo_assets import tiny_vae_state_dict
+    from slipstream.models.wan.dit import random_state_dict
+
+    for sub, name, make in (("diffusion_models", DIT_I2V, lambda: random_state_dict(tiny("i2v"), seed=6)),
+                            ("vae", VAE, lambda: tiny_vae_state_dict(13))):
+        path = models_dir / sub / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            save_file(make(), str(path))
 
 
 def _params() -> dict:
@@ -136,6 +158,24 @@ def test_core_text_encoding_feeds_our_sampler(comfy_inprocess):
     assert r["prompt_changes_video"] > 1e-4
 
 
+def test_core_wan_image_to_video_conditioning_on_the_core_model(comfy_inprocess):
+    write_models(comfy_inprocess.models_dir)
+    write_image_to_video_models(comfy_inprocess.models_dir)
+    r = comfy_inprocess.run(HERE / "scenarios_wan_core.py", "core_image_to_video",
+                            {**_params(), "i2v_file": DIT_I2V, "vae_file": VAE})
+    print(r)
+    assert r["host"] == "comfyui" and r["model_class"] == "WAN21" and r["image_to_video"]
+    assert r["kinds"]["int8"] == 2 * 12 and r["patch_in_channels"] == 36   # I2V blocks add k_img, v_img
+    assert r["cond_concat_image"] == [1, 16, 2, 6, 8] and r["cond_concat_mask"] == [1, 1, 2, 6, 8]
+    assert r["latent_shape"] == [1, 16, 2, 6, 8]
+    # cfg 5: cond and uncond in one batch; 4 mask channels (one per time step of the first latent
+    # frame) and 16 image-latent channels go in beside the 16 noise channels
+    assert r["c_concat"] and all(shape == [2, 20, 2, 6, 8] for shape in r["c_concat"]), r["c_concat"]
+    assert r["seen_channels"] and set(r["seen_channels"]) == {36}, r["seen_channels"]
+    assert r["sample_shape"] == [1, 16, 2, 6, 8] and r["sample_finite"]
+    assert r["start_image_changes_sample"] > 1e-4
+
+
 # ----------------------------------------------------------------------------- the HTTP workflow
 
 
@@ -185,3 +225,56 @@ def test_workflow_wan_loader_to_core_ksampler(comfyui, harness_module):
     assert all(torch.isfinite(t).all() for t in latents)
     assert not torch.equal(latents[0], latents[1])            # the core LoRA reached the core MODEL
     assert "Wan to core MODEL: " in comfyui.log_text()
+
+
+def _example_on_tiny_files(api: dict, clip_file: str) -> dict:
+    """The example workflow with the tiny files and a CPU-sized run; every other setting as shipped.
+
+    The tiny CLIP-L file stands in for umT5 (core would build the full 5.7B umT5 from its bundled config),
+    with 768-wide text to match DIT_768; it holds one real key and random rest, so both prompts are
+    zeroed before the KSampler, as in the workflow above.
+    """
+    api = json.loads(json.dumps(api))
+    by_class = {}
+    for node_id, node in api.items():
+        by_class.setdefault(node["class_type"], []).append(node_id)
+    (loader,) = by_class["SlipstreamWanModelLoader"]
+    (swap,) = by_class["SlipstreamWanBlockSwap"]
+    (clip,) = by_class["CLIPLoader"]
+    (latent,) = by_class["EmptyHunyuanLatentVideo"]
+    (ksampler,) = by_class["KSampler"]
+    (vae,) = by_class["VAELoader"]
+    api[loader]["inputs"]["model"] = DIT_768
+    api[swap]["inputs"]["blocks_to_swap"] = 1
+    api[clip]["inputs"].update(clip_name=clip_file, type="stable_diffusion")
+    api[latent]["inputs"].update(width=64, height=48, length=5)
+    api[ksampler]["inputs"]["steps"] = 2
+    api[vae]["inputs"]["vae_name"] = VAE
+    for name in ("positive", "negative"):
+        zero = f"zero_{name}"
+        api[zero] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": api[ksampler]["inputs"][name]}}
+        api[ksampler]["inputs"][name] = [zero, 0]
+    return api
+
+
+def test_example_workflow_runs_to_a_video(comfyui, harness_module):
+    import imageio_ffmpeg
+
+    write_models(comfyui.models_dir)
+    clip_file = _write_tiny_clip_l(comfyui.models_dir)
+    write_image_to_video_models(comfyui.models_dir)
+    shipped = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    classes = sorted(n["class_type"] for n in shipped.values())
+    assert "SlipstreamWanToCoreModel" in classes and "KSampler" in classes and "VAEDecode" in classes
+
+    entry = comfyui.run(_example_on_tiny_files(shipped, clip_file), timeout=600)
+    videos = [f for f in harness_module.output_files(entry, comfyui.base) if f.suffix == ".mp4"]
+    assert len(videos) == 1, entry.get("outputs")
+    assert videos[0].is_file() and videos[0].stat().st_size > 0
+    reader = imageio_ffmpeg.read_frames(str(videos[0]))
+    meta = next(reader)
+    frames = sum(1 for _ in reader)
+    assert tuple(meta["size"]) == (64, 48) and frames == 5, (meta, frames)
+    log = comfyui.log_text()
+    assert "Wan to core MODEL: 1 of 2 blocks swapped" in log
+    assert f"Wan to core MODEL: {DIT_768} as WAN21, 20 int8 Linear layers" in log   # 10 per block
