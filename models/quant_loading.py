@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import int8_onednn
 from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
 from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, QuantReport
 from .checkpoint import load_state_dict, read_metadata
@@ -83,7 +84,7 @@ def prepare_int8_load(path: str, weight_dtype: str, storage: StoragePlan, model_
                       convrot: bool, device: torch.device) -> Int8Load:
     """Read, normalize and plan one file for the INT8 loader (`storage`: `storage_plan` of weight_dtype)."""
     metadata = read_metadata(path)
-    sd, fmt = normalize(load_state_dict(path), metadata)
+    sd, fmt = normalize(read_int8_file(path, device), metadata)
     if weight_dtype in FLOAT_WEIGHT_DTYPES:
         _convert_float_tensors(sd, FLOAT_WEIGHT_DTYPES[weight_dtype])
     resolution = resolve(model_type, sd.keys())
@@ -91,6 +92,19 @@ def prepare_int8_load(path: str, weight_dtype: str, storage: StoragePlan, model_
                      exclude=resolution.rules, float_storage=storage.dtype, fp8_fast=storage.fast,
                      work_device=device if device.type == "cuda" else None)
     return Int8Load(sd, metadata, fmt, resolution, plan, storage, _float_dtypes(sd, resolution.prefix))
+
+
+def read_int8_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The file's tensors for the INT8 loader.
+
+    Where the int8 layers live on this CPU as oneDNN-packed weights, each plain int8 weight is read
+    once, packed and dropped, so the file is read with plain reads: through a memory map its pages
+    would stay resident beside the packed copies (the map lives on in the float tensors), about
+    the int8 bytes twice. Anywhere else the layers keep the plain tensors, and a map lets them share
+    the file's pages.
+    """
+    packs = device.type == "cpu" and int8_onednn.backend() == int8_onednn.BACKEND_PREPACKED
+    return load_state_dict(path, mapped=not packs)
 
 
 def build_own_architecture(sd: dict[str, torch.Tensor], load: Int8Load, device: torch.device,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from slipstream.kernels import int8_onednn
 from slipstream.models import checkpoint as ck
+from slipstream.models.finite import NonFiniteError
+from slipstream.models.quant_loading import read_int8_file
 
 
 @pytest.fixture
@@ -83,3 +88,48 @@ def test_strip_prefix_and_check():
 def test_header_json_shape(good_file):
     header, meta = ck.read_safetensors_header(str(good_file))
     assert json.dumps(meta) and "__metadata__" not in header
+
+
+def _is_mapped(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_plain_reads_give_the_mapped_tensors_without_mapping_the_file(good_file):
+    mapped = ck.load_state_dict(str(good_file))
+    assert _is_mapped(good_file)          # safe_open's tensors view the file's map
+    del mapped
+    gc.collect()
+    plain = ck.load_state_dict(str(good_file), mapped=False)
+    assert not _is_mapped(good_file)
+    reference = load_file(str(good_file))
+    assert set(plain) == set(reference)
+    for key, value in reference.items():
+        assert plain[key].dtype == value.dtype and torch.equal(plain[key], value)
+    assert set(ck.load_state_dict(str(good_file), keys=["b"], mapped=False)) == {"b"}
+    with pytest.raises(ck.CheckpointError, match="missing tensor"):
+        ck.load_state_dict(str(good_file), keys=["nope"], mapped=False)
+
+
+def test_plain_reads_refuse_non_finite_weights(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(path))
+    with pytest.raises(NonFiniteError, match="'w' holds NaN"):
+        ck.load_state_dict(str(path), mapped=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("backend, device, mapped", [
+    (int8_onednn.BACKEND_PREPACKED, "cpu", False),     # each int8 weight is packed and its plain copy dropped
+    (int8_onednn.BACKEND_INT_MM, "cpu", True),         # the layers keep the file's int8 tensors
+    (int8_onednn.BACKEND_PREPACKED, "cuda", True),     # the weights go on to the GPU
+])
+def test_the_int8_loader_maps_the_file_only_where_layers_keep_its_tensors(good_file, monkeypatch, backend,
+                                                                         device, mapped):
+    gc.collect()
+    assert not _is_mapped(good_file)
+    monkeypatch.setattr(int8_onednn, "backend", lambda: backend)
+    sd = read_int8_file(str(good_file), torch.device(device))
+    assert _is_mapped(good_file) is mapped
+    assert torch.equal(sd["a.weight"], torch.arange(6.0).reshape(2, 3))
