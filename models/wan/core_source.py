@@ -18,13 +18,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from ...kernels.precision import fp8_dtype, is_fp8
-from ...kernels.quant_layer import ROTATE_ON_THE_FLY, ExclusionRules, QuantPlan
+from ...kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
 from ..gguf_file import is_gguf
 from ..quant_presets import BY_NAME
 
-# The Linear layers outside the transformer blocks stay in the compute precision, as in the loader
-# (models/wan/dit.py quantizable_keys) and the INT8 loader's Wan rules; a speech projector likewise.
-WAN_FLOAT_LAYERS = ExclusionRules.of((*BY_NAME["wan"].excluded, "audio_adapter"))
+# The Linear layers outside the transformer blocks stay in the compute precision: the INT8 loader's
+# Wan preset (embeddings, head, CLIP projection, a speech model's projector), which the Wan Model
+# Loader's int8 uses too (`int8_plan`).
+WAN_FLOAT_LAYERS = BY_NAME["wan"].rules()
 
 # "blocks.N." after the start, a dot or kohya's "lora_unet_" (so "vace_blocks.N" is not block N)
 _BLOCK = re.compile(r"(?:^|\.|lora_unet_)blocks[._](\d+)[._]")
@@ -78,6 +79,12 @@ def check_core_compatible(source: WanSource) -> None:
             "Wan Model Loader to use core nodes.")
 
 
+def int8_plan(work_device: torch.device | None) -> QuantPlan:
+    """W8A8 for the block Linears, quantized on the fly (ConvRot where it is on), the rest float: the
+    Wan Model Loader's int8 and the core MODEL built from the same record."""
+    return QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=WAN_FLOAT_LAYERS, work_device=work_device)
+
+
 def quant_plan(source: WanSource, file_weight_dtype: torch.dtype, work_device: torch.device | None) -> QuantPlan:
     """The same storage the Wan Model Loader gives the block Linears, as a plan for our ComfyUI layers.
 
@@ -87,8 +94,7 @@ def quant_plan(source: WanSource, file_weight_dtype: torch.dtype, work_device: t
     """
     q = source.quantization
     if q == "int8_w8a8":
-        return QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=WAN_FLOAT_LAYERS,
-                         work_device=work_device)
+        return int8_plan(work_device)
     if q.startswith("fp8_"):
         return QuantPlan(float_storage=fp8_dtype(q), fp8_fast=q.endswith("_fast"), fp8_exclude=WAN_FLOAT_LAYERS)
     if q != "disabled":

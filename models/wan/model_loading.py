@@ -19,10 +19,10 @@ import torch
 
 from ...kernels.blockswap import plan_block_swap, unit_bytes
 from ...kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
-from ...kernels.quant_layer import ROTATE_ON_THE_FLY, ExclusionRules, QuantPlan, convert_linears
+from ...kernels.quant_layer import convert_linears
 from ..checkpoint import load_state_dict
 from ..gguf_file import is_gguf
-from ..quant_presets import BY_NAME
+from .core_source import int8_plan
 from .dit import WanDiT
 from .lora import merge_lora
 from .pipeline import (
@@ -37,9 +37,6 @@ from .pipeline import (
 log = logging.getLogger("slipstream.wan")
 
 QUANTIZATIONS = ("disabled", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2", "int8_w8a8")
-
-# The INT8 loader's Wan rules, and a speech model's projector stays float like the other embeddings.
-INT8_RULES = ExclusionRules.of((*BY_NAME["wan"].excluded, "audio_adapter"))
 
 
 @dataclass(frozen=True)
@@ -138,9 +135,7 @@ def _load_gguf_dit(path: str, quantization: str, dtype: torch.dtype, device, att
 def quantize_int8(dit: WanDiT, device: torch.device, on_layer: Callable[[int, int], None] | None = None) -> None:
     """W8A8 for the block Linears through kernels/int8.py, with the INT8 model loader's Wan rules (the
     embeddings, the head and the CLIP projection stay float)."""
-    plan = QuantPlan(on_the_fly=True, rotation=ROTATE_ON_THE_FLY, exclude=INT8_RULES,
-                     work_device=device if device.type == "cuda" else None)
-    report = convert_linears(dit, plan, on_layer=on_layer)
+    report = convert_linears(dit, int8_plan(device if device.type == "cuda" else None), on_layer=on_layer)
     log.info("Wan: %s", report.summary())
 
 
