@@ -18,12 +18,12 @@ from slipstream.models.wan.core_source import (
     WAN_FLOAT_LAYERS,
     CoreBridgeError,
     WanSource,
-    block_of,
     check_core_compatible,
     keep_patch,
     quant_plan,
 )
 from slipstream.models.wan.dit import random_state_dict
+from slipstream.models.wan.lora import block_of
 from slipstream.nodes.wan_core import lora_records
 
 DIT = "wan_core_tiny_t2v.safetensors"

@@ -12,7 +12,6 @@ selection keeps, what ComfyUI's Wan model cannot carry) are plain data, tested w
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,14 +20,13 @@ from ...kernels.precision import fp8_dtype, is_fp8
 from ...kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
 from ..gguf_file import is_gguf
 from ..quant_presets import BY_NAME
+from .lora import block_of
 
 # The Linear layers outside the transformer blocks stay in the compute precision: the INT8 loader's
 # Wan preset (embeddings, head, CLIP projection, a speech model's projector), which the Wan Model
 # Loader's int8 uses too (`int8_plan`).
 WAN_FLOAT_LAYERS = BY_NAME["wan"].rules()
 
-# "blocks.N." after the start, a dot or kohya's "lora_unet_" (so "vace_blocks.N" is not block N)
-_BLOCK = re.compile(r"(?:^|\.|lora_unet_)blocks[._](\d+)[._]")
 
 
 class CoreBridgeError(ValueError):
@@ -102,12 +100,6 @@ def quant_plan(source: WanSource, file_weight_dtype: torch.dtype, work_device: t
     if is_fp8(file_weight_dtype):
         return QuantPlan(float_storage=file_weight_dtype, fp8_exclude=WAN_FLOAT_LAYERS)
     return QuantPlan()
-
-
-def block_of(key: str) -> int | None:
-    """The transformer block a model or LoRA key belongs to (official, ComfyUI and kohya spellings)."""
-    m = _BLOCK.search(key)
-    return int(m.group(1)) if m else None
 
 
 def keep_patch(key: str, blocks: tuple[int, ...]) -> bool:

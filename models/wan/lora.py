@@ -78,6 +78,8 @@ DIFFUSERS_RENAMES = (
     (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
     (r"^proj_out$", "head.head"),
 )
+# "blocks.N." after the start, a dot or kohya's "lora_unet_" (so "vace_blocks.N" is not block N)
+_BLOCK = re.compile(r"(?:^|\.|lora_unet_)blocks[._](\d+)[._]")
 _IMAGE_ONLY = ("k_img", "v_img", "norm_k_img", "img_emb")
 
 
@@ -367,9 +369,10 @@ def parse_blocks(text: str) -> tuple[int, ...]:
     return parse_block_list(text, "Block selection")
 
 
-def _block_of(target: str) -> int | None:
-    parts = target.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+def block_of(key: str) -> int | None:
+    """The transformer block a model or LoRA key belongs to (official, ComfyUI and kohya spellings)."""
+    m = _BLOCK.search(key)
+    return int(m.group(1)) if m else None
 
 
 def block_filter(model: nn.Module, blocks: tuple[int, ...]) -> Callable[[str], str | None] | None:
@@ -388,7 +391,7 @@ def block_filter(model: nn.Module, blocks: tuple[int, ...]) -> Callable[[str], s
     chosen = frozenset(blocks)
 
     def skip(target: str) -> str | None:
-        block = _block_of(target)
+        block = block_of(target)
         return None if block is None or block in chosen else "block not selected"
     return skip
 
