@@ -20,6 +20,7 @@ from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_mis
 from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, QuantReport
 from .checkpoint import load_state_dict, read_metadata
 from .common.loading import INPUT_SCALE_SUFFIXES, WEIGHT_SCALE_SUFFIXES
+from .common.state_dict import linear_weight_count
 from .quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
 from .quant_formats import FormatReport, normalize
 from .quant_presets import BY_NAME, Resolution, resolve
@@ -77,7 +78,7 @@ class Int8Load:
     @property
     def linear_count(self) -> int:
         """How many 2-D weights the build goes through (the progress total)."""
-        return max(1, sum(1 for k, v in self.sd.items() if k.endswith(".weight") and v.dim() == 2))
+        return linear_weight_count(self.sd)
 
 
 def prepare_int8_load(path: str, weight_dtype: str, storage: StoragePlan, model_type: str, on_the_fly: bool,

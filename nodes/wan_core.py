@@ -8,7 +8,6 @@ second load and not a wrapper: host/comfy_wan.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from ..host import (
     ProgressBar,
@@ -20,29 +19,19 @@ from ..host import (
     notice,
 )
 from ..kernels.blockswap import swap_indices
-from ..kernels.precision import fp8_matmul_missing, resolve_dtype
-from ..models.checkpoint import load_state_dict, read_metadata
-from ..models.quant_formats import normalize
+from ..kernels.precision import resolve_dtype
+from ..models.checkpoint import load_state_dict
 from ..models.wan.core_source import (
     CoreBridgeError,
     LoraRecord,
     check_core_compatible,
     keep_patch,
-    quant_plan,
+    prepare_core_load,
 )
 from .wan import CATEGORY
 
 log = logging.getLogger("slipstream.wan")
 NODE = "Wan Model to core MODEL"
-
-
-def _block_weight_dtype(sd: dict):
-    """The storage of the first block's query weight: decides whether a 'disabled' load keeps fp8."""
-    key = next((k for k in sd if k.endswith("blocks.0.self_attn.q.weight")), None)
-    if key is None:
-        raise CoreBridgeError("the file has no 'blocks.0.self_attn.q.weight': it is not a Wan diffusion model "
-                              "ComfyUI can read. Use an official, ComfyUI or kijai Wan 2.1 / 2.2 file.")
-    return sd[key].dtype
 
 
 def lora_records(handle) -> tuple[LoraRecord, ...]:
@@ -87,16 +76,13 @@ class WanToCoreModel:
         check_core_compatible(source)
         loras = lora_records(model)     # resolves every LoRA file before the long load
         device = compute_device()
-        metadata = read_metadata(source.path)
-        sd, _ = normalize(load_state_dict(source.path), metadata)
-        plan = quant_plan(source, _block_weight_dtype(sd), device if device.type == "cuda" else None)
-        if plan.fp8_fast and fp8_matmul_missing(device) is not None:
-            notice(NODE, f"{source.quantization}: {fp8_matmul_missing(device)}.")
-            plan = replace(plan, fp8_fast=False)
-        bar = ProgressBar(max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2)))
-        core, report = core_wan_model(sd, plan, resolve_dtype(source.precision, device), metadata,
+        load = prepare_core_load(source, device)
+        if load.notice is not None:
+            notice(NODE, load.notice)
+        bar = ProgressBar(load.linear_count)
+        core, report = core_wan_model(load.sd, load.plan, resolve_dtype(source.precision, device), load.metadata,
                                       bar.update_absolute)
-        del sd
+        del load                        # ComfyUI holds the weights now
         bar.update_absolute(bar.total)
         for lora in loras:
             core, added, found = core_lora(core, load_state_dict(lora.path), lora.strength,

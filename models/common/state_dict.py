@@ -95,3 +95,9 @@ def load_file_built_on_meta(path: str, select: Select, factory_for: Callable[[Ma
     tensors = ((model_key_of[k], t) for k, t in read_safetensors(path, list(source.values()), lambda key, d: True,
                                                                   out=direct))
     return assign_weights(model, tensors, plan, device, outputs=outputs)
+
+
+def linear_weight_count(sd: Mapping[str, torch.Tensor]) -> int:
+    """How many 2-D `.weight` tensors a state dict holds (at least 1): the progress total of a build that
+    converts Linear layers one by one."""
+    return max(1, sum(1 for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2))

@@ -16,9 +16,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ...kernels.precision import fp8_dtype, is_fp8
+from ...kernels.precision import fp8_dtype, fp8_matmul_missing, is_fp8
 from ...kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan
+from ..checkpoint import load_state_dict, read_metadata
+from ..common.state_dict import linear_weight_count
 from ..gguf_file import is_gguf
+from ..quant_formats import normalize
 from ..quant_presets import BY_NAME
 from .lora import block_of
 
@@ -75,6 +78,42 @@ def check_core_compatible(source: WanSource) -> None:
             "no place for MultiTalk / InfiniteTalk / FantasyTalking weights, so core samplers would drop the "
             "audio. Sample it with the Wan Sampler (audio_embeds input), or remove the speech model from the "
             "Wan Model Loader to use core nodes.")
+
+
+@dataclass
+class CoreLoad:
+    """The recorded file read and planned, ready for ComfyUI to build its Wan model from."""
+
+    sd: dict[str, torch.Tensor]              # canonical layout (consumed by the build)
+    metadata: dict[str, str]
+    plan: QuantPlan
+    notice: str | None = None                # to tell the user once (the `_fast` fallback)
+
+    @property
+    def linear_count(self) -> int:
+        """How many 2-D weights the build goes through (the progress total)."""
+        return linear_weight_count(self.sd)
+
+
+def prepare_core_load(source: WanSource, device: torch.device) -> CoreLoad:
+    """Read, normalize and plan the recorded file: the storage the Wan Model Loader gave it, fp8 matmul
+    off (said once) where this device has none, as in both loaders."""
+    metadata = read_metadata(source.path)
+    sd, _ = normalize(load_state_dict(source.path), metadata)
+    plan = quant_plan(source, _block_weight_dtype(sd), device if device.type == "cuda" else None)
+    missing = fp8_matmul_missing(device) if plan.fp8_fast else None
+    if missing is None:
+        return CoreLoad(sd, metadata, plan)
+    return CoreLoad(sd, metadata, replace(plan, fp8_fast=False), f"{source.quantization}: {missing}.")
+
+
+def _block_weight_dtype(sd: dict):
+    """The storage of the first block's query weight: decides whether a 'disabled' load keeps fp8."""
+    key = next((k for k in sd if k.endswith("blocks.0.self_attn.q.weight")), None)
+    if key is None:
+        raise CoreBridgeError("the file has no 'blocks.0.self_attn.q.weight': it is not a Wan diffusion model "
+                              "ComfyUI can read. Use an official, ComfyUI or kijai Wan 2.1 / 2.2 file.")
+    return sd[key].dtype
 
 
 def int8_plan(work_device: torch.device | None) -> QuantPlan:
