@@ -229,11 +229,7 @@ class StepCache:
         """The reused velocity for this branch, or None when the model must run. `group` names the
         latent the branch belongs to (its batch item and window; default: the key itself); the first
         branch of a group to ask decides for every branch of that group at this step."""
-        group_key = key if group is None else group
-        self._group_of[key] = group_key
-        shared = self.groups.setdefault(group_key, _EasyGroup())
-        if shared.leader is None:
-            shared.leader = key
+        group_key, shared = self._join(key, group)
         decision = self.step_decisions.get((group_key, step))
         if decision is None:
             # A follower asking before its leader at this step (the leader did not run here) computes.
@@ -245,6 +241,15 @@ class StepCache:
         reuse = decision and state.residual is not None   # a branch never computed yet must run
         self.report.count(BRANCH_NAMES[branch], reuse)
         return x + self._load(state.residual, x) if reuse else None
+
+    def _join(self, key, group) -> tuple[object, _EasyGroup]:
+        """(group key, its shared state) for a branch; the first branch of a group becomes its leader."""
+        group_key = key if group is None else group
+        self._group_of[key] = group_key
+        shared = self.groups.setdefault(group_key, _EasyGroup())
+        if shared.leader is None:
+            shared.leader = key
+        return group_key, shared
 
     def _decide(self, shared: _EasyGroup, step: int, x: torch.Tensor) -> bool:
         """Core's rule: add k · mean|x_t − x_c| / mean|v_c| and skip while the sum is under the threshold."""
@@ -262,10 +267,7 @@ class StepCache:
         """A computed forward: the branch's transformation v − x is kept for reuse; the leader's input
         and output become the new x_c, v_c and give the new rate k."""
         self._state(key).residual = self._store(v - x)
-        group_key = key if group is None else group
-        shared = self.groups.setdefault(group_key, _EasyGroup())
-        if shared.leader is None:
-            shared.leader = key
+        _, shared = self._join(key, group)
         if key != shared.leader:
             return
         if shared.last_output is not None:
