@@ -96,7 +96,7 @@ def test_unmerged_run_equals_the_merged_run_and_leaves_the_weights_alone(mode):
 def test_half_precision_exact_mode_equals_the_merged_run(dtype):
     """Exact mode builds the merged weight (fp32 sum, one rounding per LoRA) inside each layer call, so
     a bf16/fp16 run equals the merged run bit for bit, chains included; additive mode differs from it
-    by the compute dtype's rounding of W + ΔW, and is still as close to the fp32 truth as merging."""
+    by the compute dtype's rounding of W + ΔW, and stays about as close to the fp32 truth as merging."""
     lora, second = block_lora(), block_lora(seed=5, scale=0.05)
     truth_model = dit()
     merge_lora(truth_model, lora, 1.0)
@@ -111,7 +111,9 @@ def test_half_precision_exact_mode_equals_the_merged_run(dtype):
     assert torch.equal(exact, merged), "exact mode reproduces the merge's rounding"
     merge_lora(model, second, -0.6)
     assert torch.equal(chain, run(model)), "a chain rounds per LoRA, as merging one after another does"
-    assert max_rel(additive, truth) <= 1.25 * max_rel(merged, truth)
+    # Additive mode rounds x·W and x·ΔW separately, so its error can reach about twice the merged run's
+    # (1.3× on AVX512 without native fp16); a wrong delta would be off by the LoRA's effect, > 1e-2.
+    assert max_rel(additive, truth) <= 2 * max_rel(merged, truth)
     assert 0 < max_rel(additive, merged) <= 2e-2
 
 
