@@ -7,8 +7,10 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from slipstream.kernels import int8_onednn
 from slipstream.kernels.int8 import Int8Linear, backend_calls, int8_report
+from slipstream.models.quant_loading import read_int8_file
 
 pytestmark = pytest.mark.skipif(int8_onednn.backend() != int8_onednn.BACKEND_PREPACKED,
                                 reason=f"this machine runs {int8_onednn.describe()}")
@@ -216,3 +218,45 @@ def test_large_inputs_through_the_compiled_quantizer_equal_int_mm(per_row, bias)
     x = torch.randn(300, 1024, generator=torch.Generator().manual_seed(12)).bfloat16()   # >= 256 K values
     assert torch.equal(packed(x), plain(x))
 
+
+
+def _int8_file(tmp_path):
+    """Two int8 layers of different sizes (read through one reused buffer), an int8 vector, floats."""
+    gen = torch.Generator().manual_seed(11)
+    tensors = {"a.weight": torch.randint(-127, 128, (16, 24), generator=gen, dtype=torch.int8),
+               "a.weight_scale": torch.rand(16, 1, generator=gen),
+               "b.weight": torch.randint(-127, 128, (8, 12), generator=gen, dtype=torch.int8),
+               "b.weight_scale": torch.rand(8, 1, generator=gen),
+               "codes": torch.randint(-127, 128, (10,), generator=gen, dtype=torch.int8),
+               "norm.weight": torch.randn(24, generator=gen).bfloat16()}
+    path = tmp_path / "int8.safetensors"
+    save_file(tensors, str(path))
+    return str(path), tensors
+
+
+def test_the_int8_file_reader_packs_each_int8_weight_as_it_reads_it(tmp_path):
+    """The state dict holds packed weights from the start: a host that keeps it referenced until the
+    whole model is loaded (ComfyUI's loader) never holds the plain int8 weights beside the packed."""
+    path, tensors = _int8_file(tmp_path)
+    sd = read_int8_file(path, torch.device("cpu"))
+    assert set(sd) == set(tensors)
+    for key in ("a.weight", "b.weight"):
+        assert isinstance(sd[key], int8_onednn.PackedInt8Weight) and torch.equal(sd[key].dense(), tensors[key])
+    for key in ("a.weight_scale", "codes", "norm.weight"):
+        assert type(sd[key]) is torch.Tensor and sd[key].dtype == tensors[key].dtype
+        assert torch.equal(sd[key], tensors[key])
+    layer = Int8Linear(24, 16)
+    layer.load_state_dict({"weight": sd["a.weight"], "weight_scale": sd["a.weight_scale"],
+                           "bias": torch.zeros(16)})
+    assert layer.weight.packed is sd["a.weight"].packed, "the layer keeps the packed weight it was given"
+
+
+def test_a_weight_the_reader_cannot_pack_is_kept_as_its_own_plain_tensor(tmp_path, monkeypatch):
+    """Read into a reused buffer, a weight oneDNN refuses must be copied out, or the next weight read
+    would overwrite it."""
+    path, tensors = _int8_file(tmp_path)
+    monkeypatch.setattr(int8_onednn, "pack", lambda dense, what="a layer": None)
+    sd = read_int8_file(path, torch.device("cpu"))
+    for key in ("a.weight", "b.weight"):
+        assert type(sd[key]) is torch.Tensor and torch.equal(sd[key], tensors[key])
+    assert sd["a.weight"].untyped_storage().data_ptr() != sd["b.weight"].untyped_storage().data_ptr()

@@ -33,6 +33,7 @@ def _use_scenario_folders(ctx) -> None:
 
 def wan_int8(ctx) -> dict:
     import comfy.model_management as mm
+    import comfy.sd
     import comfy.utils
     import torch
 
@@ -123,7 +124,21 @@ def wan_int8(ctx) -> dict:
     out["saved_text"] = ui["ui"]["text"][0]
     target = ctx.models / "diffusion_models" / "tiny_wan_int8.safetensors"
     target.write_bytes(saved.read_bytes())
-    (reloaded,) = loader.load_unet(target.name, "default", "auto", False)
+    onednn = ctx.pack_module("kernels.int8_onednn")
+    given: list[str] = []                   # the kind of each int8 weight ComfyUI's loader is handed
+    core_loader = comfy.sd.load_diffusion_model_state_dict
+
+    def recording_loader(sd, *args, **kwargs):
+        given.extend("packed" if isinstance(v, onednn.PackedInt8Weight) else "plain"
+                     for v in sd.values() if v.dtype == torch.int8 and v.dim() == 2)
+        return core_loader(sd, *args, **kwargs)
+
+    comfy.sd.load_diffusion_model_state_dict = recording_loader
+    try:
+        (reloaded,) = loader.load_unet(target.name, "default", "auto", False)
+    finally:
+        comfy.sd.load_diffusion_model_state_dict = core_loader
+    out["reload_given_int8"] = {kind: given.count(kind) for kind in ("packed", "plain")}
     dr = reloaded.model.diffusion_model
     same = all(ka == kb and a.dtype == b.dtype and torch.equal(a, b)
                for (ka, a), (kb, b) in zip(dq.state_dict().items(), dr.state_dict().items(), strict=True))

@@ -111,6 +111,17 @@ def test_saved_int8_file_reloads_bit_for_bit(wan_result):
     print("ComfyUI's own UNETLoader on our int8 file:", r["core_loader"])
 
 
+def test_comfyui_is_handed_packed_int8_weights_where_the_cpu_runs_them_packed(wan_result):
+    """ComfyUI's loader keeps the whole state dict referenced until every layer is loaded: weights packed
+    only as their layer loads would sit beside their plain copies (twice the int8 bytes in RAM), so the
+    file is read into packed weights."""
+    r = wan_result
+    if r["int8_backend"].startswith("onednn-prepacked"):
+        assert r["reload_given_int8"] == {"packed": 20, "plain": 0}
+    else:
+        assert r["reload_given_int8"] == {"packed": 0, "plain": 20}
+
+
 def test_saved_layout_matches_comfy_kitchen(wan_result):
     """comfy-kitchen's TensorWiseINT8Layout (what ComfyUI's int8 support runs on) reads our tensors to the
     same weight and the same layer output: scale shape, rotation convention and groups agree."""
