@@ -118,16 +118,14 @@ def tensor_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def load_state_dict(path: str, device: str | torch.device = "cpu",
-                    keys: Iterable[str] | None = None, mapped: bool = True) -> dict[str, torch.Tensor]:
+                    keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """All tensors (or just `keys`) of a checkpoint, on `device`.
 
     safetensors files are read through safe_open one tensor at a time (no second full copy in
     RAM); pickled files are loaded with weights_only=True so a checkpoint can never run code.
-
-    `mapped=False` reads a safetensors file onto the CPU with plain file reads instead of a memory
-    map: for a caller that converts most tensors and drops the originals (the CPU int8 loader packs
-    every int8 weight), because every mapped page it touches stays counted in resident memory for
-    as long as any tensor still views the map — the file and the converted copy, side by side.
+    A caller that converts most tensors and drops the originals reads with plain file reads
+    instead (common.loading.read_safetensors, as the CPU int8 loader does): every mapped page it
+    touched would stay resident for as long as any tensor still views the map.
     """
     lower = path.lower()
     if lower.endswith(PICKLE_EXTS):
@@ -139,10 +137,6 @@ def load_state_dict(path: str, device: str | torch.device = "cpu",
     absent = [k for k in wanted if k not in header]
     if absent:
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(absent[:5])}" + (" …" if len(absent) > 5 else ""))
-    if not mapped and torch.device(device).type == "cpu":
-        from .common.loading import read_safetensors  # it imports this module
-
-        return dict(read_safetensors(path, wanted))
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:

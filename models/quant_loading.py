@@ -18,7 +18,7 @@ import torch
 from ..kernels import int8_onednn
 from ..kernels.precision import UnsupportedDtypeError, fp8_dtype, fp8_matmul_missing
 from ..kernels.quant_layer import ROTATE_ON_THE_FLY, QuantPlan, QuantReport
-from .checkpoint import SAFETENSORS_EXTS, load_state_dict, read_metadata, tensor_shapes
+from .checkpoint import SAFETENSORS_EXTS, load_state_dict, read_metadata, read_safetensors_header
 from .common.loading import INPUT_SCALE_SUFFIXES, WEIGHT_SCALE_SUFFIXES, read_safetensors
 from .common.state_dict import linear_weight_count
 from .quant_build import QuantizedDiffusionModel, build_quantized, standalone_architectures
@@ -98,28 +98,24 @@ def prepare_int8_load(path: str, weight_dtype: str, storage: StoragePlan, model_
 def read_int8_file(path: str, device: torch.device) -> dict[str, torch.Tensor]:
     """The file's tensors for the INT8 loader.
 
-    Where the int8 layers live on this CPU as oneDNN-packed weights, every 2-D int8 tensor is read
-    into one reused buffer and packed at once, so the state dict holds packed weights from the
-    start and the plain int8 weights never exist side by side. That matters inside ComfyUI: its
-    loader keeps the whole state dict referenced until every layer is loaded, so weights packed
-    only when a layer takes them would sit beside their plain copies, twice the int8 bytes. (A
-    memory map would keep the file's pages resident beside the packed copies as long as the float
-    tensors view it.) Anywhere else the layers keep the plain tensors, and a map lets them share
-    the file's pages.
+    Where the int8 layers live on this CPU as oneDNN-packed weights, the file is read with plain
+    reads, every int8 tensor into one reused buffer, and the 2-D ones (the weights) are packed at
+    once: the state dict holds packed weights from the start and the plain int8 weights never
+    exist side by side. That matters inside ComfyUI: its loader keeps the whole state dict
+    referenced until every layer is loaded, so weights packed only when a layer takes them would
+    sit beside their plain copies, twice the int8 bytes. (A memory map would keep the file's pages
+    resident beside the packed copies as long as the float tensors view it.) Anywhere else the
+    layers keep the plain tensors, and a map lets them share the file's pages.
     """
     packs = device.type == "cpu" and int8_onednn.backend() == int8_onednn.BACKEND_PREPACKED
     if not packs or not path.lower().endswith(SAFETENSORS_EXTS):
-        return load_state_dict(path, mapped=not packs)
-    shapes = tensor_shapes(path)
-
-    def is_int8_matrix(key: str, dtype: torch.dtype) -> bool:
-        return dtype == torch.int8 and len(shapes[key][0]) == 2
-
+        return load_state_dict(path)
+    header, _ = read_safetensors_header(path)
     sd: dict[str, torch.Tensor] = {}
-    for key, tensor in read_safetensors(path, list(shapes), transient=is_int8_matrix):
-        if is_int8_matrix(key, tensor.dtype):
+    for key, tensor in read_safetensors(path, list(header), transient=lambda _key, dtype: dtype == torch.int8):
+        if tensor.dtype == torch.int8:     # a view of the reused buffer: packed (2-D weights) or copied out
             packed = int8_onednn.pack(tensor, key)
-            tensor = packed if packed is not None else tensor.clone()   # the view is the reused buffer
+            tensor = packed if packed is not None else tensor.clone()
         sd[key] = tensor
     return sd
 
