@@ -53,15 +53,23 @@ def _rotate(x2d: torch.Tensor, group: int, h: torch.Tensor) -> torch.Tensor:
     return torch.mm(x2d.float().reshape(-1, group), h).reshape(x2d.shape)
 
 
-def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int,
-                            h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The math being compiled: (int8 rows, fp32 [M, 1] scales); rotation first when asked."""
+def _rounded_rows(x2d: torch.Tensor, rotation_group: int,
+                  h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """round(x / scale) in fp32 and the fp32 [M, 1] scales, rotation first when asked: the values
+    both stored forms hold."""
     if rotation_group:
         x = _rotate(x2d, rotation_group, rotation_matrix(rotation_group, x2d.device) if h is None else h)
     else:
         x = x2d
     scale = x.abs().amax(dim=1, keepdim=True).float().div(127.0).clamp_min(1e-30)
-    return torch.round(x.float() / scale).to(torch.int8), scale
+    return torch.round(x.float() / scale), scale
+
+
+def quantize_rows_reference(x2d: torch.Tensor, rotation_group: int,
+                            h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The math being compiled: (int8 rows, fp32 [M, 1] scales); rotation first when asked."""
+    rounded, scale = _rounded_rows(x2d, rotation_group, h)
+    return rounded.to(torch.int8), scale
 
 
 def quantize_rows_u8_reference(x2d: torch.Tensor, rotation_group: int,
@@ -69,12 +77,8 @@ def quantize_rows_u8_reference(x2d: torch.Tensor, rotation_group: int,
     """The same quantization stored as uint8 with an offset of 128 (q + 128, bit for bit `q ^ 0x80`),
     what oneDNN's prepacked kernel takes (its fast u8·s8 path, the zero point folded into the
     packed weight); one pass, so the offset costs nothing."""
-    if rotation_group:
-        x = _rotate(x2d, rotation_group, rotation_matrix(rotation_group, x2d.device) if h is None else h)
-    else:
-        x = x2d
-    scale = x.abs().amax(dim=1, keepdim=True).float().div(127.0).clamp_min(1e-30)
-    return (torch.round(x.float() / scale) + 128.0).to(torch.uint8), scale
+    rounded, scale = _rounded_rows(x2d, rotation_group, h)
+    return (rounded + 128.0).to(torch.uint8), scale
 
 
 def rescale_reference(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,
@@ -170,20 +174,21 @@ def _call(name: str, *args):
         return None
 
 
-def quantize_rows(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fused quantizer's result, or None when it does not apply (caller runs the eager path)."""
+def _fused_rows(name: str, x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not _usable(x2d):
         return None
     h = rotation_matrix(rotation_group, x2d.device) if rotation_group else None
-    return _call("quantize", x2d, rotation_group, h)
+    return _call(name, x2d, rotation_group, h)
+
+
+def quantize_rows(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fused quantizer's result, or None when it does not apply (caller runs the eager path)."""
+    return _fused_rows("quantize", x2d, rotation_group)
 
 
 def quantize_rows_u8(x2d: torch.Tensor, rotation_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """quantize_rows with the uint8 (+128) output of quantize_rows_u8_reference, or None."""
-    if not _usable(x2d):
-        return None
-    h = rotation_matrix(rotation_group, x2d.device) if rotation_group else None
-    return _call("quantize_u8", x2d, rotation_group, h)
+    return _fused_rows("quantize_u8", x2d, rotation_group)
 
 
 def rescale(acc: torch.Tensor, w_row: torch.Tensor, act_scale: torch.Tensor,
